@@ -1,0 +1,258 @@
+"""Normalize: one Redis stream entry -> a typed FlowEvent, or a Rejection with a precise reason.
+
+Pure: no I/O, no clock, no exceptions escape. The event contract lives in
+``schemas/flow_event.schema.json`` and ``DESIGN.md``; every rule here has a table-driven test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import orjson
+
+MAX_ID_CHARS = 256
+MAX_EVENT_TYPE_CHARS = 128
+MAX_ATTRIBUTES = 256
+MAX_ENTRY_BYTES = 1 << 20
+# Epoch values below this are seconds, above it milliseconds (1e11 s is the year 5138, 1e11 ms is 1973).
+SECONDS_MS_BOUNDARY = 100_000_000_000
+# DateTime64(3) comfortably holds 1970..2200; anything outside is a producer bug.
+MAX_TS_MS = 7_258_118_400_000
+
+RESERVED = frozenset(("session_id", "node_id", "event_type", "user_id", "parent_id", "timestamp", "event_id"))
+ENVELOPE_FIELDS = ("data", "payload")
+
+
+class FlowEvent(NamedTuple):
+    """One normalized event; field order is the column order of ``flowtrack.events``."""
+
+    event_id: str
+    user_id: str
+    session_id: str
+    node_id: str
+    parent_id: str
+    event_type: str
+    ts_ms: int
+    attributes: dict[str, str]
+    source_stream: str
+    source_id: str
+    is_end: int
+    is_error: int
+
+
+class Rejection(NamedTuple):
+    source_stream: str
+    source_id: str
+    reason: str
+    raw: str
+
+
+class _Reject(Exception):
+    """Internal control flow: carries a rejection reason out of nested helpers."""
+
+
+def derive_event_id(stream: str, entry_id: str) -> str:
+    """Deterministic id for entries without ``event_id``: a redelivered entry keeps its id."""
+    return hashlib.blake2b(f"{stream}\x00{entry_id}".encode(), digest_size=16).hexdigest()
+
+
+def entry_id_ms(entry_id: str) -> int:
+    return int(entry_id.split("-", 1)[0])
+
+
+def raw_json(fields: Mapping[Any, Any]) -> str:
+    """The entry as JSON text, for the rejected relation; never fails, even on invalid UTF-8."""
+    return orjson.dumps({_text(k): _text(v) for k, v in fields.items()}).decode()
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
+class Normalizer:
+    """Holds the configuration that classifies events; ``normalize`` is a pure function of its input."""
+
+    def __init__(self, end_event_types: Iterable[str] = ("flow_completed",),
+                 error_event_types: Iterable[str] = ("error",)) -> None:
+        self.end_types = frozenset(end_event_types)
+        self.error_types = frozenset(error_event_types)
+
+    def normalize(self, stream: str, entry_id: str, fields: Mapping[Any, Any] | None) -> FlowEvent | Rejection:
+        if fields is None:
+            return Rejection(stream, entry_id, "entry was deleted from the stream before it was processed", "{}")
+        try:
+            record = _decode_entry(fields)
+            return self._build(stream, entry_id, record)
+        except _Reject as exc:
+            return Rejection(stream, entry_id, str(exc), raw_json(fields))
+        except Exception as exc:  # defensive: a bug here must reject one entry, not stop the stream
+            return Rejection(stream, entry_id, f"internal normalize error: {type(exc).__name__}: {exc}",
+                             raw_json(fields))
+
+    def _build(self, stream: str, entry_id: str, record: dict[str, Any]) -> FlowEvent:
+        session_id = _required_str(record, "session_id", MAX_ID_CHARS)
+        node_id = _required_str(record, "node_id", MAX_ID_CHARS)
+        event_type = _required_str(record, "event_type", MAX_EVENT_TYPE_CHARS)
+        user_id = _user_id(record.get("user_id"), stream)
+        parent_id = _parent_id(record.get("parent_id"))
+        if parent_id == node_id:
+            raise _Reject("parent_id equals node_id (a node cannot be its own parent)")
+        ts_ms = _timestamp_ms(record.get("timestamp"), entry_id)
+        event_id = _event_id(record.get("event_id"), stream, entry_id)
+        attributes = _attributes(record)
+        return FlowEvent(
+            event_id, user_id, session_id, node_id, parent_id, event_type, ts_ms, attributes,
+            stream, entry_id, int(event_type in self.end_types), int(event_type in self.error_types),
+        )
+
+
+def _decode_entry(fields: Mapping[Any, Any]) -> dict[str, Any]:
+    """Both entry shapes -> one dict of str keys; flat values are str, JSON values keep their type."""
+    size = 0
+    flat: dict[str, Any] = {}
+    for key, value in fields.items():
+        k = _utf8(key, "a field name")
+        if isinstance(value, bytes):
+            size += len(value)
+            flat[k] = _utf8(value, f"field {k!r}")
+        else:
+            flat[k] = value
+        size += len(k)
+    if size > MAX_ENTRY_BYTES:
+        raise _Reject(f"entry is {size} bytes, over the {MAX_ENTRY_BYTES}-byte limit")
+    if "session_id" in flat:
+        return flat
+    envelope = next((name for name in ENVELOPE_FIELDS if name in flat), None)
+    if envelope is None:
+        return flat
+    text = flat.pop(envelope)
+    try:
+        decoded = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise _Reject(f"field {envelope!r} is not valid JSON: {exc}") from None
+    if not isinstance(decoded, dict):
+        raise _Reject(f"field {envelope!r} must hold a JSON object, got {type(decoded).__name__}")
+    # Flat fields beside the envelope act as defaults (e.g. a producer-wide user_id).
+    flat.update(decoded)
+    return flat
+
+
+def _utf8(value: Any, what: str) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Reject(f"{what} is not valid UTF-8") from None
+
+
+def _required_str(record: Mapping[str, Any], name: str, max_chars: int) -> str:
+    value = record.get(name)
+    if value is None:
+        raise _Reject(f"missing required field {name!r}")
+    if not isinstance(value, str):
+        raise _Reject(f"{name} must be a string, got {_json_type(value)}")
+    if not value.strip():
+        raise _Reject(f"{name} is empty")
+    if len(value) > max_chars:
+        raise _Reject(f"{name} is {len(value)} chars, over the {max_chars}-char limit")
+    return value
+
+
+def _user_id(value: Any, stream: str) -> str:
+    if value is None or value == "":
+        _, sep, tail = stream.rpartition(":")
+        if not sep or not tail:
+            raise _Reject("missing user_id: no user_id field and the stream key has no ':<user>' suffix")
+        return tail
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise _Reject(f"user_id must be an integer or a string, got {_json_type(value)}")
+    text = str(value)
+    if not text.strip():
+        raise _Reject("user_id is blank")
+    if len(text) > MAX_ID_CHARS:
+        raise _Reject(f"user_id is {len(text)} chars, over the {MAX_ID_CHARS}-char limit")
+    return text
+
+
+def _parent_id(value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str):
+        raise _Reject(f"parent_id must be a string or null, got {_json_type(value)}")
+    if len(value) > MAX_ID_CHARS:
+        raise _Reject(f"parent_id is {len(value)} chars, over the {MAX_ID_CHARS}-char limit")
+    return value
+
+
+def _event_id(value: Any, stream: str, entry_id: str) -> str:
+    if value is None or value == "":
+        return derive_event_id(stream, entry_id)
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise _Reject(f"event_id must be a string or an integer, got {_json_type(value)}")
+    text = str(value)
+    if len(text) > MAX_ID_CHARS:
+        raise _Reject(f"event_id is {len(text)} chars, over the {MAX_ID_CHARS}-char limit")
+    return text
+
+
+def _timestamp_ms(value: Any, entry_id: str) -> int:
+    if value is None or value == "":
+        return entry_id_ms(entry_id)
+    if isinstance(value, bool):
+        raise _Reject("timestamp must be ISO-8601 or epoch seconds/milliseconds, got a boolean")
+    if isinstance(value, int | float):
+        ms = _epoch_to_ms(float(value))
+    elif isinstance(value, str):
+        ms = _parse_timestamp_text(value.strip())
+    else:
+        raise _Reject(f"timestamp must be ISO-8601 or epoch seconds/milliseconds, got {_json_type(value)}")
+    if not 0 <= ms < MAX_TS_MS:
+        raise _Reject(f"timestamp {value!r} is outside 1970-01-01..2200-01-01")
+    return ms
+
+
+def _epoch_to_ms(number: float) -> int:
+    if number != number or number in (float("inf"), float("-inf")):
+        raise _Reject("timestamp is not a finite number")
+    if abs(number) < SECONDS_MS_BOUNDARY:
+        return round(number * 1000)
+    return round(number)
+
+
+def _parse_timestamp_text(text: str) -> int:
+    try:
+        return _epoch_to_ms(float(text))
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise _Reject(f"timestamp {text[:64]!r} is neither ISO-8601 nor epoch seconds/milliseconds") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)  # naive timestamps are UTC by contract
+    return round(parsed.timestamp() * 1000)
+
+
+def _attributes(record: Mapping[str, Any]) -> dict[str, str]:
+    attributes: dict[str, str] = {}
+    for key, value in record.items():
+        if key in RESERVED:
+            continue
+        if isinstance(value, str):
+            attributes[key] = value
+        else:
+            attributes[key] = orjson.dumps(value).decode()
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise _Reject(f"{len(attributes)} attributes, over the {MAX_ATTRIBUTES} limit")
+    return attributes
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", float: "a number", int: "an integer",
+            bool: "a boolean"}.get(type(value), type(value).__name__)

@@ -1,0 +1,278 @@
+"""Pipeline: owns the loop source -> normalize -> batch -> sink -> ack.
+
+Reading overlaps writing: while one batch is being stored and acknowledged (in a thread, never
+cancelled), the next one fills. Reads are paced by what the sink has accepted: at most
+``max_inflight_rows`` entries are read but not yet acknowledged, so memory stays bounded under any
+backlog.
+
+Lifecycle: ``run()`` until ``request_stop()`` (wired to SIGTERM/SIGINT by the CLI), or with
+``drain=True`` until every stream is fully read and nothing is pending in the group; then
+``close()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Iterable
+
+from worker.ack import Backoff, Committer
+from worker.batch import Batch
+from worker.errors import SourceUnavailableError, StoreUnavailableError
+from worker.normalize import FlowEvent, Normalizer, Rejection
+from worker.settings import Settings
+from worker.sink import Sink
+from worker.source import Entry, Source
+from worker.stats import Stats
+from worker.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, store: Store | None = None, source: Source | None = None) -> None:
+        self.settings = settings
+        self.stats = Stats()
+        self._store = store
+        self.source = source or Source(settings)
+        self.normalizer = Normalizer(settings.end_event_types, settings.error_event_types)
+        self._batch = self._new_batch()
+        self._writing: asyncio.Task[bool] | None = None
+        self._writing_rows = 0
+        self._inflight_keys: set[tuple[str, str]] = set()
+        self._prior_deliveries: dict[tuple[str, str], int] = {}
+        self._stop = asyncio.Event()
+        self._last_claim = 0.0
+        self._drained = False
+        self._committer: Committer | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store.open(self.settings)
+        return self._store
+
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("stop requested: finishing the in-flight batch")
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+
+    async def run(self, drain: bool = False) -> bool:
+        """Run until stopped, or with drain=True until nothing is left. True when fully drained/stopped cleanly."""
+        await self._start()
+        backoff = Backoff(self.settings.retry_initial_s, self.settings.retry_max_s)
+        while not self.stopping:
+            try:
+                done = await self._step(drain)
+                backoff.reset()
+                if done:
+                    self._drained = True
+                    break
+            except SourceUnavailableError as exc:
+                self.stats.source_failures += 1
+                delay = backoff.next_delay()
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                await self._sleep_unless_stopped(delay)
+                await self._recover_source()
+        await self._finish()
+        return self._drained or not drain
+
+    async def close(self) -> None:
+        await self.source.close()
+
+    async def _start(self) -> None:
+        backoff = Backoff(self.settings.retry_initial_s, self.settings.retry_max_s)
+        while True:
+            try:
+                applied = await asyncio.to_thread(self.store.migrate)
+                if applied:
+                    log.info("migrations applied: %s", ", ".join(applied))
+                break
+            except StoreUnavailableError as exc:
+                if self.stopping:
+                    raise
+                delay = backoff.next_delay()
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                await self._sleep_unless_stopped(delay)
+        self._committer = Committer(Sink(self.store), self.source, self.stats, self.settings.retry_initial_s,
+                                    self.settings.retry_max_s, lambda: self.stopping)
+        while True:
+            try:
+                await self.source.discover(force=True)
+                self._prior_deliveries = await self.source.own_pending_counts()
+                return
+            except SourceUnavailableError as exc:
+                if self.stopping:
+                    raise
+                delay = backoff.next_delay()
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                await self._sleep_unless_stopped(delay)
+
+    async def _recover_source(self) -> None:
+        try:
+            await self.source.recover()
+            self._prior_deliveries = await self.source.own_pending_counts()
+        except SourceUnavailableError:
+            pass  # the next step fails again and backs off again
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    # -- the loop --------------------------------------------------------------------------------
+    async def _step(self, drain: bool) -> bool:
+        await self.source.discover()
+        now = time.monotonic()
+        if now - self._last_claim >= self.settings.claim_interval_s:
+            self._last_claim = now
+            await self._claim()
+        got = 0
+        room = self.settings.max_inflight_rows - len(self._batch) - self._writing_rows
+        if room > 0:
+            got = await self._read(room)
+        elif self._writing is not None:
+            await asyncio.wait({self._writing}, timeout=self.settings.block_ms / 1000)
+        self._reap_write()
+        if self._batch.due() or (got == 0 and self._batch.keys and self._writing is None):
+            await self._flush()
+        if drain and got == 0 and not self._batch.keys and self._writing is None:
+            return await self._drain_finished()
+        return False
+
+    async def _read(self, room: int) -> int:
+        streams = max(1, len(self.source.streams))
+        count = max(1, min(self.settings.read_count, room // streams))
+        wait_s = min(self.settings.block_ms / 1000, self._batch.seconds_left())
+        block_ms = max(1, int(wait_s * 1000))
+        reading_pending = self.source.reading_pending
+        entries = await self.source.read(count, block_ms)
+        if reading_pending:
+            entries = [self._with_prior_deliveries(e) for e in entries]
+        self._add(entries)
+        return len(entries)
+
+    def _with_prior_deliveries(self, entry: Entry) -> Entry:
+        prior = self._prior_deliveries.pop((entry.stream, entry.entry_id), 0)
+        return Entry(entry.stream, entry.entry_id, entry.fields, prior + 1)
+
+    def _add(self, entries: Iterable[Entry]) -> None:
+        normalize = self.normalizer.normalize
+        max_deliveries = self.settings.max_deliveries
+        batch = self._batch
+        inflight = self._inflight_keys
+        for entry in entries:
+            key = (entry.stream, entry.entry_id)
+            if key in inflight:
+                continue  # reclaimed while we still hold it (a long outage): already on its way
+            inflight.add(key)
+            self.stats.read += 1
+            if entry.deliveries > max_deliveries:
+                self.stats.poison += 1
+                batch.add_rejection(Rejection(entry.stream, entry.entry_id,
+                                              f"delivered {entry.deliveries} times without being stored "
+                                              f"(over FLOWTRACK_MAX_DELIVERIES={max_deliveries})",
+                                              _raw(entry)))
+                continue
+            if entry.fields is None:
+                self.stats.deleted_while_pending += 1
+            item = normalize(entry.stream, entry.entry_id, entry.fields)
+            if isinstance(item, FlowEvent):
+                batch.add_event(item)
+            else:
+                batch.add_rejection(item)
+
+    async def _claim(self) -> None:
+        result = await self.source.claim_idle(self.settings.claim_idle_ms, self.settings.read_count)
+        if result.deleted_ids:
+            # Redis 7 drops entries that were trimmed while pending from the PEL during XAUTOCLAIM.
+            self.stats.deleted_while_pending += len(result.deleted_ids)
+            log.error("%d pending entries were deleted from their streams before being processed "
+                      "(trimmed or XDEL'd); first: %s", len(result.deleted_ids), result.deleted_ids[0])
+        if result.entries:
+            self.stats.claimed += len(result.entries)
+            log.info("reclaimed %d idle pending entries from other consumers", len(result.entries))
+            self._add(result.entries)
+
+    async def _flush(self) -> None:
+        if not self._batch.keys:
+            return
+        if self._writing is not None:
+            await asyncio.wait({self._writing})
+            self._reap_write()
+        batch, self._batch = self._batch, self._new_batch()
+        assert self._committer is not None
+        self._writing_rows = len(batch)
+        self._writing = asyncio.create_task(self._commit(batch))
+
+    async def _commit(self, batch: Batch) -> bool:
+        assert self._committer is not None
+        try:
+            return await self._committer.commit(batch)
+        finally:
+            self._inflight_keys.difference_update(batch.keys)
+
+    def _reap_write(self) -> None:
+        task = self._writing
+        if task is None or not task.done():
+            return
+        self._writing = None
+        self._writing_rows = 0
+        task.result()  # surface unexpected errors instead of losing them
+
+    async def _drain_finished(self) -> bool:
+        await self.source.discover(force=True)
+        pending = await self.source.group_pending_total()
+        if pending == 0:
+            unread = await self.source.unread_total()
+            if unread <= 0:
+                log.info("drained: every stream fully read, nothing pending")
+                return True
+            return False
+        # Pending entries of other (possibly dead) consumers: claim them once idle long enough.
+        self._last_claim = 0.0
+        await self._sleep_unless_stopped(min(1.0, self.settings.claim_idle_ms / 1000))
+        return False
+
+    async def _finish(self) -> None:
+        if not self._drained or self._batch.keys:
+            await self._flush()
+        if self._writing is not None:
+            await asyncio.wait({self._writing})
+            self._reap_write()
+
+    def _new_batch(self) -> Batch:
+        return Batch(self.settings.batch_max_rows, self.settings.batch_max_wait_s)
+
+
+def _raw(entry: Entry) -> str:
+    from worker.normalize import raw_json
+
+    return raw_json(entry.fields or {})
+
+
+async def run_worker(settings: Settings, drain: bool = False) -> bool:
+    """The `flowtrack run` lifecycle: open, handle signals, run, close."""
+    pipeline = Pipeline(settings)
+    pipeline.install_signal_handlers()
+    try:
+        ok = await pipeline.run(drain=drain)
+        stats = pipeline.stats
+        log.info("stopped: read %d, stored %d, rejected %d, acked %d in %d batches (%.1fs)",
+                 stats.read, stats.stored, stats.rejected, stats.acked, stats.batches, stats.uptime_s)
+        return ok
+    finally:
+        await pipeline.close()

@@ -1,0 +1,175 @@
+"""Producer: a synthetic LLM platform writing realistic agent flows to Redis Streams.
+
+Each session is a tree: a user message, LLM calls beneath it, tool calls beneath LLM calls (each
+tool node gets a ``tool_call`` then a ``tool_result`` event, each LLM node an ``llm_call`` then an
+``llm_response``), and a closing ``flow_completed`` or ``error``; some sessions are left open.
+Sessions interleave the way concurrent users do. Used by the demo, the tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import orjson
+import redis.asyncio as aioredis
+
+Shape = Literal["flat", "json", "mixed"]
+TOOLS = ("web_search", "sql_query", "calculator", "code_exec", "retrieve_docs", "send_email")
+MODELS = ("gpt-4o", "claude-sonnet", "llama-3-70b", "mistral-large")
+PROMPTS = ("Summarise this contract", "Plan a trip to Kyoto", "Why is my build failing?",
+           "Translate to español", "Résumé des ventes 📈", "Write a SQL query for churn")
+
+
+@dataclass
+class FlowSpec:
+    """One session's events in order, and what they should add up to once stored."""
+
+    user_id: str
+    session_id: str
+    events: list[dict[str, str]] = field(default_factory=list)
+    status: str = "active"
+
+
+@dataclass
+class ProduceConfig:
+    users: int = 20
+    shape: Shape = "flat"
+    stream_per_user: bool = True
+    stream_prefix: str = "flow_events"
+    error_ratio: float = 0.08
+    open_ratio: float = 0.05
+    concurrent_sessions: int = 50
+    seed: int | None = None
+
+
+def _session_tree(rng: random.Random, user_id: str, session_id: str, start_ms: int,
+                  error_ratio: float, open_ratio: float) -> FlowSpec:
+    flow = FlowSpec(user_id, session_id)
+    clock = start_ms
+
+    def emit(node: str, parent: str, event_type: str, step_ms: int, **attrs: str) -> None:
+        nonlocal clock
+        clock += step_ms
+        event = {"session_id": session_id, "node_id": node, "parent_id": parent, "event_type": event_type,
+                 "timestamp": str(clock), "user_id": user_id}
+        event.update(attrs)
+        flow.events.append(event)
+
+    root = "msg-1"
+    emit(root, "", "user_message", 0, text=rng.choice(PROMPTS), channel=rng.choice(("web", "slack", "api")))
+    fails = rng.random() < error_ratio
+    stays_open = not fails and rng.random() < open_ratio
+    parent = root
+    for turn in range(rng.randint(1, 4)):
+        llm = f"llm-{turn + 1}"
+        model = rng.choice(MODELS)
+        emit(llm, parent, "llm_call", rng.randint(5, 40), model=model)
+        for t in range(rng.choice((0, 0, 1, 2, 3))):
+            tool = f"{llm}.tool-{t + 1}"
+            name = rng.choice(TOOLS)
+            emit(tool, llm, "tool_call", rng.randint(5, 200), tool=name)
+            emit(tool, llm, "tool_result", rng.randint(20, 1500), tool=name, ok="true")
+        emit(llm, parent, "llm_response", rng.randint(200, 3000), model=model,
+             tokens=str(rng.randint(20, 2000)))
+        parent = llm
+    if fails:
+        emit("err-1", parent, "error", rng.randint(5, 50), message="upstream timeout", code="504")
+        flow.status = "failed"
+    elif not stays_open:
+        emit("end", root, "flow_completed", rng.randint(1, 20))
+        flow.status = "completed"
+    return flow
+
+
+def generate_flows(config: ProduceConfig, sessions: int | None = None) -> Iterator[FlowSpec]:
+    """Whole flows, one after another (tests use these to know what should land)."""
+    rng = random.Random(config.seed)
+    made = 0
+    while sessions is None or made < sessions:
+        user_id = str(rng.randint(1, config.users))
+        session_id = f"s-{uuid.UUID(int=rng.getrandbits(128)).hex[:16]}"
+        start = int(time.time() * 1000) - rng.randint(0, 5000)
+        yield _session_tree(rng, user_id, session_id, start, config.error_ratio, config.open_ratio)
+        made += 1
+
+
+def interleave(config: ProduceConfig, flows: Iterator[FlowSpec]) -> Iterator[tuple[FlowSpec, dict[str, str]]]:
+    """Events of many concurrent sessions, interleaved; each session's own order is kept."""
+    rng = random.Random(None if config.seed is None else config.seed + 1)
+    active: list[tuple[FlowSpec, int]] = []
+    exhausted = False
+    while True:
+        while not exhausted and len(active) < config.concurrent_sessions:
+            flow = next(flows, None)
+            if flow is None:
+                exhausted = True
+                break
+            active.append((flow, 0))
+        if not active:
+            return
+        index = rng.randrange(len(active))
+        flow, position = active[index]
+        yield flow, flow.events[position]
+        if position + 1 < len(flow.events):
+            active[index] = (flow, position + 1)
+        else:
+            active[index] = active[-1]
+            active.pop()
+
+
+def stream_for(config: ProduceConfig, user_id: str) -> str:
+    return f"{config.stream_prefix}:{user_id}" if config.stream_per_user else config.stream_prefix
+
+
+def encode(event: dict[str, str], shape: Literal["flat", "json"], per_user_stream: bool) -> dict[str, str]:
+    """An event as stream entry fields, in one of the two contract shapes."""
+    body = dict(event)
+    if per_user_stream:
+        body.pop("user_id", None)  # the stream key carries it
+    if not body.get("parent_id"):
+        body.pop("parent_id", None)
+    if shape == "json":
+        return {"data": orjson.dumps(body).decode()}
+    return body
+
+
+async def produce(redis: aioredis.Redis, config: ProduceConfig, count: int | None = None,
+                  rate_per_s: float | None = None, pipeline_size: int = 500,
+                  on_progress: Callable[[int], None] | None = None,
+                  stop: asyncio.Event | None = None) -> int:
+    """XADD events until ``count`` (None = until stopped), at ``rate_per_s`` (None = as fast as possible)."""
+    rng = random.Random(config.seed)
+    sent = 0
+    started = time.monotonic()
+    flows = interleave(config, generate_flows(config))
+    while count is None or sent < count:
+        if stop is not None and stop.is_set():
+            break
+        chunk = pipeline_size if count is None else min(pipeline_size, count - sent)
+        if rate_per_s:
+            chunk = max(1, min(chunk, int(rate_per_s / 20) or 1))
+        async with redis.pipeline(transaction=False) as pipe:
+            for _ in range(chunk):
+                flow, event = next(flows)
+                if rate_per_s:
+                    # Live mode: stamp events with the wall clock so ingest lag is meaningful.
+                    event = {**event, "timestamp": str(int(time.time() * 1000))}
+                shape: Literal["flat", "json"] = (
+                    rng.choice(("flat", "json")) if config.shape == "mixed" else config.shape)  # type: ignore[assignment]
+                fields = encode(event, shape, config.stream_per_user)
+                pipe.xadd(stream_for(config, flow.user_id), fields)  # type: ignore[arg-type]
+            await pipe.execute()
+        sent += chunk
+        if on_progress is not None:
+            on_progress(sent)
+        if rate_per_s:
+            ahead_s = sent / rate_per_s - (time.monotonic() - started)
+            if ahead_s > 0:
+                await asyncio.sleep(ahead_s)
+    return sent

@@ -1,0 +1,132 @@
+"""Configuration: the only module that reads the environment.
+
+Every setting is a ``FLOWTRACK_*`` variable and can be overridden by a CLI option
+(the CLI passes its options as ``overrides``). Units are in the names.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from worker.errors import ConfigError
+
+DEFAULT_STREAMS = ("flow_events", "flow_events:*")
+DEFAULT_STORE_DIR = ".flowtrack"
+
+
+def default_consumer_name() -> str:
+    """Stable per host/replica, so a restarted worker re-reads its own pending entries."""
+    return socket.gethostname() or "flowtrack"
+
+
+def _split_csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://localhost:6379/0"
+    # None = the embedded chDB store in ./.flowtrack/
+    clickhouse_url: str | None = None
+    streams: tuple[str, ...] = DEFAULT_STREAMS
+    group: str = "flowtrack"
+    consumer: str = field(default_factory=default_consumer_name)
+    # Where a new consumer group starts: "0" = the oldest entry, "$" = only new entries.
+    group_start_id: str = "0"
+
+    # Reading
+    read_count: int = 2000
+    block_ms: int = 200
+    stream_rescan_s: float = 5.0
+
+    # Batching: a batch is flushed at max_rows or when its oldest entry waited max_wait_s.
+    batch_max_rows: int = 20000
+    batch_max_wait_s: float = 0.25
+    # Backpressure: at most this many entries read but not yet acknowledged.
+    max_inflight_rows: int = 60000
+
+    # Reliability
+    claim_idle_ms: int = 60000
+    claim_interval_s: float = 5.0
+    max_deliveries: int = 5
+    retry_initial_s: float = 0.2
+    retry_max_s: float = 10.0
+    socket_timeout_s: float = 10.0
+    trim_enabled: bool = False
+    trim_interval_s: float = 30.0
+
+    # Which event types close a flow (end) or mark it failed (error).
+    end_event_types: tuple[str, ...] = ("flow_completed",)
+    error_event_types: tuple[str, ...] = ("error",)
+
+    # Observability
+    metrics_port: int = 0  # 0 = no HTTP server
+    unhealthy_after_s: float = 30.0
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> Settings:
+        """Build settings from ``FLOWTRACK_<NAME>`` variables, then apply non-None overrides."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"FLOWTRACK_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, f.type, raw)
+        settings = cls(**values)
+        clean = {k: v for k, v in (overrides or {}).items() if v is not None}
+        if clean:
+            settings = replace(settings, **clean)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not self.streams:
+            raise ConfigError("FLOWTRACK_STREAMS is empty: name at least one stream or pattern")
+        if self.batch_max_rows < 1 or self.read_count < 1:
+            raise ConfigError("batch_max_rows and read_count must be at least 1")
+        if self.max_inflight_rows < self.batch_max_rows:
+            raise ConfigError("max_inflight_rows must be at least batch_max_rows")
+        if self.block_ms >= self.socket_timeout_s * 1000:
+            raise ConfigError("block_ms must be shorter than socket_timeout_s, or reads time out")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"FLOWTRACK_REDIS_URL must be redis://, rediss:// or unix://, got {self.redis_url!r}")
+        url = self.clickhouse_url
+        if url is not None and not url.startswith(("chdb://", "http://", "https://")):
+            raise ConfigError(
+                f"FLOWTRACK_CLICKHOUSE_URL must be chdb:///path, http(s)://user:pass@host:8123/db; got {url!r}"
+            )
+
+    @property
+    def embedded_store_path(self) -> Path | None:
+        """The absolute path of the embedded store, or None when a ClickHouse server is configured."""
+        url = self.clickhouse_url
+        if url is None:
+            return Path(DEFAULT_STORE_DIR).resolve()
+        if url.startswith("chdb://"):
+            # clickhouse-connect reads chdb://./x as host ".", so resolve relative paths here.
+            raw = url[len("chdb://") :]
+            return Path(raw or DEFAULT_STORE_DIR).resolve()
+        return None
+
+
+def _parse(name: str, annotation: Any, raw: str) -> Any:
+    kind = str(annotation)
+    try:
+        if "tuple" in kind:
+            return _split_csv(raw)
+        if kind == "bool":
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"FLOWTRACK_{name.upper()}={raw!r} is not a valid {kind}") from exc
+    return raw

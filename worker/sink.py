@@ -1,0 +1,153 @@
+"""Sink: write one batch of normalized events and rejections to ClickHouse, idempotently.
+
+A batch is written column-wise with an ``insert_deduplication_token`` that is a function of the
+exact set of stream entries it holds, so a batch that is re-inserted after a crash between insert
+and ack is dropped by ClickHouse (and, beyond the dedup window, hidden by ReplacingMergeTree FINAL).
+
+Failures are classified: a transient one (server down, timeout, disk) raises
+StoreUnavailableError and the caller retries the whole batch; a data error makes the sink split
+the batch to isolate the rows ClickHouse refuses, which become rejections while the rest lands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from worker.errors import StoreRejectedError, StoreUnavailableError
+from worker.normalize import FlowEvent, Rejection, raw_json
+from worker.store import DATABASE, Store
+
+log = logging.getLogger(__name__)
+
+EVENT_COLUMNS = ("event_id", "user_id", "session_id", "node_id", "parent_id", "event_type", "ts",
+                 "attributes", "source_stream", "source_id", "is_end", "is_error", "ingested_at")
+REJECTED_COLUMNS = ("received_at", "source_stream", "source_id", "reason", "raw")
+
+# ClickHouse error codes that say "this data is wrong", as opposed to "the store is unwell".
+DATA_ERROR_CODES = frozenset({
+    6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 321, 395, 1001,
+})
+_CODE_MARKERS = ("Code: ", "code: ")
+
+
+@dataclass
+class WriteResult:
+    stored: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    inserts: int = 0
+
+
+def batch_token(keys: Sequence[tuple[str, str]]) -> str:
+    """A dedup token that is a function of the exact set of (stream, entry id) in a batch."""
+    digest = hashlib.blake2b(digest_size=20)
+    for stream, entry_id in sorted(keys):
+        digest.update(stream.encode())
+        digest.update(b"\x00")
+        digest.update(entry_id.encode())
+        digest.update(b"\x01")
+    return digest.hexdigest()
+
+
+class Sink:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def write(self, events: Sequence[FlowEvent], rejections: Sequence[Rejection]) -> WriteResult:
+        """Store a batch; returns what was stored and what had to be rejected. Blocking (run it in a thread)."""
+        result = WriteResult()
+        now_ms = int(time.time() * 1000)
+        isolated = self._write_events(list(events), now_ms, result)
+        all_rejections = list(rejections) + isolated
+        if all_rejections:
+            self._insert_rejections(all_rejections, now_ms)
+            result.inserts += 1
+        result.rejected = all_rejections
+        return result
+
+    def _write_events(self, events: list[FlowEvent], now_ms: int, result: WriteResult) -> list[Rejection]:
+        if not events:
+            return []
+        try:
+            self._insert_events(events, now_ms)
+            result.inserts += 1
+            result.stored += len(events)
+            return []
+        except StoreRejectedError as exc:
+            if len(events) == 1:
+                event = events[0]
+                log.warning("ClickHouse refused event %s/%s: %s", event.source_stream, event.source_id, exc)
+                return [Rejection(event.source_stream, event.source_id, f"ClickHouse refused the row: {exc}",
+                                  raw_json(_event_as_fields(event)))]
+        # Split to isolate the refused rows; the halves have their own entry sets, hence their own tokens.
+        middle = len(events) // 2
+        return (self._write_events(events[:middle], now_ms, result)
+                + self._write_events(events[middle:], now_ms, result))
+
+    def _insert_events(self, events: Sequence[FlowEvent], now_ms: int) -> None:
+        columns = [list(col) for col in zip(*events, strict=True)]
+        # FlowEvent field order equals EVENT_COLUMNS minus ingested_at.
+        columns.append([now_ms] * len(events))
+        token = batch_token([(e.source_stream, e.source_id) for e in events])
+        self._insert(f"{DATABASE}.events", columns, EVENT_COLUMNS, f"e:{token}")
+
+    def _insert_rejections(self, rejections: Sequence[Rejection], now_ms: int) -> None:
+        columns = [[now_ms] * len(rejections)] + [list(col) for col in zip(*rejections, strict=True)]
+        token = batch_token([(r.source_stream, r.source_id) for r in rejections])
+        try:
+            self._insert(f"{DATABASE}.rejected", columns, REJECTED_COLUMNS, f"r:{token}")
+        except StoreRejectedError as exc:
+            # The rejected relation takes plain strings; if even that fails the store is unwell.
+            raise StoreUnavailableError(f"cannot store rejections: {exc}") from exc
+
+    def _insert(self, table: str, columns: list[list[object]], names: Sequence[str], token: str) -> None:
+        settings = {"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1}
+        try:
+            self.store.insert(table, columns, names, settings=settings)
+        except Exception as exc:
+            raise classify(exc) from exc
+
+
+def classify(exc: BaseException) -> StoreRejectedError | StoreUnavailableError:
+    """Data errors (the rows are wrong) vs outages (the store is unwell); unknown errors count as outages,
+    because retrying is safe while rejecting good data is not."""
+    code = error_code(exc)
+    if code in DATA_ERROR_CODES or isinstance(exc, TypeError | ValueError | UnicodeError | OverflowError):
+        return StoreRejectedError(_short(exc))
+    return StoreUnavailableError(_short(exc))
+
+
+def error_code(exc: BaseException) -> int | None:
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code
+    text = str(exc)
+    for marker in _CODE_MARKERS:
+        start = text.find(marker)
+        if start >= 0:
+            digits = ""
+            for ch in text[start + len(marker):]:
+                if not ch.isdigit():
+                    break
+                digits += ch
+            if digits:
+                return int(digits)
+    return None
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:500]
+
+
+def _event_as_fields(event: FlowEvent) -> dict[str, str]:
+    fields = {
+        "event_id": event.event_id, "user_id": event.user_id, "session_id": event.session_id,
+        "node_id": event.node_id, "parent_id": event.parent_id, "event_type": event.event_type,
+        "timestamp": str(event.ts_ms),
+    }
+    fields.update(event.attributes)
+    return fields

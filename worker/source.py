@@ -1,0 +1,278 @@
+"""Source: Redis Streams through a consumer group (XREADGROUP, XAUTOCLAIM, XPENDING).
+
+Streams are given by name and by glob pattern; patterns are re-scanned so new per-user streams are
+picked up. On start (and after Redis comes back) the consumer first re-reads its own pending
+entries, then reads new ones with ``>``. Connection failures surface as SourceUnavailableError.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker.errors import SourceUnavailableError
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Fields = dict[bytes, bytes] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    stream: str
+    entry_id: str
+    fields: Fields  # None when the entry was deleted (trimmed) while pending
+    deliveries: int = 1
+
+
+@dataclass
+class ClaimResult:
+    entries: list[Entry] = field(default_factory=list)
+    deleted_ids: list[tuple[str, str]] = field(default_factory=list)
+
+
+def is_pattern(name: str) -> bool:
+    return any(ch in name for ch in "*?[")
+
+
+def connect(settings: Settings) -> aioredis.Redis:
+    # RESP2 pinned: redis-py 8 defaults to RESP3, whose stream replies have another shape.
+    return aioredis.Redis.from_url(
+        settings.redis_url, protocol=2, decode_responses=False,
+        socket_timeout=settings.socket_timeout_s, socket_connect_timeout=min(5.0, settings.socket_timeout_s),
+        health_check_interval=30,
+    )
+
+
+async def guarded(call: Callable[[], Awaitable[T]]) -> T:
+    """Run a Redis call, turning connection-level failures into SourceUnavailableError."""
+    try:
+        return await call()
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise SourceUnavailableError(f"Redis unavailable: {exc}") from exc
+    except ResponseError as exc:
+        if str(exc).startswith(("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN")):
+            raise SourceUnavailableError(f"Redis not ready: {exc}") from exc
+        raise
+
+
+class Source:
+    def __init__(self, settings: Settings, redis: aioredis.Redis | None = None) -> None:
+        self.settings = settings
+        self.redis = redis or connect(settings)
+        self.group = settings.group
+        self.consumer = settings.consumer
+        self.streams: list[str] = []
+        # Per stream: the id to read from. An explicit id re-reads our own pending entries; ">" reads new ones.
+        self._cursor: dict[str, str] = {}
+        self._last_scan = 0.0
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # -- discovery -------------------------------------------------------------------------------
+    async def discover(self, force: bool = False) -> list[str]:
+        """Resolve names and patterns to stream keys and make sure each has the group."""
+        now = time.monotonic()
+        if not force and self.streams and now - self._last_scan < self.settings.stream_rescan_s:
+            return []
+        self._last_scan = now
+        found: list[str] = []
+        for spec in self.settings.streams:
+            if is_pattern(spec):
+                found.extend(await guarded(lambda spec=spec: self._scan(spec)))  # type: ignore[misc]
+            else:
+                found.append(spec)
+        new = [s for s in dict.fromkeys(found) if s not in self._cursor]
+        for stream in new:
+            await guarded(lambda stream=stream: self._ensure_group(stream))  # type: ignore[misc]
+            self._cursor[stream] = "0"  # start by re-reading our own pending entries
+            self.streams.append(stream)
+        if new:
+            log.info("consuming %d new stream(s), %d in all", len(new), len(self.streams))
+        return new
+
+    async def _scan(self, pattern: str) -> list[str]:
+        keys = []
+        async for key in self.redis.scan_iter(match=pattern, count=1000, _type="stream"):
+            keys.append(key.decode())
+        return sorted(keys)
+
+    async def _ensure_group(self, stream: str) -> None:
+        try:
+            await self.redis.xgroup_create(stream, self.group, id=self.settings.group_start_id, mkstream=True)
+            log.info("created group %s on %s", self.group, stream)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def recover(self) -> None:
+        """After Redis came back: re-create missing groups and re-read our own pending entries."""
+        for stream in self.streams:
+            await guarded(lambda stream=stream: self._ensure_group(stream))  # type: ignore[misc]
+            self._cursor[stream] = "0"
+
+    # -- reading ---------------------------------------------------------------------------------
+    async def read(self, count: int, block_ms: int | None) -> list[Entry]:
+        """One XREADGROUP over every stream; pending streams first, without blocking."""
+        if not self.streams:
+            return []
+        pending = {s: c for s, c in self._cursor.items() if c != ">"}
+        targets = pending or {s: ">" for s in self.streams}
+        block = None if pending else block_ms
+        try:
+            reply = await guarded(lambda: self.redis.xreadgroup(
+                self.group, self.consumer, targets, count=count, block=block))  # type: ignore[arg-type]
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                log.warning("a stream or its group disappeared; re-creating: %s", exc)
+                await self.recover()
+                return []
+            raise
+        entries = list(self._entries(reply))
+        if pending:
+            self._advance_pending_cursors(pending, entries)
+        return entries
+
+    def _entries(self, reply: Any) -> Iterable[Entry]:
+        for stream_raw, items in reply or ():
+            stream = stream_raw.decode() if isinstance(stream_raw, bytes) else stream_raw
+            for entry_id_raw, fields in items:
+                entry_id = entry_id_raw.decode() if isinstance(entry_id_raw, bytes) else entry_id_raw
+                yield Entry(stream, entry_id, fields or None)
+
+    def _advance_pending_cursors(self, pending: dict[str, str], entries: list[Entry]) -> None:
+        last: dict[str, str] = {}
+        for entry in entries:
+            last[entry.stream] = entry.entry_id
+        for stream in pending:
+            self._cursor[stream] = last.get(stream, ">")  # no more own pending entries: switch to new ones
+
+    @property
+    def reading_pending(self) -> bool:
+        return any(c != ">" for c in self._cursor.values())
+
+    # -- acknowledging ---------------------------------------------------------------------------
+    async def ack(self, keys: Iterable[tuple[str, str]]) -> int:
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id in keys:
+            by_stream.setdefault(stream, []).append(entry_id)
+        if not by_stream:
+            return 0
+
+        async def _ack() -> int:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream, ids in by_stream.items():
+                    for start in range(0, len(ids), 10000):
+                        pipe.xack(stream, self.group, *ids[start:start + 10000])
+                results = await pipe.execute()
+            return sum(int(r) for r in results)
+
+        return await guarded(_ack)
+
+    # -- reclaiming ------------------------------------------------------------------------------
+    async def claim_idle(self, min_idle_ms: int, count: int) -> ClaimResult:
+        """XAUTOCLAIM entries idle for min_idle_ms on any consumer (a crashed one), cursor followed to the end."""
+        result = ClaimResult()
+        for stream in list(self.streams):
+            cursor = "0-0"
+            while True:
+                try:
+                    reply = await guarded(lambda stream=stream, cursor=cursor: self.redis.xautoclaim(  # type: ignore[misc]
+                        stream, self.group, self.consumer, min_idle_time=min_idle_ms,
+                        start_id=cursor, count=count))
+                except ResponseError as exc:
+                    if "NOGROUP" in str(exc):
+                        await self.recover()
+                        break
+                    raise
+                cursor = _decode(reply[0])
+                claimed = reply[1]
+                deleted = reply[2] if len(reply) > 2 else []
+                result.deleted_ids.extend((stream, _decode(d)) for d in deleted)
+                for entry_id_raw, fields in claimed:
+                    result.entries.append(Entry(stream, _decode(entry_id_raw), fields or None))
+                if cursor == "0-0" or len(result.entries) >= count:
+                    break
+        if result.entries:
+            await self._attach_delivery_counts(result)
+        return result
+
+    async def _attach_delivery_counts(self, result: ClaimResult) -> None:
+        counts = await self.delivery_counts([(e.stream, e.entry_id) for e in result.entries])
+        result.entries = [Entry(e.stream, e.entry_id, e.fields, counts.get((e.stream, e.entry_id), 1))
+                          for e in result.entries]
+
+    async def delivery_counts(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id in keys:
+            by_stream.setdefault(stream, []).append(entry_id)
+        counts: dict[tuple[str, str], int] = {}
+        for stream, ids in by_stream.items():
+            ordered = sorted(ids, key=_id_key)
+            rows = await guarded(lambda stream=stream, ordered=ordered: self.redis.xpending_range(  # type: ignore[misc]
+                stream, self.group, min=ordered[0], max=ordered[-1], count=len(ordered) * 4 + 10))
+            for row in rows:
+                counts[(stream, _decode(row["message_id"]))] = int(row["times_delivered"])
+        return counts
+
+    async def own_pending_counts(self) -> dict[tuple[str, str], int]:
+        """Delivery counts of this consumer's pending entries (read at start, before re-reading them)."""
+        counts: dict[tuple[str, str], int] = {}
+        for stream in self.streams:
+            rows = await guarded(lambda stream=stream: self.redis.xpending_range(  # type: ignore[misc]
+                stream, self.group, min="-", max="+", count=100000, consumername=self.consumer))
+            for row in rows:
+                counts[(stream, _decode(row["message_id"]))] = int(row["times_delivered"])
+        return counts
+
+    async def group_pending_total(self) -> int:
+        """Entries delivered to any consumer of the group and not yet acknowledged, over all streams."""
+        total = 0
+        for stream in self.streams:
+            try:
+                info = await guarded(lambda stream=stream: self.redis.xpending(stream, self.group))  # type: ignore[misc]
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    await self.recover()
+                    continue
+                raise
+            total += int(info["pending"])
+        return total
+
+    async def unread_total(self) -> int:
+        """Entries not yet delivered to the group (``lag``), over all streams; -1 if the server cannot tell."""
+        total = 0
+        for stream in self.streams:
+            groups = await guarded(lambda stream=stream: self.redis.xinfo_groups(stream))  # type: ignore[misc]
+            for group in groups:
+                if _decode(group["name"]) == self.group:
+                    lag = group.get("lag")
+                    if lag is None:
+                        return -1
+                    total += int(lag)
+        return total
+
+
+def _decode(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def matches(specs: Iterable[str], stream: str) -> bool:
+    return any(fnmatch.fnmatchcase(stream, spec) if is_pattern(spec) else spec == stream for spec in specs)

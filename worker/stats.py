@@ -1,0 +1,72 @@
+"""Stats: what the pipeline has done so far, for the terminal views, the benchmark and /metrics."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.batch import Batch
+    from worker.sink import WriteResult
+
+
+@dataclass
+class Stats:
+    started_at: float = field(default_factory=time.monotonic)
+    read: int = 0
+    stored: int = 0
+    rejected: int = 0
+    acked: int = 0
+    batches: int = 0
+    claimed: int = 0
+    deleted_while_pending: int = 0
+    poison: int = 0
+    sink_failures: int = 0
+    source_failures: int = 0
+    last_batch_rows: int = 0
+    last_insert_s: float = 0.0
+    insert_seconds_total: float = 0.0
+    # monotonic time of the first sink failure of the current outage, None while healthy
+    sink_failing_since: float | None = None
+    last_sink_error: str = ""
+    rejected_by_reason: Counter[str] = field(default_factory=Counter)
+    insert_latencies_s: list[float] = field(default_factory=list)
+
+    def record_write(self, result: WriteResult, batch: Batch) -> None:
+        self.batches += 1
+        self.stored += result.stored
+        self.rejected += len(result.rejected)
+        self.last_batch_rows = len(batch)
+        for rejection in result.rejected:
+            self.rejected_by_reason[_reason_class(rejection.reason)] += 1
+
+    def record_sink_ok(self, seconds: float) -> None:
+        self.last_insert_s = seconds
+        self.insert_seconds_total += seconds
+        self.insert_latencies_s.append(seconds)
+        if len(self.insert_latencies_s) > 4096:
+            del self.insert_latencies_s[:2048]
+        self.sink_failing_since = None
+
+    def record_sink_failure(self, error: str) -> None:
+        self.sink_failures += 1
+        self.last_sink_error = error
+        if self.sink_failing_since is None:
+            self.sink_failing_since = time.monotonic()
+
+    def sink_failing_for_s(self) -> float:
+        if self.sink_failing_since is None:
+            return 0.0
+        return time.monotonic() - self.sink_failing_since
+
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.started_at
+
+
+def _reason_class(reason: str) -> str:
+    """Group reasons for counting: drop the variable tail (values, lengths) after the first colon."""
+    head = reason.split(":", 1)[0]
+    return " ".join(word for word in head.split() if not any(ch.isdigit() for ch in word))[:80]

@@ -1,0 +1,155 @@
+"""The ClickHouse store: opening a client (embedded chDB or a server), migrations, queries.
+
+One code path for both targets: clickhouse-connect's ``chdb://`` backend runs the embedded engine
+in-process; ``http(s)://`` talks to a server.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import clickhouse_connect
+
+from worker.errors import StoreLockedError, StoreUnavailableError
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DATABASE = "flowtrack"
+_STATEMENT_SPLIT = re.compile(r";\s*(?:\n|$)")
+_LOCK_HINT = (
+    "The embedded store {path} is in use by another process (probably a running `flowtrack run` or "
+    "`flowtrack demo`). chDB allows one process per store. Stop that process, or point both at a ClickHouse "
+    "server with FLOWTRACK_CLICKHOUSE_URL=http://user:pass@host:8123/flowtrack."
+)
+# chDB allows one engine per process, so every Store in a process shares one client per path.
+_embedded_clients: dict[str, Any] = {}
+_embedded_lock = threading.Lock()
+
+
+def schema_dir() -> Path:
+    """Migrations ship inside the wheel as worker/_schemas; in a checkout they are ../schemas."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_schemas" / "clickhouse", here.parent / "schemas" / "clickhouse"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("schemas/clickhouse not found next to the worker package")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+def load_migrations(directory: Path | None = None) -> list[Migration]:
+    directory = directory or schema_dir()
+    migrations = []
+    for path in sorted(directory.glob("[0-9][0-9][0-9]_*.sql")):
+        version = int(path.name[:3])
+        text = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("--"))
+        statements = tuple(s.strip() for s in _STATEMENT_SPLIT.split(text) if s.strip())
+        migrations.append(Migration(version, path.stem, statements))
+    return migrations
+
+
+class Store:
+    """A clickhouse-connect client plus what flowtrack needs of it; thread-safe for one caller at a time."""
+
+    def __init__(self, client: Any, description: str, embedded: bool) -> None:
+        self.client = client
+        self.description = description
+        self.embedded = embedded
+        self._lock = threading.Lock()
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, settings: Settings) -> Store:
+        path = settings.embedded_store_path
+        if path is not None:
+            return cls(_open_embedded(path), f"embedded store {path}", embedded=True)
+        url = settings.clickhouse_url or ""
+        try:
+            client = clickhouse_connect.get_client(
+                dsn=url, connect_timeout=5, send_receive_timeout=60, autogenerate_session_id=False,
+            )
+        except Exception as exc:  # clickhouse-connect raises several unrelated types for "down"
+            raise StoreUnavailableError(f"cannot reach ClickHouse at {_redact(url)}: {exc}") from exc
+        return cls(client, f"ClickHouse {_redact(url)}", embedded=False)
+
+    def close(self) -> None:
+        if not self.embedded:
+            self.client.close()
+
+    # -- schema ----------------------------------------------------------------------------------
+    def migrate(self) -> list[str]:
+        """Apply every migration not yet recorded; statements are idempotent, so a race is harmless."""
+        with self._lock:
+            self.client.command(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
+            self.client.command(
+                f"CREATE TABLE IF NOT EXISTS {DATABASE}.schema_migrations "
+                "(version UInt32, name String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
+                "ENGINE = ReplacingMergeTree ORDER BY version"
+            )
+            done = {row[0] for row in self.client.query(
+                f"SELECT version FROM {DATABASE}.schema_migrations").result_rows}
+            applied = []
+            for migration in load_migrations():
+                if migration.version in done:
+                    continue
+                for statement in migration.statements:
+                    self.client.command(statement)
+                self.client.insert(f"{DATABASE}.schema_migrations", [[migration.version, migration.name]],
+                                   column_names=["version", "name"])
+                applied.append(migration.name)
+                log.info("applied migration %s", migration.name)
+            return applied
+
+    # -- queries ---------------------------------------------------------------------------------
+    def query(self, sql: str, parameters: dict[str, Any] | None = None,
+              settings: dict[str, Any] | None = None) -> tuple[list[str], list[Sequence[Any]]]:
+        with self._lock:
+            result = self.client.query(sql, parameters=parameters, settings=settings)
+        return list(result.column_names), list(result.result_rows)
+
+    def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+        _, rows = self.query(sql, parameters)
+        return rows[0][0] if rows else None
+
+    def insert(self, table: str, columns: Sequence[Sequence[Any]], column_names: Sequence[str],
+               settings: dict[str, Any] | None = None) -> None:
+        with self._lock:
+            self.client.insert(table, list(columns), column_names=list(column_names),
+                               column_oriented=True, settings=settings)
+
+
+def _open_embedded(path: Path) -> Any:
+    key = str(path)
+    with _embedded_lock:
+        client = _embedded_clients.get(key)
+        if client is not None:
+            return client
+        if _embedded_clients:
+            other = next(iter(_embedded_clients))
+            raise StoreLockedError(f"this process already uses the embedded store {other}; "
+                                   f"chDB allows one store path per process (asked for {path})")
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
+        except Exception as exc:
+            if "lock" in str(exc).lower():
+                raise StoreLockedError(_LOCK_HINT.format(path=path)) from exc
+            raise StoreUnavailableError(f"cannot open the embedded store {path}: {exc}") from exc
+        _embedded_clients[key] = client
+        return client
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
