@@ -170,6 +170,34 @@ def demo(
     run_demo(load_settings(clickhouse_url=clickhouse_url), duration_s=duration_s, rate_per_s=rate, console=console)
 
 
+@app.command()
+@guarded_command
+def sql(
+    statement: Annotated[str, typer.Argument(help="a read-only statement; bind values as {name:Type}")],
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", "-p", help="name=value for a {name:Type} placeholder (repeatable)")] = None,
+    output: Annotated[str, typer.Option("--format", "-f", help="table, csv or json")] = "table",
+    clickhouse_url: ClickhouseUrl = None,
+) -> None:
+    """Run read-only ad-hoc SQL against the store, e.g.
+    flowtrack sql "SELECT status, count() FROM flowtrack.flow_sessions GROUP BY status"."""
+    from worker.query import format_csv, format_json, parse_params, run_read_only
+    from worker.store import Store
+
+    if output not in ("table", "csv", "json"):
+        raise fail("--format must be table, csv or json", 2)
+    store = Store.open(load_settings(clickhouse_url=clickhouse_url))
+    columns, rows = run_read_only(store, statement, parse_params(param or []))
+    if output == "json":
+        sys.stdout.write(format_json(columns, rows) + "\n")
+    elif output == "csv":
+        sys.stdout.write(format_csv(columns, rows))
+    else:
+        from worker.views import print_table
+
+        print_table(console, columns, rows)
+
+
 def main() -> None:
     app()
 
