@@ -6,7 +6,9 @@ in-process; ``http(s)://`` talks to a server.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import re
 import threading
 from collections.abc import Sequence
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 DATABASE = "flowtrack"
 _STATEMENT_SPLIT = re.compile(r";\s*(?:\n|$)")
 _LOCK_HINT = (
-    "The embedded store {path} is in use by another process (probably a running `flowtrack run` or "
+    "The embedded store {path} is in use by another process{pid} (probably a running `flowtrack run` or "
     "`flowtrack demo`). chDB allows one process per store. Stop that process, or point both at a ClickHouse "
     "server with FLOWTRACK_CLICKHOUSE_URL=http://user:pass@host:8123/flowtrack."
 )
@@ -99,7 +101,7 @@ class Store:
                 "ENGINE = ReplacingMergeTree ORDER BY version"
             )
             done = {row[0] for row in self.client.query(
-                f"SELECT version FROM {DATABASE}.schema_migrations").result_rows}
+                f"SELECT version FROM {DATABASE}.schema_migrations").result_rows}  # noqa: S608 (constant)
             applied = []
             for migration in load_migrations():
                 if migration.version in done:
@@ -141,14 +143,43 @@ def _open_embedded(path: Path) -> Any:
             raise StoreLockedError(f"this process already uses the embedded store {other}; "
                                    f"chDB allows one store path per process (asked for {path})")
         path.mkdir(parents=True, exist_ok=True)
+        holder = embedded_store_holder(path)
+        if holder is not None:
+            raise StoreLockedError(_LOCK_HINT.format(path=path, pid=holder))
         try:
             client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
         except Exception as exc:
-            if "lock" in str(exc).lower():
-                raise StoreLockedError(_LOCK_HINT.format(path=path)) from exc
+            holder = embedded_store_holder(path)
+            if holder is not None or "lock" in str(exc).lower():
+                raise StoreLockedError(_LOCK_HINT.format(path=path, pid=holder or "")) from exc
             raise StoreUnavailableError(f"cannot open the embedded store {path}: {exc}") from exc
         _embedded_clients[key] = client
         return client
+
+
+def embedded_store_holder(path: Path) -> str | None:
+    """" (pid N)" (or "") when another process holds the embedded store at path, else None.
+
+    ClickHouse takes an exclusive flock on <path>/status while an engine runs there; chDB reports
+    a conflict only on stderr and with a generic exception, so probe the lock ourselves.
+    """
+    status = path / "status"
+    try:
+        fd = os.open(status, os.O_RDONLY)
+    except OSError:
+        return None  # no status file: nobody runs an engine there
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = re.search(rb"PID:\s*(\d+)", os.pread(fd, 256, 0))
+            return f" (pid {pid.group(1).decode()})" if pid else ""
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _redact(url: str) -> str:
