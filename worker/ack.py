@@ -32,7 +32,7 @@ class Backoff:
     def next_delay(self) -> float:
         delay = min(self.max_s, self.initial_s * (2 ** self.attempt))
         self.attempt += 1
-        return delay * random.uniform(0.5, 1.0)  # full jitter would be too eager at tiny delays
+        return float(delay * random.uniform(0.5, 1.0))  # jitter spreads competing workers apart
 
     def reset(self) -> None:
         self.attempt = 0

@@ -80,7 +80,8 @@ def run(
     redis_url: RedisUrl = None, clickhouse_url: ClickhouseUrl = None, streams: Streams = None,
     group: Group = None, consumer: Consumer = None,
     batch_max_rows: Annotated[int | None, typer.Option(help="flush a batch at this many entries")] = None,
-    batch_max_wait_s: Annotated[float | None, typer.Option(help="flush a batch when its oldest entry is this old")] = None,
+    batch_max_wait_s: Annotated[float | None, typer.Option(
+        help="flush a batch when its oldest entry is this old")] = None,
     claim_idle_ms: Annotated[int | None, typer.Option(help="reclaim entries idle this long on dead consumers")] = None,
     max_deliveries: Annotated[int | None, typer.Option(help="reject an entry delivered more often than this")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="serve /metrics and /healthz on this port (0 = off)")] = None,

@@ -13,10 +13,13 @@ Lifecycle: ``run()`` until ``request_stop()`` (wired to SIGTERM/SIGINT by the CL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
 from collections.abc import Iterable
+
+from redis.exceptions import ResponseError
 
 from worker.ack import Backoff, Committer
 from worker.batch import Batch
@@ -24,9 +27,10 @@ from worker.errors import SourceUnavailableError, StoreUnavailableError
 from worker.normalize import FlowEvent, Normalizer, Rejection
 from worker.settings import Settings
 from worker.sink import Sink
-from worker.source import Entry, Source
+from worker.source import Entry, Source, guarded
 from worker.stats import Stats
 from worker.store import Store
+from worker.trim import supports_acked, trim_stream
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,8 @@ class Pipeline:
         self._prior_deliveries: dict[tuple[str, str], int] = {}
         self._stop = asyncio.Event()
         self._last_claim = 0.0
+        self._last_trim = 0.0
+        self._trim_acked: bool | None = None
         self._drained = False
         self._committer: Committer | None = None
 
@@ -128,10 +134,8 @@ class Pipeline:
             pass  # the next step fails again and backs off again
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
 
     # -- the loop --------------------------------------------------------------------------------
     async def _step(self, drain: bool) -> bool:
@@ -140,6 +144,9 @@ class Pipeline:
         if now - self._last_claim >= self.settings.claim_interval_s:
             self._last_claim = now
             await self._claim()
+        if self.settings.trim_enabled and now - self._last_trim >= self.settings.trim_interval_s:
+            self._last_trim = now
+            await self._trim()
         got = 0
         room = self.settings.max_inflight_rows - len(self._batch) - self._writing_rows
         if room > 0:
@@ -198,14 +205,28 @@ class Pipeline:
     async def _claim(self) -> None:
         result = await self.source.claim_idle(self.settings.claim_idle_ms, self.settings.read_count)
         if result.deleted_ids:
-            # Redis 7 drops entries that were trimmed while pending from the PEL during XAUTOCLAIM.
-            self.stats.deleted_while_pending += len(result.deleted_ids)
+            # Redis >= 7 drops entries deleted while pending from the PEL during XAUTOCLAIM: record each
+            # one in the rejected relation so the loss is visible, not silently forgotten.
             log.error("%d pending entries were deleted from their streams before being processed "
                       "(trimmed or XDEL'd); first: %s", len(result.deleted_ids), result.deleted_ids[0])
+            self._add(Entry(stream, entry_id, None) for stream, entry_id in result.deleted_ids)
         if result.entries:
             self.stats.claimed += len(result.entries)
             log.info("reclaimed %d idle pending entries from other consumers", len(result.entries))
             self._add(result.entries)
+
+    async def _trim(self) -> None:
+        redis = self.source.redis
+        if self._trim_acked is None:
+            self._trim_acked = await guarded(lambda: supports_acked(redis))
+        for stream in list(self.source.streams):
+            try:
+                removed = await guarded(lambda stream=stream: trim_stream(  # type: ignore[misc]
+                    redis, stream, acked=bool(self._trim_acked)))
+            except ResponseError as exc:
+                log.warning("not trimming %s: %s", stream, exc)  # stream gone; recover() handles it
+                continue
+            self.stats.trimmed += removed
 
     async def _flush(self) -> None:
         if not self._batch.keys:
@@ -238,7 +259,7 @@ class Pipeline:
         pending = await self.source.group_pending_total()
         if pending == 0:
             unread = await self.source.unread_total()
-            if unread <= 0:
+            if unread == 0:
                 log.info("drained: every stream fully read, nothing pending")
                 return True
             return False
@@ -266,8 +287,11 @@ def _raw(entry: Entry) -> str:
 
 async def run_worker(settings: Settings, drain: bool = False) -> bool:
     """The `flowtrack run` lifecycle: open, handle signals, run, close."""
+    from worker.metrics import WorkerMetrics
+
     pipeline = Pipeline(settings)
     pipeline.install_signal_handlers()
+    metrics = WorkerMetrics.start(pipeline.stats, pipeline.source, settings)  # None when metrics_port = 0
     try:
         ok = await pipeline.run(drain=drain)
         stats = pipeline.stats
@@ -275,4 +299,6 @@ async def run_worker(settings: Settings, drain: bool = False) -> bool:
                  stats.read, stats.stored, stats.rejected, stats.acked, stats.batches, stats.uptime_s)
         return ok
     finally:
+        if metrics is not None:
+            await metrics.stop()
         await pipeline.close()

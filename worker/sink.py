@@ -29,7 +29,7 @@ REJECTED_COLUMNS = ("received_at", "source_stream", "source_id", "reason", "raw"
 
 # ClickHouse error codes that say "this data is wrong", as opposed to "the store is unwell".
 DATA_ERROR_CODES = frozenset({
-    6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 321, 395, 1001,
+    6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 321, 395, 469, 1001,
 })
 _CODE_MARKERS = ("Code: ", "code: ")
 

@@ -71,6 +71,8 @@ class Source:
     def __init__(self, settings: Settings, redis: aioredis.Redis | None = None) -> None:
         self.settings = settings
         self.redis = redis or connect(settings)
+        # Raw XAUTOCLAIM replies: redis-py's parser drops the deleted-ids element and nil entries.
+        self.redis.set_response_callback("XAUTOCLAIM", lambda response, **options: response)
         self.group = settings.group
         self.consumer = settings.consumer
         self.streams: list[str] = []
@@ -118,10 +120,23 @@ class Source:
                 raise
 
     async def recover(self) -> None:
-        """After Redis came back: re-create missing groups and re-read our own pending entries."""
-        for stream in self.streams:
+        """After Redis came back or a group vanished: re-create missing groups, re-read our pending entries.
+
+        A named stream is re-created (MKSTREAM); a stream found by pattern that no longer exists is
+        dropped from the list (the next scan picks it up again if it comes back).
+        """
+        for stream in list(self.streams):
+            if not self._named(stream) and not await guarded(
+                    lambda stream=stream: self.redis.exists(stream)):  # type: ignore[misc]
+                self.streams.remove(stream)
+                self._cursor.pop(stream, None)
+                log.warning("stream %s disappeared; no longer consuming it", stream)
+                continue
             await guarded(lambda stream=stream: self._ensure_group(stream))  # type: ignore[misc]
             self._cursor[stream] = "0"
+
+    def _named(self, stream: str) -> bool:
+        return stream in self.settings.streams
 
     # -- reading ---------------------------------------------------------------------------------
     async def read(self, count: int, block_ms: int | None) -> list[Entry]:
@@ -176,38 +191,74 @@ class Source:
                 for stream, ids in by_stream.items():
                     for start in range(0, len(ids), 10000):
                         pipe.xack(stream, self.group, *ids[start:start + 10000])
-                results = await pipe.execute()
-            return sum(int(r) for r in results)
+                results = await pipe.execute(raise_on_error=False)
+            acked = 0
+            for result in results:
+                if isinstance(result, ResponseError) and "NOGROUP" in str(result):
+                    # Redis lost the group (restarted empty, stream deleted): nothing left to acknowledge.
+                    log.warning("cannot acknowledge, the group is gone: %s", result)
+                elif isinstance(result, Exception):
+                    raise result  # connection errors become SourceUnavailableError in guarded()
+                else:
+                    acked += int(result)
+            return acked
 
         return await guarded(_ack)
 
     # -- reclaiming ------------------------------------------------------------------------------
     async def claim_idle(self, min_idle_ms: int, count: int) -> ClaimResult:
-        """XAUTOCLAIM entries idle for min_idle_ms on any consumer (a crashed one), cursor followed to the end."""
+        """XAUTOCLAIM entries idle for min_idle_ms on any consumer (a crashed one), cursor followed to the end.
+
+        Entries deleted from the stream while pending come back as nil (Redis 6.2/7.0) or in the reply's
+        third element (later versions); either way they are reported in ``deleted_ids``.
+        """
         result = ClaimResult()
         for stream in list(self.streams):
             cursor = "0-0"
+            saw_nil = False
+            known: set[str] = set()
             while True:
                 try:
-                    reply = await guarded(lambda stream=stream, cursor=cursor: self.redis.xautoclaim(  # type: ignore[misc]
-                        stream, self.group, self.consumer, min_idle_time=min_idle_ms,
-                        start_id=cursor, count=count))
+                    reply = await guarded(lambda stream=stream, cursor=cursor: self.redis.execute_command(  # type: ignore[misc,no-untyped-call]
+                        "XAUTOCLAIM", stream, self.group, self.consumer, min_idle_ms, cursor, "COUNT", count))
                 except ResponseError as exc:
                     if "NOGROUP" in str(exc):
                         await self.recover()
                         break
                     raise
                 cursor = _decode(reply[0])
-                claimed = reply[1]
-                deleted = reply[2] if len(reply) > 2 else []
-                result.deleted_ids.extend((stream, _decode(d)) for d in deleted)
-                for entry_id_raw, fields in claimed:
-                    result.entries.append(Entry(stream, _decode(entry_id_raw), fields or None))
+                for item in reply[1]:
+                    if item is None:
+                        saw_nil = True
+                        continue
+                    entry_id = _decode(item[0])
+                    known.add(entry_id)
+                    result.entries.append(Entry(stream, entry_id, _pairs_to_dict(item[1])))
+                if len(reply) > 2:
+                    result.deleted_ids.extend((stream, _decode(d)) for d in reply[2])
                 if cursor == "0-0" or len(result.entries) >= count:
                     break
+            if saw_nil:
+                result.deleted_ids.extend((stream, i) for i in await self._deleted_in_own_pel(stream, known))
         if result.entries:
             await self._attach_delivery_counts(result)
         return result
+
+    async def _deleted_in_own_pel(self, stream: str, known: set[str]) -> list[str]:
+        rows = await guarded(lambda: self.redis.xpending_range(  # type: ignore[misc]
+            stream, self.group, min="-", max="+", count=100000, consumername=self.consumer))
+        candidates = [_decode(r["message_id"]) for r in rows if _decode(r["message_id"]) not in known]
+        if not candidates:
+            return []
+
+        async def _exists() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for entry_id in candidates:
+                    pipe.xrange(stream, entry_id, entry_id, count=1)
+                return list(await pipe.execute())
+
+        found = await guarded(_exists)
+        return [entry_id for entry_id, rows in zip(candidates, found, strict=True) if not rows]
 
     async def _attach_delivery_counts(self, result: ClaimResult) -> None:
         counts = await self.delivery_counts([(e.stream, e.entry_id) for e in result.entries])
@@ -252,17 +303,33 @@ class Source:
         return total
 
     async def unread_total(self) -> int:
-        """Entries not yet delivered to the group (``lag``), over all streams; -1 if the server cannot tell."""
+        """Entries not yet delivered to the group, over all streams.
+
+        XINFO GROUPS' ``lag`` is nil in common cases (a group created at "0", deletions), so the
+        answer comes from comparing the group's last-delivered id with the stream's newest entry.
+        """
         total = 0
         for stream in self.streams:
             groups = await guarded(lambda stream=stream: self.redis.xinfo_groups(stream))  # type: ignore[misc]
-            for group in groups:
-                if _decode(group["name"]) == self.group:
-                    lag = group.get("lag")
-                    if lag is None:
-                        return -1
-                    total += int(lag)
+            group = next((g for g in groups if _decode(g["name"]) == self.group), None)
+            if group is None:
+                continue
+            newest = await guarded(lambda stream=stream: self.redis.xrevrange(stream, count=1))  # type: ignore[misc]
+            if not newest:
+                continue
+            if _id_key(_decode(group["last-delivered-id"])) >= _id_key(_decode(newest[0][0])):
+                continue
+            lag = group.get("lag")
+            total += int(lag) if lag else 1
         return total
+
+
+def _pairs_to_dict(pairs: Any) -> Fields:
+    if not pairs:
+        return None
+    if isinstance(pairs, dict):
+        return pairs
+    return dict(zip(pairs[::2], pairs[1::2], strict=True))
 
 
 def _decode(value: Any) -> str:

@@ -12,6 +12,55 @@ if TYPE_CHECKING:
     from worker.sink import WriteResult
 
 
+# Bucket bounds of the histograms /metrics exposes (rows per batch, seconds per insert).
+BATCH_ROWS_BOUNDS: tuple[float, ...] = (1, 10, 100, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+INSERT_SECONDS_BOUNDS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class Buckets:
+    """A cumulative-free histogram: per-bucket counts (last = +Inf), sum and count; read by /metrics."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    sum: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        index = len(self.bounds)
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                index = i
+                break
+        self.counts[index] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """Prometheus-style cumulative buckets, ``le`` as text, ending with +Inf."""
+        out: list[tuple[str, int]] = []
+        running = 0
+        counts = list(self.counts)
+        for bound, n in zip((*self.bounds, float("inf")), counts, strict=True):
+            running += n
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+        return out
+
+
+@dataclass
+class GroupInfo:
+    """Consumer-group state of one stream, refreshed periodically for /metrics."""
+
+    length: int = 0
+    lag: int = 0  # entries not yet delivered to the group; -1 when the server cannot tell
+    pending: int = 0  # delivered, not yet acknowledged
+    consumers: int = 0
+
+
 @dataclass
 class Stats:
     started_at: float = field(default_factory=time.monotonic)
@@ -23,6 +72,7 @@ class Stats:
     claimed: int = 0
     deleted_while_pending: int = 0
     poison: int = 0
+    trimmed: int = 0
     sink_failures: int = 0
     source_failures: int = 0
     last_batch_rows: int = 0
@@ -33,12 +83,18 @@ class Stats:
     last_sink_error: str = ""
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
     insert_latencies_s: list[float] = field(default_factory=list)
+    batch_rows_hist: Buckets = field(default_factory=lambda: Buckets(BATCH_ROWS_BOUNDS))
+    insert_seconds_hist: Buckets = field(default_factory=lambda: Buckets(INSERT_SECONDS_BOUNDS))
+    # Per stream key; replaced as a whole by each refresh (see worker.metrics).
+    groups: dict[str, GroupInfo] = field(default_factory=dict)
+    groups_refreshed_at: float | None = None
 
     def record_write(self, result: WriteResult, batch: Batch) -> None:
         self.batches += 1
         self.stored += result.stored
         self.rejected += len(result.rejected)
         self.last_batch_rows = len(batch)
+        self.batch_rows_hist.observe(len(batch))
         for rejection in result.rejected:
             self.rejected_by_reason[_reason_class(rejection.reason)] += 1
 
@@ -46,6 +102,7 @@ class Stats:
         self.last_insert_s = seconds
         self.insert_seconds_total += seconds
         self.insert_latencies_s.append(seconds)
+        self.insert_seconds_hist.observe(seconds)
         if len(self.insert_latencies_s) > 4096:
             del self.insert_latencies_s[:2048]
         self.sink_failing_since = None

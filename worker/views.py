@@ -11,7 +11,8 @@ from rich.table import Table
 from worker.query import _cell
 
 
-def print_table(console: Console, columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
+def print_table(console: Console, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                title: str | None = None) -> None:
     table = Table(title=title, show_lines=False)
     for column in columns:
         table.add_column(column, overflow="fold")

@@ -1,0 +1,174 @@
+"""In-process reliability checks against a real redis-server and the real embedded ClickHouse engine:
+poison isolation, reclaiming, deleted-while-pending entries, Redis restarts. Process-level faults
+(kill -9, competing workers) live in tests/faults/."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tests.conftest import make_settings, xadd_all
+from worker.pipeline import Pipeline
+from worker.redisserver import RedisServer
+from worker.store import Store
+
+
+def _event(session: str, node: str, **extra: str) -> dict[str, str]:
+    return {"session_id": session, "node_id": node, "event_type": "llm_call", **extra}
+
+
+def _drain(settings_kwargs: dict[str, object], redis_url: str, clickhouse_url: str) -> Pipeline:
+    async def go() -> Pipeline:
+        pipeline = Pipeline(make_settings(redis_url, clickhouse_url, **settings_kwargs))  # type: ignore[arg-type]
+        try:
+            assert await pipeline.run(drain=True)
+        finally:
+            await pipeline.close()
+        return pipeline
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def poison_guard(store: Store) -> Iterator[None]:
+    """A CHECK constraint that makes ClickHouse refuse any insert containing attributes['poison'] = '1'."""
+    store.client.command(
+        "ALTER TABLE flowtrack.events ADD CONSTRAINT IF NOT EXISTS test_poison_guard "
+        "CHECK attributes['poison'] != '1'")
+    try:
+        yield
+    finally:
+        store.client.command("ALTER TABLE flowtrack.events DROP CONSTRAINT IF EXISTS test_poison_guard")
+
+
+def test_rows_clickhouse_refuses_are_isolated_and_the_rest_lands(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str,
+        poison_guard: None) -> None:
+    entries = [("flow_events:1", _event("s1", f"n{i}", poison="1" if i in (7, 300, 301) else "0"))
+               for i in range(500)]
+    ids = xadd_all(redis_client, entries)
+    pipeline = _drain({}, redis_server.url, clickhouse_url)
+
+    stored = store.scalar("SELECT count() FROM flowtrack.flow_events")
+    _, rejected = store.query("SELECT source_id, reason FROM flowtrack.rejected_events ORDER BY source_id")
+    assert stored == 497
+    assert sorted(r[0] for r in rejected) == sorted([ids[7], ids[300], ids[301]])
+    assert all("ClickHouse refused the row" in r[1] and "test_poison_guard" in r[1] for r in rejected)
+    assert pipeline.stats.rejected == 3
+    assert redis_client.xpending("flow_events:1", "flowtrack")["pending"] == 0
+
+
+def test_entries_of_a_dead_consumer_are_reclaimed(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+    stream = "flow_events:2"
+    xadd_all(redis_client, [(stream, _event("s2", f"n{i}")) for i in range(300)])
+    redis_client.xgroup_create(stream, "flowtrack", id="0")
+    redis_client.xreadgroup("flowtrack", "dead-worker", {stream: ">"}, count=120)  # dies holding 120
+    time.sleep(0.3)
+    pipeline = _drain({"claim_idle_ms": 200}, redis_server.url, clickhouse_url)
+
+    assert store.scalar("SELECT uniqExact(event_id) FROM flowtrack.flow_events") == 300
+    assert pipeline.stats.claimed == 120
+    assert redis_client.xpending(stream, "flowtrack")["pending"] == 0
+
+
+def test_an_entry_delivered_too_often_becomes_a_rejection(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+    stream = "flow_events:3"
+    ids = xadd_all(redis_client, [(stream, _event("s3", f"n{i}")) for i in range(5)])
+    redis_client.xgroup_create(stream, "flowtrack", id="0")
+    redis_client.xreadgroup("flowtrack", "crashy", {stream: ">"}, count=5)
+    redis_client.xack(stream, "flowtrack", *ids[1:])
+    for _ in range(4):  # four more crashed deliveries of ids[0]
+        redis_client.xclaim(stream, "flowtrack", "crashy", 0, [ids[0]])
+    time.sleep(0.2)
+    _drain({"claim_idle_ms": 100, "max_deliveries": 5}, redis_server.url, clickhouse_url)
+
+    _, rows = store.query("SELECT source_id, reason FROM flowtrack.rejected_events")
+    assert [r[0] for r in rows] == [ids[0]]
+    assert "delivered 6 times" in rows[0][1]
+    assert redis_client.xpending(stream, "flowtrack")["pending"] == 0
+
+
+def test_entries_deleted_while_pending_are_reported(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+    stream = "flow_events:4"
+    ids = xadd_all(redis_client, [(stream, _event("s4", f"n{i}")) for i in range(10)])
+    redis_client.xgroup_create(stream, "flowtrack", id="0")
+    redis_client.xreadgroup("flowtrack", "dead-worker", {stream: ">"}, count=10)
+    redis_client.xdel(stream, ids[2], ids[5])
+    time.sleep(0.2)
+    pipeline = _drain({"claim_idle_ms": 100}, redis_server.url, clickhouse_url)
+
+    assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 8
+    _, rows = store.query("SELECT source_id, reason FROM flowtrack.rejected_events ORDER BY source_id")
+    assert sorted(r[0] for r in rows) == sorted([ids[2], ids[5]])
+    assert all("deleted" in r[1] for r in rows)
+    assert pipeline.stats.deleted_while_pending == 2
+    assert redis_client.xpending(stream, "flowtrack")["pending"] == 0
+
+
+def test_redis_restart_with_aof_loses_nothing(store: Store, clickhouse_url: str) -> None:
+    server = RedisServer(appendonly=True).start()
+    try:
+        client = redis.Redis.from_url(server.url, protocol=2)
+        settings = make_settings(server.url, clickhouse_url, socket_timeout_s=1.0)
+
+        async def go() -> Pipeline:
+            pipeline = Pipeline(settings)
+            task = asyncio.create_task(pipeline.run())
+            xadd_all(client, [("flow_events:5", _event("s5", f"a{i}")) for i in range(2000)])
+            await asyncio.sleep(1.0)
+            server.kill()
+            await asyncio.sleep(1.0)
+            server.start()
+            xadd_all(client, [("flow_events:5", _event("s5", f"b{i}")) for i in range(2000)])
+            await asyncio.sleep(1.5)
+            pipeline.request_stop()
+            await task
+            await pipeline.close()
+            drain = Pipeline(settings)
+            assert await drain.run(drain=True)
+            await drain.close()
+            return pipeline
+
+        pipeline = asyncio.run(go())
+        assert store.scalar("SELECT uniqExact(node_id) FROM flowtrack.flow_events") == 4000
+        assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 4000
+        assert pipeline.stats.source_failures >= 1
+        assert client.xpending("flow_events:5", "flowtrack")["pending"] == 0
+        client.close()
+    finally:
+        server.cleanup()
+
+
+def test_redis_restarted_empty_is_not_a_crash_loop(store: Store, clickhouse_url: str) -> None:
+    server = RedisServer().start()
+    try:
+        client = redis.Redis.from_url(server.url, protocol=2)
+        settings = make_settings(server.url, clickhouse_url, socket_timeout_s=1.0, stream_rescan_s=0.2)
+
+        async def go() -> None:
+            pipeline = Pipeline(settings)
+            task = asyncio.create_task(pipeline.run())
+            xadd_all(client, [("flow_events", _event("s6", f"a{i}", user_id="6")) for i in range(100)])
+            await asyncio.sleep(1.0)
+            server.kill()
+            server.start()  # no persistence: streams and groups are gone
+            await asyncio.sleep(0.5)
+            xadd_all(client, [("flow_events", _event("s6", f"b{i}", user_id="6")) for i in range(100)])
+            await asyncio.sleep(2.0)
+            pipeline.request_stop()
+            await task
+            await pipeline.close()
+
+        asyncio.run(go())
+        assert store.scalar("SELECT count() FROM flowtrack.flow_events WHERE node_id LIKE 'b%'") == 100
+        assert store.scalar("SELECT count() FROM flowtrack.flow_events WHERE node_id LIKE 'a%'") == 100
+        client.close()
+    finally:
+        server.cleanup()

@@ -1,0 +1,66 @@
+"""Trim: retention that never removes an entry still pending or unread by any consumer group.
+
+XTRIM/MAXLEN delete entries whether or not they are pending, so the bound is computed from the
+groups themselves: MINID = the lowest of, over every group on the stream, its oldest pending entry
+and the entry right after its last-delivered id. Entries at or above MINID are kept. Where the
+server supports it (Redis >= 8.2) the ACKED option is added, which makes Redis itself refuse to
+delete entries not yet acknowledged by every group.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+
+log = logging.getLogger(__name__)
+
+
+def parse_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def next_id(entry_id: str) -> str:
+    ms, seq = parse_id(entry_id)
+    return f"{ms}-{seq + 1}"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def safe_min_id(redis: aioredis.Redis, stream: str) -> str | None:
+    """The highest MINID that keeps every pending or undelivered entry; None if the stream has no group."""
+    groups = await redis.xinfo_groups(stream)
+    if not groups:
+        return None  # nobody has consumed it: trimming could only lose data
+    bounds: list[str] = []
+    for group in groups:
+        name = _text(group["name"])
+        bounds.append(next_id(_text(group["last-delivered-id"])))
+        summary = await redis.xpending(stream, name)
+        if int(summary["pending"]) > 0 and summary.get("min"):
+            bounds.append(_text(summary["min"]))
+    return min(bounds, key=parse_id)
+
+
+async def supports_acked(redis: aioredis.Redis) -> bool:
+    info = await redis.info("server")
+    major, minor, *_ = (int(p) for p in str(info.get("redis_version", "0.0.0")).split(".")[:3])
+    return (major, minor) >= (8, 2)
+
+
+async def trim_stream(redis: aioredis.Redis, stream: str, acked: bool = False) -> int:
+    """Trim what every group has acknowledged; returns the number of entries removed."""
+    min_id = await safe_min_id(redis, stream)
+    if min_id is None or min_id == "0-1":
+        return 0
+    args: list[Any] = ["XTRIM", stream, "MINID", min_id]
+    if acked:
+        args.append("ACKED")
+    removed = int(await redis.execute_command(*args))  # type: ignore[no-untyped-call]
+    if removed:
+        log.info("trimmed %d acknowledged entries from %s (MINID %s)", removed, stream, min_id)
+    return removed
