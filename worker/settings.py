@@ -36,6 +36,8 @@ class Settings:
     streams: tuple[str, ...] = DEFAULT_STREAMS
     group: str = "flowtrack"
     consumer: str = field(default_factory=default_consumer_name)
+    # CA bundle for rediss:// and https:// connections (credentials go in the URLs: redis://user:pass@host)
+    tls_ca_file: str | None = None
     # Where a new consumer group starts: "0" = the oldest entry, "$" = only new entries.
     group_start_id: str = "0"
 

@@ -42,16 +42,30 @@ class ClaimResult:
     deleted_ids: list[tuple[str, str]] = field(default_factory=list)
 
 
+# The Redis ACL rules the worker needs, and no more (keys: the default stream names; adapt the ~patterns
+# to FLOWTRACK_STREAMS). Tested against a real redis-server in tests/test_security.py.
+WORKER_ACL_RULES = (
+    "resetkeys ~flow_events ~flow_events:* resetchannels -@all "
+    "+xreadgroup +xack +xautoclaim +xpending +xinfo|groups +xgroup|create +xrange +xrevrange +xtrim "
+    "+scan +exists +info +ping +client|setinfo"
+)
+# A producer may only append to the flow streams.
+PRODUCER_ACL_RULES = "resetkeys ~flow_events ~flow_events:* resetchannels -@all +xadd +ping +client|setinfo"
+
+
 def is_pattern(name: str) -> bool:
     return any(ch in name for ch in "*?[")
 
 
 def connect(settings: Settings) -> aioredis.Redis:
     # RESP2 pinned: redis-py 8 defaults to RESP3, whose stream replies have another shape.
+    tls: dict[str, Any] = {}
+    if settings.redis_url.startswith("rediss://") and settings.tls_ca_file:
+        tls["ssl_ca_certs"] = settings.tls_ca_file
     return aioredis.Redis.from_url(
         settings.redis_url, protocol=2, decode_responses=False,
         socket_timeout=settings.socket_timeout_s, socket_connect_timeout=min(5.0, settings.socket_timeout_s),
-        health_check_interval=30,
+        health_check_interval=30, **tls,
     )
 
 
@@ -245,7 +259,7 @@ class Source:
         return result
 
     async def _deleted_in_own_pel(self, stream: str, known: set[str]) -> list[str]:
-        rows = await guarded(lambda: self.redis.xpending_range(  # type: ignore[misc]
+        rows = await guarded(lambda: self.redis.xpending_range(
             stream, self.group, min="-", max="+", count=100000, consumername=self.consumer))
         candidates = [_decode(r["message_id"]) for r in rows if _decode(r["message_id"]) not in known]
         if not candidates:

@@ -78,9 +78,10 @@ class Store:
         if path is not None:
             return cls(_open_embedded(path), f"embedded store {path}", embedded=True)
         url = settings.clickhouse_url or ""
+        tls: dict[str, Any] = {"ca_cert": settings.tls_ca_file} if settings.tls_ca_file else {}
         try:
             client = clickhouse_connect.get_client(
-                dsn=url, connect_timeout=5, send_receive_timeout=60, autogenerate_session_id=False,
+                dsn=url, connect_timeout=5, send_receive_timeout=60, autogenerate_session_id=False, **tls,
             )
         except Exception as exc:  # clickhouse-connect raises several unrelated types for "down"
             raise StoreUnavailableError(f"cannot reach ClickHouse at {_redact(url)}: {exc}") from exc

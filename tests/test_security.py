@@ -1,0 +1,67 @@
+"""Least privilege on Redis: the documented ACL rules are enough for the worker and the producer, and no more."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from tests.conftest import make_settings
+from worker.pipeline import Pipeline
+from worker.producer import ProduceConfig, produce
+from worker.redisserver import RedisServer
+from worker.source import PRODUCER_ACL_RULES, WORKER_ACL_RULES, connect
+from worker.store import Store
+
+
+def _url(server: RedisServer, user: str, password: str) -> str:
+    return f"redis://{user}:{password}@127.0.0.1:{server.port}/0"
+
+
+@pytest.fixture
+def acl_server(redis_server: RedisServer, redis_client: redis.Redis) -> RedisServer:
+    redis_client.execute_command("ACL", "SETUSER", "worker", "on", ">worker-secret", *WORKER_ACL_RULES.split())
+    redis_client.execute_command("ACL", "SETUSER", "producer", "on", ">producer-secret",
+                                 *PRODUCER_ACL_RULES.split())
+    return redis_server
+
+
+def test_worker_and_producer_work_with_only_their_acl_rules(
+        acl_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+    producer_url = _url(acl_server, "producer", "producer-secret")
+    worker_url = _url(acl_server, "worker", "worker-secret")
+
+    async def go() -> int:
+        producer_redis = connect(make_settings(producer_url, clickhouse_url))
+        sent = await produce(producer_redis, ProduceConfig(users=3, seed=7), count=600)
+        await producer_redis.aclose()
+        pipeline = Pipeline(make_settings(worker_url, clickhouse_url, trim_enabled=True, trim_interval_s=0.0))
+        assert await pipeline.run(drain=True)
+        await pipeline.close()
+        return sent
+
+    sent = asyncio.run(go())
+    assert store.scalar("SELECT count() FROM flowtrack.flow_events") == sent
+    for key in redis_client.scan_iter(match="flow_events:*"):
+        assert redis_client.xpending(key, "flowtrack")["pending"] == 0
+
+
+def test_the_acl_rules_refuse_everything_else(acl_server: RedisServer) -> None:
+    worker = redis.Redis.from_url(_url(acl_server, "worker", "worker-secret"), protocol=2)
+    producer = redis.Redis.from_url(_url(acl_server, "producer", "producer-secret"), protocol=2)
+    producer.xadd("flow_events:1", {"session_id": "s", "node_id": "n", "event_type": "x"})
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        producer.xreadgroup("g", "c", {"flow_events:1": ">"})
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        producer.xadd("other_stream", {"a": "b"})
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.xadd("flow_events:1", {"a": "b"})
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.delete("flow_events:1")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.flushall()
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.xgroup_create("session:secrets", "g", mkstream=True)
+    worker.close()
+    producer.close()
