@@ -121,6 +121,8 @@ def _decode_entry(fields: Mapping[Any, Any]) -> dict[str, Any]:
             size += len(value)
             flat[k] = _utf8(value, f"field {k!r}")
         else:
+            if isinstance(value, str):
+                size += len(value)  # chars: a lower bound of the UTF-8 size, no encoding cost
             flat[k] = value
         size += len(k)
     if size > MAX_ENTRY_BYTES:
@@ -169,6 +171,8 @@ def _user_id(value: Any, stream: str) -> str:
         _, sep, tail = stream.rpartition(":")
         if not sep or not tail:
             raise _Reject("missing user_id: no user_id field and the stream key has no ':<user>' suffix")
+        if len(tail) > MAX_ID_CHARS:
+            raise _Reject(f"user_id is {len(tail)} chars, over the {MAX_ID_CHARS}-char limit")
         return tail
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise _Reject(f"user_id must be an integer or a string, got {_json_type(value)}")
@@ -191,7 +195,8 @@ def _parent_id(value: Any) -> str:
 
 
 def _event_id(value: Any, stream: str, entry_id: str) -> str:
-    if value is None or value == "":
+    if value is None or value == "" or (isinstance(value, str) and value.isspace()):
+        # blank = absent: a shared blank id would merge unrelated events into one
         return derive_event_id(stream, entry_id)
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise _Reject(f"event_id must be a string or an integer, got {_json_type(value)}")
