@@ -55,7 +55,7 @@ class Settings:
     # Reliability
     claim_idle_ms: int = 60000
     claim_interval_s: float = 5.0
-    max_deliveries: int = 5
+    max_deliveries: int = 10
     retry_initial_s: float = 0.2
     retry_max_s: float = 10.0
     socket_timeout_s: float = 10.0
