@@ -13,7 +13,7 @@ from typing import Any
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import make_settings, xadd_all
+from tests.conftest import make_settings, xadd_all
 from worker.metrics import MetricsServer, WorkerMetrics
 from worker.pipeline import Pipeline, run_worker
 from worker.redisserver import RedisServer, free_port
@@ -60,7 +60,7 @@ def test_run_worker_serves_metrics_and_health(redis_server: RedisServer, redis_c
         for _ in range(200):
             await asyncio.sleep(0.1)
             try:
-                code, text = await asyncio.to_thread(_get, f"{base}/metrics")
+                _code, text = await asyncio.to_thread(_get, f"{base}/metrics")
             except OSError:
                 continue
             metrics = _samples(text)
@@ -92,7 +92,6 @@ def test_run_worker_serves_metrics_and_health(redis_server: RedisServer, redis_c
     assert metrics[("flowtrack_insert_duration_seconds_count", ())] >= 1
     assert metrics[("flowtrack_insert_duration_seconds_bucket", (("le", "+Inf"),))] >= 1
     key = (("group", "flowtrack"), ("stream", "flow_events:7"))
-    assert metrics[("flowtrack_stream_length", key)] == 41
     assert metrics[("flowtrack_consumer_group_consumers", key)] == 1
     assert metrics[("flowtrack_healthy", ())] == 1
     assert health_code == 200 and health["status"] == "ok"
@@ -141,7 +140,6 @@ def test_group_gauges_follow_redis(redis_server: RedisServer, redis_client: redi
     assert before[("flowtrack_consumer_group_pending", key)] == 0
     assert after[("flowtrack_consumer_group_lag", key)] == 6
     assert after[("flowtrack_consumer_group_pending", key)] == 4
-    assert after[("flowtrack_stream_length", key)] == 10
 
 
 def test_health_turns_bad_when_the_sink_fails_too_long() -> None:
@@ -183,3 +181,27 @@ def test_metrics_off_by_default(redis_server: RedisServer) -> None:
             await pipeline.close()
 
     assert asyncio.run(scenario()) is None
+
+
+def test_group_gauges_need_nothing_beyond_the_worker_acl(redis_server: RedisServer, redis_client: redis.Redis,
+                                                         clickhouse_url: str) -> None:
+    """The refresher runs on the worker's own connection: it must live within WORKER_ACL_RULES."""
+    from worker.metrics import read_group_info
+    from worker.source import WORKER_ACL_RULES
+
+    redis_client.execute_command("ACL", "SETUSER", "worker", "on", ">worker-secret", *WORKER_ACL_RULES.split())
+    xadd_all(redis_client, _entries(3, stream="flow_events:9"))
+    url = f"redis://worker:worker-secret@127.0.0.1:{redis_server.port}/0"
+    settings = make_settings(url, clickhouse_url)
+
+    async def scenario() -> dict[str, Any]:
+        pipeline = Pipeline(settings)
+        try:
+            await pipeline.source.discover(force=True)
+            return dict(await read_group_info(pipeline.source))
+        finally:
+            await pipeline.close()
+
+    groups = asyncio.run(scenario())
+    assert groups["flow_events:9"].lag == 4
+    assert groups["flow_events:9"].pending == 0

@@ -1,8 +1,8 @@
 """Metrics: ``/metrics`` (Prometheus text format) and ``/healthz`` for a running worker.
 
 The HTTP server runs in a daemon thread and only *reads* the pipeline's ``Stats``; every value is
-collected at scrape time, so nothing is counted twice. Consumer-group state (stream length, lag,
-pending, consumers per stream) needs Redis, which lives on the worker's event loop: an asyncio
+collected at scrape time, so nothing is counted twice. Consumer-group state (lag, pending and
+consumers per stream) needs Redis, which lives on the worker's event loop: an asyncio
 task refreshes it into ``Stats.groups`` every few seconds.
 
 Health turns bad (HTTP 503) when the sink has been failing for longer than
@@ -12,6 +12,7 @@ Health turns bad (HTTP 503) when the sink has been failing for longer than
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -84,7 +85,6 @@ class StatsCollector(Collector):
 
         groups = dict(s.groups)
         labels = ["stream", "group"]
-        length = GaugeMetricFamily(f"{PREFIX}_stream_length", "Entries in the stream (XLEN).", labels=labels)
         lag = GaugeMetricFamily(f"{PREFIX}_consumer_group_lag",
                                 "Entries not yet delivered to the consumer group (-1: unknown).", labels=labels)
         pending = GaugeMetricFamily(f"{PREFIX}_consumer_group_pending",
@@ -93,11 +93,10 @@ class StatsCollector(Collector):
                                       labels=labels)
         for stream, info in sorted(groups.items()):
             key = [stream, self.settings.group]
-            length.add_metric(key, float(info.length))
             lag.add_metric(key, float(info.lag))
             pending.add_metric(key, float(info.pending))
             consumers.add_metric(key, float(info.consumers))
-        yield from (length, lag, pending, consumers)
+        yield from (lag, pending, consumers)
         refreshed = s.groups_refreshed_at
         yield _gauge(f"{PREFIX}_consumer_group_info_age_seconds",
                      "Seconds since lag/pending were last read from Redis (-1: never).",
@@ -197,12 +196,14 @@ class MetricsServer:
 
 
 async def read_group_info(source: Source) -> dict[str, GroupInfo]:
-    """Length, lag, pending and consumers of the worker's group on every stream it consumes."""
+    """Lag, pending and consumers of the worker's group on every stream it consumes.
+
+    Uses only XINFO GROUPS (and XRANGE on Redis < 7), both within the worker's ACL rules.
+    """
     result: dict[str, GroupInfo] = {}
     redis = source.redis
     for stream in list(source.streams):
         info = GroupInfo()
-        info.length = int(await redis.xlen(stream))
         for group in await redis.xinfo_groups(stream):
             if _text(group.get("name")) != source.group:
                 continue
@@ -259,9 +260,7 @@ class WorkerMetrics:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         self.server.stop()

@@ -55,7 +55,6 @@ class Buckets:
 class GroupInfo:
     """Consumer-group state of one stream, refreshed periodically for /metrics."""
 
-    length: int = 0
     lag: int = 0  # entries not yet delivered to the group; -1 when the server cannot tell
     pending: int = 0  # delivered, not yet acknowledged
     consumers: int = 0
