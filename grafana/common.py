@@ -1,0 +1,162 @@
+"""Shared pieces of the dashboards: datasources, the ClickHouse query type, SQL fragments, small builders.
+
+grafana-foundation-sdk has no builder for the ClickHouse plugin (``grafana-clickhouse-datasource``),
+so this module defines one with the SDK's documented custom-query-type pattern: a ``Dataquery``
+variant whose JSON is what the plugin saves for an SQL-editor query
+(``{refId, datasource, editorType: "sql", rawSql, format, queryType}``).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Any, Self
+
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders import dashboard as dash
+from grafana_foundation_sdk.builders import prometheus
+from grafana_foundation_sdk.cog import builder as cogbuilder
+from grafana_foundation_sdk.cog import variants as cogvariants
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, DynamicConfigValue
+
+# -- datasources (uids fixed by grafana/provisioning/datasources/flowtrack.yaml) -----------------
+CLICKHOUSE_TYPE = "grafana-clickhouse-datasource"
+CLICKHOUSE_UID = "flowtrack-clickhouse"
+PROMETHEUS_TYPE = "prometheus"
+PROMETHEUS_UID = "flowtrack-prometheus"
+CLICKHOUSE = DataSourceRef(type_val=CLICKHOUSE_TYPE, uid=CLICKHOUSE_UID)
+PROMETHEUS = DataSourceRef(type_val=PROMETHEUS_TYPE, uid=PROMETHEUS_UID)
+
+# -- dashboard uids (links between dashboards use them) -----------------------------------------
+LIVE_UID = "flowtrack-live"
+HISTORY_UID = "flowtrack-history"
+FLOW_UID = "flowtrack-flow"
+PIPELINE_UID = "flowtrack-pipeline"
+TAGS = ["flowtrack"]
+
+# -- SQL fragments: panel SQL names them as {name}; SQL() and expand() put them in ----------------
+# ${var:sqlstring} is Grafana's formatter that quotes and escapes a value as an SQL string literal.
+USER = "${user_id:sqlstring}"
+SESSION = "${session_id:sqlstring}"
+FRAGMENTS: dict[str, str] = {
+    # The user_id variable is a text box: empty means every user.
+    "user_filter": f"({USER} = '' OR user_id = {USER})",
+    "session": SESSION,
+    # Milliseconds from an event's own time to the moment it was stored.
+    "store_lag_ms": "(toUnixTimestamp64Milli(ingested_at) - toUnixTimestamp64Milli(ts))",
+    "sessions_in_range": "SELECT session_id FROM flowtrack.flow_sessions "
+                         "WHERE $__timeFilter(started_at) AND {user_filter}",
+    "latest_session": "(SELECT argMax(session_id, last_event_at) FROM flowtrack.flow_sessions "
+                      "WHERE {user_filter})",
+}
+FLOW_LINK = f"/d/{FLOW_UID}/flow?var-session_id=${{__value.raw}}&${{__url_time_range}}"
+_PLACEHOLDER = re.compile(r"(?<!\$)\{([a-z_]+)\}")
+
+
+def expand(template: str, **extra: str) -> str:
+    """Put the named fragments into SQL text (fragments may name others); unknown names are an error."""
+    fragments = {**FRAGMENTS, **extra}
+
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in fragments:
+            raise KeyError(f"unknown SQL fragment {{{name}}}")
+        return fragments[name]
+
+    previous = None
+    while previous != template:
+        previous, template = template, _PLACEHOLDER.sub(one, template)
+    return template
+
+
+class Format(enum.IntEnum):
+    """The plugin's result formats (``format`` in a query)."""
+
+    TIME_SERIES = 0
+    TABLE = 1
+    LOGS = 2
+    TRACE = 3
+
+
+_QUERY_TYPES = {Format.TIME_SERIES: "timeseries", Format.TABLE: "table", Format.LOGS: "logs",
+                Format.TRACE: "traces"}
+
+
+class ClickHouseQuery(cogvariants.Dataquery):
+    """An SQL-editor query of the ClickHouse plugin."""
+
+    def __init__(self, raw_sql: str, fmt: Format = Format.TABLE, ref_id: str | None = None,
+                 hide: bool | None = None) -> None:
+        self.raw_sql = raw_sql
+        self.format = fmt
+        self.ref_id = ref_id
+        self.hide = hide
+
+    def to_json(self) -> dict[str, object]:
+        payload: dict[str, object] = {
+            "datasource": CLICKHOUSE.to_json(),
+            "editorType": "sql",
+            "format": int(self.format),
+            "pluginVersion": "4.20.0",
+            "queryType": _QUERY_TYPES[self.format],
+            "rawSql": self.raw_sql,
+        }
+        if self.ref_id is not None:
+            payload["refId"] = self.ref_id
+        if self.hide is not None:
+            payload["hide"] = self.hide
+        return payload
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Self:
+        return cls(str(data.get("rawSql", "")), Format(int(data.get("format", Format.TABLE))), data.get("refId"),
+                   data.get("hide"))
+
+
+class SQL(cogbuilder.Builder[cogvariants.Dataquery]):
+    """Builder for ``ClickHouseQuery``: ``SQL("SELECT …", Format.TIME_SERIES).ref_id("A")``."""
+
+    def __init__(self, raw_sql: str, fmt: Format = Format.TABLE, **fragments: str) -> None:
+        self._internal = ClickHouseQuery(_tidy(expand(raw_sql, **fragments)), fmt)
+
+    def build(self) -> ClickHouseQuery:
+        return self._internal
+
+    def ref_id(self, ref_id: str) -> Self:
+        self._internal.ref_id = ref_id
+        return self
+
+    def hide(self, hide: bool) -> Self:
+        self._internal.hide = hide
+        return self
+
+
+def _tidy(sql: str) -> str:
+    """Dedent and strip so the SQL reads well in the panel editor and in the JSON."""
+    import textwrap
+
+    return textwrap.dedent(sql).strip()
+
+
+def promql(expr: str, legend: str) -> prometheus.Dataquery:
+    return prometheus.Dataquery().expr(expr).legend_format(legend).range().datasource(PROMETHEUS)
+
+
+def link_to_flow(title: str = "Open this flow") -> list[DynamicConfigValue]:
+    """Field override: make a session_id cell open the Flow dashboard for that session."""
+    return [DynamicConfigValue(id_val="links", value=[{"title": title, "url": FLOW_LINK}])]
+
+
+def unit(value: str) -> list[DynamicConfigValue]:
+    return [DynamicConfigValue(id_val="unit", value=value)]
+
+
+def legend_table() -> common_builders.VizLegendOptions:
+    return (common_builders.VizLegendOptions().display_mode(common.LegendDisplayMode.LIST)
+            .placement(common.LegendPlacement.BOTTOM).show_legend(True))
+
+
+def user_variable() -> dash.TextBoxVariable:
+    return (dash.TextBoxVariable("user_id").label("User id").default_value("")
+            .description("Show one user's flows; leave empty for every user."))

@@ -1,0 +1,173 @@
+"""Flows — history: the sessions of a time range, their outcomes, durations, common paths and failures."""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders import dashboard as dash
+from grafana_foundation_sdk.builders import histogram, table, timeseries
+from grafana_foundation_sdk.models import common
+
+from grafana.common import (
+    CLICKHOUSE,
+    HISTORY_UID,
+    SQL,
+    TAGS,
+    Format,
+    legend_table,
+    link_to_flow,
+    unit,
+    user_variable,
+)
+
+
+def dashboard() -> dash.Dashboard:
+    return (
+        dash.Dashboard("Flows — history")
+        .uid(HISTORY_UID)
+        .tags(TAGS)
+        .description("Sessions over a time range: outcomes, durations, the most common paths and where flows fail.")
+        .time("now-24h", "now")
+        .refresh("30s")
+        .with_variable(user_variable())
+        .with_panel(outcomes_over_time())
+        .with_panel(duration_distribution())
+        .with_panel(sessions())
+        .with_panel(common_paths())
+        .with_panel(where_flows_fail())
+        .with_panel(error_messages())
+    )
+
+
+def sessions() -> table.Panel:
+    return (
+        table.Panel()
+        .title("Sessions")
+        .description("Click a session id to open the flow.")
+        .height(12)
+        .span(24)
+        .datasource(CLICKHOUSE)
+        .with_target(SQL("""
+            SELECT started_at, ended_at, user_id, session_id, duration_ms, event_count, error_count, status
+            FROM flowtrack.flow_sessions
+            WHERE $__timeFilter(started_at) AND {user_filter}
+            ORDER BY started_at DESC
+            LIMIT 1000
+            """).ref_id("A"))
+        .override_by_name("session_id", link_to_flow())
+        .override_by_name("duration_ms", unit("ms"))
+    )
+
+
+def outcomes_over_time() -> timeseries.Panel:
+    return (
+        timeseries.Panel()
+        .title("Completed / failed / active sessions (by start time)")
+        .height(8)
+        .span(14)
+        .datasource(CLICKHOUSE)
+        .legend(legend_table())
+        .draw_style(common.GraphDrawStyle.BARS)
+        .fill_opacity(80)
+        .stacking(common_builders.StackingConfig().mode(common.StackingMode.NORMAL))
+        .with_target(SQL("""
+            SELECT $__timeInterval(started_at) AS time, status, count() AS sessions
+            FROM flowtrack.flow_sessions
+            WHERE $__timeFilter(started_at) AND {user_filter}
+            GROUP BY time, status
+            ORDER BY time
+            """, Format.TIME_SERIES).ref_id("A"))
+    )
+
+
+def duration_distribution() -> histogram.Panel:
+    return (
+        histogram.Panel()
+        .title("Duration of finished sessions")
+        .height(8)
+        .span(10)
+        .datasource(CLICKHOUSE)
+        .unit("s")
+        .with_target(SQL("""
+            SELECT duration_ms / 1000 AS duration_s
+            FROM flowtrack.flow_sessions
+            WHERE $__timeFilter(started_at) AND {user_filter} AND status != 'active'
+            LIMIT 100000
+            """).ref_id("A"))
+    )
+
+
+def common_paths() -> table.Panel:
+    """A path is the session's event types in time order."""
+    return (
+        table.Panel()
+        .title("Most common paths")
+        .description("Sequences of event types, in time order, shared by the most sessions.")
+        .height(10)
+        .span(14)
+        .datasource(CLICKHOUSE)
+        .with_target(SQL("""
+            SELECT path, count() AS sessions, countIf(s.status = 'failed') AS failed,
+                   round(avg(s.duration_ms)) AS avg_duration_ms
+            FROM
+            (
+                SELECT session_id,
+                       arrayStringConcat(arrayMap(x -> x.3, arraySort(groupArray((ts, event_id, event_type)))),
+                                         ' → ') AS path
+                FROM flowtrack.flow_events
+                WHERE session_id IN ({sessions_in_range})
+                GROUP BY session_id
+            ) AS p
+            INNER JOIN
+            (
+                SELECT session_id, status, duration_ms
+                FROM flowtrack.flow_sessions
+                WHERE $__timeFilter(started_at) AND {user_filter}
+            ) AS s ON s.session_id = p.session_id
+            GROUP BY path
+            ORDER BY sessions DESC, path
+            LIMIT 20
+            """).ref_id("A"))
+        .override_by_name("avg_duration_ms", unit("ms"))
+    )
+
+
+def where_flows_fail() -> table.Panel:
+    """Error nodes, by the kind of node they hang under (the step that failed)."""
+    return (
+        table.Panel()
+        .title("Where flows fail")
+        .description("Error nodes by the node they hang under (its event type).")
+        .height(10)
+        .span(10)
+        .datasource(CLICKHOUSE)
+        .with_target(SQL("""
+            SELECT ifNull(nullIf(p.name, ''), '(root)') AS failed_after, n.name AS error_type,
+                   count() AS failures, uniqExact(n.session_id) AS sessions
+            FROM flowtrack.flow_nodes AS n
+            LEFT JOIN flowtrack.flow_nodes AS p ON p.session_id = n.session_id AND p.node_id = n.parent_id
+            WHERE n.status = 'error' AND n.session_id IN ({sessions_in_range})
+            GROUP BY failed_after, error_type
+            ORDER BY failures DESC, failed_after
+            LIMIT 20
+            """).ref_id("A"))
+    )
+
+
+def error_messages() -> table.Panel:
+    return (
+        table.Panel()
+        .title("Error messages")
+        .height(8)
+        .span(24)
+        .datasource(CLICKHOUSE)
+        .with_target(SQL("""
+            SELECT event_type, attributes['message'] AS message, attributes['code'] AS code, count() AS events,
+                   uniqExact(session_id) AS sessions, max(ts) AS last_seen
+            FROM flowtrack.flow_events
+            WHERE (session_id, node_id) IN (SELECT session_id, node_id FROM flowtrack.flow_nodes WHERE status = 'error')
+              AND $__timeFilter(ts) AND {user_filter}
+            GROUP BY event_type, message, code
+            ORDER BY events DESC
+            LIMIT 50
+            """).ref_id("A"))
+    )
