@@ -95,6 +95,59 @@ class Normalizer:
                              raw_json(fields))
 
     def _build(self, stream: str, entry_id: str, record: dict[str, Any]) -> FlowEvent:
+        event = self._build_fast(stream, entry_id, record)
+        return event if event is not None else self._build_checked(stream, entry_id, record)
+
+    def _build_fast(self, stream: str, entry_id: str, record: dict[str, Any]) -> FlowEvent | None:
+        """The common, valid case without per-field helper calls; None = let ``_build_checked`` decide.
+
+        Returns an event only when every field is of the plain shape that ``_build_checked`` accepts
+        unchanged, so both paths give identical results (the normalize tests run against both).
+        """
+        get = record.get
+        session_id = get("session_id")
+        node_id = get("node_id")
+        event_type = get("event_type")
+        if not (type(session_id) is str and type(node_id) is str and type(event_type) is str
+                and 0 < len(session_id) <= MAX_ID_CHARS and 0 < len(node_id) <= MAX_ID_CHARS
+                and 0 < len(event_type) <= MAX_EVENT_TYPE_CHARS
+                and not session_id.isspace() and not node_id.isspace() and not event_type.isspace()):
+            return None
+        user_id = get("user_id")
+        if user_id is None or user_id == "":
+            _, sep, user_id = stream.rpartition(":")
+            if not sep or not user_id or len(user_id) > MAX_ID_CHARS:
+                return None
+        elif type(user_id) is not str or len(user_id) > MAX_ID_CHARS or user_id.isspace():
+            return None
+        parent_id = get("parent_id")
+        if parent_id is None:
+            parent_id = ""
+        elif type(parent_id) is not str or len(parent_id) > MAX_ID_CHARS or parent_id == node_id:
+            return None
+        stamp = get("timestamp")
+        if stamp is None or stamp == "":
+            ts_ms = entry_id_ms(entry_id)
+        elif type(stamp) is str and len(stamp) <= 16 and stamp.isascii() and stamp.isdigit():
+            ts_ms = int(stamp)
+            if ts_ms < SECONDS_MS_BOUNDARY:
+                ts_ms *= 1000
+            if ts_ms >= MAX_TS_MS:
+                return None
+        else:
+            return None
+        event_id = get("event_id")
+        if event_id is None or event_id == "" or (type(event_id) is str and event_id.isspace()):
+            event_id = derive_event_id(stream, entry_id)
+        elif type(event_id) is not str or len(event_id) > MAX_ID_CHARS:
+            return None
+        attributes = _attributes(record)
+        return FlowEvent(
+            event_id, user_id, session_id, node_id, parent_id, event_type, ts_ms, attributes,
+            stream, entry_id, int(event_type in self.end_types), int(event_type in self.error_types),
+        )
+
+    def _build_checked(self, stream: str, entry_id: str, record: dict[str, Any]) -> FlowEvent:
         session_id = _required_str(record, "session_id", MAX_ID_CHARS)
         node_id = _required_str(record, "node_id", MAX_ID_CHARS)
         event_type = _required_str(record, "event_type", MAX_EVENT_TYPE_CHARS)
@@ -111,8 +164,22 @@ class Normalizer:
         )
 
 
+_decode_bytes = bytes.decode  # strict UTF-8; TypeError for anything but bytes
+
+
 def _decode_entry(fields: Mapping[Any, Any]) -> dict[str, Any]:
     """Both entry shapes -> one dict of str keys; flat values are str, JSON values keep their type."""
+    try:
+        # Fast path: what Redis returns (bytes keys and values, valid UTF-8, well under the size limit).
+        flat = {_decode_bytes(k): _decode_bytes(v) for k, v in fields.items()}
+        if sum(map(len, fields)) + sum(map(len, fields.values())) > MAX_ENTRY_BYTES:
+            flat = _decode_fields(fields)  # the exact size and message
+    except (TypeError, UnicodeDecodeError):
+        flat = _decode_fields(fields)  # str or other values, or a precise UTF-8 rejection
+    return _unwrap(flat)
+
+
+def _decode_fields(fields: Mapping[Any, Any]) -> dict[str, Any]:
     size = 0
     flat: dict[str, Any] = {}
     for key, value in fields.items():
@@ -127,6 +194,11 @@ def _decode_entry(fields: Mapping[Any, Any]) -> dict[str, Any]:
         size += len(k)
     if size > MAX_ENTRY_BYTES:
         raise _Reject(f"entry is {size} bytes, over the {MAX_ENTRY_BYTES}-byte limit")
+    return flat
+
+
+def _unwrap(flat: dict[str, Any]) -> dict[str, Any]:
+    """The envelope shape (one ``data``/``payload`` JSON field) merged into the flat fields."""
     if "session_id" in flat:
         return flat
     envelope = next((name for name in ENVELOPE_FIELDS if name in flat), None)
