@@ -199,6 +199,295 @@ def sql(
         print_table(console, columns, rows)
 
 
+# --- terminal views (issue 5) ---
+OutputFormat = Annotated[str, typer.Option("--format", "-f", help="table, json or csv")]
+
+
+def _emit_records(columns: list[str], rows: list[Any], output: str) -> bool:
+    """JSON/CSV to stdout for scripts; False when the caller should draw a table."""
+    from worker.query import format_csv, format_json
+
+    if output not in ("table", "json", "csv"):
+        raise fail("--format must be table, json or csv", 2)
+    if output == "json":
+        sys.stdout.write(format_json(columns, rows) + "\n")
+    elif output == "csv":
+        sys.stdout.write(format_csv(columns, rows))
+    return output != "table"
+
+
+def _print_wide(renderable: Any) -> None:
+    """Tables fit the terminal; piped output (scripts, docs) gets room instead of squeezed columns."""
+    if console.is_terminal:
+        console.print(renderable)
+    else:
+        Console(width=max(console.width, 160)).print(renderable)
+
+
+def _print_lines(lines: list[Any]) -> None:
+    """Long lines: cropped on a terminal, whole when piped (scripts, less -S)."""
+    for line in lines:
+        if console.is_terminal:
+            console.print(line, no_wrap=True, overflow="ellipsis")
+        else:
+            console.print(line, soft_wrap=True)
+
+
+@app.command()
+@guarded_command
+def tail(
+    user: Annotated[str | None, typer.Option("--user", "-u", help="only this user's events")] = None,
+    session: Annotated[str | None, typer.Option("--session", "-s", help="only this session's events")] = None,
+    event_type: Annotated[list[str] | None, typer.Option(
+        "--type", "-t", help="only this event type (repeatable)")] = None,
+    since: Annotated[str | None, typer.Option(
+        "--since", help="first show entries from this time: 10m, 2h, 1d, ISO-8601 or epoch (default: only new "
+        "ones)")] = None,
+    count: Annotated[int | None, typer.Option("--count", "-n", help="exit after this many events")] = None,
+    follow: Annotated[bool | None, typer.Option(
+        "--follow/--no-follow", help="keep waiting for new events (default: follow, unless --since is given)")] = None,
+    output: Annotated[str, typer.Option("--format", "-f", help="text, or json (one object per line)")] = "text",
+    redis_url: RedisUrl = None, streams: Streams = None,
+) -> None:
+    """Live events of all users (or one user, session or event type) as they arrive in the streams:
+    time, user, session, node <- parent, type and key attributes; entries that break the contract show
+    as `rejected` with the reason.
+
+    Reads with XREAD/XRANGE only, never through the consumer group: it creates no pending entries and
+    takes nothing away from the worker. Follows until Ctrl-C; --since/--count/--no-follow bound it for
+    scripts, e.g. `flowtrack tail --since 10m --no-follow -f json`.
+    """
+    from worker.flows import connect_sync, parse_when
+    from worker.tail import Tail, TailFilter
+    from worker.views import tail_line, tail_record
+
+    if output not in ("text", "json"):
+        raise fail("--format must be text or json", 2)
+    settings = load_settings(redis_url=redis_url, streams=streams)
+    since_at = parse_when(since) if since else None
+    keep_following = follow if follow is not None else since_at is None
+    client = connect_sync(settings)
+    reader = Tail(client, settings, TailFilter(user, session, frozenset(event_type or ())))
+    shown = 0
+
+    def show(item: Any) -> bool:
+        nonlocal shown
+        if output == "json":
+            import orjson
+
+            sys.stdout.write(orjson.dumps(tail_record(item)).decode() + "\n")
+            sys.stdout.flush()
+        else:
+            _print_lines([tail_line(item)])
+        shown += 1
+        return count is not None and shown >= count
+
+    import redis as redis_lib
+
+    try:
+        if since_at is not None:
+            for item in reader.backlog(since_at):
+                if show(item):
+                    return
+        if keep_following:
+            if output == "text":
+                err_console.print(f"[dim]following {', '.join(settings.streams)} on {settings.redis_url} "
+                                  "(Ctrl-C to stop)[/]")
+            for followed in reader.follow():
+                if followed is not None and show(followed):
+                    return
+    except KeyboardInterrupt:
+        pass
+    except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
+        raise fail(f"Redis unreachable at {settings.redis_url}: {exc}") from None
+    finally:
+        client.close()
+
+
+@app.command()
+@guarded_command
+def history(
+    user: Annotated[str | None, typer.Argument(help="the user whose sessions to list (default: all users)")] = None,
+    since: Annotated[str, typer.Option(help="sessions started at or after: 2h, 7d, ISO-8601 or epoch")] = "7d",
+    until: Annotated[str | None, typer.Option(help="sessions started before this time (default: now)")] = None,
+    status: Annotated[str | None, typer.Option(help="only active, completed or failed sessions")] = None,
+    sort: Annotated[str, typer.Option(
+        help="started, ended, duration, events, errors, status, user or session")] = "started",
+    ascending: Annotated[bool, typer.Option("--asc", help="ascending order (default: descending)")] = False,
+    limit: Annotated[int, typer.Option(help="at most this many sessions")] = 100,
+    output: OutputFormat = "table",
+    clickhouse_url: ClickhouseUrl = None,
+) -> None:
+    """A user's sessions over a time range from ClickHouse (flowtrack.flow_sessions): start, end, duration,
+    events, errors and status; sortable; --format json/csv for scripts. Ended is empty while a session
+    is active (its duration then runs to its last event)."""
+    from worker import flows
+    from worker.store import Store
+    from worker.views import history_table
+
+    since_at = flows.parse_when(since)
+    until_at = flows.parse_when(until) if until else None
+    store = Store.open(load_settings(clickhouse_url=clickhouse_url))
+    columns, rows = flows.history(store, user, since_at, until_at, status, sort, not ascending, limit)
+    if _emit_records(columns, rows, output):
+        return
+    who = f"user {user}" if user is not None else "all users"
+    _print_wide(history_table(rows, f"sessions of {who} since {since_at:%Y-%m-%d %H:%M} UTC, by {sort}"))
+    console.print(f"[dim]{len(rows)} session(s)" + (f" (--limit {limit} reached)" if len(rows) >= limit else "")
+                  + "[/]")
+
+
+@app.command()
+@guarded_command
+def show(
+    session_id: Annotated[str, typer.Argument(help="the session to draw")],
+    user: Annotated[str | None, typer.Option(help="the session's user, if ids repeat across users")] = None,
+    attr_width: Annotated[int, typer.Option(help="fold attribute values longer than this (0 = never)")] = 40,
+    output: Annotated[str, typer.Option("--format", "-f", help="tree or json (nodes with depth)")] = "tree",
+    clickhouse_url: ClickhouseUrl = None,
+) -> None:
+    """One flow as a tree (parent -> children): each node's type, start offset from the session start
+    and duration; errors in red; long attributes folded. Deep flows keep their last levels on screen
+    and show the depth; nodes whose parent never arrived are marked orphan."""
+    from worker import flows
+    from worker.store import Store
+    from worker.views import flow_header, tree_lines
+
+    if output not in ("tree", "json"):
+        raise fail("--format must be tree or json", 2)
+    store = Store.open(load_settings(clickhouse_url=clickhouse_url))
+    flow = flows.load_flow(store, session_id, user)
+    if flow is None:
+        raise fail(f"no session {session_id!r} in {store.description} (try `flowtrack history`)", 1)
+    placed = flows.place_nodes(flow.nodes, flow.started_at)
+    if output == "json":
+        import orjson
+
+        sys.stdout.write(orjson.dumps(flows.flow_as_records(flow, placed)).decode() + "\n")
+        return
+    _print_lines([flow_header(flow), *tree_lines(placed, console.width, attr_width)])
+
+
+@app.command()
+@guarded_command
+def status(
+    max_lag: Annotated[int, typer.Option(help="unhealthy when a stream has more unread entries than this")] = 10000,
+    claim_idle_ms: Annotated[int | None, typer.Option(
+        help="unhealthy when pending entries are idle longer than this [env FLOWTRACK_CLAIM_IDLE_MS]")] = None,
+    no_store: Annotated[bool, typer.Option(
+        "--no-store", help="check Redis only (e.g. while a worker holds the embedded store)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="the report as JSON")] = False,
+    redis_url: RedisUrl = None, clickhouse_url: ClickhouseUrl = None, streams: Streams = None, group: Group = None,
+) -> None:
+    """Pipeline health: every stream and the worker's group (length, lag, pending, stale pending,
+    consumers and their idle time), and the store (events, sessions, freshness, rejected entries by
+    reason). Exit 0 healthy; 1 unhealthy (Redis or store unreachable, lag over --max-lag, pending entries
+    idle over the claim threshold); 3 the embedded store is held by another process."""
+    from worker.errors import StoreLockedError
+    from worker.flows import collect_status
+    from worker.views import status_view
+
+    settings = load_settings(redis_url=redis_url, clickhouse_url=clickhouse_url, streams=streams, group=group,
+                             claim_idle_ms=claim_idle_ms)
+    report = collect_status(settings, max_lag, check_store=not no_store)
+    if as_json:
+        import orjson
+
+        sys.stdout.write(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        _print_wide(status_view(report))
+    if report.store_locked:
+        raise StoreLockedError(report.store_error + " To check Redis only: flowtrack status --no-store.")
+    if not report.healthy:
+        raise typer.Exit(1)
+
+
+@app.command()
+@guarded_command
+def rejected(
+    entries: Annotated[list[str] | None, typer.Argument(
+        help="STREAM ID...: these entries of one stream (to list, or with --replay to replay)")] = None,
+    replay: Annotated[bool, typer.Option(
+        "--replay", help="re-add the chosen entries to their stream, for the worker to read again")] = False,
+    stream: Annotated[str | None, typer.Option(help="only entries of this stream")] = None,
+    reason: Annotated[str | None, typer.Option(help="only entries whose reason contains this text")] = None,
+    since: Annotated[str | None, typer.Option(help="only entries rejected since: 1h, 7d, ISO-8601")] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="with --replay and no filter: replay every one")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="replay even entries already replayed or still breaking the contract")] = False,
+    limit: Annotated[int, typer.Option(help="at most this many entries")] = 50,
+    output: OutputFormat = "table",
+    redis_url: RedisUrl = None, clickhouse_url: ClickhouseUrl = None,
+) -> None:
+    """Entries that broke the contract or that ClickHouse refused, with the reason and the raw entry
+    (flowtrack.rejected_events), newest first.
+
+    After a contract fix, --replay sends chosen ones through the normal path: each is re-added to its
+    stream with its original event_id and timestamp pinned (so a replay is visible once, however often it
+    runs) and a replayed_from attribute; entries the current contract still rejects are skipped; each
+    replay is recorded (shown in the `replayed` column). E.g. `flowtrack rejected --replay flow_events:7
+    1700000000000-0` or `flowtrack rejected --replay --reason "delivered"`.
+    """
+    from worker import flows
+    from worker.store import Store
+    from worker.views import rejected_table, replay_table
+
+    ids: list[str] = []
+    if entries:
+        if stream is not None:
+            raise fail("give the stream either as the first argument or as --stream, not both", 2)
+        stream, ids = entries[0], entries[1:]
+        if not ids:
+            raise fail("give entry ids after the stream: STREAM ID [ID...]", 2)
+    if replay and not (ids or stream or reason or since or replay_all):
+        raise fail("--replay needs entries (STREAM ID...), a filter (--stream/--reason/--since) or --all", 2)
+    settings = load_settings(redis_url=redis_url, clickhouse_url=clickhouse_url)
+    store = Store.open(settings)
+    rows = flows.list_rejected(store, stream, ids, reason, flows.parse_when(since) if since else None,
+                               max(limit, len(ids)))
+    import redis as redis_lib
+
+    client = flows.connect_sync(settings)
+    try:
+        if not replay:
+            try:
+                flows.mark_queued_replays(client, rows)
+            except (redis_lib.ConnectionError, redis_lib.TimeoutError):
+                err_console.print(f"[dim]Redis unreachable at {settings.redis_url}: queued replays not shown[/]")
+            records = [[r.received_at, r.source_stream, r.source_id, r.reason, r.raw, r.replayed] for r in rows]
+            if _emit_records([*flows.REJECTED_COLUMNS, "replayed"], records, output):
+                return
+            _print_wide(rejected_table(rows))
+            console.print(f"[dim]{len(rows)} entr{'y' if len(rows) == 1 else 'ies'}"
+                          + (f" (--limit {limit} reached)" if len(rows) >= limit else "") + "[/]")
+            return
+        found = {r.source_id for r in rows}
+        try:
+            outcomes = flows.replay(store, client, settings, rows, force=force)
+        except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
+            raise fail(f"Redis unreachable at {settings.redis_url}: {exc}") from None
+    finally:
+        client.close()
+    outcomes += [flows.ReplayOutcome(stream or "", i, "not found", "no such rejected entry")
+                 for i in ids if i not in found]
+    columns = ["source_stream", "source_id", "action", "new_id", "event_id", "detail"]
+    records = [[o.source_stream, o.source_id, o.action, o.new_id, o.event_id, o.detail] for o in outcomes]
+    if not _emit_records(columns, records, output):
+        _print_wide(replay_table(outcomes))
+        done = sum(o.action == "replayed" for o in outcomes)
+        console.print(f"{done} replayed, {len(outcomes) - done} not. The worker reads them like any entry "
+                      "(none running? `flowtrack run --drain`).")
+    from worker.source import matches
+
+    unread = sorted({o.source_stream for o in outcomes if o.action == "replayed"
+                     and not matches(settings.streams, o.source_stream)})
+    if unread:
+        err_console.print(f"[yellow]warning:[/] {', '.join(unread)} not in FLOWTRACK_STREAMS "
+                          f"({','.join(settings.streams)}): the worker will not read them")
+    if any(o.action in ("still invalid", "not found") for o in outcomes):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

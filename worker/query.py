@@ -21,6 +21,10 @@ from worker.store import Store
 
 READ_KEYWORDS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS")
 _LEADING_COMMENTS = re.compile(r"^\s*(?:(?:--[^\n]*\n)|(?:/\*.*?\*/)|\s)*", re.S)
+# Literals, quoted identifiers and comments, blanked before looking for clauses that write.
+_NOT_CODE = re.compile(r"'(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.)*\"|`(?:[^`\\]|\\.)*`|--[^\n]*|/\*.*?\*/", re.S)
+# readonly=1 does not stop these: INTO OUTFILE writes a file on the client side (chDB: this process).
+_WRITING_CLAUSES = re.compile(r"\bINTO\s+OUTFILE\b", re.I)
 
 
 def check_read_only(sql: str) -> None:
@@ -29,6 +33,9 @@ def check_read_only(sql: str) -> None:
     if keyword not in READ_KEYWORDS:
         raise ReadOnlyQueryError(
             f"only read-only statements are allowed ({', '.join(READ_KEYWORDS)}); got {keyword or 'nothing'!r}")
+    if _WRITING_CLAUSES.search(_NOT_CODE.sub(" ", sql)):
+        raise ReadOnlyQueryError("INTO OUTFILE writes a file: not allowed in read-only SQL "
+                                 "(use --format csv/json and redirect the output instead)")
 
 
 def run_read_only(store: Store, sql: str, parameters: dict[str, Any] | None = None

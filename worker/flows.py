@@ -1,0 +1,575 @@
+"""Flows: what the terminal views ask of the store and of Redis (history, show, status, rejected, replay).
+
+Every value that reaches SQL is bound as a ``{name:Type}`` parameter; the only text spliced into a
+statement comes from fixed whitelists (sort columns, directions). Redis is only read here (XINFO,
+XPENDING, XRANGE) except by ``replay``, which re-XADDs rejected entries through the normal path.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import redis
+
+from worker.errors import ConfigError, StoreLockedError, StoreUnavailableError
+from worker.normalize import FlowEvent, Normalizer, derive_event_id, entry_id_ms
+from worker.settings import Settings
+from worker.source import is_pattern
+from worker.store import Store
+
+REPLAYED_KEY = "flowtrack:replayed"  # hash: "<stream> <entry id>" -> JSON record of the replay
+REPLAYED_ATTRIBUTE = "replayed_from"  # attribute a replayed event carries: "<stream>/<entry id>"
+
+# -- time ranges --------------------------------------------------------------------------------
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$", re.I)
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_when(text: str, now: datetime | None = None) -> datetime:
+    """'now', a duration ago ('90s', '15m', '2h', '7d', '1w'), epoch seconds/ms, or ISO-8601 (naive = UTC)."""
+    now = now or datetime.now(UTC)
+    value = text.strip()
+    if value.lower() == "now":
+        return now
+    match = _RELATIVE.match(value)
+    if match:
+        return now - timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2).lower()])
+    try:
+        number = float(value)
+    except ValueError:
+        pass
+    else:
+        seconds = number / 1000 if number >= 100_000_000_000 else number
+        return datetime.fromtimestamp(seconds, UTC)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"cannot read {text!r} as a time: use e.g. 15m, 2h, 7d, an ISO-8601 time "
+                          "or epoch seconds") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def epoch_ms(when: datetime) -> int:
+    return round(when.timestamp() * 1000)
+
+
+# -- history ------------------------------------------------------------------------------------
+HISTORY_COLUMNS = ("user_id", "session_id", "started_at", "ended_at", "duration_ms", "event_count",
+                   "error_count", "status")
+SORT_KEYS = {"started": "started_at", "ended": "ended_at", "duration": "duration_ms", "events": "event_count",
+             "errors": "error_count", "status": "status", "user": "user_id", "session": "session_id"}
+STATUSES = ("active", "completed", "failed")
+
+
+def history(store: Store, user: str | None, since: datetime, until: datetime | None = None,
+            status: str | None = None, sort: str = "started", descending: bool = True,
+            limit: int = 100) -> tuple[list[str], list[Sequence[Any]]]:
+    """Sessions that started in [since, until), of one user or all, sorted by a whitelisted key."""
+    if sort not in SORT_KEYS:
+        raise ConfigError(f"--sort must be one of {', '.join(SORT_KEYS)}; got {sort!r}")
+    if status is not None and status not in STATUSES:
+        raise ConfigError(f"--status must be one of {', '.join(STATUSES)}; got {status!r}")
+    where = ["started_at >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC')"]
+    params: dict[str, Any] = {"since_ms": epoch_ms(since), "limit": max(0, limit)}
+    if until is not None:
+        where.append("started_at < fromUnixTimestamp64Milli({until_ms:Int64}, 'UTC')")
+        params["until_ms"] = epoch_ms(until)
+    if user is not None:
+        where.append("user_id = {user:String}")
+        params["user"] = user
+    if status is not None:
+        where.append("status = {status:String}")
+        params["status"] = status
+    direction = "DESC" if descending else "ASC"
+    # Only whitelisted fragments are spliced in; every value is a bound parameter.
+    sql = (f"SELECT {', '.join(HISTORY_COLUMNS)} FROM flowtrack.flow_sessions WHERE {' AND '.join(where)} "  # noqa: S608
+           f"ORDER BY {SORT_KEYS[sort]} {direction}, session_id LIMIT {{limit:UInt32}}")
+    return store.query(sql, params)
+
+
+# -- one flow as a tree -------------------------------------------------------------------------
+@dataclass
+class Node:
+    node_id: str
+    parent_id: str
+    name: str
+    start: datetime
+    end: datetime
+    duration_ms: int
+    status: str
+    attributes: dict[str, str] = field(default_factory=dict)
+    event_types: list[str] = field(default_factory=list)
+    note: str = ""  # 'orphan' (parent never seen) or 'cycle' (parent chain loops)
+
+
+@dataclass
+class Flow:
+    session_id: str
+    user_id: str
+    status: str
+    started_at: datetime
+    ended_at: datetime | None
+    duration_ms: int
+    event_count: int
+    error_count: int
+    nodes: list[Node]
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A node in display order: depth, and for each ancestor level whether that ancestor was a last child."""
+
+    node: Node
+    depth: int
+    offset_ms: int
+    last: bool
+    guides: tuple[bool, ...]  # per ancestor level below the root: True = that ancestor was its parent's last child
+
+
+def load_flow(store: Store, session_id: str, user: str | None = None) -> Flow | None:
+    params: dict[str, Any] = {"sid": session_id}
+    user_filter = ""
+    if user is not None:
+        user_filter = " AND user_id = {user:String}"
+        params["user"] = user
+    _, sessions = store.query(
+        "SELECT user_id, status, started_at, ended_at, duration_ms, event_count, error_count "  # noqa: S608
+        f"FROM flowtrack.flow_sessions WHERE session_id = {{sid:String}}{user_filter} "
+        "ORDER BY last_event_at DESC LIMIT 1", params)
+    if not sessions:
+        return None
+    user_id, status, started_at, ended_at, duration_ms, events, errors = sessions[0]
+    params["user"] = user_id
+    _, node_rows = store.query(
+        "SELECT node_id, parent_id, name, start_ts, end_ts, duration_ms, status FROM flowtrack.flow_nodes "
+        "WHERE session_id = {sid:String} AND user_id = {user:String} ORDER BY start_ts, node_id", params)
+    nodes = {row[0]: Node(row[0], row[1] or "", row[2], row[3], row[4], int(row[5]), row[6])
+             for row in node_rows}
+    _, event_rows = store.query(
+        "SELECT node_id, event_type, attributes FROM flowtrack.flow_events "
+        "WHERE session_id = {sid:String} AND user_id = {user:String} ORDER BY ts, event_id", params)
+    for node_id, event_type, attributes in event_rows:
+        node = nodes.get(node_id)
+        if node is not None:
+            node.event_types.append(event_type)
+            node.attributes.update(attributes)
+    return Flow(session_id, user_id, status, started_at, ended_at, int(duration_ms), int(events), int(errors),
+                list(nodes.values()))
+
+
+def place_nodes(nodes: Sequence[Node], started_at: datetime | None = None) -> list[Placed]:
+    """Depth-first display order, built iteratively (no recursion: flows can be hundreds of levels deep).
+
+    Roots are nodes without a parent, then nodes whose parent never appeared (marked 'orphan'); nodes left
+    unreached (their parent chain loops) become roots marked 'cycle'. Siblings are ordered by start time.
+    """
+    if not nodes:
+        return []
+    origin = started_at or min(n.start for n in nodes)
+    by_id = {n.node_id: n for n in nodes}
+    children: dict[str, list[Node]] = {}
+    roots: list[Node] = []
+    for node in nodes:
+        if not node.parent_id:
+            roots.append(node)
+        elif node.parent_id not in by_id:
+            node.note = "orphan"
+            roots.append(node)
+        else:
+            children.setdefault(node.parent_id, []).append(node)
+
+    def order(items: list[Node]) -> list[Node]:
+        return sorted(items, key=lambda n: (n.start, n.node_id))
+
+    placed: list[Placed] = []
+    visited: set[str] = set()
+
+    def walk(tops: list[Node]) -> None:
+        stack: list[tuple[Node, int, bool, tuple[bool, ...]]] = [
+            (node, 0, i == len(tops) - 1, ()) for i, node in reversed(list(enumerate(tops)))]
+        while stack:
+            node, depth, last, guides = stack.pop()
+            if node.node_id in visited:
+                continue
+            visited.add(node.node_id)
+            offset = int((node.start - origin).total_seconds() * 1000)
+            placed.append(Placed(node, depth, offset, last, guides))
+            kids = [k for k in order(children.get(node.node_id, [])) if k.node_id not in visited]
+            child_guides = (*guides, last) if depth > 0 else guides
+            for i in range(len(kids) - 1, -1, -1):
+                stack.append((kids[i], depth + 1, i == len(kids) - 1, child_guides))
+
+    walk(order(roots))
+    while len(visited) < len(by_id):
+        rest = order([n for n in nodes if n.node_id not in visited])
+        rest[0].note = "cycle"
+        walk([rest[0]])
+    return placed
+
+
+def flow_as_records(flow: Flow, placed: Sequence[Placed]) -> dict[str, Any]:
+    """The flow for --format json: a flat list of nodes with depth (nested JSON would hit depth limits)."""
+    return {
+        "session_id": flow.session_id, "user_id": flow.user_id, "status": flow.status,
+        "started_at": flow.started_at.isoformat(),
+        "ended_at": flow.ended_at.isoformat() if flow.ended_at else None,
+        "duration_ms": flow.duration_ms, "event_count": flow.event_count, "error_count": flow.error_count,
+        "nodes": [{"node_id": p.node.node_id, "parent_id": p.node.parent_id, "depth": p.depth,
+                   "name": p.node.name, "offset_ms": p.offset_ms, "duration_ms": p.node.duration_ms,
+                   "status": p.node.status, "events": p.node.event_types, "attributes": p.node.attributes,
+                   "note": p.node.note} for p in placed],
+    }
+
+
+# -- Redis, read-only ---------------------------------------------------------------------------
+def connect_sync(settings: Settings) -> redis.Redis:
+    # RESP2 pinned, like the worker's client: stream replies keep one shape.
+    return redis.Redis.from_url(settings.redis_url, protocol=2, socket_timeout=settings.socket_timeout_s,
+                                socket_connect_timeout=min(5.0, settings.socket_timeout_s))
+
+
+def resolve_streams(client: redis.Redis, specs: Iterable[str]) -> list[str]:
+    """Existing stream keys named or matched by the specs; never creates anything (unlike the worker's Source)."""
+    found: list[str] = []
+    for spec in specs:
+        if is_pattern(spec):
+            found.extend(sorted(_text(k) for k in client.scan_iter(match=spec, count=1000, _type="stream")))
+        elif _text(client.type(spec)) == "stream":
+            found.append(spec)
+    return list(dict.fromkeys(found))
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+
+
+# -- status -------------------------------------------------------------------------------------
+@dataclass
+class ConsumerStatus:
+    name: str
+    pending: int
+    idle_ms: int
+
+
+@dataclass
+class GroupStatus:
+    name: str
+    lag: int | None  # None: Redis cannot tell; with lag_capped, "at least lag"
+    lag_capped: bool
+    pending: int
+    stale_pending: int  # pending entries idle longer than the claim threshold (capped at 1000)
+    last_delivered_id: str
+    consumers: list[ConsumerStatus]
+
+
+@dataclass
+class StreamStatus:
+    name: str
+    length: int
+    last_id: str
+    group: GroupStatus | None  # the worker's group; None when the worker has not created it yet
+
+
+@dataclass
+class StatusReport:
+    redis_url: str
+    group: str
+    claim_idle_ms: int
+    max_lag: int
+    streams: list[StreamStatus] = field(default_factory=list)
+    redis_error: str = ""
+    store: str = ""
+    store_error: str = ""
+    store_locked: bool = False
+    events: int | None = None
+    sessions: dict[str, int] = field(default_factory=dict)
+    last_ingested_at: datetime | None = None
+    rejected_total: int | None = None
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    @property
+    def total_lag(self) -> int:
+        return sum((s.group.lag or 0) if s.group else s.length for s in self.streams)
+
+    @property
+    def total_pending(self) -> int:
+        return sum(s.group.pending for s in self.streams if s.group)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "healthy": self.healthy, "problems": self.problems, "warnings": self.warnings,
+            "redis": {"url": _redact(self.redis_url), "error": self.redis_error or None, "group": self.group,
+                      "claim_idle_ms": self.claim_idle_ms, "max_lag": self.max_lag,
+                      "total_lag": self.total_lag, "total_pending": self.total_pending},
+            "streams": [{
+                "name": s.name, "length": s.length, "last_id": s.last_id,
+                "group": None if s.group is None else {
+                    "name": s.group.name, "lag": s.group.lag, "lag_capped": s.group.lag_capped,
+                    "pending": s.group.pending, "stale_pending": s.group.stale_pending,
+                    "last_delivered_id": s.group.last_delivered_id,
+                    "consumers": [{"name": c.name, "pending": c.pending, "idle_ms": c.idle_ms}
+                                  for c in s.group.consumers]}}
+                for s in self.streams],
+            "store": {"description": self.store, "error": self.store_error or None, "locked": self.store_locked,
+                      "events": self.events, "sessions": self.sessions,
+                      "last_ingested_at": self.last_ingested_at.isoformat() if self.last_ingested_at else None,
+                      "rejected": self.rejected_total, "rejected_by_reason": self.rejected_by_reason},
+        }
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
+
+
+def redis_status(report: StatusReport, settings: Settings) -> None:
+    """Fill the Redis half of the report; only reads (XINFO, XPENDING, XRANGE)."""
+    client = connect_sync(settings)
+    try:
+        for name in resolve_streams(client, settings.streams):
+            report.streams.append(_stream_status(client, name, settings.group, report.claim_idle_ms,
+                                                 report.max_lag))
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        report.redis_error = f"Redis unreachable at {_redact(settings.redis_url)}: {exc}"
+    finally:
+        client.close()
+
+
+def _stream_status(client: redis.Redis, name: str, group_name: str, claim_idle_ms: int,
+                   max_lag: int) -> StreamStatus:
+    info = client.xinfo_stream(name)
+    length = int(info["length"])
+    last_id = _text(info.get("last-generated-id", ""))
+    group = None
+    for raw in client.xinfo_groups(name):
+        if _text(raw["name"]) != group_name:
+            continue
+        last_delivered = _text(raw["last-delivered-id"])
+        lag, capped = raw.get("lag"), False
+        if lag is None:  # Redis < 7 does not report lag: count what lies beyond the last delivered id
+            beyond: Any = client.xrange(name, min=f"({last_delivered}", max="+", count=max_lag + 1)
+            lag, capped = len(beyond), len(beyond) > max_lag
+        consumers = [ConsumerStatus(_text(c["name"]), int(c["pending"]), int(c["idle"]))
+                     for c in client.xinfo_consumers(name, group_name)]
+        stale = 0
+        if int(raw["pending"]):
+            stale = len(client.xpending_range(name, group_name, min="-", max="+", count=1000,
+                                              idle=claim_idle_ms))
+        group = GroupStatus(group_name, None if lag is None else int(lag), capped, int(raw["pending"]), stale,
+                            last_delivered, consumers)
+    return StreamStatus(name, length, last_id, group)
+
+
+def store_status(report: StatusReport, store: Store) -> None:
+    """Fill the store half: events, sessions by status, freshness, rejected entries by reason."""
+    report.store = store.description
+    report.events = int(store.scalar("SELECT count() FROM flowtrack.flow_events"))
+    _, rows = store.query("SELECT status, count() FROM flowtrack.flow_sessions GROUP BY status ORDER BY status")
+    report.sessions = {str(status): int(count) for status, count in rows}
+    report.last_ingested_at = store.scalar("SELECT max(ingested_at) FROM flowtrack.flow_events") \
+        if report.events else None
+    _, rows = store.query("SELECT splitByChar(':', reason)[1] AS head, count() FROM flowtrack.rejected_events "
+                          "GROUP BY head ORDER BY count() DESC LIMIT 1000")
+    by_reason: Counter[str] = Counter()
+    for head, count in rows:
+        by_reason[reason_class(str(head))] += int(count)
+    report.rejected_by_reason = dict(by_reason.most_common())
+    report.rejected_total = sum(by_reason.values())
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_NUMBER = re.compile(r"\d+")
+
+
+def reason_class(reason: str) -> str:
+    """Group reasons for counting: the part before the first colon, quoted values and numbers blanked."""
+    head = _NUMBER.sub("N", _QUOTED.sub("…", reason.split(":", 1)[0]))
+    return " ".join(head.split())[:100] or "(no reason)"
+
+
+def collect_status(settings: Settings, max_lag: int, check_store: bool = True) -> StatusReport:
+    """Everything `flowtrack status` shows; StoreLockedError is recorded, not raised (the caller decides)."""
+    report = StatusReport(settings.redis_url, settings.group, settings.claim_idle_ms, max_lag)
+    redis_status(report, settings)
+    if check_store:
+        try:
+            store_status(report, Store.open(settings))
+        except StoreLockedError as exc:
+            report.store_locked = True
+            report.store_error = str(exc)
+        except StoreUnavailableError as exc:
+            report.store_error = str(exc)
+        except Exception as exc:  # a missing schema, a server refusing us: unhealthy, say why
+            report.store_error = f"store query failed: {' '.join(str(exc).split())[:300]}"
+    judge(report)
+    return report
+
+
+def judge(report: StatusReport) -> None:
+    """Problems make the exit code non-zero; warnings are shown only."""
+    if report.redis_error:
+        report.problems.append(report.redis_error)
+    for stream in report.streams:
+        group = stream.group
+        if group is None:
+            if stream.length:
+                report.warnings.append(f"{stream.name}: no group {report.group!r} yet ({stream.length} entries "
+                                       "unread; the worker creates it when it first sees the stream)")
+                if stream.length > report.max_lag:
+                    report.problems.append(f"{stream.name}: {stream.length} entries and no consumer group "
+                                           f"(over --max-lag {report.max_lag})")
+            continue
+        if group.lag is not None and group.lag > report.max_lag:
+            report.problems.append(f"{stream.name}: lag {'over ' if group.lag_capped else ''}"
+                                   f"{report.max_lag if group.lag_capped else group.lag} entries "
+                                   f"(over --max-lag {report.max_lag})")
+        if group.stale_pending:
+            report.problems.append(f"{stream.name}: {group.stale_pending}{'+' if group.stale_pending >= 1000 else ''}"
+                                   f" pending entries idle over the claim threshold ({report.claim_idle_ms} ms): "
+                                   "is a worker running?")
+        if (group.lag or group.pending) and not group.consumers:
+            report.warnings.append(f"{stream.name}: entries waiting and no consumer in group {report.group!r}")
+    if report.store_error and not report.store_locked:
+        report.problems.append(report.store_error)
+    if report.rejected_total:
+        report.warnings.append(f"{report.rejected_total} rejected entries (see `flowtrack rejected`)")
+
+
+# -- rejected entries and replay ----------------------------------------------------------------
+REJECTED_COLUMNS = ("received_at", "source_stream", "source_id", "reason", "raw")
+
+
+@dataclass
+class RejectedRow:
+    received_at: datetime
+    source_stream: str
+    source_id: str
+    reason: str
+    raw: str
+    replayed: str = ""  # '', 'queued <new id>' (re-XADDed) or 'stored' (the replayed event landed)
+
+    @property
+    def key(self) -> str:
+        return f"{self.source_stream}/{self.source_id}"
+
+
+def list_rejected(store: Store, stream: str | None = None, ids: Sequence[str] = (), reason: str | None = None,
+                  since: datetime | None = None, limit: int = 50) -> list[RejectedRow]:
+    where: list[str] = []
+    params: dict[str, Any] = {"limit": max(0, limit)}
+    if stream is not None:
+        where.append("source_stream = {stream:String}")
+        params["stream"] = stream
+    if ids:
+        where.append("source_id IN {ids:Array(String)}")
+        params["ids"] = list(ids)
+    if reason:
+        where.append("positionCaseInsensitiveUTF8(reason, {reason:String}) > 0")
+        params["reason"] = reason
+    if since is not None:
+        where.append("received_at >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC')")
+        params["since_ms"] = epoch_ms(since)
+    clause = f"WHERE {' AND '.join(where)} " if where else ""
+    _, rows = store.query(f"SELECT {', '.join(REJECTED_COLUMNS)} FROM flowtrack.rejected_events {clause}"  # noqa: S608
+                          "ORDER BY received_at DESC, source_stream, source_id LIMIT {limit:UInt32}", params)
+    found = [RejectedRow(*row) for row in rows]
+    if found:
+        _, stored = store.query(
+            f"SELECT DISTINCT attributes['{REPLAYED_ATTRIBUTE}'] AS k FROM flowtrack.flow_events "  # noqa: S608
+            "WHERE k IN {keys:Array(String)}", {"keys": [r.key for r in found]})
+        landed = {row[0] for row in stored}
+        for row in found:
+            if row.key in landed:
+                row.replayed = "stored"
+    return found
+
+
+def mark_queued_replays(client: redis.Redis, rows: Sequence[RejectedRow]) -> None:
+    """Fill 'queued <id>' for rows replayed to the stream but not (yet) stored."""
+    todo = [r for r in rows if not r.replayed]
+    if not todo:
+        return
+    records = client.hmget(REPLAYED_KEY, [_replay_field(r.source_stream, r.source_id) for r in todo])
+    for row, record in zip(todo, records, strict=True):
+        if record:
+            row.replayed = f"queued {orjson.loads(record).get('new_id', '?')}"
+
+
+def _replay_field(stream: str, entry_id: str) -> str:
+    return f"{stream} {entry_id}"
+
+
+@dataclass
+class ReplayOutcome:
+    source_stream: str
+    source_id: str
+    action: str  # replayed | already replayed | still invalid | nothing to replay | not found
+    detail: str = ""
+    new_id: str = ""
+    event_id: str = ""
+
+
+def replay_fields(stream: str, entry_id: str, raw: str) -> dict[str, str]:
+    """The rejected entry's fields, pinned so the replay is the same event as the original would have been.
+
+    ``event_id`` defaults to the id the original entry derived (so replaying twice, or replaying an entry
+    that did land after all, is visible once), ``timestamp`` to the original entry id's time; values inside
+    a ``data`` envelope still win over these flat defaults. ``replayed_from`` records the origin.
+    """
+    decoded = orjson.loads(raw) if raw else {}
+    if not isinstance(decoded, dict):
+        return {}
+    fields = {str(k): v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in decoded.items()}
+    if not fields:
+        return {}
+    fields.setdefault("event_id", derive_event_id(stream, entry_id))
+    fields.setdefault("timestamp", str(entry_id_ms(entry_id)))
+    fields[REPLAYED_ATTRIBUTE] = f"{stream}/{entry_id}"
+    return fields
+
+
+def replay(store: Store, client: redis.Redis, settings: Settings, rows: Sequence[RejectedRow],
+           force: bool = False) -> list[ReplayOutcome]:
+    """Re-XADD chosen rejected entries to their source stream, to be read by the worker like any entry.
+
+    Entries that the current contract still rejects are not replayed (unless ``force``); entries already
+    replayed are skipped (the record is a hash in Redis, and the pinned event_id makes a replay that slips
+    through visible once anyway).
+    """
+    normalizer = Normalizer(settings.end_event_types, settings.error_event_types)
+    outcomes: list[ReplayOutcome] = []
+    for row in rows:
+        outcome = ReplayOutcome(row.source_stream, row.source_id, "replayed")
+        fields = replay_fields(row.source_stream, row.source_id, row.raw)
+        record = client.hget(REPLAYED_KEY, _replay_field(row.source_stream, row.source_id))
+        if not fields:
+            outcome.action, outcome.detail = "nothing to replay", "the entry had no fields (deleted before read)"
+        elif (record or row.replayed == "stored") and not force:
+            outcome.action = "already replayed"
+            outcome.new_id = orjson.loads(record).get("new_id", "") if record else ""
+            outcome.detail = "use --force to replay again (the event stays visible once)"
+        else:
+            checked = normalizer.normalize(row.source_stream, row.source_id, fields)
+            if not isinstance(checked, FlowEvent) and not force:
+                outcome.action, outcome.detail = "still invalid", checked.reason
+            else:
+                outcome.event_id = checked.event_id if isinstance(checked, FlowEvent) else fields["event_id"]
+                new_id = _text(client.xadd(row.source_stream, fields))  # type: ignore[arg-type]
+                outcome.new_id = new_id
+                client.hset(REPLAYED_KEY, _replay_field(row.source_stream, row.source_id), orjson.dumps({
+                    "new_id": new_id, "event_id": outcome.event_id, "at_ms": int(time.time() * 1000),
+                    "reason": row.reason[:200]}).decode())
+        outcomes.append(outcome)
+    return outcomes

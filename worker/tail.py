@@ -1,0 +1,143 @@
+"""Tail: flow events straight from the streams, as they arrive, without joining the consumer group.
+
+Reads with XRANGE (the backlog since a point in time) and XREAD (live), never XREADGROUP: the tail
+creates no pending entries and steals nothing from the worker. Entries are normalized with the
+worker's own (pure) rules, so what the tail shows is what the worker stores, or why it rejects it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import redis
+
+from worker.flows import _text, epoch_ms, resolve_streams
+from worker.normalize import FlowEvent, Normalizer, Rejection
+from worker.settings import Settings
+
+MAX_SEQ = 18446744073709551615
+PAGE = 1000
+
+
+@dataclass(frozen=True)
+class TailFilter:
+    user: str | None = None
+    session: str | None = None
+    event_types: frozenset[str] = frozenset()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.user or self.session or self.event_types)
+
+    def accepts(self, item: FlowEvent | Rejection) -> bool:
+        if isinstance(item, Rejection):
+            return not self.active  # a broken entry has no trustworthy user/session/type
+        return ((self.user is None or item.user_id == self.user)
+                and (self.session is None or item.session_id == self.session)
+                and (not self.event_types or item.event_type in self.event_types))
+
+
+def id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def start_id(since: datetime | None, server_ms: int) -> str:
+    """An exclusive XREAD cursor: everything at or after ``since`` (default: from now on)."""
+    ms = epoch_ms(since) if since is not None else server_ms
+    return f"{ms - 1}-{MAX_SEQ}" if ms > 0 else "0-0"
+
+
+class Tail:
+    def __init__(self, client: redis.Redis, settings: Settings, flt: TailFilter, block_ms: int = 500,
+                 rescan_s: float = 2.0) -> None:
+        self.client = client
+        self.specs = settings.streams
+        self.filter = flt
+        self.normalizer = Normalizer(settings.end_event_types, settings.error_event_types)
+        self.block_ms = min(block_ms, max(1, int(settings.socket_timeout_s * 1000) - 500))
+        self.rescan_s = rescan_s
+        self.cursors: dict[str, str] = {}
+        self._start = "0-0"
+        self._last_scan = 0.0
+
+    def _server_ms(self) -> int:
+        seconds, micros = self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def _discover(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_scan < self.rescan_s:
+            return
+        self._last_scan = now
+        for stream in resolve_streams(self.client, self.specs):
+            # A stream that appears while we follow holds only new entries (or entries since --since).
+            self.cursors.setdefault(stream, self._start)
+
+    def _item(self, stream: str, entry_id: str, fields: Mapping[bytes, bytes]) -> FlowEvent | Rejection:
+        return self.normalizer.normalize(stream, entry_id, fields)
+
+    def backlog(self, since: datetime) -> Iterator[FlowEvent | Rejection]:
+        """Entries from ``since`` up to now, over every stream, in entry-id order (XRANGE, paged, merged)."""
+        self._start = start_id(since, 0)
+        self._discover(force=True)
+        ends = {s: self._last_id(s) for s in self.cursors}
+
+        def pages(stream: str) -> Iterator[tuple[tuple[int, int], str, str, Mapping[bytes, bytes]]]:
+            low = "(" + self.cursors[stream]
+            end = ends[stream]
+            while end != "0-0":
+                rows: Any = self.client.xrange(stream, min=low, max=end, count=PAGE)
+                for raw_id, fields in rows:
+                    entry_id = _text(raw_id)
+                    self.cursors[stream] = entry_id
+                    yield id_key(entry_id), stream, entry_id, fields
+                if len(rows) < PAGE:
+                    return
+                low = "(" + self.cursors[stream]
+
+        for _, stream, entry_id, fields in heapq.merge(*(pages(s) for s in list(self.cursors))):
+            item = self._item(stream, entry_id, fields)
+            if self.filter.accepts(item):
+                yield item
+        for stream, end in ends.items():  # nothing missed between the backlog and the live part
+            if id_key(end) > id_key(self.cursors[stream]):
+                self.cursors[stream] = end
+
+    def _last_id(self, stream: str) -> str:
+        rows: Any = self.client.xrevrange(stream, count=1)
+        return _text(rows[0][0]) if rows else "0-0"
+
+    def follow(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[FlowEvent | Rejection | None]:
+        """Live entries (XREAD BLOCK), forever; yields None on each idle wake-up so callers can stop."""
+        if not self.cursors:
+            self._start = start_id(None, self._server_ms())
+            self._discover(force=True)
+            self._start = "0-0"  # later-discovered streams are new: all of them is new
+        while not should_stop():
+            self._discover()
+            if not self.cursors:
+                time.sleep(self.block_ms / 1000)
+                yield None
+                continue
+            reply: Any = self.client.xread(self.cursors, count=PAGE, block=self.block_ms)  # type: ignore[arg-type]
+            batch: list[tuple[tuple[int, int], str, str, Mapping[bytes, bytes]]] = []
+            for raw_stream, rows in reply or ():
+                stream = _text(raw_stream)
+                for raw_id, fields in rows:
+                    entry_id = _text(raw_id)
+                    self.cursors[stream] = entry_id
+                    batch.append((id_key(entry_id), stream, entry_id, fields))
+            if not batch:
+                yield None
+                continue
+            batch.sort(key=lambda t: t[:3])
+            for _, stream, entry_id, fields in batch:
+                item = self._item(stream, entry_id, fields)
+                if self.filter.accepts(item):
+                    yield item
