@@ -1,5 +1,10 @@
 """Demo: a private Redis, the embedded store, the synthetic producer and the worker in one process,
-with a live terminal view, until Ctrl-C or a duration; then a summary and the next commands to try."""
+with a live terminal dashboard, until Ctrl-C or a duration; then a summary and the next commands to try.
+
+Everything runs in one process because chDB allows one process per store: the dashboard reads the
+store through the pipeline's own Store, in a thread (``asyncio.to_thread``), with small queries over
+the last seconds only, so inserts are never held up for long.
+"""
 
 from __future__ import annotations
 
@@ -7,80 +12,228 @@ import asyncio
 import contextlib
 import signal
 import time
-from dataclasses import replace
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
+from worker import flows
 from worker.pipeline import Pipeline
 from worker.producer import ProduceConfig, produce
 from worker.redisserver import RedisServer
 from worker.settings import Settings
 from worker.source import connect
+from worker.store import Store
+from worker.views import TYPE_STYLES, flow_header, format_time, tree_lines
+
+# A realistic producer makes mistakes now and then: one of these every BAD_EVERY_S seconds, so the
+# rejected relation (and `flowtrack rejected`) has something to show.
+BAD_ENTRIES = (
+    {"session_id": "s-broken", "event_type": "llm_call", "model": "gpt-4o"},  # no node_id
+    {"session_id": "s-broken", "node_id": "n1", "event_type": "tool_call", "timestamp": "yesterday"},
+    {"data": '{"session_id": "s-broken", "node_id": "n2", "event_type": '},  # truncated JSON
+)
+BAD_EVERY_S = 3.0
+TREE_LINES = 14
 
 
-def run_demo(settings: Settings, duration_s: float | None, rate_per_s: float, console: Console) -> None:
-    console.print("[bold]flowtrack demo[/]: starting a private Redis and the embedded ClickHouse store…")
-    with RedisServer() as server:
-        demo_settings = replace(settings, redis_url=server.url, claim_idle_ms=5000)
-        asyncio.run(_demo(demo_settings, duration_s, rate_per_s, console))
+@dataclass
+class Snapshot:
+    """What the dashboard last read from the store (refreshed about once a second)."""
+
+    latest: list[Sequence[Any]] = field(default_factory=list)
+    flow: flows.Flow | None = None
+    placed: list[flows.Placed] = field(default_factory=list)
+    error: str = ""
 
 
-async def _demo(settings: Settings, duration_s: float | None, rate_per_s: float, console: Console) -> None:
-    pipeline = Pipeline(settings)
+@dataclass
+class Counters:
+    produced: int = 0
+    bad: int = 0
+    rates: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=40))
+
+    def rate(self, now: float, stored: int) -> float:
+        """Events stored per second over the last ~5 seconds."""
+        self.rates.append((now, stored))
+        while len(self.rates) > 2 and now - self.rates[0][0] > 5.0:
+            self.rates.popleft()
+        t0, s0 = self.rates[0]
+        return (stored - s0) / (now - t0) if now > t0 else 0.0
+
+
+def run_demo(settings: Settings, duration_s: float | None, rate_per_s: float, console: Console,
+             redis_url: str | None = None, users: int = 8) -> None:
+    store = Store.open(settings)  # fails here, plainly, if another process holds the embedded store
+    console.print(f"[bold]flowtrack demo[/]: {'Redis at ' + redis_url if redis_url else 'a private Redis'}, "
+                  f"{store.description}, {rate_per_s:g} synthetic events/s from {users} users…")
+    try:
+        if redis_url:
+            asyncio.run(_demo(replace(settings, redis_url=redis_url, claim_idle_ms=5000), store, duration_s,
+                              rate_per_s, users, console))
+        else:
+            with RedisServer() as server:
+                asyncio.run(_demo(replace(settings, redis_url=server.url, claim_idle_ms=5000), store, duration_s,
+                                  rate_per_s, users, console))
+    except KeyboardInterrupt:  # Ctrl-C before the dashboard took over the signal
+        console.print("interrupted")
+
+
+async def _demo(settings: Settings, store: Store, duration_s: float | None, rate_per_s: float, users: int,
+                console: Console) -> None:
+    pipeline = Pipeline(settings, store=store)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     redis = connect(settings)
-    produced = [0]
+    counters = Counters()
+    config = ProduceConfig(users=users, shape="mixed")
     producer = asyncio.create_task(produce(
-        redis, ProduceConfig(users=8, shape="mixed"), rate_per_s=rate_per_s, stop=stop,
-        on_progress=lambda n: produced.__setitem__(0, n)))
+        redis, config, rate_per_s=rate_per_s, stop=stop,
+        on_progress=lambda n: setattr(counters, "produced", n)))
+    saboteur = asyncio.create_task(_bad_entries(redis, config, stop, counters))
     worker = asyncio.create_task(pipeline.run())
+    snapshot = Snapshot()
+    refresher = asyncio.create_task(_refresh(store, snapshot, stop))
     started = time.monotonic()
+
+    def elapsed() -> float:
+        return time.monotonic() - started
+
     try:
-        with Live(_view(pipeline, produced[0], 0.0, settings), console=console, refresh_per_second=4) as live:
-            while not stop.is_set():
-                if duration_s is not None and time.monotonic() - started >= duration_s:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=0.25)
-                live.update(_view(pipeline, produced[0], time.monotonic() - started, settings))
+        if console.is_terminal:
+            with Live(_view(pipeline, counters, snapshot, 0.0, console.width), console=console,
+                      refresh_per_second=4, transient=False) as live:
+                while not await _tick(stop, duration_s, elapsed(), 0.25):
+                    live.update(_view(pipeline, counters, snapshot, elapsed(), console.width))
+        else:  # piped: one plain progress line a second
+            while not await _tick(stop, duration_s, elapsed(), 1.0):
+                stats = pipeline.stats
+                console.print(f"{elapsed():5.1f}s  produced {counters.produced:,}  stored {stats.stored:,}  "
+                              f"rejected {stats.rejected:,}  "
+                              f"{counters.rate(time.monotonic(), stats.stored):,.0f} events/s", soft_wrap=True)
     finally:
         stop.set()
-        await producer
+        await asyncio.gather(producer, saboteur, refresher, return_exceptions=True)
         pipeline.request_stop()
         await worker
         await pipeline.close()
         await redis.aclose()
-    _summary(pipeline, produced[0], console)
+    await asyncio.to_thread(_summary, pipeline, store, counters, settings, console)
 
 
-def _view(pipeline: Pipeline, produced: int, elapsed_s: float, settings: Settings) -> Panel:
+async def _tick(stop: asyncio.Event, duration_s: float | None, elapsed_s: float, wait_s: float) -> bool:
+    """Wait a little; True when the demo should end."""
+    if stop.is_set() or (duration_s is not None and elapsed_s >= duration_s):
+        return True
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=wait_s)
+    return stop.is_set()
+
+
+async def _bad_entries(redis: Any, config: ProduceConfig, stop: asyncio.Event, counters: Counters) -> None:
+    index = 0
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=BAD_EVERY_S)
+        if stop.is_set():
+            return
+        await redis.xadd(f"{config.stream_prefix}:{index % config.users + 1}", BAD_ENTRIES[index % len(BAD_ENTRIES)])
+        counters.bad += 1
+        index += 1
+
+
+async def _refresh(store: Store, snapshot: Snapshot, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(_read_store, store, snapshot)
+            snapshot.error = ""
+        except Exception as exc:  # the schema may not exist in the first instants; keep the dashboard alive
+            snapshot.error = " ".join(str(exc).split())[:120]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+
+
+def _read_store(store: Store, snapshot: Snapshot) -> None:
+    """A few small queries over the last minute (ts has a minmax index), then the most recent ended flow."""
+    _, snapshot.latest = store.query(
+        "SELECT ts, user_id, session_id, node_id, parent_id, event_type FROM flowtrack.events "
+        "WHERE ts >= now64(3) - INTERVAL 30 SECOND ORDER BY ts DESC LIMIT 8")
+    _, last = store.query(
+        "SELECT session_id, user_id FROM flowtrack.events WHERE (is_end = 1 OR is_error = 1) "
+        "AND ts >= now64(3) - INTERVAL 60 SECOND ORDER BY ts DESC LIMIT 1")
+    if last:
+        flow = flows.load_flow(store, str(last[0][0]), str(last[0][1]))
+        if flow is not None:
+            snapshot.flow, snapshot.placed = flow, flows.place_nodes(flow.nodes, flow.started_at)
+
+
+def _view(pipeline: Pipeline, counters: Counters, snapshot: Snapshot, elapsed_s: float, width: int) -> Group:
     stats = pipeline.stats
-    table = Table.grid(padding=(0, 2))
-    table.add_row("elapsed", f"{elapsed_s:5.1f}s")
-    table.add_row("produced", f"{produced:,}")
-    table.add_row("stored", f"{stats.stored:,}")
-    table.add_row("rejected", f"{stats.rejected:,}")
-    table.add_row("batches", f"{stats.batches:,}")
-    table.add_row("events/s", f"{stats.stored / elapsed_s:,.0f}" if elapsed_s > 0 else "-")
-    return Panel(Group(table), title="flowtrack demo (Ctrl-C to stop)")
+    unread = max(0, counters.produced + counters.bad - stats.read)
+    in_flight = max(0, stats.read - stats.acked)
+    head = Table.grid(padding=(0, 3))
+    for _ in range(4):
+        head.add_column()
+    head.add_row(f"elapsed [bold]{elapsed_s:5.1f}s[/]", f"produced [bold]{counters.produced:,}[/]",
+                 f"stored [bold green]{stats.stored:,}[/]", f"rejected [bold red]{stats.rejected:,}[/]")
+    head.add_row(f"events/s [bold]{counters.rate(time.monotonic(), stats.stored):,.0f}[/]",
+                 f"lag [bold]{unread:,}[/] unread, {in_flight:,} in flight",
+                 f"batches {stats.batches:,}", f"last insert {stats.last_insert_s * 1000:.0f}ms")
+    latest = Table(box=None, padding=(0, 1), show_header=True, header_style="dim")
+    for name in ("time (UTC)", "user", "session", "node ← parent", "type"):
+        latest.add_column(name, no_wrap=True)
+    for ts, user, session, node, parent, event_type in snapshot.latest:
+        latest.add_row(format_time(ts, with_date=False), str(user), str(session),
+                       f"{node} ← {parent}" if parent else str(node),
+                       Text(str(event_type), style=TYPE_STYLES.get(str(event_type), "")))
+    parts: list[RenderableType] = [Panel(head, title="flowtrack demo — Ctrl-C to stop", border_style="cyan")]
+    if not snapshot.latest:
+        waiting = "waiting for the first batch to land…" if not snapshot.error else f"store: {snapshot.error}"
+        parts.append(Panel(Text(waiting, style="dim"), title="latest stored events"))
+    else:
+        parts.append(Panel(latest, title="latest stored events"))
+    if snapshot.flow is not None:
+        lines: list[RenderableType] = [flow_header(snapshot.flow)]
+        tree = tree_lines(snapshot.placed, width - 4, attr_width=24)
+        lines.extend(tree[:TREE_LINES])
+        if len(tree) > TREE_LINES:
+            lines.append(Text(f"… {len(tree) - TREE_LINES} more nodes", style="dim"))
+        for line in lines:
+            if isinstance(line, Text):
+                line.no_wrap, line.overflow = True, "ellipsis"
+        parts.append(Panel(Group(*lines), title="most recent finished flow"))
+    return Group(*parts)
 
 
-def _summary(pipeline: Pipeline, produced: int, console: Console) -> None:
-    store = pipeline.store
+def _summary(pipeline: Pipeline, store: Store, counters: Counters, settings: Settings, console: Console) -> None:
     _, rows = store.query(
         "SELECT status, count(), sum(event_count) FROM flowtrack.flow_sessions GROUP BY status ORDER BY status")
-    table = Table(title="what landed in ClickHouse (flowtrack.flow_sessions)")
+    table = Table(title="what landed in ClickHouse (flowtrack.flow_sessions)", title_justify="left")
     for column in ("status", "sessions", "events"):
-        table.add_column(column)
+        table.add_column(column, justify="left" if column == "status" else "right")
     for status, sessions, events in rows:
         table.add_row(str(status), f"{sessions:,}", f"{events:,}")
     console.print(table)
-    console.print(f"produced {produced:,} events; stored {pipeline.stats.stored:,}, rejected "
-                  f"{pipeline.stats.rejected:,}. The store is in {store.description}.")
-    console.print('next: [bold]flowtrack sql "SELECT * FROM flowtrack.flow_sessions LIMIT 10"[/]')
+    stats = pipeline.stats
+    console.print(f"summary: produced {counters.produced:,} events (+{counters.bad} deliberately broken); "
+                  f"stored {stats.stored:,}, rejected {stats.rejected:,}, in {stats.batches:,} batches "
+                  f"over {stats.uptime_s:.1f}s. Data is in the {store.description}.", soft_wrap=True)
+    _, last = store.query("SELECT user_id, session_id FROM flowtrack.flow_sessions WHERE status != 'active' "
+                          "ORDER BY last_event_at DESC LIMIT 1")
+    user, session = (str(last[0][0]), str(last[0][1])) if last else ("1", "SESSION_ID")
+    url = "" if settings.clickhouse_url is None else f" --clickhouse-url {settings.clickhouse_url}"
+    console.print("\n[bold]next, try[/] (once this command has exited: one process per embedded store):")
+    for command in (f"flowtrack history {user}{url}", f"flowtrack show {session}{url}", f"flowtrack rejected{url}",
+                    f'flowtrack sql "SELECT status, count() FROM flowtrack.flow_sessions GROUP BY status"{url}'):  # noqa: S608
+        console.print(f"  [bold cyan]{command}[/]", soft_wrap=True)
+    console.print("  live views need the Redis the events went to: run the demo with [bold]--redis-url "
+                  "redis://localhost:6379/0[/], then [bold]flowtrack tail[/] and [bold]flowtrack status "
+                  "--no-store[/] in another shell.", soft_wrap=True)
