@@ -142,8 +142,12 @@ def encode(event: dict[str, str], shape: Literal["flat", "json"], per_user_strea
 async def produce(redis: aioredis.Redis, config: ProduceConfig, count: int | None = None,
                   rate_per_s: float | None = None, pipeline_size: int = 500,
                   on_progress: Callable[[int], None] | None = None,
-                  stop: asyncio.Event | None = None) -> int:
-    """XADD events until ``count`` (None = until stopped), at ``rate_per_s`` (None = as fast as possible)."""
+                  stop: asyncio.Event | None = None,
+                  record_ids: list[tuple[str, str]] | None = None) -> int:
+    """XADD events until ``count`` (None = until stopped), at ``rate_per_s`` (None = as fast as possible).
+
+    ``record_ids``, when given, receives the (stream, entry id) of every entry written, in order.
+    """
     rng = random.Random(config.seed)
     sent = 0
     started = time.monotonic()
@@ -154,6 +158,7 @@ async def produce(redis: aioredis.Redis, config: ProduceConfig, count: int | Non
         chunk = pipeline_size if count is None else min(pipeline_size, count - sent)
         if rate_per_s:
             chunk = max(1, min(chunk, int(rate_per_s / 20) or 1))
+        keys: list[str] = []
         async with redis.pipeline(transaction=False) as pipe:
             for _ in range(chunk):
                 flow, event = next(flows)
@@ -161,10 +166,14 @@ async def produce(redis: aioredis.Redis, config: ProduceConfig, count: int | Non
                     # Live mode: stamp events with the wall clock so ingest lag is meaningful.
                     event = {**event, "timestamp": str(int(time.time() * 1000))}
                 shape: Literal["flat", "json"] = (
-                    rng.choice(("flat", "json")) if config.shape == "mixed" else config.shape)  # type: ignore[assignment]
+                    rng.choice(("flat", "json")) if config.shape == "mixed" else config.shape)
                 fields = encode(event, shape, config.stream_per_user)
-                pipe.xadd(stream_for(config, flow.user_id), fields)  # type: ignore[arg-type]
-            await pipe.execute()
+                key = stream_for(config, flow.user_id)
+                keys.append(key)
+                pipe.xadd(key, fields)  # type: ignore[arg-type]
+            ids = await pipe.execute()
+        if record_ids is not None:
+            record_ids.extend((key, _text(entry_id)) for key, entry_id in zip(keys, ids, strict=True))
         sent += chunk
         if on_progress is not None:
             on_progress(sent)
@@ -173,3 +182,7 @@ async def produce(redis: aioredis.Redis, config: ProduceConfig, count: int | Non
             if ahead_s > 0:
                 await asyncio.sleep(ahead_s)
     return sent
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,58 @@
+"""`flowtrack bench` end to end on a tiny backlog: real redis-server, real chDB, worker subprocesses.
+
+No timing assertions: performance is asserted by the benchmark itself (`flowtrack bench --check`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_reports_every_figure_and_verifies_exactly_once() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWTRACK_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "bench", "--events", "3000", "--streams", "5", "--latency-s", "2",
+         "--rate", "500", "--naive-events", "30", "--naive-max-s", "5", "--json"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+
+    assert result["events"] == 3000 and result["streams"] == 5
+    for phase in ("produce", "floor", "pipeline", "naive"):
+        assert result[phase]["events"] > 0, phase
+        assert result[phase]["events_per_s"] > 0, phase
+    assert result["floor"]["events"] == 3000
+    assert result["pipeline"]["events"] == 3000
+    assert result["pipeline"]["exit_codes"] == [0]
+    assert result["pipeline"]["peak_rss_mb"] > 0
+    assert result["naive"]["extrapolated"] is True and result["naive"]["events"] == 30
+
+    verification = result["verification"]
+    assert verification["ok"] is True, verification
+    assert verification["stored_rows"] == verification["visible_rows"] == verification["produced"] == 3000
+    assert verification["missing"] == verification["duplicated"] == verification["rejected"] == 0
+
+    latency = result["latency"]
+    assert latency["produced"] == 1000
+    assert latency["stored"] == latency["produced"]
+    assert 0 <= latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+    assert latency["peak_rss_mb"] > 0
+
+    assert result["pipeline_over_floor"] > 0 and result["pipeline_over_naive"] > 0
+    assert isinstance(result["passed"], bool)
+
+
+def test_bench_check_fails_when_the_ratio_is_out_of_reach() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWTRACK_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "bench", "--events", "500", "--streams", "2", "--latency-s", "0",
+         "--naive-max-s", "0", "--min-ratio", "1000", "--check"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "FAIL" in proc.stdout

@@ -1,0 +1,573 @@
+"""Benchmark: flowtrack against the bare XREADGROUP+XACK floor and a naive per-event consumer, in one run.
+
+``flowtrack bench`` starts a private redis-server, writes N flat events over per-user streams, then
+measures over that same backlog (a fresh consumer group per measurement, so each reads the identical
+data):
+
+- floor: a bare XREADGROUP + XACK loop doing no processing at all (same client library, same count);
+- pipeline: ``flowtrack run --drain`` as K subprocesses (start-up included) into fresh embedded stores,
+  then checks that every produced entry is stored exactly once (read back with ``flowtrack sql``);
+- naive: read one entry, normalize it, insert it, ack it (on a subset, rate extrapolated);
+- latency: a worker running while a producer writes at a steady rate; p50/p99 of ``ingested_at - ts``;
+- memory: peak RSS (ru_maxrss) of every worker process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+from rich.table import Table
+
+from worker.errors import FlowtrackError
+from worker.producer import ProduceConfig, produce
+from worker.redisserver import RedisServer, find_redis_server
+from worker.settings import Settings
+
+FLOOR_GROUP = "bench-floor"
+PIPELINE_GROUP = "bench-pipeline"
+NAIVE_GROUP = "bench-naive"
+LATENCY_GROUP = "bench-latency"
+BACKLOG_PREFIX = "bench_events"
+LIVE_PREFIX = "bench_live"
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass
+class BenchConfig:
+    events: int = 400_000
+    streams: int = 100
+    workers: int = 1
+    rate: float = 5000.0
+    latency_s: float = 20.0  # 0 = skip the latency phase
+    naive_events: int = 3000
+    naive_max_s: float = 15.0  # 0 = skip the naive baseline
+    min_ratio: float = 0.5
+    seed: int = 7
+    keep: bool = False
+
+
+@dataclass
+class PhaseResult:
+    events: int = 0
+    seconds: float = 0.0
+    events_per_s: float = 0.0
+
+
+@dataclass
+class PipelineResult(PhaseResult):
+    workers: int = 1
+    exit_codes: list[int] = field(default_factory=list)
+    peak_rss_mb: float = 0.0  # the largest worker
+    peak_rss_mb_each: list[float] = field(default_factory=list)
+
+
+@dataclass
+class NaiveResult(PhaseResult):
+    extrapolated: bool = False
+    note: str = ""
+
+
+@dataclass
+class LatencyResult:
+    rate: float = 0.0
+    duration_s: float = 0.0
+    produced: int = 0
+    stored: int = 0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    peak_rss_mb: float = 0.0
+    note: str = "ingested_at is stamped when the batch write starts; ts by the producer's wall clock"
+
+
+@dataclass
+class Verification:
+    ok: bool = False
+    produced: int = 0
+    stored_rows: int = 0
+    visible_rows: int = 0
+    missing: int = 0
+    duplicated: int = 0
+    unexpected: int = 0
+    rejected: int = 0
+
+
+@dataclass
+class BenchResult:
+    events: int
+    streams: int
+    redis_server: str
+    produce: PhaseResult
+    floor: PhaseResult
+    floor_count_per_stream: int
+    pipeline: PipelineResult
+    verification: Verification
+    naive: NaiveResult | None
+    latency: LatencyResult | None
+    pipeline_over_floor: float
+    pipeline_over_naive: float | None
+    min_ratio: float
+    passed: bool
+
+    def to_json(self) -> str:
+        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2).decode()
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+def pick_redis_server() -> tuple[str, str]:
+    """The newest redis-server available (XINFO lag needs Redis >= 7); returns (path, version)."""
+    candidates: list[str] = []
+    with contextlib.suppress(FlowtrackError):
+        candidates.append(find_redis_server())
+    for directory in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]:
+        path = os.path.join(directory, "redis-server")
+        if os.access(path, os.X_OK):
+            candidates.append(path)
+    best: tuple[tuple[int, ...], str, str] | None = None
+    for path in dict.fromkeys(candidates):
+        version = _redis_version(path)
+        if version is None:
+            continue
+        key = tuple(int(p) for p in version.split(".") if p.isdigit())
+        if best is None or key > best[0]:
+            best = (key, path, version)
+    if best is None:
+        raise FlowtrackError("no working redis-server found")
+    return best[1], best[2]
+
+
+def _redis_version(path: str) -> str | None:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for word in out.split():
+        if word.startswith("v="):
+            return word[2:]
+    return None
+
+
+def _connect(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, protocol=2, decode_responses=False, socket_timeout=30)
+
+
+def _worker_env(redis_url: str, store_url: str, streams: str, group: str, consumer: str) -> dict[str, str]:
+    env = dict(os.environ)  # other FLOWTRACK_* settings (tuning) pass through to the workers
+    env.update(FLOWTRACK_REDIS_URL=redis_url, FLOWTRACK_CLICKHOUSE_URL=store_url, FLOWTRACK_STREAMS=streams,
+               FLOWTRACK_GROUP=group, FLOWTRACK_CONSUMER=consumer)
+    return env
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "worker.cli", *args]
+
+
+@dataclass
+class _Child:
+    """A worker subprocess whose peak RSS is taken from the kernel (ru_maxrss) when it is reaped."""
+
+    proc: subprocess.Popen[bytes]
+    stderr_path: Path
+    returncode: int | None = None
+    peak_rss_kb: int = 0
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid != 0:
+                self.returncode = os.waitstatus_to_exitcode(status)
+                self.peak_rss_kb = usage.ru_maxrss
+                self.proc.returncode = self.returncode
+        return self.returncode
+
+    def stderr_tail(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+
+def _spawn(args: Sequence[str], env: dict[str, str], stderr_path: Path) -> _Child:
+    with stderr_path.open("wb") as err:
+        proc = subprocess.Popen(list(args), env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                cwd=Path(__file__).resolve().parent.parent)
+    return _Child(proc, stderr_path)
+
+
+def _sql_csv(store_url: str, sql: str) -> list[list[str]]:
+    """Read an embedded store owned by no live process, from a subprocess (chDB: one store per process)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWTRACK_")}
+    proc = subprocess.run(_cli("sql", sql, "--format", "csv", "--clickhouse-url", store_url), env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise FlowtrackError(f"flowtrack sql failed ({proc.returncode}): {proc.stderr[-1500:]}")
+    rows = list(csv.reader(io.StringIO(proc.stdout)))
+    return rows[1:]  # header
+
+
+async def _group_progress(redis: aioredis.Redis, streams: Sequence[str], group: str) -> tuple[int, int]:
+    """(entries delivered to the group, entries still pending) over the streams."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xinfo_groups(stream)
+        replies = await pipe.execute()
+    delivered = pending = 0
+    for stream_groups in replies:
+        for info in stream_groups:
+            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+            if name == group:
+                read = info.get("entries-read")
+                delivered += int(read) if read is not None else 0
+                pending += int(info["pending"])
+    return delivered, pending
+
+
+# -- the benchmark -----------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, config: BenchConfig, progress: Progress | None = None) -> None:
+        self.config = config
+        self.progress = progress or (lambda phase, done, total: None)
+        self.workdir = Path(tempfile.mkdtemp(prefix="flowtrack-bench-"))
+        self.settings = Settings.from_env()  # the workers' settings (tuning variables pass through)
+        self.ids: list[tuple[str, str]] = []
+        self.backlog_streams: list[str] = []
+
+    def run(self) -> BenchResult:
+        executable, version = pick_redis_server()
+        server = RedisServer(executable=executable, data_dir=self.workdir / "redis")
+        (self.workdir / "redis").mkdir()
+        try:
+            server.start()
+            return self._run(server.url, f"{version} ({executable})")
+        finally:
+            server.stop()
+            if not self.config.keep:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _run(self, url: str, redis_version: str) -> BenchResult:
+        cfg = self.config
+        produced = asyncio.run(self._produce_backlog(url))
+        count = max(1, min(self.settings.read_count, self.settings.max_inflight_rows // max(1, cfg.streams)))
+        floor = asyncio.run(self._floor(url, count))
+        pipeline, verification = self._pipeline(url)
+        naive = asyncio.run(self._naive(url)) if cfg.naive_max_s > 0 and cfg.naive_events > 0 else None
+        latency = self._latency(url) if cfg.latency_s > 0 else None
+        over_floor = pipeline.events_per_s / floor.events_per_s if floor.events_per_s else 0.0
+        over_naive = pipeline.events_per_s / naive.events_per_s if naive and naive.events_per_s else None
+        passed = verification.ok and over_floor >= cfg.min_ratio and all(c == 0 for c in pipeline.exit_codes)
+        return BenchResult(cfg.events, cfg.streams, redis_version, produced, floor, count, pipeline, verification,
+                           naive, latency, round(over_floor, 3), None if over_naive is None else round(over_naive, 1),
+                           cfg.min_ratio, passed)
+
+    # -- (0) the backlog ---------------------------------------------------------------------------
+    async def _produce_backlog(self, url: str) -> PhaseResult:
+        cfg = self.config
+        redis = _connect(url)
+        try:
+            config = ProduceConfig(users=cfg.streams, shape="flat", stream_per_user=True,
+                                   stream_prefix=BACKLOG_PREFIX, seed=cfg.seed)
+            started = time.perf_counter()
+            sent = await produce(redis, config, count=cfg.events, pipeline_size=5000, record_ids=self.ids,
+                                 on_progress=lambda n: self.progress("produce", n, cfg.events))
+            seconds = time.perf_counter() - started
+            self.backlog_streams = sorted({stream for stream, _ in self.ids})
+        finally:
+            await redis.aclose()
+        return PhaseResult(sent, round(seconds, 3), round(sent / seconds, 1))
+
+    # -- (a) the floor -----------------------------------------------------------------------------
+    async def _floor(self, url: str, count: int) -> PhaseResult:
+        redis = _connect(url)
+        total = len(self.ids)
+        try:
+            for stream in self.backlog_streams:
+                await redis.xgroup_create(stream, FLOOR_GROUP, id="0")
+            targets: dict[Any, Any] = {stream: ">" for stream in self.backlog_streams}
+            done = 0
+            started = time.perf_counter()
+            while True:
+                reply: Any = await redis.xreadgroup(FLOOR_GROUP, "floor", targets, count=count)
+                if not reply:
+                    break
+                async with redis.pipeline(transaction=False) as pipe:
+                    for stream, items in reply:
+                        if items:
+                            done += len(items)
+                            pipe.xack(stream, FLOOR_GROUP, *[entry_id for entry_id, _ in items])
+                    await pipe.execute()
+                self.progress("floor", done, total)
+            seconds = time.perf_counter() - started
+        finally:
+            await redis.aclose()
+        return PhaseResult(done, round(seconds, 3), round(done / seconds, 1))
+
+    # -- (b) the pipeline --------------------------------------------------------------------------
+    def _pipeline(self, url: str) -> tuple[PipelineResult, Verification]:
+        cfg = self.config
+        stores = [f"chdb://{self.workdir / f'store-pipeline-{i}'}" for i in range(cfg.workers)]
+        started = time.perf_counter()
+        children = [
+            _spawn(_cli("run", "--drain", "--log-level", "warning"),
+                   _worker_env(url, store, f"{BACKLOG_PREFIX}:*", PIPELINE_GROUP, f"bench-worker-{i}"),
+                   self.workdir / f"pipeline-{i}.log")
+            for i, store in enumerate(stores)]
+        self._wait(children, url, PIPELINE_GROUP, "pipeline")
+        seconds = time.perf_counter() - started
+        codes = [c.returncode if c.returncode is not None else -1 for c in children]
+        for child in children:
+            if child.returncode != 0:
+                raise FlowtrackError(f"flowtrack run --drain exited {child.returncode}: {child.stderr_tail()}")
+        rss = [round(c.peak_rss_kb / 1024, 1) for c in children]
+        total = len(self.ids)
+        result = PipelineResult(total, round(seconds, 3), round(total / seconds, 1), cfg.workers, codes,
+                                max(rss), rss)
+        self.progress("verify", 0, 1)
+        verification = self._verify(stores)
+        self.progress("verify", 1, 1)
+        return result, verification
+
+    def _wait(self, children: list[_Child], url: str, group: str, phase: str) -> None:
+        """Reap the workers (ru_maxrss) while showing the group's progress."""
+
+        async def _watch() -> None:
+            redis = _connect(url)
+            try:
+                last = 0.0
+                while any(c.poll() is None for c in children):
+                    now = time.monotonic()
+                    if now - last >= 1.0:
+                        last = now
+                        with contextlib.suppress(Exception):
+                            delivered, pending = await _group_progress(redis, self.backlog_streams, group)
+                            self.progress(phase, max(0, delivered - pending), len(self.ids))
+                    await asyncio.sleep(0.01)
+            finally:
+                await redis.aclose()
+
+        asyncio.run(_watch())
+        self.progress(phase, len(self.ids), len(self.ids))
+
+    def _verify(self, stores: Sequence[str]) -> Verification:
+        """Every produced entry stored exactly once over all worker stores, nothing else, nothing rejected."""
+        stored: Counter[tuple[str, str]] = Counter()
+        visible = rejected = 0
+        for store in stores:
+            for stream, entry_id in _sql_csv(store, "SELECT source_stream, source_id FROM flowtrack.events"):
+                stored[(stream, entry_id)] += 1
+            row = _sql_csv(store, "SELECT (SELECT count() FROM flowtrack.flow_events), "
+                                  "(SELECT count() FROM flowtrack.rejected_events)")[0]
+            visible += int(row[0])
+            rejected += int(row[1])
+        expected = set(self.ids)
+        missing = sum(1 for key in expected if key not in stored)
+        duplicated = sum(1 for key, n in stored.items() if n > 1)
+        unexpected = sum(1 for key in stored if key not in expected)
+        ok = (missing == 0 and duplicated == 0 and unexpected == 0 and rejected == 0
+              and visible == len(expected) and sum(stored.values()) == len(expected))
+        return Verification(ok, len(expected), sum(stored.values()), visible, missing, duplicated, unexpected,
+                            rejected)
+
+    # -- (c) the naive consumer --------------------------------------------------------------------
+    async def _naive(self, url: str) -> NaiveResult:
+        """Read one entry, normalize it, insert it (one INSERT), ack it; on a subset, in this process."""
+        from worker.normalize import FlowEvent, Normalizer
+        from worker.sink import Sink
+        from worker.store import Store
+
+        cfg = self.config
+        store = Store.open(Settings(clickhouse_url=f"chdb://{self.workdir / 'store-naive'}"))
+        store.migrate()
+        sink = Sink(store)
+        normalizer = Normalizer()
+        redis = _connect(url)
+        target = min(cfg.naive_events, len(self.ids))
+        done = 0
+        try:
+            for stream in self.backlog_streams:
+                await redis.xgroup_create(stream, NAIVE_GROUP, id="0")
+            started = time.perf_counter()
+            deadline = started + cfg.naive_max_s
+            streams = _cycle(self.backlog_streams)
+            while done < target and time.perf_counter() < deadline:
+                stream = next(streams)
+                reply: Any = await redis.xreadgroup(NAIVE_GROUP, "naive", {stream: ">"}, count=1)
+                if not reply or not reply[0][1]:
+                    continue
+                entry_id_raw, fields = reply[0][1][0]
+                entry_id = entry_id_raw.decode()
+                item = normalizer.normalize(stream, entry_id, fields)
+                if isinstance(item, FlowEvent):
+                    sink.write([item], [])
+                else:
+                    sink.write([], [item])
+                await redis.xack(stream, NAIVE_GROUP, entry_id)
+                done += 1
+                if done % 20 == 0:
+                    self.progress("naive", done, target)
+            seconds = time.perf_counter() - started
+        finally:
+            await redis.aclose()
+        self.progress("naive", target, target)
+        rate = done / seconds if seconds else 0.0
+        partial = done < len(self.ids)
+        note = (f"measured on {done} of {len(self.ids)} events; rate extrapolated to the whole backlog "
+                f"(~{len(self.ids) / rate:.0f} s)" if partial and rate else "")
+        return NaiveResult(done, round(seconds, 3), round(rate, 1), partial, note)
+
+    # -- (d) latency at a steady rate ----------------------------------------------------------------
+    def _latency(self, url: str) -> LatencyResult:
+        cfg = self.config
+        store = f"chdb://{self.workdir / 'store-latency'}"
+        streams = [f"{LIVE_PREFIX}:{user}" for user in range(1, cfg.streams + 1)]
+
+        async def _prepare() -> None:
+            redis = _connect(url)
+            try:
+                for stream in streams:  # known before the worker starts: no pattern re-scan delay
+                    await redis.xgroup_create(stream, LATENCY_GROUP, id="0", mkstream=True)
+            finally:
+                await redis.aclose()
+
+        asyncio.run(_prepare())
+        child = _spawn(_cli("run", "--log-level", "warning"),
+                       _worker_env(url, store, f"{LIVE_PREFIX}:*", LATENCY_GROUP, "bench-latency"),
+                       self.workdir / "latency.log")
+        try:
+            produced = asyncio.run(self._produce_live(url, streams, child))
+        finally:
+            if child.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if child.poll() is None:
+                child.proc.kill()
+                while child.poll() is None:
+                    time.sleep(0.05)
+        if child.returncode != 0:
+            raise FlowtrackError(f"latency worker exited {child.returncode}: {child.stderr_tail()}")
+        row = _sql_csv(store, "SELECT count(), "
+                              "quantileExact(0.5)(toUnixTimestamp64Milli(ingested_at) - toUnixTimestamp64Milli(ts)), "
+                              "quantileExact(0.99)(toUnixTimestamp64Milli(ingested_at) - toUnixTimestamp64Milli(ts)), "
+                              "max(toUnixTimestamp64Milli(ingested_at) - toUnixTimestamp64Milli(ts)) "
+                              "FROM flowtrack.flow_events")[0]
+        return LatencyResult(cfg.rate, cfg.latency_s, produced, int(row[0]), float(row[1]), float(row[2]),
+                             float(row[3]), round(child.peak_rss_kb / 1024, 1))
+
+    async def _produce_live(self, url: str, streams: list[str], child: _Child) -> int:
+        cfg = self.config
+        redis = _connect(url)
+        try:
+            # Wait until the worker reads (its consumer appears in the group), so start-up is not latency.
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if child.poll() is not None:
+                    raise FlowtrackError(f"latency worker exited early: {child.stderr_tail()}")
+                consumers = await redis.xinfo_consumers(streams[0], LATENCY_GROUP)
+                if consumers:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            total = int(cfg.rate * cfg.latency_s)
+            config = ProduceConfig(users=cfg.streams, shape="flat", stream_per_user=True,
+                                   stream_prefix=LIVE_PREFIX, seed=cfg.seed + 1)
+            sent = await produce(redis, config, count=total, rate_per_s=cfg.rate,
+                                 on_progress=lambda n: self.progress("latency", n, total))
+            # Let the worker catch up: nothing undelivered, nothing pending.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and child.poll() is None:
+                delivered, pending = await _group_progress(redis, streams, LATENCY_GROUP)
+                if delivered >= sent and pending == 0:
+                    break
+                await asyncio.sleep(0.1)
+            return sent
+        finally:
+            await redis.aclose()
+
+
+def _cycle(items: Sequence[str]) -> Iterator[str]:
+    while True:
+        yield from items
+
+
+def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchResult:
+    return Bench(config, progress).run()
+
+
+@contextlib.contextmanager
+def progress_bar(console: Console) -> Iterator[Progress]:
+    """A rich progress bar, one task per phase, fed by the benchmark's progress callback."""
+    bar = RichProgress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), console=console, transient=False)
+    tasks: dict[str, TaskID] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=total)
+        bar.update(tasks[phase], completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+def report_table(result: BenchResult) -> Table:
+    table = Table(title="flowtrack bench", show_header=False, title_justify="left")
+    table.add_column("measure", style="bold")
+    table.add_column("value")
+    for label, value in format_report(result):
+        style = ("green" if value == "PASS" else "red") if label == "result" else None
+        table.add_row(label, value, style=style)
+    return table
+
+
+def format_report(result: BenchResult) -> list[tuple[str, str]]:
+    """(label, value) rows for the terminal table."""
+    rows = [
+        ("events / streams", f"{result.events:,} flat events over {result.streams} per-user streams"),
+        ("redis-server", result.redis_server),
+        ("produce", f"{result.produce.events_per_s:,.0f} ev/s"),
+        ("floor: XREADGROUP+XACK", f"{result.floor.events_per_s:,.0f} ev/s ({result.floor.seconds:.2f} s, "
+                                   f"COUNT {result.floor_count_per_stream} per stream)"),
+        (f"pipeline: run --drain x{result.pipeline.workers}",
+         f"{result.pipeline.events_per_s:,.0f} ev/s ({result.pipeline.seconds:.2f} s, start-up included)"),
+    ]
+    if result.naive is not None:
+        label = "naive: 1 read/insert/ack" + (" (extrapolated)" if result.naive.extrapolated else "")
+        rows.append((label, f"{result.naive.events_per_s:,.1f} ev/s ({result.naive.events} events, "
+                            f"{result.naive.seconds:.1f} s)"))
+    rows.append(("pipeline / floor", f"{result.pipeline_over_floor:.2f}x (needs >= {result.min_ratio:.2f}x)"))
+    if result.pipeline_over_naive is not None:
+        rows.append(("pipeline / naive", f"{result.pipeline_over_naive:,.0f}x"))
+    v = result.verification
+    rows.append(("exactly once", ("ok" if v.ok else "FAILED") + f": {v.stored_rows:,} rows stored, "
+                 f"{v.visible_rows:,} visible, {v.missing} missing, {v.duplicated} duplicated, "
+                 f"{v.rejected} rejected"))
+    rows.append(("peak RSS (drain)", ", ".join(f"{mb:,.0f} MB" for mb in result.pipeline.peak_rss_mb_each)))
+    if result.latency is not None:
+        lat = result.latency
+        rows.append((f"latency @ {lat.rate:,.0f} ev/s, {lat.duration_s:.0f} s",
+                     f"p50 {lat.p50_ms:,.0f} ms, p99 {lat.p99_ms:,.0f} ms, max {lat.max_ms:,.0f} ms "
+                     f"({lat.stored:,}/{lat.produced:,} stored; worker peak RSS {lat.peak_rss_mb:,.0f} MB)"))
+    rows.append(("result", "PASS" if result.passed else "FAIL"))
+    return rows
