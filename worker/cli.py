@@ -494,6 +494,41 @@ def rejected(
         raise typer.Exit(1)
 
 
+# --- benchmark (issue 6) ---
+@app.command()
+@guarded_command
+def bench(
+    events: Annotated[int, typer.Option("--events", "-n", help="events in the backlog")] = 400_000,
+    streams: Annotated[int, typer.Option(help="per-user streams the events are spread over")] = 100,
+    workers: Annotated[int, typer.Option(help="`run --drain` worker processes in one consumer group")] = 1,
+    rate: Annotated[float, typer.Option(help="events/s of the steady-rate latency phase")] = 5000.0,
+    latency_s: Annotated[float, typer.Option("--latency-s", help="length of the latency phase (0 = skip)")] = 20.0,
+    naive_events: Annotated[int, typer.Option(help="events the naive per-event consumer handles at most")] = 3000,
+    naive_max_s: Annotated[float, typer.Option(
+        "--naive-max-s", help="time limit of the naive consumer; its rate is extrapolated (0 = skip)")] = 15.0,
+    min_ratio: Annotated[float, typer.Option(help="PASS when pipeline/floor is at least this")] = 0.5,
+    check: Annotated[bool, typer.Option("--check", help="exit 1 on FAIL (ratio or exactly-once)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="keep the temporary stores and logs")] = False,
+) -> None:
+    """Benchmark against the bare XREADGROUP+XACK floor and a naive consumer, in one run, on a private Redis:
+    throughput, exactly-once check, event->stored latency at a steady rate, peak RSS of the workers."""
+    from worker.bench import BenchConfig, progress_bar, report_table, run_bench
+
+    if events < 1 or streams < 1 or workers < 1:
+        raise fail("--events, --streams and --workers must be at least 1", 2)
+    config = BenchConfig(events=events, streams=streams, workers=workers, rate=rate, latency_s=latency_s,
+                         naive_events=naive_events, naive_max_s=naive_max_s, min_ratio=min_ratio, keep=keep)
+    with progress_bar(err_console) as progress:
+        result = run_bench(config, progress)
+    if as_json:
+        sys.stdout.write(result.to_json() + "\n")
+    else:
+        console.print(report_table(result))
+    if check and not result.passed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 
