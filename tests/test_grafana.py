@@ -1,0 +1,478 @@
+"""Grafana: every dashboard panel query, query variable and alert-rule query runs against ClickHouse.
+
+No Grafana server runs here, so the test does what Grafana and the ClickHouse plugin would do: put in
+the dashboard variables (``${user_id:sqlstring}`` …), expand the plugin's macros (``$__timeFilter`` …,
+exactly as plugin 4.20 renders them), and run the SQL on the embedded ClickHouse after the real
+pipeline stored a realistic corpus. Plus: the committed JSON is not stale, and the provisioning
+files hang together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+from prometheus_client import generate_latest
+
+from grafana import build, common
+from tests.conftest import ROOT, make_settings, xadd_all
+from worker.metrics import MetricsServer
+from worker.pipeline import Pipeline
+from worker.producer import ProduceConfig, produce
+from worker.redisserver import RedisServer
+from worker.source import connect
+from worker.stats import GroupInfo, Stats
+from worker.store import Store
+
+DASHBOARD_DIR = ROOT / "grafana" / "dashboards"
+PROVISIONING = ROOT / "grafana" / "provisioning"
+ALERTS = PROVISIONING / "alerting" / "flowtrack.yaml"
+
+
+# -- what Grafana and the plugin do to a query before ClickHouse sees it ---------------------------
+@dataclass
+class QueryContext:
+    from_s: int
+    to_s: int
+    interval_s: int = 1
+    variables: dict[str, str] = field(default_factory=dict)
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_.]*)(?::([a-z]+))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def apply_variables(sql: str, ctx: QueryContext) -> str:
+    """Grafana's template-variable interpolation: ``${v}``, ``$v`` and the ``sqlstring`` format."""
+
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(3)
+        fmt = match.group(2)
+        if name.startswith("__"):
+            return match.group(0)  # a macro, expanded by the plugin backend
+        if name not in ctx.variables:
+            raise KeyError(f"query uses ${name}, which the dashboard does not define")
+        value = ctx.variables[name]
+        if fmt == "sqlstring":
+            return "'" + value.replace("'", "''") + "'"
+        if fmt is not None:
+            raise ValueError(f"unexpected variable format {fmt!r}")
+        return value
+
+    return _VARIABLE.sub(one, sql)
+
+
+def _macro_args(sql: str, start: int) -> tuple[list[str], int]:
+    """Arguments of a macro call whose '(' is at ``start``; returns them and the index after ')'."""
+    depth, args, current = 0, [], ""
+    for i in range(start, len(sql)):
+        ch = sql[i]
+        if ch == "(":
+            depth += 1
+            if depth == 1:
+                continue
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                args.append(current.strip())
+                return args, i + 1
+        elif ch == "," and depth == 1:
+            args.append(current.strip())
+            current = ""
+            continue
+        current += ch
+    raise ValueError(f"unbalanced macro call at {start}: {sql[start:start + 60]!r}")
+
+
+def expand_macros(sql: str, ctx: QueryContext) -> str:
+    """The ClickHouse plugin's macros (pkg/macros/macros.go, plugin 4.20)."""
+    f, t, n = ctx.from_s, ctx.to_s, max(1, ctx.interval_s)
+    fixed = {
+        "fromTime": f"toDateTime({f})", "toTime": f"toDateTime({t})",
+        "fromTime_ms": f"fromUnixTimestamp64Milli({f * 1000})", "toTime_ms": f"fromUnixTimestamp64Milli({t * 1000})",
+        "interval_s": str(n),
+    }
+    with_args = {
+        "timeFilter": lambda c: f"{c} >= toDateTime({f}) AND {c} <= toDateTime({t})",
+        "timeFilter_ms": lambda c: (f"{c} >= fromUnixTimestamp64Milli({f * 1000}) AND "
+                                    f"{c} <= fromUnixTimestamp64Milli({t * 1000})"),
+        "timeInterval": lambda c: f"toStartOfInterval(toDateTime({c}), INTERVAL {n} second)",
+        "timeInterval_ms": lambda c: f"toStartOfInterval(toDateTime64({c}, 3), INTERVAL {n * 1000} millisecond)",
+        "timeFrom": lambda c: f"{c} >= toDateTime({f})",
+        "timeTo": lambda c: f"{c} <= toDateTime({t})",
+    }
+    out, i = "", 0
+    macro = re.compile(r"\$__([A-Za-z_]+)")
+    while True:
+        match = macro.search(sql, i)
+        if match is None:
+            return out + sql[i:]
+        out += sql[i:match.start()]
+        name = match.group(1)
+        if name in with_args:
+            args, end = _macro_args(sql, match.end())
+            assert len(args) == 1, f"$__{name} takes one argument, got {args}"
+            out += with_args[name](args[0])
+            i = end
+        elif name in fixed:
+            out += fixed[name]
+            i = match.end()
+        else:
+            raise AssertionError(f"$__{name} is not a macro of the ClickHouse plugin")
+
+
+def render_sql(sql: str, ctx: QueryContext) -> str:
+    return expand_macros(apply_variables(sql, ctx), ctx)
+
+
+# -- what the dashboards and alert files contain ---------------------------------------------------
+@dataclass
+class Query:
+    where: str  # dashboard/panel/refId, for messages
+    sql: str
+    fmt: int  # 0 time series, 1 table, 3 traces
+    panel_type: str
+    ref_id: str
+
+
+def dashboards() -> dict[str, dict[str, Any]]:
+    return {p.name: json.loads(p.read_text()) for p in sorted(DASHBOARD_DIR.glob("*.json"))}
+
+
+def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in dashboard.get("panels", []):
+        yield panel
+        yield from panel.get("panels", [])  # inside rows
+
+
+def clickhouse_queries(name: str, dashboard: dict[str, Any]) -> list[Query]:
+    found = []
+    for panel in panels(dashboard):
+        for target in panel.get("targets", []):
+            if target.get("datasource", {}).get("type") == common.CLICKHOUSE_TYPE:
+                found.append(Query(f"{name} / {panel['title']} / {target['refId']}", target["rawSql"],
+                                   int(target["format"]), panel["type"], target["refId"]))
+    return found
+
+
+def prometheus_exprs() -> list[tuple[str, str]]:
+    exprs = []
+    for name, dashboard in dashboards().items():
+        for panel in panels(dashboard):
+            for target in panel.get("targets", []):
+                if target.get("datasource", {}).get("type") == common.PROMETHEUS_TYPE:
+                    exprs.append((f"{name} / {panel['title']}", target["expr"]))
+    for rule in alert_rules():
+        for item in rule["data"]:
+            if item["datasourceUid"] == common.PROMETHEUS_UID:
+                exprs.append((f"alert {rule['uid']}", item["model"]["expr"]))
+    return exprs
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def variable_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    out = []
+    for var in dashboard.get("templating", {}).get("list", []):
+        if var["type"] == "query":
+            assert var["datasource"]["uid"] == common.CLICKHOUSE_UID
+            query = var["query"]
+            out.append((var["name"], query if isinstance(query, str) else query["rawSql"]))
+    return out
+
+
+# -- a corpus written by the real pipeline ---------------------------------------------------------
+@dataclass
+class Corpus:
+    store: Store
+    ctx: QueryContext
+    user_id: str
+    failed_session: str
+    events: int
+
+
+BAD_ENTRIES = [
+    ("flow_events:3", {"node_id": "n1", "event_type": "llm_call"}),  # no session_id
+    ("flow_events:3", {"session_id": "s-bad", "node_id": "n1"}),  # no event_type
+    ("flow_events", {"session_id": "s-x", "node_id": "n1", "event_type": "tool_call"}),  # no user anywhere
+    ("flow_events:4", {"data": "{not json"}),
+]
+
+
+@pytest.fixture
+def corpus(redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> Corpus:
+    settings = make_settings(redis_server.url, clickhouse_url)
+    config = ProduceConfig(users=6, shape="mixed", error_ratio=0.25, open_ratio=0.15, seed=20260424)
+
+    async def fill() -> int:
+        producer = connect(settings)
+        try:
+            sent = await produce(producer, config, count=1500)
+        finally:
+            await producer.aclose()
+        xadd_all(redis_client, BAD_ENTRIES)
+        pipeline = Pipeline(settings, store=store)
+        try:
+            assert await pipeline.run(drain=True)
+        finally:
+            await pipeline.close()
+        assert pipeline.stats.stored == sent and pipeline.stats.rejected == len(BAD_ENTRIES)
+        return sent
+
+    sent = asyncio.run(fill())
+    now = int(time.time())
+    # The producer stamps events up to a few seconds ahead: a range around now holds them all.
+    ctx = QueryContext(from_s=now - 3600, to_s=now + 600, interval_s=10)
+    _, rows = store.query("SELECT user_id, session_id FROM flowtrack.flow_sessions WHERE status = 'failed' "
+                          "ORDER BY event_count DESC, session_id LIMIT 1")
+    assert rows, "the corpus should hold failed sessions"
+    user_id, failed_session = str(rows[0][0]), str(rows[0][1])
+    return Corpus(store, ctx, user_id, failed_session, sent)
+
+
+def _run(corpus: Corpus, sql: str, variables: dict[str, str],
+         ctx: QueryContext | None = None) -> tuple[list[str], list[Any]]:
+    base = ctx or corpus.ctx
+    rendered = render_sql(sql, QueryContext(base.from_s, base.to_s, base.interval_s, variables))
+    try:
+        columns, rows = corpus.store.query(rendered)
+    except Exception as exc:
+        raise AssertionError(f"query failed: {exc}\n--- rendered SQL ---\n{rendered}") from exc
+    return columns, list(rows)
+
+
+# -- the tests -------------------------------------------------------------------------------------
+def test_every_dashboard_query_runs_on_pipeline_data(corpus: Corpus) -> None:
+    results: dict[str, tuple[list[str], list[Any]]] = {}
+    failures: list[str] = []
+    ran = 0
+    for name, dashboard in dashboards().items():
+        defined = {v["name"] for v in dashboard.get("templating", {}).get("list", [])}
+        for user in ("", corpus.user_id):
+            variables = {"user_id": user, "session_id": corpus.failed_session}
+            variables = {k: v for k, v in variables.items() if k in defined}
+            for query in clickhouse_queries(name, dashboard):
+                try:
+                    results[f"{query.where} [user={user or 'all'}]"] = _run(corpus, query.sql, variables)
+                    ran += 1
+                except (AssertionError, KeyError) as exc:
+                    failures.append(f"{query.where}: {exc}")
+    assert not failures, "\n\n".join(failures)
+    assert ran >= 30
+
+    def rows(key: str, user: str = "all") -> list[Any]:
+        return results[f"{key} [user={user}]"][1]
+
+    def columns(key: str) -> list[str]:
+        return results[f"{key} [user=all]"][0]
+
+    # Key panels return data, with the shapes their visualizations need.
+    assert rows("flows-live.json / Events per second by type / A")
+    assert columns("flows-live.json / Events per second by type / A")[0] == "time"
+    latest = rows("flows-live.json / Latest events / A")
+    assert len(latest) == 200
+    assert all(r[1] == corpus.user_id for r in rows("flows-live.json / Latest events / A", corpus.user_id))
+    assert rows("flows-live.json / Event → stored lag (p50 / p99) / A")
+    assert rows("flows-live.json / Active sessions / A")[0][0] >= 1
+    assert rows("flows-live.json / Latest flow (of the chosen user) / nodes", corpus.user_id)
+
+    sessions = rows("flows-history.json / Sessions / A")
+    assert {r[-1] for r in sessions} == {"completed", "failed", "active"}
+    assert rows("flows-history.json / Completed / failed / active sessions (by start time) / A")
+    assert rows("flows-history.json / Duration of finished sessions / A")
+    paths = rows("flows-history.json / Most common paths / A")
+    assert paths and all(str(p[0]).startswith("user_message") for p in paths)
+    assert sum(p[1] for p in paths) > 0
+    fails = rows("flows-history.json / Where flows fail / A")
+    assert fails and {f[1] for f in fails} == {"error"}
+    assert rows("flows-history.json / Error messages / A")[0][1] == "upstream timeout"
+
+    summary = rows("flow.json / Session / A")
+    assert len(summary) == 1 and summary[0][2] == "failed"
+    trace_columns = columns("flow.json / Flow as a trace (node timings) / A")
+    assert {"traceID", "spanID", "parentSpanID", "serviceName", "operationName", "startTime", "duration",
+            "tags", "serviceTags", "statusCode"} <= set(trace_columns)
+    spans = rows("flow.json / Flow as a trace (node timings) / A")
+    span = dict(zip(trace_columns, spans[0], strict=True))
+    assert span["traceID"] == corpus.failed_session and span["parentSpanID"] == ""
+    assert any(dict(zip(trace_columns, s, strict=True))["statusCode"] == 2 for s in spans)
+    assert all(isinstance(tag, dict) and set(tag) == {"key", "value"} for s in spans
+               for tag in dict(zip(trace_columns, s, strict=True))["tags"])
+    nodes = rows("flow.json / Flow as a graph / nodes")
+    edges = rows("flow.json / Flow as a graph / edges")
+    node_ids = {n[0] for n in nodes}
+    assert len(nodes) == len(spans) and edges
+    assert all(e[1] in node_ids and e[2] in node_ids for e in edges)
+    assert columns("flow.json / Flow as a graph / edges")[:3] == ["id", "source", "target"]
+    events = rows("flow.json / Events in order / A")
+    assert [e[0] for e in events] == sorted(e[0] for e in events) and events[0][1] == 0
+
+    reasons = rows("pipeline.json / Rejected entries by reason / A")
+    assert sum(r[2] for r in reasons) == len(BAD_ENTRIES)
+    assert len(rows("pipeline.json / Latest rejected entries / A")) == len(BAD_ENTRIES)
+
+
+def test_query_variables_return_values(corpus: Corpus) -> None:
+    seen = 0
+    for name, dashboard in dashboards().items():
+        for var_name, sql in variable_queries(dashboard):
+            for user in ("", corpus.user_id):
+                columns, rows = _run(corpus, sql, {"user_id": user})
+                assert rows, f"{name}: variable {var_name} has no values"
+                assert len(columns) == 1
+                seen += 1
+            if var_name == "session_id":
+                _, rows = _run(corpus, sql, {"user_id": corpus.user_id})
+                assert corpus.failed_session in {r[0] for r in rows}
+    assert seen >= 2
+
+
+def test_alert_rule_queries_return_one_number(corpus: Corpus) -> None:
+    rules = alert_rules()
+    values: dict[str, float] = {}
+    for rule in rules:
+        for item in rule["data"]:
+            if item["datasourceUid"] != common.CLICKHOUSE_UID:
+                continue
+            span = item["relativeTimeRange"]
+            now = int(time.time())
+            ctx = QueryContext(now - int(span["from"]), now - int(span["to"]) + 60)
+            columns, rows = _run(corpus, item["model"]["rawSql"], {}, ctx)
+            assert len(rows) == 1 and len(columns) == 1, f"{rule['uid']}: one row with one number, got {rows}"
+            value = rows[0][0]
+            assert isinstance(value, int | float) and math.isfinite(value), (rule["uid"], value)
+            values[rule["uid"]] = float(value)
+    assert len(values) >= 4
+    # What the rules would decide on this corpus:
+    assert values["flowtrack-rejected-events"] == len(BAD_ENTRIES)  # fires: rejects appeared
+    assert values["flowtrack-no-events"] == corpus.events  # quiet: events are arriving
+    assert 0 < values["flowtrack-failed-flow-ratio"] < 1
+    assert values["flowtrack-stored-lag"] >= 0
+
+
+def test_alert_rules_are_complete() -> None:
+    rules = alert_rules()
+    assert len(rules) >= 5
+    titles = " ".join(r["title"].lower() for r in rules)
+    for topic in ("failed-flow ratio", "lag", "rejected", "no events", "pending"):
+        assert topic in titles, topic
+    for rule in rules:
+        refs = {item["refId"] for item in rule["data"]}
+        assert rule["condition"] in refs
+        for item in rule["data"]:
+            assert item["model"]["refId"] == item["refId"]
+            if item["datasourceUid"] == "__expr__":
+                assert item["model"]["expression"] in refs
+            else:
+                assert item["datasourceUid"] in (common.CLICKHOUSE_UID, common.PROMETHEUS_UID)
+                assert "relativeTimeRange" in item
+        assert rule["uid"].startswith("flowtrack-") and rule["for"] and rule["labels"]["severity"]
+    doc = yaml.safe_load(ALERTS.read_text())
+    receiver = doc["contactPoints"][0]["receivers"][0]
+    assert receiver["type"] == "webhook" and receiver["settings"]["url"] == "${FLOWTRACK_ALERT_WEBHOOK_URL}"
+    assert doc["policies"][0]["receiver"] == doc["contactPoints"][0]["name"]
+
+
+def test_prometheus_queries_use_metrics_the_worker_exposes() -> None:
+    stats = Stats()
+    stats.groups = {"flow_events": GroupInfo(lag=1, pending=2, consumers=1)}
+    exposition = generate_latest(MetricsServer(stats, make_settings("redis://x", "chdb:///x")).registry).decode()
+    exposed = set(re.findall(r"^(flowtrack_[a-z_]+)", exposition, re.M))
+    exposed |= set(re.findall(r"^# TYPE (flowtrack_[a-z_]+)", exposition, re.M))
+    exprs = prometheus_exprs()
+    assert len(exprs) >= 10
+    for where, expr in exprs:
+        for metric in re.findall(r"\bflowtrack_[a-z_]+", expr):
+            assert metric in exposed, f"{where}: {metric} is not exposed by worker/metrics.py"
+    jobs = re.findall(r'job="([^"]+)"', " ".join(e for _, e in exprs))
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    assert set(jobs) <= {c["job_name"] for c in scrape["scrape_configs"]}
+
+
+def test_committed_dashboard_json_is_fresh() -> None:
+    rendered = build.render_all()
+    committed = {p.name: p.read_text() for p in DASHBOARD_DIR.glob("*.json")}
+    assert set(rendered) == set(committed), "grafana/dashboards/ and grafana/build.py disagree on the files"
+    for name, text in rendered.items():
+        assert committed[name] == text, f"grafana/dashboards/{name} is stale: run `python -m grafana.build`"
+    assert build.main(["--check"]) == 0
+
+
+def test_dashboards_have_the_promised_views() -> None:
+    boards = {d["uid"]: d for d in dashboards().values()}
+    assert set(boards) == {common.LIVE_UID, common.HISTORY_UID, common.FLOW_UID, common.PIPELINE_UID}
+    types = {p["type"] for d in boards.values() for p in panels(d)}
+    assert {"table", "timeseries", "nodeGraph", "traces", "stat", "histogram"} <= types
+    live = boards[common.LIVE_UID]
+    assert live["refresh"] == "1s"
+    user_var = next(v for v in live["templating"]["list"] if v["name"] == "user_id")
+    assert user_var["type"] == "textbox" and user_var["query"] == ""
+    flow_vars = {v["name"]: v for v in boards[common.FLOW_UID]["templating"]["list"]}
+    assert flow_vars["session_id"]["type"] == "query"
+    for board in boards.values():
+        ids = [p["id"] for p in panels(board)]
+        assert len(ids) == len(set(ids))
+        for panel in panels(board):
+            for target in panel.get("targets", []):
+                if target["datasource"]["type"] == common.CLICKHOUSE_TYPE:
+                    assert target["editorType"] == "sql" and target["format"] in (0, 1, 2, 3)
+            if panel["type"] == "traces":
+                assert all(t["format"] == 3 for t in panel["targets"])
+            if panel["type"] == "nodeGraph":
+                assert sorted(t["refId"] for t in panel["targets"]) == ["edges", "nodes"]
+    # The history's sessions table links each session to the flow view.
+    links = json.dumps(boards[common.HISTORY_UID])
+    assert f"/d/{common.FLOW_UID}/flow?var-session_id=${{__value.raw}}" in links
+
+
+def test_provisioning_files_hang_together() -> None:
+    sources = yaml.safe_load((PROVISIONING / "datasources" / "flowtrack.yaml").read_text())["datasources"]
+    by_uid = {s["uid"]: s for s in sources}
+    assert by_uid[common.CLICKHOUSE_UID]["type"] == common.CLICKHOUSE_TYPE
+    assert by_uid[common.PROMETHEUS_UID]["type"] == common.PROMETHEUS_TYPE
+    clickhouse = by_uid[common.CLICKHOUSE_UID]
+    assert clickhouse["jsonData"]["username"] == "grafana"
+    assert clickhouse["secureJsonData"]["password"] == "${CLICKHOUSE_GRAFANA_PASSWORD}"
+    used = {t["datasource"]["uid"] for d in dashboards().values() for p in panels(d) for t in p.get("targets", [])}
+    used |= {item["datasourceUid"] for r in alert_rules() for item in r["data"]} - {"__expr__"}
+    assert used <= set(by_uid)
+    provider = yaml.safe_load((PROVISIONING / "dashboards" / "flowtrack.yaml").read_text())["providers"][0]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert f"./grafana/dashboards:{provider['options']['path']}:ro" in mounts
+    assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
+
+
+def test_macro_expander_matches_the_plugin() -> None:
+    """The expander itself: what plugin 4.20's macros.go renders, and unknown macros are refused."""
+    ctx = QueryContext(1000, 2000, 5, {"user_id": "o'brien"})
+    assert render_sql("$__timeFilter(ts)", ctx) == "ts >= toDateTime(1000) AND ts <= toDateTime(2000)"
+    assert render_sql("$__timeInterval(toDateTime(ts))", ctx) == \
+        "toStartOfInterval(toDateTime(toDateTime(ts)), INTERVAL 5 second)"
+    assert render_sql("x = ${user_id:sqlstring} AND $__fromTime < $__toTime", ctx) == \
+        "x = 'o''brien' AND toDateTime(1000) < toDateTime(2000)"
+    with pytest.raises(AssertionError):
+        render_sql("$__nope(ts)", ctx)
+    with pytest.raises(KeyError):
+        render_sql("${session_id:sqlstring}", ctx)
+
+
+def test_build_writes_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build, "OUT_DIR", tmp_path)
+    assert build.main([]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(build.DASHBOARDS)
+    assert build.main(["--check"]) == 0
+    (tmp_path / "flow.json").write_text("{}")
+    assert build.main(["--check"]) == 1
