@@ -348,7 +348,8 @@ def test_redelivery_of_already_stored_entries_changes_nothing(redis_server: Redi
     entries, n_valid = _mixed_corpus()
     xadd_all(redis_client, entries)
     streams = sorted({s for s, _ in entries})
-    drain(settings_for(redis_server, clickhouse_url, batch_max_rows=10))
+    first = drain(settings_for(redis_server, clickhouse_url, batch_max_rows=50, read_count=50))
+    assert first.stats.batches == 1
     before = _snapshot(store)
     assert len(before[0]) == n_valid
     assert len(before[2]) == len(entries) - n_valid
@@ -358,8 +359,9 @@ def test_redelivery_of_already_stored_entries_changes_nothing(redis_server: Redi
     #    in batches of another composition (so no insert-dedup token matches)
     for stream in streams:
         redis_client.xgroup_setid(stream, GROUP, "0")
-    again = drain(settings_for(redis_server, clickhouse_url, batch_max_rows=7))
+    again = drain(settings_for(redis_server, clickhouse_url, batch_max_rows=7, read_count=2))
     assert again.stats.read == len(entries)
+    assert again.stats.batches > 1
     assert _snapshot(store) == before
 
     # 2. the very same batch written twice through the sink (a crash between insert and ack, then a retry)
@@ -416,6 +418,22 @@ def test_drain_claims_entries_pending_on_a_dead_consumer(redis_server: RedisServ
     assert len(events_by_id(store)) == len(fields)
     assert sessions(store)[("7", "s-dead")]["event_count"] == len(fields)
     assert_fully_consumed(redis_client, ["flow_events"])
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: batch_max_rows is not a bound: Pipeline._read asks XREADGROUP for "
+                   "min(read_count, room // streams) entries per stream and adds them all to the current batch, so "
+                   "a batch grows to read_count x streams (up to max_inflight_rows) rows")
+def test_batches_are_bounded_by_rows(redis_server: RedisServer, redis_client: redis.Redis, clickhouse_url: str,
+                                     store: Store) -> None:
+    entries = [("flow_events", event("s-batches", f"n{i}", "llm_call", T0 + i)) for i in range(100)]
+    xadd_all(redis_client, entries)
+    max_rows = 10
+
+    pipeline = drain(settings_for(redis_server, clickhouse_url, batch_max_rows=max_rows))
+
+    assert len(events_by_id(store)) == len(entries)
+    assert pipeline.stats.batches >= len(entries) // max_rows, (
+        f"{len(entries)} entries stored in {pipeline.stats.batches} batch(es) with batch_max_rows={max_rows}")
 
 
 # -- malformed entries -----------------------------------------------------------------------------
