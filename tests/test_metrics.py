@@ -189,7 +189,8 @@ def test_group_gauges_need_nothing_beyond_the_worker_acl(redis_server: RedisServ
     from worker.metrics import read_group_info
     from worker.source import WORKER_ACL_RULES
 
-    redis_client.execute_command("ACL", "SETUSER", "worker", "on", ">worker-secret", *WORKER_ACL_RULES.split())
+    redis_client.execute_command(  # type: ignore[no-untyped-call]
+        "ACL", "SETUSER", "worker", "on", ">worker-secret", *WORKER_ACL_RULES.split())
     xadd_all(redis_client, _entries(3, stream="flow_events:9"))
     url = f"redis://worker:worker-secret@127.0.0.1:{redis_server.port}/0"
     settings = make_settings(url, clickhouse_url)

@@ -1,0 +1,196 @@
+"""docker-compose.yml and the deploy/ files, checked statically (no Docker engine here), and the Redis ACL
+file it renders checked for real against a redis-server."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+from tests.conftest import ROOT
+from worker.redisserver import find_redis_server, free_port
+from worker.source import PRODUCER_ACL_RULES, WORKER_ACL_RULES
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, Any] = COMPOSE["services"]
+SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY\b", re.I)
+
+
+def test_the_stack_has_its_services_each_with_a_healthcheck() -> None:
+    assert {"redis", "clickhouse", "grafana", "prometheus", "worker"} <= set(SERVICES)
+    for name, service in SERVICES.items():
+        check = service.get("healthcheck")
+        assert check and check["test"][0] in ("CMD", "CMD-SHELL"), f"{name} has no healthcheck"
+        assert "disable" not in check
+
+
+def test_every_dependency_waits_on_a_condition() -> None:
+    for name, service in SERVICES.items():
+        if name == "redis" or name == "clickhouse":
+            assert "depends_on" not in service
+            continue
+        depends = service.get("depends_on")
+        assert isinstance(depends, dict) and depends, f"{name}: depends_on with conditions"
+        for target, spec in depends.items():
+            assert target in SERVICES
+            assert spec["condition"] in ("service_healthy", "service_started", "service_completed_successfully")
+    assert SERVICES["worker"]["depends_on"] == {"redis": {"condition": "service_healthy"},
+                                                "clickhouse": {"condition": "service_healthy"}}
+    assert SERVICES["grafana"]["depends_on"]["clickhouse"]["condition"] == "service_healthy"
+
+
+def test_images_are_pinned() -> None:
+    for name, service in SERVICES.items():
+        image = service.get("image", "")
+        if "build" in service:
+            continue
+        assert ":" in image and not image.endswith((":latest", ":main")), f"{name}: pin {image}"
+    grafana_version = tuple(int(p) for p in SERVICES["grafana"]["image"].split(":")[1].split(".")[:2])
+    assert grafana_version >= (11, 6)
+
+
+def test_no_secret_literals() -> None:
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if SECRET_KEY.search(str(key)) and isinstance(value, str):
+                    assert value.startswith("${") or "$${" in value or "$$" in value, \
+                        f"{path}.{key} must come from the environment, not a literal"
+                walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{path}[{i}]")
+        elif isinstance(node, str):
+            # user:password@ in URLs must be a variable
+            for secret in re.findall(r"//[^:/@\s]+:([^@\s]+)@", node):
+                assert secret.startswith("${"), f"{path}: URL with a literal password"
+
+    walk(COMPOSE, "compose")
+    example = (ROOT / ".env.example").read_text()
+    for line in example.splitlines():
+        if SECRET_KEY.search(line.split("=", 1)[0]) and "=" in line and not line.startswith("#"):
+            assert line.split("=", 1)[1] == "", f".env.example must not ship a password: {line}"
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+    assert not (ROOT / ".env").exists() or "?? .env" not in _git_status()
+
+
+def _git_status() -> str:
+    return subprocess.run(["git", "status", "--short", "--ignored=no"], cwd=ROOT, capture_output=True,
+                          text=True).stdout
+
+
+def test_every_referenced_variable_is_documented_in_env_example() -> None:
+    lines = (ROOT / "docker-compose.yml").read_text().splitlines()
+    text = "\n".join(line.split(" #", 1)[0] for line in lines if not line.lstrip().startswith("#"))
+    used = set(re.findall(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)", text))
+    documented = {line.split("=", 1)[0] for line in (ROOT / ".env.example").read_text().splitlines()
+                  if "=" in line and not line.startswith("#")}
+    assert used <= documented, f"add to .env.example: {sorted(used - documented)}"
+
+
+def test_grafana_is_locked_down_and_has_the_plugin() -> None:
+    env = SERVICES["grafana"]["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert env["GF_DASHBOARDS_MIN_REFRESH_INTERVAL"] == "1s"
+    assert env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD")
+    assert env["GF_PLUGINS_PREINSTALL_SYNC"].startswith("grafana-clickhouse-datasource@")
+    assert env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+
+
+def test_worker_uses_least_privilege_users_and_serves_health() -> None:
+    env = SERVICES["worker"]["environment"]
+    assert env["FLOWTRACK_REDIS_URL"].startswith("redis://worker:${REDIS_WORKER_PASSWORD")
+    assert env["FLOWTRACK_CLICKHOUSE_URL"].startswith("http://flowtrack_writer:${CLICKHOUSE_WRITER_PASSWORD")
+    port = env["FLOWTRACK_METRICS_PORT"]
+    assert f"{port}/healthz" in " ".join(SERVICES["worker"]["healthcheck"]["test"])
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    assert f"worker:{port}" in scrape["scrape_configs"][0]["static_configs"][0]["targets"]
+    producer = SERVICES["producer"]
+    assert producer["profiles"] == ["demo"]
+    assert producer["environment"]["FLOWTRACK_REDIS_URL"].startswith("redis://producer:${REDIS_PRODUCER_PASSWORD")
+    assert "FLOWTRACK_CLICKHOUSE_URL" not in producer["environment"]
+
+
+def test_clickhouse_users() -> None:
+    root = ET.parse(ROOT / "deploy" / "clickhouse" / "users.xml").getroot()
+    users = root.find("users")
+    assert users is not None
+    writer, grafana = users.find("flowtrack_writer"), users.find("grafana")
+    assert writer is not None and grafana is not None
+    for user in (writer, grafana):
+        password = user.find("password")
+        assert password is not None and password.get("from_env") and not (password.text or "").strip()
+        assert [d.text for d in user.findall("allow_databases/database")] == ["flowtrack"]
+        assert user.findtext("access_management") == "0"
+    profile = root.find(f"profiles/{grafana.findtext('profile')}")
+    assert profile is not None
+    assert profile.findtext("readonly") in ("1", "2")
+    constraint = profile.find("constraints/max_execution_time")
+    assert constraint is not None and constraint.find("changeable_in_readonly") is not None
+    default_networks = [ip.text for ip in users.findall("default/networks/ip")]
+    assert default_networks and set(default_networks) <= {"::1", "127.0.0.1"}
+    env = SERVICES["clickhouse"]["environment"]
+    for user in (writer, grafana):
+        assert user.find("password").get("from_env") in env  # type: ignore[union-attr]
+
+
+def test_redis_keeps_data_and_uses_the_tested_acl_rules() -> None:
+    service = SERVICES["redis"]
+    start = (ROOT / "deploy" / "redis" / "start.sh").read_text()
+    assert "--appendonly yes" in start and "--aclfile" in start
+    template = (ROOT / "deploy" / "redis" / "users.acl.template").read_text().splitlines()
+    assert template[0] == "user default off"
+    assert template[1] == f"user worker on >${{REDIS_WORKER_PASSWORD}} {WORKER_ACL_RULES}"
+    assert template[2] == f"user producer on >${{REDIS_PRODUCER_PASSWORD}} {PRODUCER_ACL_RULES}"
+    assert any(v.startswith("redis-data:") for v in service["volumes"])
+
+
+@pytest.fixture
+def acl_redis(tmp_path: Path) -> Any:
+    """A real redis-server started from the ACL file the compose entrypoint renders."""
+    template = (ROOT / "deploy" / "redis" / "users.acl.template").read_text()
+    (tmp_path / "users.acl").write_text(template.replace("${REDIS_WORKER_PASSWORD}", "w-pass")
+                                        .replace("${REDIS_PRODUCER_PASSWORD}", "p-pass"))
+    port = free_port()
+    proc = subprocess.Popen([find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+                             "--aclfile", str(tmp_path / "users.acl"), "--save", "", "--appendonly", "yes"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=port, username="producer", password="p-pass").ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    raise AssertionError(f"redis-server refused the rendered ACL file: {err}") from None
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_rendered_acl_file_is_accepted_and_enforced(acl_redis: int) -> None:
+    producer = redis.Redis(port=acl_redis, username="producer", password="p-pass", protocol=2)
+    worker = redis.Redis(port=acl_redis, username="worker", password="w-pass", protocol=2)
+    anonymous = redis.Redis(port=acl_redis, protocol=2)
+    producer.xadd("flow_events:1", {"session_id": "s", "node_id": "n", "event_type": "user_message"})
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        producer.xadd("secrets", {"a": "b"})
+    worker.xgroup_create("flow_events:1", "flowtrack", id="0")
+    assert worker.xreadgroup("flowtrack", "c", {"flow_events:1": ">"})
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.xadd("flow_events:1", {"a": "b"})
+    with pytest.raises((redis.exceptions.AuthenticationError, redis.exceptions.ResponseError)):
+        anonymous.get("flow_events:1")
+    for client in (producer, worker, anonymous):
+        client.close()
