@@ -45,13 +45,13 @@ def as_json(fields: Mapping[str, Any], field: str = "data") -> dict[str, str]:
     return {field: orjson.dumps(dict(fields)).decode()}
 
 
-def drain(settings: Settings) -> Pipeline:
+def drain(settings: Settings, timeout_s: float = 90) -> Pipeline:
     """One ``run(drain=True)`` to completion; returns the closed pipeline (for its stats)."""
 
     async def go() -> Pipeline:
         pipeline = Pipeline(settings)
         try:
-            ok = await asyncio.wait_for(pipeline.run(drain=True), timeout=90)
+            ok = await asyncio.wait_for(pipeline.run(drain=True), timeout=timeout_s)
             assert ok, "drain run reported work left"
         finally:
             await pipeline.close()
@@ -434,6 +434,29 @@ def test_batches_are_bounded_by_rows(redis_server: RedisServer, redis_client: re
     assert len(events_by_id(store)) == len(entries)
     assert pipeline.stats.batches >= len(entries) // max_rows, (
         f"{len(entries)} entries stored in {pipeline.stats.batches} batch(es) with batch_max_rows={max_rows}")
+
+
+def test_entries_deleted_while_pending_are_rejected_not_stuck(redis_server: RedisServer,
+                                                              redis_client: redis.Redis, clickhouse_url: str,
+                                                              store: Store) -> None:
+    """XDEL/XTRIM of a pending entry: it is recorded as rejected ('deleted') and leaves the PEL; drain ends."""
+    fields = [event("s-del", f"n{i}", "llm_call", T0 + i) for i in range(6)]
+    ids = xadd_all(redis_client, [("flow_events", f) for f in fields])
+    settings = settings_for(redis_server, clickhouse_url, claim_idle_ms=100, claim_interval_s=0.1)
+    redis_client.xgroup_create("flow_events", GROUP, id="0")
+    redis_client.xreadgroup(GROUP, settings.consumer, {"flow_events": ">"}, count=3)  # our own, pending
+    redis_client.xreadgroup(GROUP, "dead-worker", {"flow_events": ">"}, count=3)  # a dead consumer's
+    deleted = [ids[1], ids[4]]  # one of ours, one of the dead consumer's
+    redis_client.xdel("flow_events", *deleted)
+
+    drain(settings, timeout_s=20)
+
+    stored = events_by_id(store)
+    assert sorted(e["source_id"] for e in stored.values()) == sorted(set(ids) - set(deleted))
+    got = rejected_rows(store)
+    assert set(got) == {("flow_events", d) for d in deleted}
+    assert all("deleted" in r["reason"] for r in got.values())
+    assert group_pending(redis_client, ["flow_events"]) == 0
 
 
 # -- malformed entries -----------------------------------------------------------------------------
