@@ -359,8 +359,9 @@ def _stream_status(client: redis.Redis, name: str, group_name: str, claim_idle_m
         last_delivered = _text(raw["last-delivered-id"])
         lag, capped = raw.get("lag"), False
         if lag is None:  # Redis < 7 does not report lag: count what lies beyond the last delivered id
-            beyond: Any = client.xrange(name, min=f"({last_delivered}", max="+", count=max_lag + 1)
-            lag, capped = len(beyond), len(beyond) > max_lag
+            cap = max(max_lag + 1, 1000)
+            beyond: Any = client.xrange(name, min=f"({last_delivered}", max="+", count=cap)
+            lag, capped = len(beyond), len(beyond) >= cap
         consumers = [ConsumerStatus(_text(c["name"]), int(c["pending"]), int(c["idle"]))
                      for c in client.xinfo_consumers(name, group_name)]
         stale = 0
@@ -432,8 +433,7 @@ def judge(report: StatusReport) -> None:
                                            f"(over --max-lag {report.max_lag})")
             continue
         if group.lag is not None and group.lag > report.max_lag:
-            report.problems.append(f"{stream.name}: lag {'over ' if group.lag_capped else ''}"
-                                   f"{report.max_lag if group.lag_capped else group.lag} entries "
+            report.problems.append(f"{stream.name}: lag {group.lag}{'+' if group.lag_capped else ''} entries "
                                    f"(over --max-lag {report.max_lag})")
         if group.stale_pending:
             report.problems.append(f"{stream.name}: {group.stale_pending}{'+' if group.stale_pending >= 1000 else ''}"

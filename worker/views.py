@@ -192,7 +192,7 @@ def status_view(report: StatusReport) -> Group:
         if g is None:
             streams.add_row(s.name, str(s.length), Text("no group", style="yellow"), "-", "-", "-")
             continue
-        lag = "?" if g.lag is None else (f">{report.max_lag}" if g.lag_capped else str(g.lag))
+        lag = "?" if g.lag is None else f"{g.lag}{'+' if g.lag_capped else ''}"
         consumers = ", ".join(f"{c.name} ({c.pending}, {format_duration(c.idle_ms)})" for c in g.consumers) or "-"
         streams.add_row(s.name, str(s.length), Text(lag, style="bold red" if (g.lag or 0) > report.max_lag else ""),
                         str(g.pending), Text(str(g.stale_pending), style="bold red" if g.stale_pending else ""),
