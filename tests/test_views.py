@@ -197,7 +197,7 @@ def test_status_reports_streams_groups_and_rejections_and_fails_when_unhealthy(f
     assert report["healthy"] is True
     streams = {s["name"]: s for s in report["streams"]}
     assert set(streams) >= {"flow_events:1", "flow_events:2", "flow_events:3", "flow_events:77"}
-    per_stream = {}
+    per_stream: dict[str, int] = {}
     for stream, _ in filled["entries"]:
         per_stream[stream] = per_stream.get(stream, 0) + 1
     for name, count in per_stream.items():
@@ -304,7 +304,8 @@ def test_rejected_lists_reasons_and_replay_is_idempotent(
                    for e, i in zip(entries, ids, strict=True) if e[0] == "flow_events:1"}
     assert all(round(r[1].timestamp() * 1000) == expected_ts[r[0]] for r in stored)
     sessions = {f.session_id: f for f in flows if f.user_id == "1"}
-    counted = dict(store.query("SELECT session_id, event_count FROM flowtrack.flow_sessions")[1])
+    _, session_rows = store.query("SELECT session_id, event_count FROM flowtrack.flow_sessions")
+    counted = {str(r[0]): int(r[1]) for r in session_rows}
     assert counted == {sid: len(f.events) for sid, f in sessions.items()}
     after = json.loads(invoke(["rejected", "--stream", "flow_events:1", "-f", "json", "--limit", "1000"],
                               url, clickhouse_url).stdout)
