@@ -482,7 +482,7 @@ def rejected(
         _print_wide(replay_table(outcomes))
         done = sum(o.action == "replayed" for o in outcomes)
         console.print(f"{done} replayed, {len(outcomes) - done} not. The worker reads them like any entry "
-                      "(none running? `flowtrack run --drain`).")
+                      "(none running? `flowtrack run --drain`).", soft_wrap=True)
     from worker.source import matches
 
     unread = sorted({o.source_stream for o in outcomes if o.action == "replayed"

@@ -72,7 +72,7 @@ def run_demo(settings: Settings, duration_s: float | None, rate_per_s: float, co
              redis_url: str | None = None, users: int = 8) -> None:
     store = Store.open(settings)  # fails here, plainly, if another process holds the embedded store
     console.print(f"[bold]flowtrack demo[/]: {'Redis at ' + redis_url if redis_url else 'a private Redis'}, "
-                  f"{store.description}, {rate_per_s:g} synthetic events/s from {users} users…")
+                  f"{store.description}, {rate_per_s:g} synthetic events/s from {users} users…", soft_wrap=True)
     try:
         if redis_url:
             asyncio.run(_demo(replace(settings, redis_url=redis_url, claim_idle_ms=5000), store, duration_s,
