@@ -420,9 +420,6 @@ def test_drain_claims_entries_pending_on_a_dead_consumer(redis_server: RedisServ
     assert_fully_consumed(redis_client, ["flow_events"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: batch_max_rows is not a bound: Pipeline._read asks XREADGROUP for "
-                   "min(read_count, room // streams) entries per stream and adds them all to the current batch, so "
-                   "a batch grows to read_count x streams (up to max_inflight_rows) rows")
 def test_batches_are_bounded_by_rows(redis_server: RedisServer, redis_client: redis.Redis, clickhouse_url: str,
                                      store: Store) -> None:
     entries = [("flow_events", event("s-batches", f"n{i}", "llm_call", T0 + i)) for i in range(100)]

@@ -43,6 +43,7 @@ class Pipeline:
         self.source = source or Source(settings)
         self.normalizer = Normalizer(settings.end_event_types, settings.error_event_types)
         self._batch = self._new_batch()
+        self._ready: list[Batch] = []  # full batches waiting for the write slot, in read order
         self._writing: asyncio.Task[bool] | None = None
         self._writing_rows = 0
         self._inflight_keys: set[tuple[str, str]] = set()
@@ -148,17 +149,22 @@ class Pipeline:
             self._last_trim = now
             await self._trim()
         got = 0
-        room = self.settings.max_inflight_rows - len(self._batch) - self._writing_rows
+        room = self.settings.max_inflight_rows - self._inflight_rows()
         if room > 0:
             got = await self._read(room)
         elif self._writing is not None:
             await asyncio.wait({self._writing}, timeout=self.settings.block_ms / 1000)
         self._reap_write()
+        if self._ready and self._writing is None:
+            self._start_write(self._ready.pop(0))
         if self._batch.due() or (got == 0 and self._batch.keys and self._writing is None):
             await self._flush()
-        if drain and got == 0 and not self._batch.keys and self._writing is None:
+        if drain and got == 0 and not self._batch.keys and not self._ready and self._writing is None:
             return await self._drain_finished()
         return False
+
+    def _inflight_rows(self) -> int:
+        return len(self._batch) + sum(len(b) for b in self._ready) + self._writing_rows
 
     async def _read(self, room: int) -> int:
         streams = max(1, len(self.source.streams))
@@ -179,9 +185,12 @@ class Pipeline:
     def _add(self, entries: Iterable[Entry]) -> None:
         normalize = self.normalizer.normalize
         max_deliveries = self.settings.max_deliveries
-        batch = self._batch
         inflight = self._inflight_keys
         for entry in entries:
+            if self._batch.full:
+                self._ready.append(self._batch)  # batch_max_rows is a hard bound on a batch
+                self._batch = self._new_batch()
+            batch = self._batch
             key = (entry.stream, entry.entry_id)
             if key in inflight:
                 continue  # reclaimed while we still hold it (a long outage): already on its way
@@ -229,13 +238,18 @@ class Pipeline:
             self.stats.trimmed += removed
 
     async def _flush(self) -> None:
-        if not self._batch.keys:
-            return
-        if self._writing is not None:
-            await asyncio.wait({self._writing})
-            self._reap_write()
-        batch, self._batch = self._batch, self._new_batch()
-        assert self._committer is not None
+        """Send every full batch and the current one to the write slot, one write at a time, in order."""
+        if self._batch.keys:
+            self._ready.append(self._batch)
+            self._batch = self._new_batch()
+        while self._ready:
+            if self._writing is not None:
+                await asyncio.wait({self._writing})
+                self._reap_write()
+            self._start_write(self._ready.pop(0))
+
+    def _start_write(self, batch: Batch) -> None:
+        assert self._committer is not None and self._writing is None
         self._writing_rows = len(batch)
         self._writing = asyncio.create_task(self._commit(batch))
 
@@ -269,7 +283,7 @@ class Pipeline:
         return False
 
     async def _finish(self) -> None:
-        if not self._drained or self._batch.keys:
+        if not self._drained or self._batch.keys or self._ready:
             await self._flush()
         if self._writing is not None:
             await asyncio.wait({self._writing})
