@@ -167,9 +167,13 @@ def demo(
         "and `flowtrack status`)")] = None,
     clickhouse_url: ClickhouseUrl = None,
 ) -> None:
-    """The one-command tour: a private Redis, the embedded store, a synthetic producer, the worker and a
-    live terminal dashboard (events/s, lag, latest events, the most recent flow as a tree), until Ctrl-C
-    (or --duration-s); then a summary and what to try next."""
+    """The one-command tour: Redis, the store, a producer, the worker and a live dashboard.
+
+    A private Redis (or --redis-url), the embedded store, a synthetic producer and
+    the worker in one process, with a live dashboard (events/s, lag, latest events,
+    the most recent flow as a tree) until Ctrl-C or --duration-s; then a summary and
+    what to try next.
+    """
     setup_logging("warning")
     from worker.demo import run_demo
 
@@ -255,13 +259,13 @@ def tail(
     output: Annotated[str, typer.Option("--format", "-f", help="text, or json (one object per line)")] = "text",
     redis_url: RedisUrl = None, streams: Streams = None,
 ) -> None:
-    """Live events of all users (or one user, session or event type) as they arrive in the streams:
-    time, user, session, node <- parent, type and key attributes; entries that break the contract show
-    as `rejected` with the reason.
+    """Live events as they arrive, read straight from the streams.
 
-    Reads with XREAD/XRANGE only, never through the consumer group: it creates no pending entries and
-    takes nothing away from the worker. Follows until Ctrl-C; --since/--count/--no-follow bound it for
-    scripts, e.g. `flowtrack tail --since 10m --no-follow -f json`.
+    Shows time, user, session, node <- parent, type and key attributes, for all users
+    or filtered by --user, --session, --type; broken entries show as `rejected`.
+    Reads with XREAD/XRANGE only, never through the consumer group: no pending
+    entries, nothing taken from the worker. Follows until Ctrl-C; --since, --count
+    and --no-follow bound it for scripts: flowtrack tail --since 10m --no-follow -f json
     """
     from worker.flows import connect_sync, parse_when
     from worker.tail import Tail, TailFilter
@@ -324,9 +328,12 @@ def history(
     output: OutputFormat = "table",
     clickhouse_url: ClickhouseUrl = None,
 ) -> None:
-    """A user's sessions over a time range from ClickHouse (flowtrack.flow_sessions): start, end, duration,
-    events, errors and status; sortable; --format json/csv for scripts. Ended is empty while a session
-    is active (its duration then runs to its last event)."""
+    """A user's sessions over a time range: start, end, duration, events, errors, status.
+
+    Reads flowtrack.flow_sessions; sortable (--sort, --asc); --format json/csv for
+    scripts. `ended` is empty while a session is active (its duration then runs to
+    its last event). Without USER: all users.
+    """
     from worker import flows
     from worker.store import Store
     from worker.views import history_table
@@ -352,9 +359,12 @@ def show(
     output: Annotated[str, typer.Option("--format", "-f", help="tree or json (nodes with depth)")] = "tree",
     clickhouse_url: ClickhouseUrl = None,
 ) -> None:
-    """One flow as a tree (parent -> children): each node's type, start offset from the session start
-    and duration; errors in red; long attributes folded. Deep flows keep their last levels on screen
-    and show the depth; nodes whose parent never arrived are marked orphan."""
+    """One flow as a tree: type, start offset, duration; errors highlighted.
+
+    Long attributes are folded (--attr-width). Deep flows keep their last levels of
+    guides on screen and show the depth; nodes whose parent never arrived are marked
+    orphan. --format json lists the nodes in display order with their depth.
+    """
     from worker import flows
     from worker.store import Store
     from worker.views import flow_header, tree_lines
@@ -385,10 +395,14 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="the report as JSON")] = False,
     redis_url: RedisUrl = None, clickhouse_url: ClickhouseUrl = None, streams: Streams = None, group: Group = None,
 ) -> None:
-    """Pipeline health: every stream and the worker's group (length, lag, pending, stale pending,
-    consumers and their idle time), and the store (events, sessions, freshness, rejected entries by
-    reason). Exit 0 healthy; 1 unhealthy (Redis or store unreachable, lag over --max-lag, pending entries
-    idle over the claim threshold); 3 the embedded store is held by another process."""
+    """Pipeline health: streams, group, lag, pending, consumers, rejected; exit code says.
+
+    Every stream and the worker's group (length, lag, pending, stale pending,
+    consumers and their idle time), and the store (events, sessions, freshness,
+    rejected entries by reason). Exit 0 healthy; 1 unhealthy (Redis or store
+    unreachable, lag over --max-lag, pending entries idle over the claim
+    threshold); 3 the embedded store is held by another process (try --no-store).
+    """
     from worker.errors import StoreLockedError
     from worker.flows import collect_status
     from worker.views import status_view
@@ -425,14 +439,15 @@ def rejected(
     output: OutputFormat = "table",
     redis_url: RedisUrl = None, clickhouse_url: ClickhouseUrl = None,
 ) -> None:
-    """Entries that broke the contract or that ClickHouse refused, with the reason and the raw entry
-    (flowtrack.rejected_events), newest first.
+    """Rejected entries with their reasons; --replay sends chosen ones through again.
 
-    After a contract fix, --replay sends chosen ones through the normal path: each is re-added to its
-    stream with its original event_id and timestamp pinned (so a replay is visible once, however often it
-    runs) and a replayed_from attribute; entries the current contract still rejects are skipped; each
-    replay is recorded (shown in the `replayed` column). E.g. `flowtrack rejected --replay flow_events:7
-    1700000000000-0` or `flowtrack rejected --replay --reason "delivered"`.
+    Lists flowtrack.rejected_events, newest first, with the raw entry (folded).
+    After a contract fix, --replay re-adds chosen entries to their stream with their
+    original event_id and timestamp pinned (a replay is visible once, however often
+    it runs) and a replayed_from attribute. Entries the current contract still
+    rejects are skipped; replays are recorded and shown in the `replayed` column.
+    E.g. flowtrack rejected --replay flow_events:7 1700000000000-0
+    or   flowtrack rejected --replay --reason delivered
     """
     from worker import flows
     from worker.store import Store
