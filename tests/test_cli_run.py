@@ -473,9 +473,6 @@ def test_sigterm_mid_run_exits_0_promptly_and_loses_nothing(redis_server: RedisS
     assert_nothing_pending(redis_client, streams)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: SIGTERM while Redis is unreachable at start exits 1 "
-                   "('error: Redis unavailable'), not 0: Pipeline._start re-raises SourceUnavailableError "
-                   "once stopping")
 def test_sigterm_while_redis_is_unreachable_at_start_exits_0(tmp_path: Path) -> None:
     from worker.redisserver import free_port
 
@@ -535,12 +532,8 @@ def test_help_lists_the_commands() -> None:
 @pytest.mark.parametrize("url", [
     "localhost:6379",
     "http://127.0.0.1:6379/0",
-    pytest.param("redis://127.0.0.1:notaport/0", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: a redis:// URL with a non-numeric port passes Settings.validate and fails "
-        "later in redis-py with a ValueError traceback and exit code 1")),
-    pytest.param("redis://[::1/0", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: an unparsable redis:// URL passes Settings.validate and fails later in "
-        "redis-py with a ValueError traceback and exit code 1")),
+    "redis://127.0.0.1:notaport/0",
+    "redis://[::1/0",
 ], ids=["no-scheme", "http-scheme", "non-numeric-port", "unparsable"])
 def test_bad_redis_url_is_a_clear_error_with_exit_code_2(url: str, tmp_path: Path) -> None:
     env = cli_env(url, fresh_store(tmp_path))

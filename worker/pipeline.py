@@ -78,7 +78,8 @@ class Pipeline:
 
     async def run(self, drain: bool = False) -> bool:
         """Run until stopped, or with drain=True until nothing is left. True when fully drained/stopped cleanly."""
-        await self._start()
+        if not await self._start():
+            return not drain  # stopped before anything was read: nothing to finish
         backoff = Backoff(self.settings.retry_initial_s, self.settings.retry_max_s)
         while not self.stopping:
             try:
@@ -99,7 +100,8 @@ class Pipeline:
     async def close(self) -> None:
         await self.source.close()
 
-    async def _start(self) -> None:
+    async def _start(self) -> bool:
+        """Migrate the store and find the streams, waiting out outages; False if stopped before that."""
         backoff = Backoff(self.settings.retry_initial_s, self.settings.retry_max_s)
         while True:
             try:
@@ -109,7 +111,7 @@ class Pipeline:
                 break
             except StoreUnavailableError as exc:
                 if self.stopping:
-                    raise
+                    return False
                 delay = backoff.next_delay()
                 log.warning("%s; retrying in %.1fs", exc, delay)
                 await self._sleep_unless_stopped(delay)
@@ -119,10 +121,10 @@ class Pipeline:
             try:
                 await self.source.discover(force=True)
                 self._prior_deliveries = await self.source.own_pending_counts()
-                return
+                return True
             except SourceUnavailableError as exc:
                 if self.stopping:
-                    raise
+                    return False
                 delay = backoff.next_delay()
                 log.warning("%s; retrying in %.1fs", exc, delay)
                 await self._sleep_unless_stopped(delay)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from worker.errors import ConfigError
 
@@ -99,6 +100,10 @@ class Settings:
             raise ConfigError("block_ms must be shorter than socket_timeout_s, or reads time out")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"FLOWTRACK_REDIS_URL must be redis://, rediss:// or unix://, got {self.redis_url!r}")
+        try:
+            urlsplit(self.redis_url).port  # noqa: B018 -- raises ValueError on a bad port or bad brackets
+        except ValueError as exc:
+            raise ConfigError(f"FLOWTRACK_REDIS_URL {self.redis_url!r} is not a valid URL: {exc}") from None
         url = self.clickhouse_url
         if url is not None and not url.startswith(("chdb://", "http://", "https://")):
             raise ConfigError(
