@@ -27,6 +27,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -216,8 +217,9 @@ class Worker:
     """``python -m worker.cli run [--drain]`` as a child process; its log is copied line by line to a file."""
 
     def __init__(self, name: str, env: Mapping[str, str], log_dir: Path, drain: bool = False,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", disk_full: bool = False) -> None:
         self.name = name
+        self.disk_full = disk_full
         self.env = dict(env)
         self.drain = drain
         self.log_path = log_dir / f"worker-{name}.log"
@@ -235,7 +237,8 @@ class Worker:
         self.started_at = time.monotonic()
         # stdout/stderr through a pipe, not a file: the store-write fault limits file sizes of the process.
         self.process = subprocess.Popen(args, env=self.env, cwd=ROOT, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT,
+                                        preexec_fn=_no_file_growth if self.disk_full else None)
         self._pump = threading.Thread(target=self._copy_log, daemon=True)
         self._pump.start()
         return self
@@ -261,6 +264,12 @@ class Worker:
 
     def log_has(self, needle: str) -> bool:
         return any(needle in line for line in list(self.lines))
+
+    def set_disk_full(self, full: bool) -> None:
+        """Make every file write of the worker beyond 1 byte fail with EFBIG (or stop that): to the process,
+        the store's disk is full. Soft limit only, so it can be lifted again without privileges."""
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.prlimit(self.pid, resource.RLIMIT_FSIZE, (1 if full else hard, hard))
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, no last batch, no acks."""
@@ -290,6 +299,11 @@ class Worker:
 
     def tail(self, lines: int = 40) -> str:
         return f"--- log of worker {self.name} ({self.log_path}):\n" + "".join(self.lines[-lines:])
+
+
+def _no_file_growth() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1, hard))
 
 
 # -- watching progress through Redis ---------------------------------------------------------------
@@ -391,9 +405,10 @@ class Tally:
     expect: str = "clean"          # "clean", or "duplicates" for the negative control
     xfail: str = ""
     notes: str = ""
+    failures: list[str] = field(default_factory=list)   # scenario-specific (a crash, a slow stop...)
 
     def problems(self) -> list[str]:
-        found = []
+        found = list(self.failures)
         if self.lost:
             found.append(f"{self.lost} of {self.produced} valid events lost")
         if self.duplicates:
@@ -416,6 +431,8 @@ class Tally:
     def ok(self) -> bool:
         if self.expect == "duplicates":
             return self.duplicates > 0
+        if self.expect == "lost":
+            return self.lost > 0
         return not self.problems()
 
     def record(self) -> None:
@@ -486,14 +503,16 @@ class FaultRun:
             reset_server_store(self.server_url)
         self.started = time.monotonic()
         self.notes: list[str] = []
+        self.failures: list[str] = []
 
     def store_url(self, name: str = "store") -> str:
         """An embedded store path of its own, or the shared server when one is configured."""
         return self.server_url or f"chdb://{(self.dir / name).resolve()}"
 
-    def worker(self, consumer: str, store: str = "store", drain: bool = False, **env: str) -> Worker:
+    def worker(self, consumer: str, store: str = "store", drain: bool = False, disk_full: bool = False,
+               **env: str) -> Worker:
         w = Worker(consumer, worker_env(self.redis.url, self.store_url(store), consumer, **env), self.dir,
-                   drain=drain)
+                   drain=drain, disk_full=disk_full)
         self.workers.append(w)
         return w.start()
 
@@ -539,6 +558,7 @@ class FaultRun:
             ends = [w.ended_at for w in self.workers if w.ended_at is not None]
             result.recovery_s = round(max(ends) - recovery_from, 2) if ends else 0.0
         result.notes = "; ".join(self.notes)
+        result.failures = list(self.failures)
         return result
 
     def close(self) -> None:

@@ -71,3 +71,29 @@ def test_kill9_at_points(fault_run: MakeRun) -> None:
     result = run.finish(recovery_from=fault_end)
     assert stored_unacked > 0, f"the insert→ack kill did not land between insert and ack\n{result}"
     assert_clean(result, tuple(run.workers))
+
+
+def test_done_when_60k_three_random_sigkills(fault_run: MakeRun) -> None:
+    """Issue 3's DONE-WHEN: a 60k-event run (produced while the workers run), SIGKILL three times at random
+    moments, each restart under a different consumer name with a short claim idle time (1 s), then a final
+    drain: every valid event visible exactly once, every malformed entry rejected, nothing pending."""
+    run = fault_run("DONE-WHEN: 60k, 3x SIGKILL at random, new consumer each", seed=60)
+    wl = run.workload
+    rng = random.Random(60_000)
+    producer, _ = wl.produce_in_background(run.client, 60_000, rate_per_s=8_000, malformed_every=97)
+    for i in range(3):
+        w = run.worker(f"consumer-{i + 1}")
+        run.wait_consuming(w)
+        delay = rng.uniform(0.2, 1.5)
+        time.sleep(delay)
+        w.kill()
+        s = run.state()
+        run.notes.append(f"kill {i + 1} after {delay:.2f}s: written {wl.written}, acked {s.acked}, "
+                         f"pending {s.pending}")
+    fault_end = time.monotonic()
+    producer.join(60)
+    assert wl.written == 60_000
+    run.drain("consumer-final")
+    result = run.finish(recovery_from=fault_end)
+    assert result.produced + len(wl.malformed) == 60_000
+    assert_clean(result, tuple(run.workers))
