@@ -16,6 +16,8 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any
 
 from worker.errors import StoreRejectedError, StoreUnavailableError
 from worker.normalize import FlowEvent, Rejection, raw_json
@@ -26,6 +28,9 @@ log = logging.getLogger(__name__)
 EVENT_COLUMNS = ("event_id", "user_id", "session_id", "node_id", "parent_id", "event_type", "ts",
                  "attributes", "source_stream", "source_id", "is_end", "is_error", "ingested_at")
 REJECTED_COLUMNS = ("received_at", "source_stream", "source_id", "reason", "raw")
+_EVENT_GETTERS = tuple(itemgetter(i) for i in range(len(FlowEvent._fields)))
+_SOURCE_STREAM = FlowEvent._fields.index("source_stream")
+_SOURCE_ID = FlowEvent._fields.index("source_id")
 
 # ClickHouse error codes that say "this data is wrong", as opposed to "the store is unwell".
 DATA_ERROR_CODES = frozenset({
@@ -44,11 +49,9 @@ class WriteResult:
 def batch_token(keys: Sequence[tuple[str, str]]) -> str:
     """A dedup token that is a function of the exact set of (stream, entry id) in a batch."""
     digest = hashlib.blake2b(digest_size=20)
-    for stream, entry_id in sorted(keys):
-        digest.update(stream.encode())
-        digest.update(b"\x00")
-        digest.update(entry_id.encode())
-        digest.update(b"\x01")
+    # One update over stream \0 entry-id \1 ... in sorted order: the same bytes (and digest) as one
+    # update per part, without 4 calls per entry.
+    digest.update("".join([f"{stream}\x00{entry_id}\x01" for stream, entry_id in sorted(keys)]).encode())
     return digest.hexdigest()
 
 
@@ -88,10 +91,12 @@ class Sink:
                 + self._write_events(events[middle:], now_ms, result))
 
     def _insert_events(self, events: Sequence[FlowEvent], now_ms: int) -> None:
-        columns = [list(col) for col in zip(*events, strict=True)]
-        # FlowEvent field order equals EVENT_COLUMNS minus ingested_at.
+        # Column-wise, one C-level pass per column: zip(*events) would allocate an iterator per row,
+        # and those allocations trigger GC passes over every live event. FlowEvent field order equals
+        # EVENT_COLUMNS minus ingested_at.
+        columns: list[list[Any]] = [list(map(getter, events)) for getter in _EVENT_GETTERS]
+        token = batch_token(list(zip(columns[_SOURCE_STREAM], columns[_SOURCE_ID], strict=True)))
         columns.append([now_ms] * len(events))
-        token = batch_token([(e.source_stream, e.source_id) for e in events])
         self._insert(f"{DATABASE}.events", columns, EVENT_COLUMNS, f"e:{token}")
 
     def _insert_rejections(self, rejections: Sequence[Rejection], now_ms: int) -> None:
@@ -103,7 +108,7 @@ class Sink:
             # The rejected relation takes plain strings; if even that fails the store is unwell.
             raise StoreUnavailableError(f"cannot store rejections: {exc}") from exc
 
-    def _insert(self, table: str, columns: list[list[object]], names: Sequence[str], token: str) -> None:
+    def _insert(self, table: str, columns: Sequence[Sequence[object]], names: Sequence[str], token: str) -> None:
         settings = {"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1}
         try:
             self.store.insert(table, columns, names, settings=settings)
