@@ -70,7 +70,7 @@ def _hl(value: int, row: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     with tempfile.TemporaryDirectory(prefix="flowtrack-faults-") as tmp:
         report = Path(tmp) / "results.jsonl"
         rc, took = run_suite(argv, report)

@@ -327,6 +327,7 @@ def group_state(client: redis.Redis, group: str = GROUP) -> GroupState:
         state.length += int(client.xlen(key))
         try:
             groups = client.xinfo_groups(key)
+            last_generated = client.xinfo_stream(key)["last-generated-id"]
         except redis.ResponseError:
             continue
         for info in groups:
@@ -335,7 +336,10 @@ def group_state(client: redis.Redis, group: str = GROUP) -> GroupState:
                 continue
             state.pending += int(info["pending"])
             state.read += int(info.get("entries-read") or 0)
-            state.lag += int(info.get("lag") or 0)
+            lag = info.get("lag")
+            if lag is None:  # Redis 7 cannot always tell (e.g. after loading an AOF): compare ids instead
+                lag = 0 if info["last-delivered-id"] == last_generated else 1
+            state.lag += int(lag)
     return state
 
 
