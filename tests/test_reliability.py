@@ -172,3 +172,32 @@ def test_redis_restarted_empty_is_not_a_crash_loop(store: Store, clickhouse_url:
         client.close()
     finally:
         server.cleanup()
+
+
+@pytest.fixture
+def poison_view(store: Store) -> Iterator[None]:
+    """A materialized view that throws on attributes['poison'] = '1': its failure comes after the rows were
+    written to events, so the insert is not atomic."""
+    store.client.command(
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS flowtrack.test_poison_view ENGINE = Null AS "
+        "SELECT throwIf(attributes['poison'] = '1', 'poisoned row') AS x FROM flowtrack.events")
+    try:
+        yield
+    finally:
+        store.client.command("DROP VIEW IF EXISTS flowtrack.test_poison_view")
+
+
+def test_rows_a_materialized_view_refuses_leave_no_trace(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str,
+        poison_view: None) -> None:
+    entries = [("flow_events:7", _event("s7" if i < 250 else "s8", f"n{i}",
+                                        poison="1" if i in (3, 260) else "0")) for i in range(500)]
+    ids = xadd_all(redis_client, entries)
+    _drain({}, redis_server.url, clickhouse_url)
+
+    _, rejected = store.query("SELECT source_id FROM flowtrack.rejected_events")
+    assert sorted(r[0] for r in rejected) == sorted([ids[3], ids[260]])
+    assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 498
+    assert store.scalar("SELECT countIf(attributes['poison'] = '1') FROM flowtrack.flow_events") == 0
+    _, sessions = store.query("SELECT session_id, event_count FROM flowtrack.flow_sessions ORDER BY session_id")
+    assert sessions == [("s7", 249), ("s8", 249)]

@@ -56,7 +56,7 @@ class StatsCollector(Collector):
             ("events_rejected", "Entries stored in the rejected relation (contract violations, poison).", s.rejected),
             ("events_acked", "Entries acknowledged (XACK) after being stored.", s.acked),
             ("batches", "Batches written.", s.batches),
-            ("entries_reclaimed", "Idle pending entries reclaimed from other consumers (XAUTOCLAIM).", s.claimed),
+            ("entries_reclaimed", "Idle pending entries reclaimed from other consumers (XCLAIM).", s.claimed),
             ("entries_deleted_while_pending", "Pending entries deleted from their stream before being processed.",
              s.deleted_while_pending),
             ("entries_poison", "Entries rejected for being delivered too often.", s.poison),

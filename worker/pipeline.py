@@ -80,6 +80,7 @@ class Pipeline:
         """Run until stopped, or with drain=True until nothing is left. True when fully drained/stopped cleanly."""
         if not await self._start():
             return not drain  # stopped before anything was read: nothing to finish
+        keepalive = asyncio.create_task(self._keep_inflight_alive())
         backoff = Backoff(self.settings.retry_initial_s, self.settings.retry_max_s)
         while not self.stopping:
             try:
@@ -95,6 +96,9 @@ class Pipeline:
                 await self._sleep_unless_stopped(delay)
                 await self._recover_source()
         await self._finish()
+        keepalive.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keepalive
         return self._drained or not drain
 
     async def close(self) -> None:
@@ -216,7 +220,7 @@ class Pipeline:
     async def _claim(self) -> None:
         result = await self.source.claim_idle(self.settings.claim_idle_ms, self.settings.read_count)
         if result.deleted_ids:
-            # Redis >= 7 drops entries deleted while pending from the PEL during XAUTOCLAIM: record each
+            # Entries deleted from the stream while pending on a dead consumer: record each
             # one in the rejected relation so the loss is visible, not silently forgotten.
             log.error("%d pending entries were deleted from their streams before being processed "
                       "(trimmed or XDEL'd); first: %s", len(result.deleted_ids), result.deleted_ids[0])
@@ -225,6 +229,18 @@ class Pipeline:
             self.stats.claimed += len(result.entries)
             log.info("reclaimed %d idle pending entries from other consumers", len(result.entries))
             self._add(result.entries)
+
+    async def _keep_inflight_alive(self) -> None:
+        """Every claim interval, reset the idle time of the entries this worker holds, even while the loop
+        waits on a slow insert or a store outage, so peers never mistake them for a dead consumer's."""
+        while True:
+            await asyncio.sleep(self.settings.claim_interval_s)
+            if not self._inflight_keys:
+                continue
+            try:
+                await self.source.touch(list(self._inflight_keys))
+            except SourceUnavailableError as exc:
+                log.debug("could not refresh in-flight entries: %s", exc)
 
     async def _trim(self) -> None:
         redis = self.source.redis

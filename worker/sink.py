@@ -55,6 +55,20 @@ def batch_token(keys: Sequence[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
+_DELETE_EVENTS = ("DELETE FROM flowtrack.events "
+                  "WHERE (source_stream, source_id) IN {keys:Array(Tuple(String, String))}")
+_DELETE_SESSIONS = ("DELETE FROM flowtrack.sessions_agg "
+                    "WHERE (user_id, session_id) IN {sessions:Array(Tuple(String, String))}")
+_REBUILD_SESSIONS = """
+INSERT INTO flowtrack.sessions_agg
+SELECT user_id, session_id, min(ts), max(ts), maxIf(ts, is_end = 1 OR is_error = 1), uniqExactState(event_id),
+       uniqExactIfState(event_id, is_error = 1), uniqExactIfState(event_id, is_end = 1)
+FROM flowtrack.events FINAL
+WHERE (user_id, session_id) IN {sessions:Array(Tuple(String, String))}
+GROUP BY user_id, session_id
+"""
+
+
 class Sink:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -63,7 +77,10 @@ class Sink:
         """Store a batch; returns what was stored and what had to be rejected. Blocking (run it in a thread)."""
         result = WriteResult()
         now_ms = int(time.time() * 1000)
-        isolated = self._write_events(list(events), now_ms, result)
+        refused: list[FlowEvent] = []
+        isolated = self._write_events(list(events), now_ms, result, refused)
+        if refused:
+            self._purge(refused)
         all_rejections = list(rejections) + isolated
         if all_rejections:
             self._insert_rejections(all_rejections, now_ms)
@@ -71,7 +88,8 @@ class Sink:
         result.rejected = all_rejections
         return result
 
-    def _write_events(self, events: list[FlowEvent], now_ms: int, result: WriteResult) -> list[Rejection]:
+    def _write_events(self, events: list[FlowEvent], now_ms: int, result: WriteResult,
+                      refused: list[FlowEvent]) -> list[Rejection]:
         if not events:
             return []
         try:
@@ -83,12 +101,27 @@ class Sink:
             if len(events) == 1:
                 event = events[0]
                 log.warning("ClickHouse refused event %s/%s: %s", event.source_stream, event.source_id, exc)
+                refused.append(event)
                 return [Rejection(event.source_stream, event.source_id, f"ClickHouse refused the row: {exc}",
                                   raw_json(_event_as_fields(event)))]
         # Split to isolate the refused rows; the halves have their own entry sets, hence their own tokens.
         middle = len(events) // 2
-        return (self._write_events(events[:middle], now_ms, result)
-                + self._write_events(events[middle:], now_ms, result))
+        return (self._write_events(events[:middle], now_ms, result, refused)
+                + self._write_events(events[middle:], now_ms, result, refused))
+
+    def _purge(self, refused: Sequence[FlowEvent]) -> None:
+        """Remove every trace of refused rows. An insert that a materialized view refuses is not atomic: the
+        rows may already be in ``events`` (and counted in ``sessions_agg``). Delete them, then rebuild the
+        affected sessions' aggregates from what is left (the aggregates are duplicate-safe, so a concurrent
+        insert for the same session cannot be double counted)."""
+        keys = [(e.source_stream, e.source_id) for e in refused]
+        sessions = sorted({(e.user_id, e.session_id) for e in refused})
+        try:
+            self.store.command(_DELETE_EVENTS, {"keys": keys})
+            self.store.command(_DELETE_SESSIONS, {"sessions": sessions})
+            self.store.command(_REBUILD_SESSIONS, {"sessions": sessions})
+        except Exception as exc:
+            raise classify(exc) from exc
 
     def _insert_events(self, events: Sequence[FlowEvent], now_ms: int) -> None:
         # Column-wise, one C-level pass per column: zip(*events) would allocate an iterator per row,

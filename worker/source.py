@@ -1,4 +1,4 @@
-"""Source: Redis Streams through a consumer group (XREADGROUP, XAUTOCLAIM, XPENDING).
+"""Source: Redis Streams through a consumer group (XREADGROUP, XPENDING + XCLAIM, XACK).
 
 Streams are given by name and by glob pattern; patterns are re-scanned so new per-user streams are
 picked up. On start (and after Redis comes back) the consumer first re-reads its own pending
@@ -46,7 +46,7 @@ class ClaimResult:
 # to FLOWTRACK_STREAMS). Tested against a real redis-server in tests/test_security.py.
 WORKER_ACL_RULES = (
     "resetkeys ~flow_events ~flow_events:* resetchannels -@all "
-    "+xreadgroup +xack +xautoclaim +xpending +xinfo|groups +xgroup|create +xrange +xrevrange +xtrim "
+    "+xreadgroup +xack +xclaim +xpending +xinfo|groups +xgroup|create +xrange +xrevrange +xtrim "
     "+scan +exists +info +ping +client|setinfo"
 )
 # A producer may only append to the flow streams.
@@ -85,8 +85,6 @@ class Source:
     def __init__(self, settings: Settings, redis: aioredis.Redis | None = None) -> None:
         self.settings = settings
         self.redis = redis or connect(settings)
-        # Raw XAUTOCLAIM replies: redis-py's parser drops the deleted-ids element and nil entries.
-        self.redis.set_response_callback("XAUTOCLAIM", lambda response, **options: response)
         self.group = settings.group
         self.consumer = settings.consumer
         self.streams: list[str] = []
@@ -221,76 +219,97 @@ class Source:
 
     # -- reclaiming ------------------------------------------------------------------------------
     async def claim_idle(self, min_idle_ms: int, count: int) -> ClaimResult:
-        """XAUTOCLAIM entries idle for min_idle_ms on any consumer (a crashed one), cursor followed to the end.
+        """Take over entries idle for min_idle_ms on *other* consumers (crashed ones).
 
-        Entries deleted from the stream while pending come back as nil (Redis 6.2/7.0) or in the reply's
-        third element (later versions); either way they are reported in ``deleted_ids``.
+        XPENDING IDLE lists the candidates with their delivery counts; XCLAIM re-checks the idle time
+        atomically, so an entry its owner acknowledged or touched meanwhile is not taken. Our own pending
+        entries are never claimed (they are in flight here, or re-read at start). Candidates XCLAIM does
+        not return with data were deleted from the stream while pending: they are reported in
+        ``deleted_ids`` so the loss is recorded, never silently forgotten.
         """
         result = ClaimResult()
         for stream in list(self.streams):
-            cursor = "0-0"
-            saw_nil = False
-            known: set[str] = set()
-            while True:
-                try:
-                    reply = await guarded(lambda stream=stream, cursor=cursor: self.redis.execute_command(  # type: ignore[misc,no-untyped-call]
-                        "XAUTOCLAIM", stream, self.group, self.consumer, min_idle_ms, cursor, "COUNT", count))
-                except ResponseError as exc:
-                    if "NOGROUP" in str(exc):
-                        await self.recover()
-                        break
-                    raise
-                cursor = _decode(reply[0])
-                for item in reply[1]:
-                    if item is None:
-                        saw_nil = True
-                        continue
-                    entry_id = _decode(item[0])
-                    known.add(entry_id)
-                    result.entries.append(Entry(stream, entry_id, _pairs_to_dict(item[1])))
-                if len(reply) > 2:
-                    result.deleted_ids.extend((stream, _decode(d)) for d in reply[2])
-                if cursor == "0-0" or len(result.entries) >= count:
-                    break
-            if saw_nil:
-                result.deleted_ids.extend((stream, i) for i in await self._deleted_in_own_pel(stream, known))
-        if result.entries:
-            await self._attach_delivery_counts(result)
+            if len(result.entries) >= count:
+                break
+            try:
+                candidates = await self._idle_pending_of_others(stream, min_idle_ms, count - len(result.entries))
+                if not candidates:
+                    continue
+                claimed = await guarded(lambda stream=stream, ids=list(candidates): self.redis.xclaim(  # type: ignore[misc]
+                    stream, self.group, self.consumer, min_idle_ms, ids))
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    await self.recover()
+                    continue
+                raise
+            returned: set[str] = set()
+            for item in claimed or ():
+                if item is None or item[0] is None:
+                    continue  # Redis 6.2 answers (nil, nil) for a deleted entry; found as missing below
+                entry_id = _decode(item[0])
+                returned.add(entry_id)
+                fields: Fields = item[1] or None  # type: ignore[assignment]
+                if fields is None:
+                    result.deleted_ids.append((stream, entry_id))
+                    continue
+                result.entries.append(Entry(stream, entry_id, fields, candidates[entry_id] + 1))
+            missing = [i for i in candidates if i not in returned]
+            if missing:
+                result.deleted_ids.extend((stream, i) for i in await self._deleted(stream, missing))
         return result
 
-    async def _deleted_in_own_pel(self, stream: str, known: set[str]) -> list[str]:
-        rows = await guarded(lambda: self.redis.xpending_range(
-            stream, self.group, min="-", max="+", count=100000, consumername=self.consumer))
-        candidates = [_decode(r["message_id"]) for r in rows if _decode(r["message_id"]) not in known]
-        if not candidates:
-            return []
+    async def _idle_pending_of_others(self, stream: str, min_idle_ms: int, limit: int) -> dict[str, int]:
+        """Pending entries idle >= min_idle_ms owned by other consumers: entry id -> times delivered."""
+        found: dict[str, int] = {}
+        start = "-"
+        page = max(100, min(limit * 2, 10000))
+        while len(found) < limit:
+            rows = await guarded(lambda start=start: self.redis.xpending_range(  # type: ignore[misc]
+                stream, self.group, min=start, max="+", count=page, idle=min_idle_ms))
+            for row in rows:
+                if _decode(row["consumer"]) != self.consumer:
+                    found[_decode(row["message_id"])] = int(row["times_delivered"])
+            if len(rows) < page:
+                break
+            last = _decode(rows[-1]["message_id"])
+            start = f"({last}"  # exclusive range start (Redis >= 6.2)
+        return dict(list(found.items())[:limit])
+
+    async def _deleted(self, stream: str, ids: list[str]) -> list[str]:
+        """Which of these pending ids no longer exist in the stream (and drop them from the PEL)."""
 
         async def _exists() -> list[Any]:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for entry_id in candidates:
+                for entry_id in ids:
                     pipe.xrange(stream, entry_id, entry_id, count=1)
                 return list(await pipe.execute())
 
         found = await guarded(_exists)
-        return [entry_id for entry_id, rows in zip(candidates, found, strict=True) if not rows]
+        gone = [entry_id for entry_id, rows in zip(ids, found, strict=True) if not rows]
+        if gone:
+            # Take them into our PEL (JUSTID: no delivery bump) so the batch's XACK removes them.
+            await guarded(lambda: self.redis.xclaim(
+                stream, self.group, self.consumer, 0, list[Any](gone), justid=True))
+        return gone
 
-    async def _attach_delivery_counts(self, result: ClaimResult) -> None:
-        counts = await self.delivery_counts([(e.stream, e.entry_id) for e in result.entries])
-        result.entries = [Entry(e.stream, e.entry_id, e.fields, counts.get((e.stream, e.entry_id), 1))
-                          for e in result.entries]
-
-    async def delivery_counts(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    async def touch(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Reset the idle time of entries we still hold (XCLAIM ... JUSTID, no delivery-count bump), so live
+        peers do not take them over during a long insert or a store outage."""
         by_stream: dict[str, list[str]] = {}
         for stream, entry_id in keys:
             by_stream.setdefault(stream, []).append(entry_id)
-        counts: dict[tuple[str, str], int] = {}
-        for stream, ids in by_stream.items():
-            ordered = sorted(ids, key=_id_key)
-            rows = await guarded(lambda stream=stream, ordered=ordered: self.redis.xpending_range(  # type: ignore[misc]
-                stream, self.group, min=ordered[0], max=ordered[-1], count=len(ordered) * 4 + 10))
-            for row in rows:
-                counts[(stream, _decode(row["message_id"]))] = int(row["times_delivered"])
-        return counts
+        if not by_stream:
+            return
+
+        async def _touch() -> None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream, ids in by_stream.items():
+                    for start in range(0, len(ids), 1000):
+                        pipe.xclaim(stream, self.group, self.consumer, 0, list[Any](ids[start:start + 1000]),
+                                    justid=True)
+                await pipe.execute(raise_on_error=False)
+
+        await guarded(_touch)
 
     async def own_pending_counts(self) -> dict[tuple[str, str], int]:
         """Delivery counts of this consumer's pending entries (read at start, before re-reading them)."""
@@ -336,14 +355,6 @@ class Source:
             lag = group.get("lag")
             total += int(lag) if lag else 1
         return total
-
-
-def _pairs_to_dict(pairs: Any) -> Fields:
-    if not pairs:
-        return None
-    if isinstance(pairs, dict):
-        return pairs
-    return dict(zip(pairs[::2], pairs[1::2], strict=True))
 
 
 def _decode(value: Any) -> str:

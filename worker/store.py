@@ -18,7 +18,13 @@ from typing import Any
 
 import clickhouse_connect
 
-from worker.errors import StoreLockedError, StoreUnavailableError
+from worker.errors import (
+    ConfigError,
+    FlowtrackError,
+    StoreLockedError,
+    StoreRejectedError,
+    StoreUnavailableError,
+)
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,7 +99,24 @@ class Store:
 
     # -- schema ----------------------------------------------------------------------------------
     def migrate(self) -> list[str]:
-        """Apply every migration not yet recorded; statements are idempotent, so a race is harmless."""
+        """Apply every migration not yet recorded; statements are idempotent, so a race is harmless.
+
+        Raises StoreUnavailableError for transient failures (the caller waits them out) and ConfigError when
+        ClickHouse refuses a migration statement itself.
+        """
+        from worker.sink import classify  # sink imports store
+
+        try:
+            return self._migrate()
+        except FlowtrackError:
+            raise
+        except Exception as exc:
+            error = classify(exc)
+            if isinstance(error, StoreRejectedError):
+                raise ConfigError(f"migrating {self.description} failed: {error}") from exc
+            raise StoreUnavailableError(f"migrating {self.description}: {error}") from exc
+
+    def _migrate(self) -> list[str]:
         with self._lock:
             self.client.command(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
             self.client.command(
@@ -125,6 +148,10 @@ class Store:
     def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         _, rows = self.query(sql, parameters)
         return rows[0][0] if rows else None
+
+    def command(self, sql: str, parameters: dict[str, Any] | None = None) -> None:
+        with self._lock:
+            self.client.command(sql, parameters=parameters)
 
     def insert(self, table: str, columns: Sequence[Sequence[Any]], column_names: Sequence[str],
                settings: dict[str, Any] | None = None) -> None:
