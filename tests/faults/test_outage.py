@@ -88,7 +88,6 @@ OWN_RECLAIM = ("bug: during a store outage the worker XAUTOCLAIMs its own in-fli
                "count; its replacement then rejects good events as poison")
 
 
-@pytest.mark.xfail(strict=False, reason=MIGRATE_UNCLASSIFIED)
 def test_store_failing_during_migrate_is_waited_out(fault_run: MakeRun) -> None:
     """A brand-new store on a full disk: `run` must keep retrying (the migration) rather than crash. No data check
     here: chDB itself leaves a 1-byte metadata/flowtrack.sql behind when CREATE DATABASE hits EFBIG and reports
@@ -107,7 +106,6 @@ def test_store_failing_during_migrate_is_waited_out(fault_run: MakeRun) -> None:
     assert w.log_has("retrying"), w.tail(12)
 
 
-@pytest.mark.xfail(strict=False, reason=OWN_RECLAIM)
 def test_long_store_outage_then_worker_replaced(fault_run: MakeRun) -> None:
     """A store outage long enough for many claim rounds (claim idle 300 ms, interval 0.2 s, 6 s outage), then the
     worker is killed (as an orchestrator does with an unhealthy pod) and replaced once the store is back. The

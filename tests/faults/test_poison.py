@@ -24,7 +24,6 @@ MV_NOT_ATOMIC = ("bug: an INSERT refused by a materialized view is not atomic in
                  "landed in flowtrack.events, so isolated poison rows are rejected AND visible in flow_events")
 
 
-@pytest.mark.xfail(strict=False, reason=MV_NOT_ATOMIC)
 def test_poison_mixed_into_good_traffic(fault_run: MakeRun) -> None:
     """25k entries: every 83rd malformed (rejected by the normalizer), every 397th refused by ClickHouse (the
     sink must split its batch, reject exactly those rows, and store the rest of the batch)."""
