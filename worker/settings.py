@@ -48,10 +48,13 @@ class Settings:
     stream_rescan_s: float = 5.0
 
     # Batching: a batch is flushed at max_rows or when its oldest entry waited max_wait_s.
-    batch_max_rows: int = 20000
+    # 10k rows keep chDB inserts efficient (~2.5 us/row) while the next batch fills during the insert;
+    # see docs/readme/bench.md for the measurements behind these defaults.
+    batch_max_rows: int = 10000
     batch_max_wait_s: float = 0.25
-    # Backpressure: at most this many entries read but not yet acknowledged.
-    max_inflight_rows: int = 60000
+    # Backpressure: at most this many entries read but not yet acknowledged. Two batches: one being
+    # written while the next one fills; more only adds memory (and GC work) without adding overlap.
+    max_inflight_rows: int = 20000
 
     # Reliability
     claim_idle_ms: int = 60000
