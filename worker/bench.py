@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import gc
 import io
 import os
 import shutil
@@ -44,6 +45,7 @@ from worker.redisserver import RedisServer, find_redis_server
 from worker.settings import Settings
 
 FLOOR_GROUP = "bench-floor"
+FLOOR_GC_OFF_GROUP = "bench-floor-gc-off"
 PIPELINE_GROUP = "bench-pipeline"
 NAIVE_GROUP = "bench-naive"
 LATENCY_GROUP = "bench-latency"
@@ -120,6 +122,7 @@ class BenchResult:
     redis_server: str
     produce: PhaseResult
     floor: PhaseResult
+    floor_gc_off: PhaseResult
     floor_count_per_stream: int
     pipeline: PipelineResult
     verification: Verification
@@ -270,13 +273,15 @@ class Bench:
         produced = asyncio.run(self._produce_backlog(url))
         count = max(1, min(self.settings.read_count, self.settings.max_inflight_rows // max(1, cfg.streams)))
         floor = asyncio.run(self._floor(url, count))
+        floor_gc_off = self._floor_without_gc(url, count)
         pipeline, verification = self._pipeline(url)
         naive = asyncio.run(self._naive(url)) if cfg.naive_max_s > 0 and cfg.naive_events > 0 else None
         latency = self._latency(url) if cfg.latency_s > 0 else None
         over_floor = pipeline.events_per_s / floor.events_per_s if floor.events_per_s else 0.0
         over_naive = pipeline.events_per_s / naive.events_per_s if naive and naive.events_per_s else None
         passed = verification.ok and over_floor >= cfg.min_ratio and all(c == 0 for c in pipeline.exit_codes)
-        return BenchResult(cfg.events, cfg.streams, redis_version, produced, floor, count, pipeline, verification,
+        return BenchResult(cfg.events, cfg.streams, redis_version, produced, floor, floor_gc_off, count, pipeline,
+                           verification,
                            naive, latency, round(over_floor, 3), None if over_naive is None else round(over_naive, 1),
                            cfg.min_ratio, passed)
 
@@ -297,30 +302,40 @@ class Bench:
         return PhaseResult(sent, round(seconds, 3), round(sent / seconds, 1))
 
     # -- (a) the floor -----------------------------------------------------------------------------
-    async def _floor(self, url: str, count: int) -> PhaseResult:
+    async def _floor(self, url: str, count: int, group: str = FLOOR_GROUP, phase: str = "floor") -> PhaseResult:
         redis = _connect(url)
         total = len(self.ids)
         try:
             for stream in self.backlog_streams:
-                await redis.xgroup_create(stream, FLOOR_GROUP, id="0")
+                await redis.xgroup_create(stream, group, id="0")
             targets: dict[Any, Any] = {stream: ">" for stream in self.backlog_streams}
             done = 0
             started = time.perf_counter()
             while True:
-                reply: Any = await redis.xreadgroup(FLOOR_GROUP, "floor", targets, count=count)
+                reply: Any = await redis.xreadgroup(group, "floor", targets, count=count)
                 if not reply:
                     break
                 async with redis.pipeline(transaction=False) as pipe:
                     for stream, items in reply:
                         if items:
                             done += len(items)
-                            pipe.xack(stream, FLOOR_GROUP, *[entry_id for entry_id, _ in items])
+                            pipe.xack(stream, group, *[entry_id for entry_id, _ in items])
                     await pipe.execute()
-                self.progress("floor", done, total)
+                self.progress(phase, done, total)
             seconds = time.perf_counter() - started
         finally:
             await redis.aclose()
         return PhaseResult(done, round(seconds, 3), round(done / seconds, 1))
+
+    def _floor_without_gc(self, url: str, count: int) -> PhaseResult:
+        """The same loop with the cyclic garbage collector off: informational, what is left of the floor
+        once Python's collector stops scanning the large replies (a real worker cannot just switch it off)."""
+        gc.collect()
+        gc.disable()
+        try:
+            return asyncio.run(self._floor(url, count, FLOOR_GC_OFF_GROUP, "floor -gc"))
+        finally:
+            gc.enable()
 
     # -- (b) the pipeline --------------------------------------------------------------------------
     def _pipeline(self, url: str) -> tuple[PipelineResult, Verification]:
@@ -549,6 +564,7 @@ def format_report(result: BenchResult) -> list[tuple[str, str]]:
         ("produce", f"{result.produce.events_per_s:,.0f} ev/s"),
         ("floor: XREADGROUP+XACK", f"{result.floor.events_per_s:,.0f} ev/s ({result.floor.seconds:.2f} s, "
                                    f"COUNT {result.floor_count_per_stream} per stream)"),
+        ("floor, GC off (info)", f"{result.floor_gc_off.events_per_s:,.0f} ev/s ({result.floor_gc_off.seconds:.2f} s)"),
         (f"pipeline: run --drain x{result.pipeline.workers}",
          f"{result.pipeline.events_per_s:,.0f} ev/s ({result.pipeline.seconds:.2f} s, start-up included)"),
     ]
