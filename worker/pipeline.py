@@ -24,7 +24,7 @@ from redis.exceptions import ResponseError
 from worker.ack import Backoff, Committer
 from worker.batch import Batch
 from worker.errors import SourceUnavailableError, StoreUnavailableError
-from worker.normalize import FlowEvent, Normalizer, Rejection
+from worker.normalize import FlowEvent, Normalizer, Rejection, raw_json
 from worker.settings import Settings
 from worker.sink import Sink
 from worker.source import Entry, Source, guarded
@@ -312,8 +312,6 @@ class Pipeline:
 
 
 def _raw(entry: Entry) -> str:
-    from worker.normalize import raw_json
-
     return raw_json(entry.fields or {})
 
 
