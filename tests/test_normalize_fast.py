@@ -1,0 +1,116 @@
+"""The normalize fast path (issue 6) gives exactly what the checked path gives, or defers to it.
+
+``Normalizer._build_fast`` must return the same FlowEvent as ``_build_checked`` whenever it returns one,
+and must return None whenever the checked path would reject; the same for the fast field decoding.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from worker import normalize as nz
+from worker.normalize import FlowEvent, Normalizer, Rejection
+
+STREAMS = ("flow_events:42", "flow_events", "flow_events:", "x:" + "u" * 300, "a:b:7")
+ENTRY_IDS = ("1700000000000-0", "1700000000123-7")
+ID_VALUES: list[Any] = [None, "", " ", "\t\n", "a", "n-1", "é😀", "x" * 256, "x" * 257, 7, True, 1.5, ["a"],
+                        {"a": 1}]
+TYPE_VALUES: list[Any] = [None, "", " ", "llm_call", "flow_completed", "error", "t" * 128, "t" * 129, 3]
+TS_VALUES: list[Any] = [None, "", "0", "1700000000", "1700000000123", "99999999999", "100000000000",
+                        "7258118399999", "7258118400000", "0001700000000", "\uff11\uff17\uff10\uff10",
+                        "12345678901234567", " 1700000000 ", "-5", "1.5", "2024-01-02T03:04:05Z", "nan",
+                        1700000000, 1.7e12, True]
+
+
+PLAIN: dict[str, list[Any]] = {"session_id": ["s-1", "é😀"], "node_id": ["n-1", "llm-1.tool-2"],
+                               "event_type": ["llm_call", "flow_completed", "error"], "user_id": ["42", None],
+                               "parent_id": ["msg-1", None, ""], "timestamp": ["1700000000123", "1700000000"],
+                               "event_id": [None, "e-1"]}
+
+
+def _record(rng: random.Random) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    odd = rng.random() < 0.5  # half the records are plain except for (usually) one odd field
+    for name, values in (("session_id", ID_VALUES), ("node_id", ID_VALUES), ("event_type", TYPE_VALUES),
+                         ("user_id", ID_VALUES), ("parent_id", ID_VALUES), ("timestamp", TS_VALUES),
+                         ("event_id", ID_VALUES)):
+        value = rng.choice(values) if odd and rng.random() < 0.3 else rng.choice(PLAIN[name])
+        if value is not None or rng.random() < 0.5:
+            record[name] = value
+    if "node_id" in record and rng.random() < 0.1:
+        record["parent_id"] = record["node_id"]
+    for i in range(rng.choice((0, 1, 3))):
+        record[f"attr{i}"] = rng.choice(("v", "", "ü", 5, None, [1, 2], {"k": "v"}))
+    return record
+
+
+def _checked(normalizer: Normalizer, stream: str, entry_id: str, record: dict[str, Any]) -> FlowEvent | str:
+    try:
+        return normalizer._build_checked(stream, entry_id, record)
+    except nz._Reject as exc:
+        return f"rejected: {exc}"
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fast_build_agrees_with_checked_build(seed: int) -> None:
+    rng = random.Random(seed)
+    normalizer = Normalizer()
+    fast_hits = 0
+    for _ in range(3000):
+        stream, entry_id, record = rng.choice(STREAMS), rng.choice(ENTRY_IDS), _record(rng)
+        checked = _checked(normalizer, stream, entry_id, record)
+        try:
+            fast = normalizer._build_fast(stream, entry_id, record)
+        except nz._Reject as exc:  # only the attribute limit may reject from the fast path
+            assert checked == f"rejected: {exc}"
+            continue
+        if fast is not None:
+            fast_hits += 1
+            assert type(fast) is FlowEvent
+            assert fast == checked, (stream, entry_id, record)
+    assert fast_hits > 50  # the generator does reach the fast path
+
+
+def test_fast_decode_agrees_with_checked_decode() -> None:
+    cases: list[dict[Any, Any]] = [
+        {b"session_id": b"s", b"node_id": b"n", b"event_type": b"t"},
+        {b"session_id": "s", b"node_id": b"n"},                      # str value
+        {"session_id": b"s"},                                        # str key
+        {b"session_id": b"\xff"},                                    # invalid UTF-8 value
+        {b"\xfe": b"x"},                                             # invalid UTF-8 key
+        {b"session_id": bytearray(b"s")},                            # bytearray value
+        {b"data": b'{"session_id": "s", "node_id": "n", "event_type": "t", "k": [1]}'},
+        {b"payload": b"[1]"},
+        {b"big": b"x" * nz.MAX_ENTRY_BYTES},                         # over the limit with its key
+        {b"big": b"x" * (nz.MAX_ENTRY_BYTES - 3)},                   # exactly at the limit
+        {"é" * 10: b"x" * (nz.MAX_ENTRY_BYTES - 15)},
+    ]
+    for fields in cases:
+        try:
+            expected: Any = nz._unwrap(nz._decode_fields(fields))
+        except nz._Reject as exc:
+            expected = f"rejected: {exc}"
+        try:
+            got: Any = nz._decode_entry(fields)
+        except nz._Reject as exc:
+            got = f"rejected: {exc}"
+        assert got == expected, fields
+
+
+def test_whole_entries_normalize_the_same_through_either_path() -> None:
+    normalizer = Normalizer(end_event_types=("flow_completed",), error_event_types=("error",))
+    rng = random.Random(99)
+    for _ in range(2000):
+        record = _record(rng)
+        fields = {k.encode(): v.encode() for k, v in record.items() if isinstance(v, str)}
+        stream, entry_id = rng.choice(STREAMS), rng.choice(ENTRY_IDS)
+        item = normalizer.normalize(stream, entry_id, fields)
+        decoded = nz._unwrap(nz._decode_fields(fields))
+        checked = _checked(normalizer, stream, entry_id, decoded)
+        if isinstance(item, Rejection):
+            assert isinstance(checked, str) and checked == f"rejected: {item.reason}"
+        else:
+            assert item == checked
