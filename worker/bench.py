@@ -178,7 +178,8 @@ def _connect(url: str) -> aioredis.Redis:
 def _worker_env(redis_url: str, store_url: str, streams: str, group: str, consumer: str) -> dict[str, str]:
     env = dict(os.environ)  # other FLOWTRACK_* settings (tuning) pass through to the workers
     env.update(FLOWTRACK_REDIS_URL=redis_url, FLOWTRACK_CLICKHOUSE_URL=store_url, FLOWTRACK_STREAMS=streams,
-               FLOWTRACK_GROUP=group, FLOWTRACK_CONSUMER=consumer)
+               FLOWTRACK_GROUP=group, FLOWTRACK_CONSUMER=consumer,
+               FLOWTRACK_METRICS_PORT="0")  # K workers cannot share one metrics port
     return env
 
 
