@@ -257,8 +257,13 @@ def test_rejected_lists_reasons_and_replay_is_idempotent(
     entries = flow_entries(flows)
     ids = xadd_all(redis_client, entries)
     broken_id = xadd_all(redis_client, [("flow_events:1", {"session_id": "s-bad", "event_type": "llm_call"})])[0]
-    # A worker whose poison threshold rejects everything: good entries land in rejected_events.
-    drain(url, clickhouse_url, max_deliveries=0)
+    # Every entry was delivered once to a consumer that died; with a threshold of one delivery the worker
+    # that reclaims them rejects them all as poison: good entries land in rejected_events.
+    for stream in sorted({s for s, _ in entries} | {"flow_events:1"}):
+        redis_client.xgroup_create(stream, "flowtrack", id="0")
+        redis_client.xreadgroup("flowtrack", "dead-worker", {stream: ">"})
+    time.sleep(0.2)
+    drain(url, clickhouse_url, max_deliveries=1, claim_idle_ms=100, claim_interval_s=0.1)
     assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 0
 
     listed = invoke(["rejected", "-f", "json", "--limit", "1000"], url, clickhouse_url)
@@ -268,7 +273,7 @@ def test_rejected_lists_reasons_and_replay_is_idempotent(
     assert {r["reason"].split(" ")[0] for r in rows} == {"delivered"}
     table = invoke(["rejected", "--reason", "delivered", "--limit", "3"], url, clickhouse_url).stdout
     assert "delivered" in table and "limit 3 reached" in table
-    assert all(r["reason"].startswith("delivered 1 times without being stored") for r in rows)
+    assert all(r["reason"].startswith("delivered 2 times without being stored") for r in rows)
 
     user1 = [(s, i) for (s, _), i in zip(entries, ids, strict=True) if s == "flow_events:1"]
     chosen = [i for _, i in user1]

@@ -81,7 +81,7 @@ class Committer:
         attempts = 0
         while True:
             try:
-                acked = await self.source.ack(batch.keys)
+                acked = await self.source.ack(batch.ids_by_stream)
                 self.stats.acked += acked
                 return
             except SourceUnavailableError as exc:

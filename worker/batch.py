@@ -14,30 +14,35 @@ class Batch:
     max_wait_s: float
     events: list[FlowEvent] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
-    # Every (stream, entry id) in the batch, events and rejections alike: what gets acknowledged.
-    keys: list[tuple[str, str]] = field(default_factory=list)
+    # Every entry id of the batch per stream, events and rejections alike: what one pipelined XACK acknowledges.
+    ids_by_stream: dict[str, list[str]] = field(default_factory=dict)
+    rows: int = 0
     started_at: float | None = None
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return self.rows
 
-    def add_event(self, event: FlowEvent) -> None:
-        self._touch()
-        self.events.append(event)
-        self.keys.append((event.source_stream, event.source_id))
-
-    def add_rejection(self, rejection: Rejection) -> None:
-        self._touch()
-        self.rejections.append(rejection)
-        self.keys.append((rejection.source_stream, rejection.source_id))
-
-    def _touch(self) -> None:
+    def add(self, stream: str, entry_id: str, item: FlowEvent | Rejection) -> None:
         if self.started_at is None:
             self.started_at = time.monotonic()
+        ids = self.ids_by_stream.get(stream)
+        if ids is None:
+            ids = self.ids_by_stream[stream] = []
+        ids.append(entry_id)
+        self.rows += 1
+        if type(item) is FlowEvent:
+            self.events.append(item)
+        else:
+            self.rejections.append(item)  # type: ignore[arg-type]
+
+    @property
+    def keys(self) -> list[tuple[str, str]]:
+        """(stream, entry id) of every entry; built on demand (keepalive, tests), not on the hot path."""
+        return [(stream, entry_id) for stream, ids in self.ids_by_stream.items() for entry_id in ids]
 
     @property
     def full(self) -> bool:
-        return len(self.keys) >= self.max_rows
+        return self.rows >= self.max_rows
 
     def seconds_left(self, now: float | None = None) -> float:
         """Time until the batch is due by age; infinite while it is empty."""
@@ -47,4 +52,4 @@ class Batch:
         return max(0.0, self.started_at + self.max_wait_s - now)
 
     def due(self, now: float | None = None) -> bool:
-        return bool(self.keys) and (self.full or self.seconds_left(now) <= 0.0)
+        return self.rows > 0 and (self.full or self.seconds_left(now) <= 0.0)

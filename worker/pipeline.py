@@ -18,16 +18,17 @@ import logging
 import signal
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from redis.exceptions import ResponseError
 
 from worker.ack import Backoff, Committer
 from worker.batch import Batch
 from worker.errors import SourceUnavailableError, StoreUnavailableError
-from worker.normalize import FlowEvent, Normalizer, Rejection, raw_json
+from worker.normalize import Normalizer, Rejection, raw_json
 from worker.settings import Settings
 from worker.sink import Sink
-from worker.source import Entry, Source, guarded
+from worker.source import Entry, Fields, Source, guarded
 from worker.stats import Stats
 from worker.store import Store
 from worker.trim import supports_acked, trim_stream
@@ -46,7 +47,7 @@ class Pipeline:
         self._ready: list[Batch] = []  # full batches waiting for the write slot, in read order
         self._writing: asyncio.Task[bool] | None = None
         self._writing_rows = 0
-        self._inflight_keys: set[tuple[str, str]] = set()
+        self._writing_batch: Batch | None = None
         self._prior_deliveries: dict[tuple[str, str], int] = {}
         self._stop = asyncio.Event()
         self._last_claim = 0.0
@@ -163,14 +164,22 @@ class Pipeline:
         self._reap_write()
         if self._ready and self._writing is None:
             self._start_write(self._ready.pop(0))
-        if self._batch.due() or (got == 0 and self._batch.keys and self._writing is None):
+        if self._batch.due() or (got == 0 and self._batch.rows and self._writing is None):
             await self._flush()
-        if drain and got == 0 and not self._batch.keys and not self._ready and self._writing is None:
+        if drain and got == 0 and not self._batch.rows and not self._ready and self._writing is None:
             return await self._drain_finished()
         return False
 
     def _inflight_rows(self) -> int:
         return len(self._batch) + sum(len(b) for b in self._ready) + self._writing_rows
+
+    def _held_keys(self) -> set[tuple[str, str]]:
+        """Every entry read and not yet acknowledged (built on demand: keepalive, re-reads after a reconnect)."""
+        held: set[tuple[str, str]] = set()
+        for batch in (self._batch, *self._ready, self._writing_batch):
+            if batch is not None:
+                held.update(batch.keys)
+        return held
 
     async def _read(self, room: int) -> int:
         streams = max(1, len(self.source.streams))
@@ -178,44 +187,62 @@ class Pipeline:
         wait_s = min(self.settings.block_ms / 1000, self._batch.seconds_left())
         block_ms = max(1, int(wait_s * 1000))
         reading_pending = self.source.reading_pending
-        entries = await self.source.read(count, block_ms)
+        groups = await self.source.read(count, block_ms)
         if reading_pending:
-            entries = [self._with_prior_deliveries(e) for e in entries]
-        self._add(entries)
-        return len(entries)
+            return self._add_pending(groups)
+        return self._add_new(groups)
 
-    def _with_prior_deliveries(self, entry: Entry) -> Entry:
-        prior = self._prior_deliveries.pop((entry.stream, entry.entry_id), 0)
-        return Entry(entry.stream, entry.entry_id, entry.fields, prior + 1)
+    def _add_new(self, groups: list[tuple[str, list[tuple[Any, Fields]]]]) -> int:
+        """The hot path: entries delivered for the first time, straight from the reply into the batch."""
+        normalize = self.normalizer.normalize
+        added = 0
+        for stream, items in groups:
+            for raw_id, fields in items:
+                entry_id = raw_id.decode()
+                batch = self._batch
+                if batch.rows >= batch.max_rows:
+                    batch = self._roll_batch()
+                batch.add(stream, entry_id, normalize(stream, entry_id, fields or None))
+            added += len(items)
+        self.stats.read += added
+        return added
+
+    def _add_pending(self, groups: list[tuple[str, list[tuple[Any, Fields]]]]) -> int:
+        """Our own pending entries, re-read at start or after a reconnect: count deliveries, skip held ones."""
+        held = self._held_keys()
+        entries = []
+        for stream, items in groups:
+            for raw_id, fields in items:
+                entry_id = _text(raw_id)
+                if (stream, entry_id) in held:
+                    continue  # still on its way to the store from before the reconnect
+                prior = self._prior_deliveries.pop((stream, entry_id), 0)
+                entries.append(Entry(stream, entry_id, fields or None, prior + 1))
+        self._add(entries)
+        return sum(len(items) for _, items in groups)
+
+    def _roll_batch(self) -> Batch:
+        """batch_max_rows is a hard bound: a full batch queues for the write slot and a new one starts."""
+        self._ready.append(self._batch)
+        self._batch = self._new_batch()
+        return self._batch
 
     def _add(self, entries: Iterable[Entry]) -> None:
-        normalize = self.normalizer.normalize
+        """Entries with a delivery history (re-read, reclaimed, deleted while pending): the checked path."""
         max_deliveries = self.settings.max_deliveries
-        inflight = self._inflight_keys
         for entry in entries:
-            if self._batch.full:
-                self._ready.append(self._batch)  # batch_max_rows is a hard bound on a batch
-                self._batch = self._new_batch()
-            batch = self._batch
-            key = (entry.stream, entry.entry_id)
-            if key in inflight:
-                continue  # reclaimed while we still hold it (a long outage): already on its way
-            inflight.add(key)
+            batch = self._batch if not self._batch.full else self._roll_batch()
             self.stats.read += 1
             if entry.deliveries > max_deliveries:
                 self.stats.poison += 1
-                batch.add_rejection(Rejection(entry.stream, entry.entry_id,
-                                              f"delivered {entry.deliveries} times without being stored "
-                                              f"(over FLOWTRACK_MAX_DELIVERIES={max_deliveries})",
-                                              _raw(entry)))
+                batch.add(entry.stream, entry.entry_id, Rejection(
+                    entry.stream, entry.entry_id, f"delivered {entry.deliveries} times without being stored "
+                    f"(over FLOWTRACK_MAX_DELIVERIES={max_deliveries})", _raw(entry)))
                 continue
             if entry.fields is None:
                 self.stats.deleted_while_pending += 1
-            item = normalize(entry.stream, entry.entry_id, entry.fields)
-            if isinstance(item, FlowEvent):
-                batch.add_event(item)
-            else:
-                batch.add_rejection(item)
+            batch.add(entry.stream, entry.entry_id,
+                      self.normalizer.normalize(entry.stream, entry.entry_id, entry.fields))
 
     async def _claim(self) -> None:
         result = await self.source.claim_idle(self.settings.claim_idle_ms, self.settings.read_count)
@@ -235,10 +262,11 @@ class Pipeline:
         waits on a slow insert or a store outage, so peers never mistake them for a dead consumer's."""
         while True:
             await asyncio.sleep(self.settings.claim_interval_s)
-            if not self._inflight_keys:
+            held = self._held_keys()
+            if not held:
                 continue
             try:
-                await self.source.touch(list(self._inflight_keys))
+                await self.source.touch(held)
             except SourceUnavailableError as exc:
                 log.debug("could not refresh in-flight entries: %s", exc)
 
@@ -257,9 +285,8 @@ class Pipeline:
 
     async def _flush(self) -> None:
         """Send every full batch and the current one to the write slot, one write at a time, in order."""
-        if self._batch.keys:
-            self._ready.append(self._batch)
-            self._batch = self._new_batch()
+        if self._batch.rows:
+            self._roll_batch()
         while self._ready:
             if self._writing is not None:
                 await asyncio.wait({self._writing})
@@ -269,20 +296,15 @@ class Pipeline:
     def _start_write(self, batch: Batch) -> None:
         assert self._committer is not None and self._writing is None
         self._writing_rows = len(batch)
-        self._writing = asyncio.create_task(self._commit(batch))
-
-    async def _commit(self, batch: Batch) -> bool:
-        assert self._committer is not None
-        try:
-            return await self._committer.commit(batch)
-        finally:
-            self._inflight_keys.difference_update(batch.keys)
+        self._writing_batch = batch
+        self._writing = asyncio.create_task(self._committer.commit(batch))
 
     def _reap_write(self) -> None:
         task = self._writing
         if task is None or not task.done():
             return
         self._writing = None
+        self._writing_batch = None
         self._writing_rows = 0
         task.result()  # surface unexpected errors instead of losing them
 
@@ -301,7 +323,7 @@ class Pipeline:
         return False
 
     async def _finish(self) -> None:
-        if not self._drained or self._batch.keys or self._ready:
+        if not self._drained or self._batch.rows or self._ready:
             await self._flush()
         if self._writing is not None:
             await asyncio.wait({self._writing})
@@ -309,6 +331,10 @@ class Pipeline:
 
     def _new_batch(self) -> Batch:
         return Batch(self.settings.batch_max_rows, self.settings.batch_max_wait_s)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _raw(entry: Entry) -> str:

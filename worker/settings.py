@@ -97,6 +97,8 @@ class Settings:
             raise ConfigError("FLOWTRACK_STREAMS is empty: name at least one stream or pattern")
         if self.batch_max_rows < 1 or self.read_count < 1:
             raise ConfigError("batch_max_rows and read_count must be at least 1")
+        if self.max_deliveries < 1:
+            raise ConfigError("max_deliveries must be at least 1 (the first delivery is never poison)")
         if self.max_inflight_rows < self.batch_max_rows:
             raise ConfigError("max_inflight_rows must be at least batch_max_rows")
         if self.block_ms >= self.socket_timeout_s * 1000:

@@ -151,15 +151,19 @@ class Source:
         return stream in self.settings.streams
 
     # -- reading ---------------------------------------------------------------------------------
-    async def read(self, count: int, block_ms: int | None) -> list[Entry]:
-        """One XREADGROUP over every stream; pending streams first, without blocking."""
+    async def read(self, count: int, block_ms: int | None) -> list[tuple[str, list[tuple[Any, Fields]]]]:
+        """One XREADGROUP over every stream; pending streams first, without blocking.
+
+        Returns redis-py's reply as it is, per stream: [(stream, [(entry id bytes, fields or None), ...])].
+        No per-entry objects: this is the hot path.
+        """
         if not self.streams:
             return []
         pending = {s: c for s, c in self._cursor.items() if c != ">"}
         targets = pending or {s: ">" for s in self.streams}
         block = None if pending else block_ms
         try:
-            reply = await guarded(lambda: self.redis.xreadgroup(
+            reply: Any = await guarded(lambda: self.redis.xreadgroup(
                 self.group, self.consumer, targets, count=count, block=block))  # type: ignore[arg-type]
         except ResponseError as exc:
             if "NOGROUP" in str(exc):
@@ -167,22 +171,14 @@ class Source:
                 await self.recover()
                 return []
             raise
-        entries = list(self._entries(reply))
+        groups = [(_decode(stream), items) for stream, items in reply or ()]
         if pending:
-            self._advance_pending_cursors(pending, entries)
-        return entries
+            self._advance_pending_cursors(pending, groups)
+        return groups
 
-    def _entries(self, reply: Any) -> Iterable[Entry]:
-        for stream_raw, items in reply or ():
-            stream = stream_raw.decode() if isinstance(stream_raw, bytes) else stream_raw
-            for entry_id_raw, fields in items:
-                entry_id = entry_id_raw.decode() if isinstance(entry_id_raw, bytes) else entry_id_raw
-                yield Entry(stream, entry_id, fields or None)
-
-    def _advance_pending_cursors(self, pending: dict[str, str], entries: list[Entry]) -> None:
-        last: dict[str, str] = {}
-        for entry in entries:
-            last[entry.stream] = entry.entry_id
+    def _advance_pending_cursors(self, pending: dict[str, str],
+                                 groups: list[tuple[str, list[tuple[Any, Fields]]]]) -> None:
+        last = {stream: _decode(items[-1][0]) for stream, items in groups if items}
         for stream in pending:
             self._cursor[stream] = last.get(stream, ">")  # no more own pending entries: switch to new ones
 
@@ -191,10 +187,8 @@ class Source:
         return any(c != ">" for c in self._cursor.values())
 
     # -- acknowledging ---------------------------------------------------------------------------
-    async def ack(self, keys: Iterable[tuple[str, str]]) -> int:
-        by_stream: dict[str, list[str]] = {}
-        for stream, entry_id in keys:
-            by_stream.setdefault(stream, []).append(entry_id)
+    async def ack(self, by_stream: dict[str, list[str]]) -> int:
+        """XACK entry ids grouped per stream, in one pipeline."""
         if not by_stream:
             return 0
 
