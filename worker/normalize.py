@@ -6,7 +6,6 @@ Pure: no I/O, no clock, no exceptions escape. The event contract lives in
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -55,8 +54,12 @@ class _Reject(Exception):
 
 
 def derive_event_id(stream: str, entry_id: str) -> str:
-    """Deterministic id for entries without ``event_id``: a redelivered entry keeps its id."""
-    return hashlib.blake2b(f"{stream}\x00{entry_id}".encode(), digest_size=16).hexdigest()
+    """Deterministic id for entries without ``event_id``: a redelivered entry keeps its id.
+
+    ``<stream>/<entry id>`` is injective (an entry id never contains '/'), says where the event came
+    from, and costs a fraction of a hash on the hot path.
+    """
+    return f"{stream}/{entry_id}"
 
 
 def entry_id_ms(entry_id: str) -> int:
@@ -138,7 +141,7 @@ class Normalizer:
             return None
         event_id = get("event_id")
         if event_id is None or event_id == "" or (type(event_id) is str and event_id.isspace()):
-            event_id = derive_event_id(stream, entry_id)
+            event_id = f"{stream}/{entry_id}"  # derive_event_id, inlined on the hot path
         elif type(event_id) is not str or len(event_id) > MAX_ID_CHARS:
             return None
         attributes = _attributes(record)
