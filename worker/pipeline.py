@@ -26,10 +26,10 @@ from redis.exceptions import ResponseError
 from worker.ack import Backoff, Committer
 from worker.batch import Batch
 from worker.errors import SourceUnavailableError, StoreUnavailableError
-from worker.normalize import Normalizer, Rejection, raw_json
+from worker.normalize import Normalizer, Rejection, pairs_to_dict, raw_json
 from worker.settings import Settings
 from worker.sink import Sink
-from worker.source import Entry, Fields, Source, guarded
+from worker.source import Entry, Source, guarded
 from worker.stats import Stats
 from worker.store import Store
 from worker.trim import supports_acked, trim_stream
@@ -211,9 +211,9 @@ class Pipeline:
             return self._add_pending(groups)
         return self._add_new(groups)
 
-    def _add_new(self, groups: list[tuple[str, list[tuple[Any, Fields]]]]) -> int:
+    def _add_new(self, groups: list[tuple[str, list[Any]]]) -> int:
         """The hot path: entries delivered for the first time, straight from the reply into the batch."""
-        normalize = self.normalizer.normalize
+        normalize = self.normalizer.normalize_pairs
         added = 0
         for stream, items in groups:
             for raw_id, fields in items:
@@ -221,12 +221,12 @@ class Pipeline:
                 batch = self._batch
                 if batch.rows >= batch.max_rows:
                     batch = self._roll_batch()
-                batch.add(stream, entry_id, normalize(stream, entry_id, fields or None))
+                batch.add(stream, entry_id, normalize(stream, entry_id, fields))
             added += len(items)
         self.stats.read += added
         return added
 
-    def _add_pending(self, groups: list[tuple[str, list[tuple[Any, Fields]]]]) -> int:
+    def _add_pending(self, groups: list[tuple[str, list[Any]]]) -> int:
         """Our own pending entries, re-read at start or after a reconnect: count deliveries, skip held ones."""
         held = self._held_keys()
         entries = []
@@ -236,7 +236,7 @@ class Pipeline:
                 if (stream, entry_id) in held:
                     continue  # still on its way to the store from before the reconnect
                 prior = self._prior_deliveries.pop((stream, entry_id), 0)
-                entries.append(Entry(stream, entry_id, fields or None, prior + 1))
+                entries.append(Entry(stream, entry_id, pairs_to_dict(fields) or None, prior + 1))
         self._add(entries)
         return sum(len(items) for _, items in groups)
 

@@ -85,6 +85,9 @@ class Source:
     def __init__(self, settings: Settings, redis: aioredis.Redis | None = None) -> None:
         self.settings = settings
         self.redis = redis or connect(settings)
+        # XREADGROUP replies are used as Redis sends them ([[stream, [[id, [name, value, …]], …]], …]): redis-py's
+        # default parsing builds a tuple and a bytes dict per entry that the normalizer would only throw away.
+        self.redis.set_response_callback("XREADGROUP", _raw_reply)
         self.group = settings.group
         self.consumer = settings.consumer
         self.streams: list[str] = []
@@ -151,10 +154,10 @@ class Source:
         return stream in self.settings.streams
 
     # -- reading ---------------------------------------------------------------------------------
-    async def read(self, count: int, block_ms: int | None) -> list[tuple[str, list[tuple[Any, Fields]]]]:
+    async def read(self, count: int, block_ms: int | None) -> list[tuple[str, list[Any]]]:
         """One XREADGROUP over every stream; pending streams first, without blocking.
 
-        Returns redis-py's reply as it is, per stream: [(stream, [(entry id bytes, fields or None), ...])].
+        Returns the reply as Redis sent it, per stream: [(stream, [[entry id, [name, value, …] or None], …])].
         No per-entry objects: this is the hot path.
         """
         if not self.streams:
@@ -176,8 +179,7 @@ class Source:
             self._advance_pending_cursors(pending, groups)
         return groups
 
-    def _advance_pending_cursors(self, pending: dict[str, str],
-                                 groups: list[tuple[str, list[tuple[Any, Fields]]]]) -> None:
+    def _advance_pending_cursors(self, pending: dict[str, str], groups: list[tuple[str, list[Any]]]) -> None:
         last = {stream: _decode(items[-1][0]) for stream, items in groups if items}
         for stream in pending:
             self._cursor[stream] = last.get(stream, ">")  # no more own pending entries: switch to new ones
@@ -349,6 +351,10 @@ class Source:
             lag = group.get("lag")
             total += int(lag) if lag else 1
         return total
+
+
+def _raw_reply(response: Any, **options: Any) -> Any:
+    return response
 
 
 def _decode(value: Any) -> str:
