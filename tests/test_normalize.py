@@ -429,3 +429,26 @@ def test_normalize_never_raises_on_odd_input() -> None:
                       {b"data": b"{}" * 10}, flat(**base(timestamp="\x00"))]
     for fields in odd:
         assert isinstance(normalize(fields), Rejection)
+
+
+# -- the worker's hot path: fields as Redis sends them ([name, value, ...]) -------------------------
+def _as_pairs(fields: Any) -> list[Any] | None:
+    if fields is None:
+        return None
+    return [part for item in fields.items() for part in item]
+
+
+def _redis_shaped(fields: Any) -> bool:
+    return fields is None or (isinstance(fields, dict) and all(isinstance(k, bytes) for k in fields))
+
+
+PAIR_CASES = [case for case in ([(c[0], c[1], c[2]) for c in ACCEPT_CASES]
+                                + [(c[0], STREAM, c[1]) for c in TIMESTAMP_REJECT_CASES]
+                                + [(c[0], c[1], c[2]) for c in REJECT_CASES]) if _redis_shaped(case[2])]
+
+
+@pytest.mark.parametrize(("stream", "fields"), [c[1:] for c in PAIR_CASES], ids=[c[0] for c in PAIR_CASES])
+def test_normalize_pairs_agrees_with_normalize(stream: str, fields: Any) -> None:
+    expected = Normalizer().normalize(stream, ENTRY_ID, fields)
+    got = Normalizer().normalize_pairs(stream, ENTRY_ID, _as_pairs(fields))
+    assert got == expected
