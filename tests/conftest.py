@@ -24,7 +24,7 @@ from worker.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_URL_ENV = "FLOWTRACK_TEST_CLICKHOUSE_URL"
-PUBLIC_TABLES = ("events", "sessions_agg", "rejected")
+PUBLIC_TABLES = ("events", "rejected")
 
 
 @pytest.fixture

@@ -57,16 +57,6 @@ def batch_token(keys: Sequence[tuple[str, str]]) -> str:
 
 _DELETE_EVENTS = ("DELETE FROM flowtrack.events "
                   "WHERE (source_stream, source_id) IN {keys:Array(Tuple(String, String))}")
-_DELETE_SESSIONS = ("DELETE FROM flowtrack.sessions_agg "
-                    "WHERE (user_id, session_id) IN {sessions:Array(Tuple(String, String))}")
-_REBUILD_SESSIONS = """
-INSERT INTO flowtrack.sessions_agg
-SELECT user_id, session_id, min(ts), max(ts), maxIf(ts, is_end = 1 OR is_error = 1), uniqExactState(event_id),
-       uniqExactIfState(event_id, is_error = 1), uniqExactIfState(event_id, is_end = 1)
-FROM flowtrack.events FINAL
-WHERE (user_id, session_id) IN {sessions:Array(Tuple(String, String))}
-GROUP BY user_id, session_id
-"""
 
 
 class Sink:
@@ -110,16 +100,12 @@ class Sink:
                 + self._write_events(events[middle:], now_ms, result, refused))
 
     def _purge(self, refused: Sequence[FlowEvent]) -> None:
-        """Remove every trace of refused rows. An insert that a materialized view refuses is not atomic: the
-        rows may already be in ``events`` (and counted in ``sessions_agg``). Delete them, then rebuild the
-        affected sessions' aggregates from what is left (the aggregates are duplicate-safe, so a concurrent
-        insert for the same session cannot be double counted)."""
+        """Remove every trace of refused rows. An insert that a materialized view (a user's, or a guard) refuses
+        is not atomic: the rows may already be in ``events``. The session and node views read ``events``, so
+        deleting them there is enough."""
         keys = [(e.source_stream, e.source_id) for e in refused]
-        sessions = sorted({(e.user_id, e.session_id) for e in refused})
         try:
             self.store.command(_DELETE_EVENTS, {"keys": keys})
-            self.store.command(_DELETE_SESSIONS, {"sessions": sessions})
-            self.store.command(_REBUILD_SESSIONS, {"sessions": sessions})
         except Exception as exc:
             raise classify(exc) from exc
 
