@@ -370,7 +370,7 @@ def _raw(entry: Entry) -> str:
 
 # CPython's default thresholds (700, 10, 10) run a full collection every fraction of a second over the whole
 # in-flight working set (reply lists, events, insert columns): ~30% of a draining worker's time
-# (docs/readme/bench.md). The hot path creates no reference cycles, so collect young objects in larger steps
+# (README, "Benchmark"). The hot path creates no reference cycles, so collect young objects in larger steps
 # and the old generation rarely.
 GC_THRESHOLDS = (10_000, 100, 1000)
 

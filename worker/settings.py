@@ -49,7 +49,7 @@ class Settings:
 
     # Batching: a batch is flushed at max_rows or when its oldest entry waited max_wait_s.
     # 10k rows keep chDB inserts efficient (~2.5 us/row) while the next batch fills during the insert;
-    # see docs/readme/bench.md for the measurements behind these defaults.
+    # see README, "Benchmark" for the measurements behind these defaults.
     batch_max_rows: int = 10000
     batch_max_wait_s: float = 0.25
     # Backpressure: at most this many entries read but not yet acknowledged. Two batches: one being
