@@ -201,3 +201,36 @@ def test_rows_a_materialized_view_refuses_leave_no_trace(
     assert store.scalar("SELECT countIf(attributes['poison'] = '1') FROM flowtrack.flow_events") == 0
     _, sessions = store.query("SELECT session_id, event_count FROM flowtrack.flow_sessions ORDER BY session_id")
     assert sessions == [("s7", 249), ("s8", 249)]
+
+
+def test_a_batch_refused_row_by_row_is_an_outage_not_poison(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+    """When the store refuses every row of a batch, the store is what is wrong: nothing is rejected, nothing
+    acknowledged, and the batch lands once the store accepts it again."""
+    stream = "flow_events:9"
+    xadd_all(redis_client, [(stream, _event("s9", f"n{i}")) for i in range(20)])
+    store.client.command("ALTER TABLE flowtrack.events ADD CONSTRAINT IF NOT EXISTS test_refuse_all CHECK 0")
+    settings = make_settings(redis_server.url, clickhouse_url)
+
+    async def go() -> tuple[Pipeline, int, int]:
+        pipeline = Pipeline(settings)
+        task = asyncio.create_task(pipeline.run())
+        await asyncio.sleep(2.0)
+        pending_during = int(redis_client.xpending(stream, "flowtrack")["pending"])
+        rejected_during = int(store.scalar("SELECT count() FROM flowtrack.rejected_events"))
+        store.client.command("ALTER TABLE flowtrack.events DROP CONSTRAINT IF EXISTS test_refuse_all")
+        await asyncio.sleep(2.0)
+        pipeline.request_stop()
+        await task
+        await pipeline.close()
+        return pipeline, pending_during, rejected_during
+
+    try:
+        pipeline, pending_during, rejected_during = asyncio.run(go())
+    finally:
+        store.client.command("ALTER TABLE flowtrack.events DROP CONSTRAINT IF EXISTS test_refuse_all")
+    assert (pending_during, rejected_during) == (20, 0)
+    assert pipeline.stats.sink_failures >= 1
+    assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 20
+    assert store.scalar("SELECT count() FROM flowtrack.rejected_events") == 0
+    assert redis_client.xpending(stream, "flowtrack")["pending"] == 0

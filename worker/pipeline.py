@@ -17,6 +17,7 @@ import contextlib
 import gc
 import logging
 import signal
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -42,6 +43,7 @@ class Pipeline:
         self.settings = settings
         self.stats = Stats()
         self._store = store
+        self._store_lock = threading.Lock()
         self.source = source or Source(settings)
         self.normalizer = Normalizer(settings.end_event_types, settings.error_event_types)
         self._batch = self._new_batch()
@@ -61,9 +63,11 @@ class Pipeline:
     # -- lifecycle -------------------------------------------------------------------------------
     @property
     def store(self) -> Store:
-        if self._store is None:
-            self._store = Store.open(self.settings)
-        return self._store
+        # Opened from the start-up thread and, in the demo, from view threads: open it once.
+        with self._store_lock:
+            if self._store is None:
+                self._store = Store.open(self.settings)
+            return self._store
 
     def request_stop(self) -> None:
         if not self._stop.is_set():

@@ -34,9 +34,11 @@ _SOURCE_ID = FlowEvent._fields.index("source_id")
 
 # ClickHouse error codes that say "this data is wrong", as opposed to "the store is unwell".
 DATA_ERROR_CODES = frozenset({
-    6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 321, 395, 469, 1001,
+    6, 26, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 395, 469,
 })
 _CODE_MARKERS = ("Code: ", "code: ")
+# A batch at least this large whose every row is refused says more about the store than about the rows.
+ALL_REFUSED_IS_OUTAGE_ROWS = 8
 
 
 @dataclass
@@ -69,12 +71,18 @@ class Sink:
         now_ms = int(time.time() * 1000)
         refused: list[FlowEvent] = []
         isolated = self._write_events(list(events), now_ms, result, refused)
-        if refused:
-            self._purge(refused)
+        if len(refused) >= ALL_REFUSED_IS_OUTAGE_ROWS and len(refused) == len(events):
+            # Every row of a sizeable batch refused one by one: the store is unwell, not the data. Never turn
+            # a whole batch of good entries into rejects; retry it later.
+            raise StoreUnavailableError(f"ClickHouse refused all {len(events)} rows of a batch; treating it "
+                                        "as an outage")
         all_rejections = list(rejections) + isolated
         if all_rejections:
+            # Rejections first: that write succeeding shows the store is writable before anything is purged.
             self._insert_rejections(all_rejections, now_ms)
             result.inserts += 1
+        if refused:
+            self._purge(refused)
         result.rejected = all_rejections
         return result
 

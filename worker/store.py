@@ -36,8 +36,9 @@ _LOCK_HINT = (
     "`flowtrack demo`). chDB allows one process per store. Stop that process, or point both at a ClickHouse "
     "server with FLOWTRACK_CLICKHOUSE_URL=http://user:pass@host:8123/flowtrack."
 )
-# chDB allows one engine per process, so every Store in a process shares one client per path.
-_embedded_clients: dict[str, Any] = {}
+# chDB allows one engine per process, so every user of a path in a process shares one Store (one client and
+# the lock that serializes it: the engine's connection is not to be used from two threads at once).
+_embedded_stores: dict[str, Store] = {}
 _embedded_lock = threading.Lock()
 
 
@@ -82,7 +83,7 @@ class Store:
     def open(cls, settings: Settings) -> Store:
         path = settings.embedded_store_path
         if path is not None:
-            return cls(_open_embedded(path), f"embedded store {path}", embedded=True)
+            return _open_embedded(path)
         url = settings.clickhouse_url or ""
         tls: dict[str, Any] = {"ca_cert": settings.tls_ca_file} if settings.tls_ca_file else {}
         try:
@@ -168,14 +169,14 @@ class Store:
                 vars(context).clear()
 
 
-def _open_embedded(path: Path) -> Any:
+def _open_embedded(path: Path) -> Store:
     key = str(path)
     with _embedded_lock:
-        client = _embedded_clients.get(key)
-        if client is not None:
-            return client
-        if _embedded_clients:
-            other = next(iter(_embedded_clients))
+        store = _embedded_stores.get(key)
+        if store is not None:
+            return store
+        if _embedded_stores:
+            other = next(iter(_embedded_stores))
             raise StoreLockedError(f"this process already uses the embedded store {other}; "
                                    f"chDB allows one store path per process (asked for {path})")
         path.mkdir(parents=True, exist_ok=True)
@@ -189,8 +190,9 @@ def _open_embedded(path: Path) -> Any:
             if holder is not None or "lock" in str(exc).lower():
                 raise StoreLockedError(_LOCK_HINT.format(path=path, pid=holder or "")) from exc
             raise StoreUnavailableError(f"cannot open the embedded store {path}: {exc}") from exc
-        _embedded_clients[key] = client
-        return client
+        store = Store(client, f"embedded store {path}", embedded=True)
+        _embedded_stores[key] = store
+        return store
 
 
 def embedded_store_holder(path: Path) -> str | None:
