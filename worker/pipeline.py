@@ -139,6 +139,7 @@ class Pipeline:
                 await self._sleep_unless_stopped(delay)
         self._committer = Committer(Sink(self.store), self.source, self.stats, self.settings.retry_initial_s,
                                     self.settings.retry_max_s, lambda: self.stopping)
+        log.info("store ready: %s", self.store.description)
         return True
 
     async def _prepare_source(self) -> bool:

@@ -532,9 +532,10 @@ class FaultRun:
         return group_state(self.client)
 
     def wait_consuming(self, w: Worker, timeout_s: float = 60) -> None:
-        """Until the worker has opened its store and joined the group (it logs the streams it consumes)."""
-        wait_for(lambda: w.log_has("consuming ") or not w.alive, timeout_s, f"worker {w.name} to start",
-                 workers=(w,))
+        """Until the worker has opened and migrated its store and joined the group (it logs both; the store is
+        prepared in the background while the first entries are read, so both lines are needed)."""
+        wait_for(lambda: (w.log_has("consuming ") and w.log_has("store ready")) or not w.alive, timeout_s,
+                 f"worker {w.name} to start", workers=(w,))
         if not w.alive:
             raise AssertionError(f"worker {w.name} exited early\n{w.tail()}")
 
