@@ -210,16 +210,20 @@ def test_a_batch_refused_row_by_row_is_an_outage_not_poison(
     stream = "flow_events:9"
     xadd_all(redis_client, [(stream, _event("s9", f"n{i}")) for i in range(20)])
     store.client.command("ALTER TABLE flowtrack.events ADD CONSTRAINT IF NOT EXISTS test_refuse_all CHECK 0")
-    settings = make_settings(redis_server.url, clickhouse_url)
+    # A long first backoff: the constraint is dropped while the worker waits, not in the middle of a split.
+    settings = make_settings(redis_server.url, clickhouse_url, retry_initial_s=2.0, retry_max_s=2.0)
 
     async def go() -> tuple[Pipeline, int, int]:
         pipeline = Pipeline(settings)
         task = asyncio.create_task(pipeline.run())
-        await asyncio.sleep(2.0)
+        for _ in range(200):
+            if pipeline.stats.sink_failures:
+                break
+            await asyncio.sleep(0.02)
         pending_during = int(redis_client.xpending(stream, "flowtrack")["pending"])
         rejected_during = int(store.scalar("SELECT count() FROM flowtrack.rejected_events"))
         store.client.command("ALTER TABLE flowtrack.events DROP CONSTRAINT IF EXISTS test_refuse_all")
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(3.0)
         pipeline.request_stop()
         await task
         await pipeline.close()
