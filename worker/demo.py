@@ -74,13 +74,15 @@ def run_demo(settings: Settings, duration_s: float | None, rate_per_s: float, co
     console.print(f"[bold]flowtrack demo[/]: {'Redis at ' + redis_url if redis_url else 'a private Redis'}, "
                   f"{store.description}, {rate_per_s:g} synthetic events/s from {users} users…", soft_wrap=True)
     try:
+        # Per-user streams appear as the producer starts: re-scan often so they are read at once.
+        demo_settings = replace(settings, claim_idle_ms=5000, stream_rescan_s=0.5)
         if redis_url:
-            asyncio.run(_demo(replace(settings, redis_url=redis_url, claim_idle_ms=5000), store, duration_s,
-                              rate_per_s, users, console))
+            asyncio.run(_demo(replace(demo_settings, redis_url=redis_url), store, duration_s, rate_per_s, users,
+                              console))
         else:
             with RedisServer() as server:
-                asyncio.run(_demo(replace(settings, redis_url=server.url, claim_idle_ms=5000), store, duration_s,
-                                  rate_per_s, users, console))
+                asyncio.run(_demo(replace(demo_settings, redis_url=server.url), store, duration_s, rate_per_s,
+                                  users, console))
     except KeyboardInterrupt:  # Ctrl-C before the dashboard took over the signal
         console.print("interrupted")
 

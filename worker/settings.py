@@ -45,7 +45,7 @@ class Settings:
     # Reading
     read_count: int = 2000
     block_ms: int = 200
-    stream_rescan_s: float = 5.0
+    stream_rescan_s: float = 2.0
 
     # Batching: a batch is flushed at max_rows or when its oldest entry waited max_wait_s.
     # 10k rows keep chDB inserts efficient (~2.5 us/row) while the next batch fills during the insert;
