@@ -27,7 +27,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from worker.settings import Settings
-from worker.source import Source
+from worker.source import Source, text
 from worker.stats import Buckets, GroupInfo, Stats
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 PREFIX = "flowtrack"
 GROUP_REFRESH_S = 5.0
 LAG_COUNT_CAP = 10000  # Redis < 7 only: lag counted with XRANGE up to this many
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class StatsCollector(Collector):
@@ -205,11 +201,11 @@ async def read_group_info(source: Source) -> dict[str, GroupInfo]:
     for stream in list(source.streams):
         info = GroupInfo()
         for group in await redis.xinfo_groups(stream):
-            if _text(group.get("name")) != source.group:
+            if text(group.get("name")) != source.group:
                 continue
             lag = group.get("lag")
             info.lag = int(lag) if lag is not None else await _count_after(
-                redis, stream, _text(group.get("last-delivered-id") or "0-0"))
+                redis, stream, text(group.get("last-delivered-id") or "0-0"))
             info.pending = int(group.get("pending") or 0)
             info.consumers = int(group.get("consumers") or 0)
         result[stream] = info

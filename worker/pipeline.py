@@ -30,7 +30,7 @@ from worker.errors import SourceUnavailableError, StoreUnavailableError
 from worker.normalize import Normalizer, Rejection, pairs_to_dict, raw_json
 from worker.settings import Settings
 from worker.sink import Sink
-from worker.source import Entry, Source, guarded
+from worker.source import Entry, Source, guarded, text
 from worker.stats import Stats
 from worker.store import Store
 from worker.trim import supports_acked, trim_stream
@@ -237,7 +237,7 @@ class Pipeline:
         entries = []
         for stream, items in groups:
             for raw_id, fields in items:
-                entry_id = _text(raw_id)
+                entry_id = text(raw_id)
                 if (stream, entry_id) in held:
                     continue  # still on its way to the store from before the reconnect
                 prior = self._prior_deliveries.pop((stream, entry_id), 0)
@@ -363,10 +363,6 @@ class Pipeline:
 
     def _new_batch(self) -> Batch:
         return Batch(self.settings.batch_max_rows, self.settings.batch_max_wait_s)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _raw(entry: Entry) -> str:

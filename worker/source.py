@@ -174,13 +174,13 @@ class Source:
                 await self.recover()
                 return []
             raise
-        groups = [(_decode(stream), items) for stream, items in reply or ()]
+        groups = [(text(stream), items) for stream, items in reply or ()]
         if pending:
             self._advance_pending_cursors(pending, groups)
         return groups
 
     def _advance_pending_cursors(self, pending: dict[str, str], groups: list[tuple[str, list[Any]]]) -> None:
-        last = {stream: _decode(items[-1][0]) for stream, items in groups if items}
+        last = {stream: text(items[-1][0]) for stream, items in groups if items}
         for stream in pending:
             self._cursor[stream] = last.get(stream, ">")  # no more own pending entries: switch to new ones
 
@@ -242,7 +242,7 @@ class Source:
             for item in claimed or ():
                 if item is None or item[0] is None:
                     continue  # Redis 6.2 answers (nil, nil) for a deleted entry; found as missing below
-                entry_id = _decode(item[0])
+                entry_id = text(item[0])
                 returned.add(entry_id)
                 fields: Fields = item[1] or None  # type: ignore[assignment]
                 if fields is None:
@@ -263,11 +263,11 @@ class Source:
             rows = await guarded(lambda start=start: self.redis.xpending_range(  # type: ignore[misc]
                 stream, self.group, min=start, max="+", count=page, idle=min_idle_ms))
             for row in rows:
-                if _decode(row["consumer"]) != self.consumer:
-                    found[_decode(row["message_id"])] = int(row["times_delivered"])
+                if text(row["consumer"]) != self.consumer:
+                    found[text(row["message_id"])] = int(row["times_delivered"])
             if len(rows) < page:
                 break
-            last = _decode(rows[-1]["message_id"])
+            last = text(rows[-1]["message_id"])
             start = f"({last}"  # exclusive range start (Redis >= 6.2)
         return dict(list(found.items())[:limit])
 
@@ -314,7 +314,7 @@ class Source:
             rows = await guarded(lambda stream=stream: self.redis.xpending_range(  # type: ignore[misc]
                 stream, self.group, min="-", max="+", count=100000, consumername=self.consumer))
             for row in rows:
-                counts[(stream, _decode(row["message_id"]))] = int(row["times_delivered"])
+                counts[(stream, text(row["message_id"]))] = int(row["times_delivered"])
         return counts
 
     async def group_pending_total(self) -> int:
@@ -340,13 +340,13 @@ class Source:
         total = 0
         for stream in self.streams:
             groups = await guarded(lambda stream=stream: self.redis.xinfo_groups(stream))  # type: ignore[misc]
-            group = next((g for g in groups if _decode(g["name"]) == self.group), None)
+            group = next((g for g in groups if text(g["name"]) == self.group), None)
             if group is None:
                 continue
             newest = await guarded(lambda stream=stream: self.redis.xrevrange(stream, count=1))  # type: ignore[misc]
             if not newest:
                 continue
-            if _id_key(_decode(group["last-delivered-id"])) >= _id_key(_decode(newest[0][0])):
+            if parse_id(text(group["last-delivered-id"])) >= parse_id(text(newest[0][0])):
                 continue
             lag = group.get("lag")
             total += int(lag) if lag else 1
@@ -357,11 +357,13 @@ def _raw_reply(response: Any, **options: Any) -> Any:
     return response
 
 
-def _decode(value: Any) -> str:
+def text(value: Any) -> str:
+    """A Redis reply value (bytes with RESP2) as str."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _id_key(entry_id: str) -> tuple[int, int]:
+def parse_id(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as (milliseconds, sequence), for ordering."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 

@@ -14,21 +14,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from worker.source import parse_id, text
+
 log = logging.getLogger(__name__)
-
-
-def parse_id(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def next_id(entry_id: str) -> str:
     ms, seq = parse_id(entry_id)
     return f"{ms}-{seq + 1}"
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def safe_min_id(redis: aioredis.Redis, stream: str) -> str | None:
@@ -38,11 +31,11 @@ async def safe_min_id(redis: aioredis.Redis, stream: str) -> str | None:
         return None  # nobody has consumed it: trimming could only lose data
     bounds: list[str] = []
     for group in groups:
-        name = _text(group["name"])
-        bounds.append(next_id(_text(group["last-delivered-id"])))
+        name = text(group["name"])
+        bounds.append(next_id(text(group["last-delivered-id"])))
         summary = await redis.xpending(stream, name)
         if int(summary["pending"]) > 0 and summary.get("min"):
-            bounds.append(_text(summary["min"]))
+            bounds.append(text(summary["min"]))
     return min(bounds, key=parse_id)
 
 
