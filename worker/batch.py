@@ -36,11 +36,6 @@ class Batch:
             self.rejections.append(item)  # type: ignore[arg-type]
 
     @property
-    def keys(self) -> list[tuple[str, str]]:
-        """(stream, entry id) of every entry; built on demand (keepalive, tests), not on the hot path."""
-        return [(stream, entry_id) for stream, ids in self.ids_by_stream.items() for entry_id in ids]
-
-    @property
     def full(self) -> bool:
         return self.rows >= self.max_rows
 

@@ -49,7 +49,6 @@ class Pipeline:
         self._batch = self._new_batch()
         self._ready: list[Batch] = []  # full batches waiting for the write slot, in read order
         self._writing: asyncio.Task[bool] | None = None
-        self._writing_rows = 0
         self._writing_batch: Batch | None = None
         self._prior_deliveries: dict[tuple[str, str], int] = {}
         self._stop = asyncio.Event()
@@ -194,15 +193,20 @@ class Pipeline:
             return await self._drain_finished()
         return False
 
-    def _inflight_rows(self) -> int:
-        return len(self._batch) + sum(len(b) for b in self._ready) + self._writing_rows
+    def _held_batches(self) -> list[Batch]:
+        """Every batch read and not yet acknowledged: filling, waiting for the write slot, being written."""
+        writing = [self._writing_batch] if self._writing_batch is not None else []
+        return [self._batch, *self._ready, *writing]
 
-    def _held_keys(self) -> set[tuple[str, str]]:
-        """Every entry read and not yet acknowledged (built on demand: keepalive, re-reads after a reconnect)."""
-        held: set[tuple[str, str]] = set()
-        for batch in (self._batch, *self._ready, self._writing_batch):
-            if batch is not None:
-                held.update(batch.keys)
+    def _inflight_rows(self) -> int:
+        return sum(len(b) for b in self._held_batches())
+
+    def _held_ids_by_stream(self) -> dict[str, list[str]]:
+        """Entry ids read and not yet acknowledged, per stream (built on demand: keepalive, re-reads)."""
+        held: dict[str, list[str]] = {}
+        for batch in self._held_batches():
+            for stream, ids in batch.ids_by_stream.items():
+                held.setdefault(stream, []).extend(ids)
         return held
 
     async def _read(self, room: int) -> int:
@@ -233,7 +237,7 @@ class Pipeline:
 
     def _add_pending(self, groups: list[tuple[str, list[Any]]]) -> int:
         """Our own pending entries, re-read at start or after a reconnect: count deliveries, skip held ones."""
-        held = self._held_keys()
+        held = {(stream, i) for stream, ids in self._held_ids_by_stream().items() for i in ids}
         entries = []
         for stream, items in groups:
             for raw_id, fields in items:
@@ -286,7 +290,7 @@ class Pipeline:
         waits on a slow insert or a store outage, so peers never mistake them for a dead consumer's."""
         while True:
             await asyncio.sleep(self.settings.claim_interval_s)
-            held = self._held_keys()
+            held = self._held_ids_by_stream()
             if not held:
                 continue
             try:
@@ -319,7 +323,6 @@ class Pipeline:
 
     def _start_write(self, batch: Batch) -> None:
         assert self._writing is None
-        self._writing_rows = len(batch)
         self._writing_batch = batch
         self._writing = asyncio.create_task(self._commit(batch))
 
@@ -335,7 +338,6 @@ class Pipeline:
             return
         self._writing = None
         self._writing_batch = None
-        self._writing_rows = 0
         task.result()  # surface unexpected errors instead of losing them
 
     async def _drain_finished(self) -> bool:

@@ -288,12 +288,9 @@ class Source:
                 stream, self.group, self.consumer, 0, list[Any](gone), justid=True))
         return gone
 
-    async def touch(self, keys: Iterable[tuple[str, str]]) -> None:
-        """Reset the idle time of entries we still hold (XCLAIM ... JUSTID, no delivery-count bump), so live
-        peers do not take them over during a long insert or a store outage."""
-        by_stream: dict[str, list[str]] = {}
-        for stream, entry_id in keys:
-            by_stream.setdefault(stream, []).append(entry_id)
+    async def touch(self, by_stream: dict[str, list[str]]) -> None:
+        """Reset the idle time of entries we still hold, grouped per stream like ``ack`` (XCLAIM ... JUSTID, no
+        delivery-count bump), so live peers do not take them over during a long insert or a store outage."""
         if not by_stream:
             return
 
