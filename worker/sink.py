@@ -21,7 +21,7 @@ from typing import Any
 
 from worker.errors import StoreRejectedError, StoreUnavailableError
 from worker.normalize import FlowEvent, Rejection, raw_json
-from worker.store import DATABASE, Store
+from worker.store import DATABASE, Store, classify
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,6 @@ _EVENT_GETTERS = tuple(itemgetter(i) for i in range(len(FlowEvent._fields)))
 _SOURCE_STREAM = FlowEvent._fields.index("source_stream")
 _SOURCE_ID = FlowEvent._fields.index("source_id")
 
-# ClickHouse error codes that say "this data is wrong", as opposed to "the store is unwell".
-DATA_ERROR_CODES = frozenset({
-    6, 26, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 395, 469,
-})
-_CODE_MARKERS = ("Code: ", "code: ")
 # A batch at least this large whose every row is refused says more about the store than about the rows.
 ALL_REFUSED_IS_OUTAGE_ROWS = 8
 
@@ -69,43 +64,45 @@ class Sink:
         """Store a batch; returns what was stored and what had to be rejected. Blocking (run it in a thread)."""
         result = WriteResult()
         now_ms = int(time.time() * 1000)
-        refused: list[FlowEvent] = []
-        isolated = self._write_events(list(events), now_ms, result, refused)
+        refused: list[tuple[FlowEvent, str]] = []
+        self._write_events(list(events), now_ms, result, refused)
         if len(refused) >= ALL_REFUSED_IS_OUTAGE_ROWS and len(refused) == len(events):
             # Every row of a sizeable batch refused one by one: the store is unwell, not the data. Never turn
             # a whole batch of good entries into rejects; retry it later.
             raise StoreUnavailableError(f"ClickHouse refused all {len(events)} rows of a batch; treating it "
                                         "as an outage")
-        all_rejections = list(rejections) + isolated
+        all_rejections = list(rejections) + [
+            Rejection(event.source_stream, event.source_id, f"ClickHouse refused the row: {reason}",
+                      raw_json(_event_as_fields(event))) for event, reason in refused]
         if all_rejections:
             # Rejections first: that write succeeding shows the store is writable before anything is purged.
             self._insert_rejections(all_rejections, now_ms)
             result.inserts += 1
         if refused:
-            self._purge(refused)
+            self._purge([event for event, _ in refused])
         result.rejected = all_rejections
         return result
 
     def _write_events(self, events: list[FlowEvent], now_ms: int, result: WriteResult,
-                      refused: list[FlowEvent]) -> list[Rejection]:
+                      refused: list[tuple[FlowEvent, str]]) -> None:
+        """Insert, splitting in halves to isolate the rows ClickHouse refuses (collected with its reason)."""
         if not events:
-            return []
+            return
         try:
             self._insert_events(events, now_ms)
             result.inserts += 1
             result.stored += len(events)
-            return []
+            return
         except StoreRejectedError as exc:
             if len(events) == 1:
                 event = events[0]
                 log.warning("ClickHouse refused event %s/%s: %s", event.source_stream, event.source_id, exc)
-                refused.append(event)
-                return [Rejection(event.source_stream, event.source_id, f"ClickHouse refused the row: {exc}",
-                                  raw_json(_event_as_fields(event)))]
-        # Split to isolate the refused rows; the halves have their own entry sets, hence their own tokens.
+                refused.append((event, str(exc)))
+                return
+        # The halves have their own entry sets, hence their own dedup tokens.
         middle = len(events) // 2
-        return (self._write_events(events[:middle], now_ms, result, refused)
-                + self._write_events(events[middle:], now_ms, result, refused))
+        self._write_events(events[:middle], now_ms, result, refused)
+        self._write_events(events[middle:], now_ms, result, refused)
 
     def _purge(self, refused: Sequence[FlowEvent]) -> None:
         """Remove every trace of refused rows. An insert that a materialized view (a user's, or a guard) refuses
@@ -141,38 +138,6 @@ class Sink:
             self.store.insert(table, columns, names, settings=settings)
         except Exception as exc:
             raise classify(exc) from exc
-
-
-def classify(exc: BaseException) -> StoreRejectedError | StoreUnavailableError:
-    """Data errors (the rows are wrong) vs outages (the store is unwell); unknown errors count as outages,
-    because retrying is safe while rejecting good data is not."""
-    code = error_code(exc)
-    if code in DATA_ERROR_CODES or isinstance(exc, TypeError | ValueError | UnicodeError | OverflowError):
-        return StoreRejectedError(_short(exc))
-    return StoreUnavailableError(_short(exc))
-
-
-def error_code(exc: BaseException) -> int | None:
-    code = getattr(exc, "code", None)
-    if isinstance(code, int):
-        return code
-    text = str(exc)
-    for marker in _CODE_MARKERS:
-        start = text.find(marker)
-        if start >= 0:
-            digits = ""
-            for ch in text[start + len(marker):]:
-                if not ch.isdigit():
-                    break
-                digits += ch
-            if digits:
-                return int(digits)
-    return None
-
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:500]
 
 
 def _event_as_fields(event: FlowEvent) -> dict[str, str]:

@@ -105,8 +105,6 @@ class Store:
         Raises StoreUnavailableError for transient failures (the caller waits them out) and ConfigError when
         ClickHouse refuses a migration statement itself.
         """
-        from worker.sink import classify  # sink imports store
-
         try:
             return self._migrate()
         except FlowtrackError:
@@ -218,6 +216,35 @@ def embedded_store_holder(path: Path) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+# ClickHouse error codes that say "this data is wrong", as opposed to "the store is unwell".
+DATA_ERROR_CODES = frozenset({
+    6, 26, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 395, 469,
+})
+# "Code: 395. DB::Exception…" (native, chDB) is preferred over "…exception, code: 395" (HTTP).
+_ERROR_CODE_PATTERNS = (re.compile(r"Code: (\d+)"), re.compile(r"code: (\d+)"))
+
+
+def classify(exc: BaseException) -> StoreRejectedError | StoreUnavailableError:
+    """Data errors (the rows are wrong) vs outages (the store is unwell); unknown errors count as outages,
+    because retrying is safe while rejecting good data is not."""
+    code = error_code(exc)
+    message = " ".join(str(exc).split())[:500]
+    if code in DATA_ERROR_CODES or isinstance(exc, TypeError | ValueError | UnicodeError | OverflowError):
+        return StoreRejectedError(message)
+    return StoreUnavailableError(message)
+
+
+def error_code(exc: BaseException) -> int | None:
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code
+    for pattern in _ERROR_CODE_PATTERNS:
+        found = pattern.search(str(exc))
+        if found:
+            return int(found.group(1))
+    return None
 
 
 def _redact(url: str) -> str:
