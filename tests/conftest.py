@@ -7,6 +7,7 @@ it back through `flowtrack sql` in another subprocess.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 
+from worker.pipeline import Pipeline
 from worker.redisserver import RedisServer
 from worker.settings import Settings
 from worker.store import Store
@@ -73,6 +75,21 @@ def make_settings(redis_url: str, clickhouse_url: str, **overrides: Any) -> Sett
                                 retry_initial_s=0.05, retry_max_s=0.5)
     base.update(overrides)
     return Settings(**base)
+
+
+def drain(settings: Settings, timeout_s: float = 90) -> Pipeline:
+    """One in-process ``run(drain=True)`` to completion; returns the closed pipeline (for its stats)."""
+
+    async def go() -> Pipeline:
+        pipeline = Pipeline(settings)
+        try:
+            ok = await asyncio.wait_for(pipeline.run(drain=True), timeout=timeout_s)
+            assert ok, "drain run reported work left"
+        finally:
+            await pipeline.close()
+        return pipeline
+
+    return asyncio.run(go())
 
 
 def xadd_all(client: redis.Redis, entries: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:

@@ -15,7 +15,7 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
-from conftest import make_settings, xadd_all
+from conftest import drain, make_settings, xadd_all
 
 from worker.normalize import FlowEvent, Normalizer, Rejection, derive_event_id
 from worker.pipeline import Pipeline
@@ -43,21 +43,6 @@ def event(session: str, node: str, event_type: str, ts_ms: int, parent: str | No
 
 def as_json(fields: Mapping[str, Any], field: str = "data") -> dict[str, str]:
     return {field: orjson.dumps(dict(fields)).decode()}
-
-
-def drain(settings: Settings, timeout_s: float = 90) -> Pipeline:
-    """One ``run(drain=True)`` to completion; returns the closed pipeline (for its stats)."""
-
-    async def go() -> Pipeline:
-        pipeline = Pipeline(settings)
-        try:
-            ok = await asyncio.wait_for(pipeline.run(drain=True), timeout=timeout_s)
-            assert ok, "drain run reported work left"
-        finally:
-            await pipeline.close()
-        return pipeline
-
-    return asyncio.run(go())
 
 
 def rows(store: Store, sql: str, **params: Any) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.conftest import make_settings, xadd_all
+from tests.conftest import drain, make_settings, xadd_all
 from worker.pipeline import Pipeline
 from worker.redisserver import RedisServer
 from worker.store import Store
@@ -19,18 +19,6 @@ from worker.store import Store
 
 def _event(session: str, node: str, **extra: str) -> dict[str, str]:
     return {"session_id": session, "node_id": node, "event_type": "llm_call", **extra}
-
-
-def _drain(settings_kwargs: dict[str, object], redis_url: str, clickhouse_url: str) -> Pipeline:
-    async def go() -> Pipeline:
-        pipeline = Pipeline(make_settings(redis_url, clickhouse_url, **settings_kwargs))  # type: ignore[arg-type]
-        try:
-            assert await pipeline.run(drain=True)
-        finally:
-            await pipeline.close()
-        return pipeline
-
-    return asyncio.run(go())
 
 
 @pytest.fixture
@@ -51,7 +39,7 @@ def test_rows_clickhouse_refuses_are_isolated_and_the_rest_lands(
     entries = [("flow_events:1", _event("s1", f"n{i}", poison="1" if i in (7, 300, 301) else "0"))
                for i in range(500)]
     ids = xadd_all(redis_client, entries)
-    pipeline = _drain({}, redis_server.url, clickhouse_url)
+    pipeline = drain(make_settings(redis_server.url, clickhouse_url))
 
     stored = store.scalar("SELECT count() FROM flowtrack.flow_events")
     _, rejected = store.query("SELECT source_id, reason FROM flowtrack.rejected_events ORDER BY source_id")
@@ -69,7 +57,7 @@ def test_entries_of_a_dead_consumer_are_reclaimed(
     redis_client.xgroup_create(stream, "flowtrack", id="0")
     redis_client.xreadgroup("flowtrack", "dead-worker", {stream: ">"}, count=120)  # dies holding 120
     time.sleep(0.3)
-    pipeline = _drain({"claim_idle_ms": 200}, redis_server.url, clickhouse_url)
+    pipeline = drain(make_settings(redis_server.url, clickhouse_url, claim_idle_ms=200))
 
     assert store.scalar("SELECT uniqExact(event_id) FROM flowtrack.flow_events") == 300
     assert pipeline.stats.claimed == 120
@@ -86,7 +74,7 @@ def test_an_entry_delivered_too_often_becomes_a_rejection(
     for _ in range(4):  # four more crashed deliveries of ids[0]
         redis_client.xclaim(stream, "flowtrack", "crashy", 0, [ids[0]])
     time.sleep(0.2)
-    _drain({"claim_idle_ms": 100, "max_deliveries": 5}, redis_server.url, clickhouse_url)
+    drain(make_settings(redis_server.url, clickhouse_url, claim_idle_ms=100, max_deliveries=5))
 
     _, rows = store.query("SELECT source_id, reason FROM flowtrack.rejected_events")
     assert [r[0] for r in rows] == [ids[0]]
@@ -102,7 +90,7 @@ def test_entries_deleted_while_pending_are_reported(
     redis_client.xreadgroup("flowtrack", "dead-worker", {stream: ">"}, count=10)
     redis_client.xdel(stream, ids[2], ids[5])
     time.sleep(0.2)
-    pipeline = _drain({"claim_idle_ms": 100}, redis_server.url, clickhouse_url)
+    pipeline = drain(make_settings(redis_server.url, clickhouse_url, claim_idle_ms=100))
 
     assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 8
     _, rows = store.query("SELECT source_id, reason FROM flowtrack.rejected_events ORDER BY source_id")
@@ -193,7 +181,7 @@ def test_rows_a_materialized_view_refuses_leave_no_trace(
     entries = [("flow_events:7", _event("s7" if i < 250 else "s8", f"n{i}",
                                         poison="1" if i in (3, 260) else "0")) for i in range(500)]
     ids = xadd_all(redis_client, entries)
-    _drain({}, redis_server.url, clickhouse_url)
+    drain(make_settings(redis_server.url, clickhouse_url))
 
     _, rejected = store.query("SELECT source_id FROM flowtrack.rejected_events")
     assert sorted(r[0] for r in rejected) == sorted([ids[3], ids[260]])

@@ -7,7 +7,6 @@ process against its own store.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -20,27 +19,14 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from tests.conftest import ROOT, cli_env, make_settings, run_cli, xadd_all
+from tests.conftest import ROOT, cli_env, drain, make_settings, run_cli, xadd_all
 from worker.cli import app
 from worker.normalize import derive_event_id
-from worker.pipeline import Pipeline
 from worker.producer import FlowSpec, ProduceConfig, encode, generate_flows
 from worker.redisserver import RedisServer
 from worker.store import Store
 
 LONG_TEXT = "lorem ipsum " * 40
-
-
-def drain(redis_url: str, clickhouse_url: str, **overrides: Any) -> Pipeline:
-    async def go() -> Pipeline:
-        pipeline = Pipeline(make_settings(redis_url, clickhouse_url, **overrides))
-        try:
-            assert await pipeline.run(drain=True)
-        finally:
-            await pipeline.close()
-        return pipeline
-
-    return asyncio.run(go())
 
 
 def invoke(args: Sequence[str], redis_url: str, clickhouse_url: str) -> Any:
@@ -83,7 +69,7 @@ def filled(redis_server: RedisServer, redis_client: redis.Redis, store: Store, c
     entries = flow_entries(flows) + handmade_flow()
     entries.append(("flow_events:2", {"session_id": "s-bad", "event_type": "llm_call"}))  # no node_id
     xadd_all(redis_client, entries)
-    drain(redis_server.url, clickhouse_url)
+    drain(make_settings(redis_server.url, clickhouse_url))
     yield {"flows": flows, "redis_url": redis_server.url, "clickhouse_url": clickhouse_url, "entries": entries}
 
 
@@ -165,7 +151,7 @@ def test_show_handles_a_500_level_deep_and_a_2000_node_flow(
                                "timestamp": str(base + i), **({"parent_id": f"w{(i - 1) // 3}"} if i else {})})
             for i in range(2000)]
     xadd_all(redis_client, deep + wide)
-    drain(redis_server.url, clickhouse_url)
+    drain(make_settings(redis_server.url, clickhouse_url))
 
     result = invoke(["show", "s-deep", "-f", "json"], redis_server.url, clickhouse_url)
     nodes = json.loads(result.stdout)["nodes"]
@@ -263,7 +249,7 @@ def test_rejected_lists_reasons_and_replay_is_idempotent(
         redis_client.xgroup_create(stream, "flowtrack", id="0")
         redis_client.xreadgroup("flowtrack", "dead-worker", {stream: ">"})
     time.sleep(0.2)
-    drain(url, clickhouse_url, max_deliveries=1, claim_idle_ms=100, claim_interval_s=0.1)
+    drain(make_settings(url, clickhouse_url, max_deliveries=1, claim_idle_ms=100, claim_interval_s=0.1))
     assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 0
 
     listed = invoke(["rejected", "-f", "json", "--limit", "1000"], url, clickhouse_url)
@@ -295,12 +281,12 @@ def test_rejected_lists_reasons_and_replay_is_idempotent(
                                url, clickhouse_url).stdout)
     assert sum(r["replayed"].startswith("queued ") for r in queued) == len(chosen)
 
-    drain(url, clickhouse_url)
+    drain(make_settings(url, clickhouse_url))
     # forced: re-added again, yet visible once (same pinned event_id)
     forced = json.loads(invoke(["rejected", "--replay", "flow_events:1", *chosen, "--force", "-f", "json"],
                                url, clickhouse_url).stdout)
     assert {o["action"] for o in forced} == {"replayed"}
-    drain(url, clickhouse_url)
+    drain(make_settings(url, clickhouse_url))
     stored = store.query("SELECT event_id, ts, attributes['replayed_from'] FROM flowtrack.flow_events "
                          "ORDER BY event_id")[1]
     assert sorted(r[0] for r in stored) == sorted(derive_event_id("flow_events:1", i) for i in chosen)
