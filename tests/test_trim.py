@@ -16,6 +16,17 @@ def _ids(client: redis.Redis, stream: str) -> list[str]:
     return [i.decode() for i, _ in client.xrange(stream)]
 
 
+def _trim(url: str, stream: str) -> int:
+    async def go() -> int:
+        client = aioredis.Redis.from_url(url, protocol=2)
+        try:
+            return await trim_stream(client, stream)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
 def test_next_id_orders_after_the_given_id() -> None:
     assert next_id("5-0") == "5-1"
     assert next_id("1700000000000-41") == "1700000000000-42"
@@ -53,14 +64,7 @@ def test_trim_keeps_oldest_pending_entry(redis_server: RedisServer, redis_client
     redis_client.xreadgroup("g", "c1", {stream: ">"}, count=6)
     redis_client.xack(stream, "g", ids[0], ids[1], ids[3], ids[4], ids[5])  # ids[2] stays pending
 
-    async def go() -> int:
-        client = aioredis.Redis.from_url(redis_server.url, protocol=2)
-        try:
-            return await trim_stream(client, stream)
-        finally:
-            await client.aclose()
-
-    assert asyncio.run(go()) == 2
+    assert _trim(redis_server.url, stream) == 2
     assert _ids(redis_client, stream) == ids[2:]
     pending = redis_client.xpending(stream, "g")
     assert pending["pending"] == 1
@@ -70,12 +74,5 @@ def test_stream_without_group_is_never_trimmed(redis_server: RedisServer, redis_
     stream = "flow_events:3"
     xadd_all(redis_client, [(stream, {"n": str(i)}) for i in range(4)])
 
-    async def go() -> int:
-        client = aioredis.Redis.from_url(redis_server.url, protocol=2)
-        try:
-            return await trim_stream(client, stream)
-        finally:
-            await client.aclose()
-
-    assert asyncio.run(go()) == 0
+    assert _trim(redis_server.url, stream) == 0
     assert redis_client.xlen(stream) == 4
