@@ -101,7 +101,13 @@ def test_grafana_is_locked_down_and_has_the_plugin() -> None:
     assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
     assert env["GF_DASHBOARDS_MIN_REFRESH_INTERVAL"] == "1s"
     assert env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD")
-    assert env["GF_PLUGINS_PREINSTALL_SYNC"].startswith("grafana-clickhouse-datasource@")
+    # Grafana 11.6's image installs GF_INSTALL_PLUGINS ("id version") before starting; it has no
+    # GF_PLUGINS_PREINSTALL_SYNC (that came after 11.6), which it would silently ignore.
+    assert SERVICES["grafana"]["image"] == "grafana/grafana:11.6.0"
+    assert not any(name.startswith("GF_PLUGINS_PREINSTALL") for name in env)
+    plugin, version = env["GF_INSTALL_PLUGINS"].split()
+    assert plugin == "grafana-clickhouse-datasource"
+    assert tuple(int(part) for part in version.split(".")) >= (4, 20, 0)
     assert env["GF_USERS_ALLOW_SIGN_UP"] == "false"
 
 
