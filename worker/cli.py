@@ -165,6 +165,9 @@ def demo(
     redis_url: Annotated[str | None, typer.Option(
         "--redis-url", help="use this Redis instead of a private one (keeps the streams for `flowtrack tail` "
         "and `flowtrack status`)")] = None,
+    keep_redis: Annotated[bool, typer.Option(
+        "--keep-redis", help="leave the private Redis running afterwards, for `flowtrack tail` and `status` "
+        "(its URL and how to stop it are printed)")] = False,
     clickhouse_url: ClickhouseUrl = None,
 ) -> None:
     """The one-command tour: Redis, the store, a producer, the worker and a live dashboard.
@@ -174,11 +177,13 @@ def demo(
     the most recent flow as a tree) until Ctrl-C or --duration-s; then a summary and
     what to try next.
     """
+    if keep_redis and redis_url:
+        raise fail("--keep-redis keeps the private Redis; with --redis-url the streams already stay there", 2)
     setup_logging("warning")
     from worker.demo import run_demo
 
     run_demo(load_settings(clickhouse_url=clickhouse_url), duration_s=duration_s, rate_per_s=rate, console=console,
-             redis_url=redis_url, users=users)
+             redis_url=redis_url, users=users, keep_redis=keep_redis)
 
 
 @app.command()
