@@ -131,19 +131,23 @@ def produce(
     """Write realistic synthetic agent flows (users, sessions, trees of LLM/tool steps) to Redis Streams."""
     if shape not in ("flat", "json", "mixed"):
         raise fail("--shape must be flat, json or mixed", 2)
-    from worker.producer import ProduceConfig
+    from redis.exceptions import RedisError
+
+    from worker.producer import ProduceConfig, ProgressLine
     from worker.producer import produce as produce_events
-    from worker.source import connect
+    from worker.source import connect, guarded
 
     settings = load_settings(redis_url=redis_url)
     config = ProduceConfig(users=users, shape=shape, stream_per_user=not single_stream,  # type: ignore[arg-type]
                            error_ratio=error_ratio, seed=seed)
 
+    progress = ProgressLine(sys.stderr)
+
     async def _go() -> int:
         redis = connect(settings)
         try:
-            return await produce_events(redis, config, count=count, rate_per_s=rate,
-                                        on_progress=lambda n: err_console.print(f"\rsent {n}", end=""))
+            return await guarded(lambda: produce_events(redis, config, count=count, rate_per_s=rate,
+                                                        on_progress=progress))
         finally:
             await redis.aclose()
 
@@ -151,7 +155,10 @@ def produce(
         sent = asyncio.run(_go())
     except KeyboardInterrupt:
         sent = -1
-    err_console.print()
+    except RedisError as exc:  # refused (ACL, wrong type, OOM…): one line, not a traceback
+        raise fail(f"Redis refused the entries: {exc}") from None
+    finally:
+        progress.finish()
     console.print(f"produced {sent if sent >= 0 else 'events until interrupted'} to {settings.redis_url}")
 
 
@@ -406,9 +413,9 @@ def status(
     consumers and their idle time), and the store (events, sessions, freshness,
     rejected entries by reason). Exit 0 healthy; 1 unhealthy (Redis or store
     unreachable, lag over --max-lag, pending entries idle over the claim
-    threshold); 3 the embedded store is held by another process (try --no-store).
+    threshold); 3 nothing wrong found, but the embedded store is held by another
+    process, so it was not checked (try --no-store).
     """
-    from worker.errors import StoreLockedError
     from worker.flows import collect_status
     from worker.views import status_view
 
@@ -421,8 +428,9 @@ def status(
         sys.stdout.write(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         _print_wide(status_view(report))
-    if report.store_locked:
-        raise StoreLockedError(report.store_error + " To check Redis only: flowtrack status --no-store.")
+    if report.store_locked:  # said once, on stderr; exit 3 only when nothing else is wrong
+        message = f"{report.store_error} The store was not checked; to check Redis only: flowtrack status --no-store."
+        raise fail(message, 1 if report.problems else 3)
     if not report.healthy:
         raise typer.Exit(1)
 

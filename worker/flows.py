@@ -298,7 +298,15 @@ class StatusReport:
 
     @property
     def healthy(self) -> bool:
-        return not self.problems
+        """No problem found, and everything asked for was checked (a store held by another process was not)."""
+        return not self.problems and not self.store_locked
+
+    @property
+    def verdict(self) -> str:
+        """healthy, unhealthy (a problem found), or unknown (no problem found, but the store was not checked)."""
+        if self.problems:
+            return "unhealthy"
+        return "unknown" if self.store_locked else "healthy"
 
     @property
     def total_lag(self) -> int:
@@ -310,7 +318,7 @@ class StatusReport:
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "healthy": self.healthy, "problems": self.problems, "warnings": self.warnings,
+            "healthy": self.healthy, "verdict": self.verdict, "problems": self.problems, "warnings": self.warnings,
             "redis": {"url": _redact(self.redis_url), "error": self.redis_error or None, "group": self.group,
                       "claim_idle_ms": self.claim_idle_ms, "max_lag": self.max_lag,
                       "total_lag": self.total_lag, "total_pending": self.total_pending},
