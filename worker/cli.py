@@ -133,7 +133,7 @@ def produce(
         raise fail("--shape must be flat, json or mixed", 2)
     from redis.exceptions import RedisError
 
-    from worker.producer import ProduceConfig, ProgressLine
+    from worker.producer import ProduceConfig, ProgressLine, refusal
     from worker.producer import produce as produce_events
     from worker.source import connect, guarded
 
@@ -156,7 +156,7 @@ def produce(
     except KeyboardInterrupt:
         sent = -1
     except RedisError as exc:  # refused (ACL, wrong type, OOM…): one line, not a traceback
-        raise fail(f"Redis refused the entries: {exc}") from None
+        raise fail(f"Redis refused the entries: {refusal(exc)}") from None
     finally:
         progress.finish()
     console.print(f"produced {sent if sent >= 0 else 'events until interrupted'} to {settings.redis_url}")

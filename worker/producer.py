@@ -214,5 +214,13 @@ class ProgressLine:
             self.stream.flush()
 
 
+def refusal(exc: Exception) -> str:
+    """Redis's own words for a refused entry, without redis-py's "Command # 1 (XADD …) of pipeline caused
+    error:" wrapper (which quotes the entry's fields)."""
+    text = " ".join(str(exc).split())
+    _, found, reason = text.partition("of pipeline caused error: ")
+    return (reason if found else text).strip("()',\" ")
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
