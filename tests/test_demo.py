@@ -185,3 +185,25 @@ def test_demo_piped_prints_plain_progress_every_second_and_a_summary(tmp_path: P
     shown = subprocess.run([sys.executable, "-m", "worker.cli", "show", session.group(1), "--clickhouse-url", store],
                            cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0 and f"session {session.group(1)}" in shown.stdout
+
+
+def test_demo_whose_redis_dies_midway_ends_with_an_error(tmp_path: Path) -> None:
+    from worker.redisserver import RedisServer
+
+    with RedisServer() as server:
+        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "demo", "--duration-s", "30", "--redis-url",
+                                 server.url, "--clickhouse-url", f"chdb://{tmp_path / 'store'}"], cwd=tmp_path,
+                                env=demo_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            assert "produced" in proc.stdout.readline() + proc.stdout.readline()  # running: progress lines
+            server.kill()
+            stdout, stderr = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert proc.returncode == 1, (stdout, stderr)
+    message = " ".join(stderr.split())
+    assert f"error: the demo stopped: writing to Redis at {server.url} failed" in message, message
+    assert "Traceback" not in stderr and "summary:" not in stdout
