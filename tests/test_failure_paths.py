@@ -130,3 +130,11 @@ def test_force_replays_a_still_invalid_entry_once_and_again_repeats(
     assert redis_client.xlen("flow_events:4") == length + 2
     misuse = CliRunner().invoke(app, ["rejected", "--force"], env=env)
     assert misuse.exit_code == 2
+
+
+def test_status_says_a_store_error_once(redis_server: RedisServer) -> None:
+    dead_store = f"http://u:p@127.0.0.1:{free_port()}/flowtrack"
+    proc = run_cli(["status"], cli_env(redis_server.url, dead_store, COLUMNS="200"), check=False)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.stdout.count("cannot reach ClickHouse") == 1 and "UNHEALTHY" in proc.stdout, proc.stdout
+    assert "healthy" not in proc.stdout.replace("UNHEALTHY", "")
