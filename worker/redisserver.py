@@ -67,6 +67,7 @@ class RedisServer:
         if self.appendonly:
             args += ["--appendfsync", "always"]
         # The log goes to a file, not a pipe: a server left running must not depend on this process reading it.
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log,
                                             start_new_session=self.own_session)
