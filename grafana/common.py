@@ -18,7 +18,7 @@ from grafana_foundation_sdk.builders import prometheus
 from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.cog import variants as cogvariants
 from grafana_foundation_sdk.models import common
-from grafana_foundation_sdk.models.dashboard import DataSourceRef, DynamicConfigValue
+from grafana_foundation_sdk.models.dashboard import DashboardLink, DashboardLinkType, DataSourceRef, DynamicConfigValue
 
 # -- datasources (uids fixed by grafana/provisioning/datasources/flowtrack.yaml) -----------------
 CLICKHOUSE_TYPE = "grafana-clickhouse-datasource"
@@ -34,6 +34,9 @@ HISTORY_UID = "flowtrack-history"
 FLOW_UID = "flowtrack-flow"
 PIPELINE_UID = "flowtrack-pipeline"
 TAGS = ["flowtrack"]
+# Titles of the links between the dashboards (each dashboard links to the other three).
+DASHBOARD_TITLES = {LIVE_UID: "Flows — live", HISTORY_UID: "Flows — history", FLOW_UID: "Flows — flow",
+                    PIPELINE_UID: "Flows — pipeline"}
 
 # -- SQL fragments: panel SQL names them as {name}; SQL() and expand() put them in ----------------
 # ${var:sqlstring} is Grafana's formatter that quotes and escapes a value as an SQL string literal.
@@ -141,6 +144,20 @@ def _tidy(sql: str) -> str:
 
 def promql(expr: str, legend: str) -> prometheus.Dataquery:
     return prometheus.Dataquery().expr(expr).legend_format(legend).range().datasource(PROMETHEUS)
+
+
+def dashboard_links(current_uid: str) -> list[cogbuilder.Builder[DashboardLink]]:
+    """Links to the other dashboards, keeping the time range and the variables (user_id, session_id)."""
+    return [dash.DashboardLink(title).type(DashboardLinkType.LINK).url(f"/d/{uid}").icon("dashboard")
+            .keep_time(True).include_vars(True)
+            for uid, title in DASHBOARD_TITLES.items() if uid != current_uid]
+
+
+def open_flow_link() -> list[cogbuilder.Builder[DashboardLink]]:
+    """Panel link of a node graph: the Flow dashboard, same time range and variables (its session_id list
+    starts with the chosen user's newest flow, the one the live graph shows)."""
+    return [dash.DashboardLink("Open in Flows — flow").type(DashboardLinkType.LINK)
+            .url(f"/d/{FLOW_UID}?${{__all_variables}}&${{__url_time_range}}")]
 
 
 def link_to_flow(title: str = "Open this flow") -> list[DynamicConfigValue]:

@@ -6,7 +6,7 @@ from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.builders import nodegraph, table
 from grafana_foundation_sdk.models.dashboard import VariableRefresh, VariableSort
 
-from grafana.common import CLICKHOUSE, FLOW_UID, SQL, TAGS, Format, expand, unit, user_variable
+from grafana.common import CLICKHOUSE, FLOW_UID, SQL, TAGS, Format, dashboard_links, expand, unit, user_variable
 
 
 def dashboard() -> dash.Dashboard:
@@ -14,6 +14,7 @@ def dashboard() -> dash.Dashboard:
         dash.Dashboard("Flows — flow")
         .uid(FLOW_UID)
         .tags(TAGS)
+        .links(dashboard_links(FLOW_UID))
         .description("One flow (session): its tree of nodes as a trace waterfall and a node graph, and its events.")
         .time("now-24h", "now")
         .refresh("5s")

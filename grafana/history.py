@@ -13,6 +13,7 @@ from grafana.common import (
     SQL,
     TAGS,
     Format,
+    dashboard_links,
     legend_table,
     link_to_flow,
     unit,
@@ -25,6 +26,7 @@ def dashboard() -> dash.Dashboard:
         dash.Dashboard("Flows — history")
         .uid(HISTORY_UID)
         .tags(TAGS)
+        .links(dashboard_links(HISTORY_UID))
         .description("Sessions over a time range: outcomes, durations, the most common paths and where flows fail.")
         .time("now-24h", "now")
         .refresh("30s")

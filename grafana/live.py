@@ -13,8 +13,10 @@ from grafana.common import (
     SQL,
     TAGS,
     Format,
+    dashboard_links,
     legend_table,
     link_to_flow,
+    open_flow_link,
     unit,
     user_variable,
 )
@@ -26,6 +28,7 @@ def dashboard() -> dash.Dashboard:
         dash.Dashboard("Flows — live")
         .uid(LIVE_UID)
         .tags(TAGS)
+        .links(dashboard_links(LIVE_UID))
         .description("Flow events as they arrive: rate by type, the latest events with their ingest lag, "
                      "active sessions, event-to-stored lag, and the latest flow as a graph.")
         .time("now-5m", "now")
@@ -123,4 +126,4 @@ def latest_events() -> table.Panel:
 
 def latest_flow() -> nodegraph.Panel:
     """The most recently active session of the chosen user (of anyone when user_id is empty)."""
-    return node_graph("{latest_session}", "Latest flow (of the chosen user)")
+    return node_graph("{latest_session}", "Latest flow (of the chosen user)").links(open_flow_link())

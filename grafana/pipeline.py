@@ -6,7 +6,17 @@ from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.builders import stat, table, timeseries
 from grafana_foundation_sdk.models import common
 
-from grafana.common import CLICKHOUSE, PIPELINE_UID, PROMETHEUS, SQL, TAGS, Format, legend_table, promql
+from grafana.common import (
+    CLICKHOUSE,
+    PIPELINE_UID,
+    PROMETHEUS,
+    SQL,
+    TAGS,
+    Format,
+    dashboard_links,
+    legend_table,
+    promql,
+)
 
 RATE = "$__rate_interval"
 
@@ -16,6 +26,7 @@ def dashboard() -> dash.Dashboard:
         dash.Dashboard("Flows — pipeline")
         .uid(PIPELINE_UID)
         .tags(TAGS)
+        .links(dashboard_links(PIPELINE_UID))
         .description("The flowtrack worker: throughput, batches, insert latency, consumer-group lag and pending, "
                      "reclaimed entries, health; rejected entries by reason.")
         .time("now-1h", "now")

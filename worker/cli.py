@@ -131,19 +131,23 @@ def produce(
     """Write realistic synthetic agent flows (users, sessions, trees of LLM/tool steps) to Redis Streams."""
     if shape not in ("flat", "json", "mixed"):
         raise fail("--shape must be flat, json or mixed", 2)
-    from worker.producer import ProduceConfig
+    from redis.exceptions import RedisError
+
+    from worker.producer import ProduceConfig, ProgressLine, refusal
     from worker.producer import produce as produce_events
-    from worker.source import connect
+    from worker.source import connect, guarded
 
     settings = load_settings(redis_url=redis_url)
     config = ProduceConfig(users=users, shape=shape, stream_per_user=not single_stream,  # type: ignore[arg-type]
                            error_ratio=error_ratio, seed=seed)
 
+    progress = ProgressLine(sys.stderr)
+
     async def _go() -> int:
         redis = connect(settings)
         try:
-            return await produce_events(redis, config, count=count, rate_per_s=rate,
-                                        on_progress=lambda n: err_console.print(f"\rsent {n}", end=""))
+            return await guarded(lambda: produce_events(redis, config, count=count, rate_per_s=rate,
+                                                        on_progress=progress))
         finally:
             await redis.aclose()
 
@@ -151,7 +155,10 @@ def produce(
         sent = asyncio.run(_go())
     except KeyboardInterrupt:
         sent = -1
-    err_console.print()
+    except RedisError as exc:  # refused (ACL, wrong type, OOM…): one line, not a traceback
+        raise fail(f"Redis refused the entries: {refusal(exc)}") from None
+    finally:
+        progress.finish()
     console.print(f"produced {sent if sent >= 0 else 'events until interrupted'} to {settings.redis_url}")
 
 
@@ -165,6 +172,9 @@ def demo(
     redis_url: Annotated[str | None, typer.Option(
         "--redis-url", help="use this Redis instead of a private one (keeps the streams for `flowtrack tail` "
         "and `flowtrack status`)")] = None,
+    keep_redis: Annotated[bool, typer.Option(
+        "--keep-redis", help="leave the private Redis running afterwards, for `flowtrack tail` and `status` "
+        "(its URL and how to stop it are printed)")] = False,
     clickhouse_url: ClickhouseUrl = None,
 ) -> None:
     """The one-command tour: Redis, the store, a producer, the worker and a live dashboard.
@@ -174,11 +184,13 @@ def demo(
     the most recent flow as a tree) until Ctrl-C or --duration-s; then a summary and
     what to try next.
     """
+    if keep_redis and redis_url:
+        raise fail("--keep-redis keeps the private Redis; with --redis-url the streams already stay there", 2)
     setup_logging("warning")
     from worker.demo import run_demo
 
     run_demo(load_settings(clickhouse_url=clickhouse_url), duration_s=duration_s, rate_per_s=rate, console=console,
-             redis_url=redis_url, users=users)
+             redis_url=redis_url, users=users, keep_redis=keep_redis)
 
 
 @app.command()
@@ -401,9 +413,9 @@ def status(
     consumers and their idle time), and the store (events, sessions, freshness,
     rejected entries by reason). Exit 0 healthy; 1 unhealthy (Redis or store
     unreachable, lag over --max-lag, pending entries idle over the claim
-    threshold); 3 the embedded store is held by another process (try --no-store).
+    threshold); 3 nothing wrong found, but the embedded store is held by another
+    process, so it was not checked (try --no-store).
     """
-    from worker.errors import StoreLockedError
     from worker.flows import collect_status
     from worker.views import status_view
 
@@ -416,8 +428,9 @@ def status(
         sys.stdout.write(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         _print_wide(status_view(report))
-    if report.store_locked:
-        raise StoreLockedError(report.store_error + " To check Redis only: flowtrack status --no-store.")
+    if report.store_locked:  # said once, on stderr; exit 3 only when nothing else is wrong
+        message = f"{report.store_error} The store was not checked; to check Redis only: flowtrack status --no-store."
+        raise fail(message, 1 if report.problems else 3)
     if not report.healthy:
         raise typer.Exit(1)
 
@@ -434,7 +447,11 @@ def rejected(
     since: Annotated[str | None, typer.Option(help="only entries rejected since: 1h, 7d, ISO-8601")] = None,
     replay_all: Annotated[bool, typer.Option("--all", help="with --replay and no filter: replay every one")] = False,
     force: Annotated[bool, typer.Option(
-        "--force", help="replay even entries already replayed or still breaking the contract")] = False,
+        "--force", help="replay even entries the current contract still rejects (they come back as rejections "
+        "with today's reason)")] = False,
+    again: Annotated[bool, typer.Option(
+        "--again", help="replay entries already replayed once more (e.g. their replay was deleted before the "
+        "worker read it); still visible once")] = False,
     limit: Annotated[int, typer.Option(help="at most this many entries")] = 50,
     output: OutputFormat = "table",
     redis_url: RedisUrl = None, clickhouse_url: ClickhouseUrl = None,
@@ -445,7 +462,8 @@ def rejected(
     After a contract fix, --replay re-adds chosen entries to their stream with their
     original event_id and timestamp pinned (a replay is visible once, however often
     it runs) and a replayed_from attribute. Entries the current contract still
-    rejects are skipped; replays are recorded and shown in the `replayed` column.
+    rejects are skipped (--force sends them anyway); replays are recorded, shown
+    in the `replayed` column, and not repeated (--again repeats them).
     E.g. flowtrack rejected --replay flow_events:7 1700000000000-0
     or   flowtrack rejected --replay --reason delivered
     """
@@ -460,6 +478,8 @@ def rejected(
         stream, ids = entries[0], entries[1:]
         if not ids:
             raise fail("give entry ids after the stream: STREAM ID [ID...]", 2)
+    if (force or again) and not replay:
+        raise fail("--force and --again only change what --replay does", 2)
     if replay and not (ids or stream or reason or since or replay_all):
         raise fail("--replay needs entries (STREAM ID...), a filter (--stream/--reason/--since) or --all", 2)
     settings = load_settings(redis_url=redis_url, clickhouse_url=clickhouse_url)
@@ -484,7 +504,7 @@ def rejected(
             return
         found = {r.source_id for r in rows}
         try:
-            outcomes = flows.replay(store, client, settings, rows, force=force)
+            outcomes = flows.replay(store, client, settings, rows, force=force, again=again)
         except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
             raise fail(f"Redis unreachable at {settings.redis_url}: {exc}") from None
     finally:
@@ -522,18 +542,23 @@ def bench(
     naive_max_s: Annotated[float, typer.Option(
         "--naive-max-s", help="time limit of the naive consumer; its rate is extrapolated (0 = skip)")] = 15.0,
     min_ratio: Annotated[float, typer.Option(help="PASS when pipeline/floor is at least this")] = 0.5,
-    check: Annotated[bool, typer.Option("--check", help="exit 1 on FAIL (ratio or exactly-once)")] = False,
+    check: Annotated[bool, typer.Option(
+        "--check", help="exit 1 on FAIL (ratio or exactly-once), 3 on NO VERDICT (exactly once held, but too few "
+        "events to judge throughput)")] = False,
+    verdict_min_events: Annotated[int, typer.Option(
+        help="fewer events: throughput is not judged, start-up would dominate (0 = always judge)")] = 400_000,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")] = False,
     keep: Annotated[bool, typer.Option("--keep", help="keep the temporary stores and logs")] = False,
 ) -> None:
     """Benchmark against the bare XREADGROUP+XACK floor and a naive consumer, in one run, on a private Redis:
     throughput, exactly-once check, event->stored latency at a steady rate, peak RSS of the workers."""
-    from worker.bench import BenchConfig, progress_bar, report_table, run_bench
+    from worker.bench import NO_VERDICT, BenchConfig, progress_bar, report_table, run_bench
 
     if events < 1 or streams < 1 or workers < 1:
         raise fail("--events, --streams and --workers must be at least 1", 2)
     config = BenchConfig(events=events, streams=streams, workers=workers, rate=rate, latency_s=latency_s,
-                         naive_events=naive_events, naive_max_s=naive_max_s, min_ratio=min_ratio, keep=keep)
+                         naive_events=naive_events, naive_max_s=naive_max_s, min_ratio=min_ratio, keep=keep,
+                         verdict_min_events=verdict_min_events)
     with progress_bar(err_console) as progress:
         result = run_bench(config, progress)
     if as_json:
@@ -541,7 +566,7 @@ def bench(
     else:
         console.print(report_table(result))
     if check and not result.passed:
-        raise typer.Exit(1)
+        raise typer.Exit(3 if result.verdict == NO_VERDICT else 1)
 
 
 def main() -> None:

@@ -10,25 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shlex
+import shutil
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from worker import flows
+from worker.errors import FlowtrackError, SourceUnavailableError
 from worker.pipeline import Pipeline
 from worker.producer import ProduceConfig, produce
 from worker.redisserver import RedisServer
 from worker.settings import Settings
-from worker.source import connect
+from worker.source import connect, guarded
 from worker.store import Store
 from worker.views import TYPE_STYLES, flow_header, format_time, tree_lines
 
@@ -68,33 +74,63 @@ class Counters:
         return (stored - s0) / (now - t0) if now > t0 else 0.0
 
 
+@dataclass(frozen=True)
+class DemoRedis:
+    """The Redis the demo wrote to, as the live views (`tail`, `status`) need it after the demo."""
+
+    url: str
+    private: bool
+    pid: int | None = None  # of a private redis-server left running (--keep-redis)
+
+
 def run_demo(settings: Settings, duration_s: float | None, rate_per_s: float, console: Console,
-             redis_url: str | None = None, users: int = 8) -> None:
+             redis_url: str | None = None, users: int = 8, keep_redis: bool = False) -> None:
     store = Store.open(settings)  # fails here, plainly, if another process holds the embedded store
-    console.print(f"[bold]flowtrack demo[/]: {'Redis at ' + redis_url if redis_url else 'a private Redis'}, "
-                  f"{store.description}, {rate_per_s:g} synthetic events/s from {users} users…", soft_wrap=True)
+    # Per-user streams appear as the producer starts: re-scan often so they are read at once.
+    demo_settings = replace(settings, claim_idle_ms=5000, stream_rescan_s=0.5)
     try:
-        # Per-user streams appear as the producer starts: re-scan often so they are read at once.
-        demo_settings = replace(settings, claim_idle_ms=5000, stream_rescan_s=0.5)
         if redis_url:
-            asyncio.run(_demo(replace(demo_settings, redis_url=redis_url), store, duration_s, rate_per_s, users,
-                              console))
+            result = _run(replace(demo_settings, redis_url=redis_url), store, duration_s, rate_per_s, users,
+                          console, f"Redis at {redis_url}")
+            used = DemoRedis(redis_url, private=False)
         else:
-            with RedisServer() as server:
-                asyncio.run(_demo(replace(demo_settings, redis_url=server.url), store, duration_s, rate_per_s,
-                                  users, console))
+            server = RedisServer(own_session=True).start()
+            try:
+                result = _run(replace(demo_settings, redis_url=server.url), store, duration_s, rate_per_s, users,
+                              console, f"a private Redis at {server.url}")
+            finally:
+                if not keep_redis:
+                    server.cleanup()  # only now: the worker has finished and acked what it stored
+            pid = server.process.pid if keep_redis and server.process else None
+            used = DemoRedis(server.url, private=True, pid=pid)
     except KeyboardInterrupt:  # Ctrl-C before the dashboard took over the signal
         console.print("interrupted")
+        return
+    _summary(*result, settings, console)
+    next_steps(settings, used, store, console, flowtrack_command())
+
+
+def _run(settings: Settings, store: Store, duration_s: float | None, rate_per_s: float, users: int,
+         console: Console, where: str) -> tuple[Pipeline, Store, Counters]:
+    console.print(f"[bold]flowtrack demo[/]: {escape(where)}, {store.description}, {rate_per_s:g} synthetic "
+                  f"events/s from {users} users…", soft_wrap=True)
+    pipeline, counters = asyncio.run(_demo(settings, store, duration_s, rate_per_s, users, console))
+    return pipeline, store, counters
 
 
 async def _demo(settings: Settings, store: Store, duration_s: float | None, rate_per_s: float, users: int,
-                console: Console) -> None:
+                console: Console) -> tuple[Pipeline, Counters]:
+    redis = connect(settings)
+    try:
+        await guarded(redis.ping)  # a dead --redis-url fails here, plainly, instead of producing nothing
+    except SourceUnavailableError:
+        await redis.aclose()
+        raise
     pipeline = Pipeline(settings, store=store)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    redis = connect(settings)
     counters = Counters()
     config = ProduceConfig(users=users, shape="mixed")
     producer = asyncio.create_task(produce(
@@ -104,6 +140,7 @@ async def _demo(settings: Settings, store: Store, duration_s: float | None, rate
     worker = asyncio.create_task(pipeline.run())
     snapshot = Snapshot()
     refresher = asyncio.create_task(_refresh(store, snapshot, stop))
+    producer.add_done_callback(lambda _: stop.set())  # a producer that fails (Redis gone) ends the demo
     started = time.monotonic()
 
     def elapsed() -> float:
@@ -128,7 +165,10 @@ async def _demo(settings: Settings, store: Store, duration_s: float | None, rate
         await worker
         await pipeline.close()
         await redis.aclose()
-    await asyncio.to_thread(_summary, pipeline, store, counters, settings, console)
+    failure = producer.exception() if not producer.cancelled() else None
+    if failure is not None:
+        raise FlowtrackError(f"the demo stopped: writing to Redis at {settings.redis_url} failed: {failure}")
+    return pipeline, counters
 
 
 async def _tick(stop: asyncio.Event, duration_s: float | None, elapsed_s: float, wait_s: float) -> bool:
@@ -228,14 +268,46 @@ def _summary(pipeline: Pipeline, store: Store, counters: Counters, settings: Set
     console.print(f"summary: produced {counters.produced:,} events (+{counters.bad} deliberately broken); "
                   f"stored {stats.stored:,}, rejected {stats.rejected:,}, in {stats.batches:,} batches "
                   f"over {stats.uptime_s:.1f}s. Data is in the {store.description}.", soft_wrap=True)
+
+
+def flowtrack_command(argv0: str | None = None) -> str:
+    """How to run flowtrack again, the way this one was launched: `flowtrack` when that is what PATH finds,
+    else the script as it was typed (`.venv/bin/flowtrack`, valid from the same directory), else
+    `python -m worker.cli` with this interpreter."""
+    script = Path(argv0 if argv0 is not None else sys.argv[0])
+    if script.name != "flowtrack":
+        return f"{shlex.quote(sys.executable)} -m worker.cli"
+    on_path = shutil.which("flowtrack")
+    if on_path and Path(on_path).resolve() == script.resolve():
+        return "flowtrack"
+    return shlex.quote(str(script))
+
+
+def next_steps(settings: Settings, redis: DemoRedis, store: Store, console: Console, command: str) -> None:
+    """Commands that work as printed once the demo has exited."""
     _, last = store.query("SELECT user_id, session_id FROM flowtrack.flow_sessions WHERE status != 'active' "
                           "ORDER BY last_event_at DESC LIMIT 1")
     user, session = (str(last[0][0]), str(last[0][1])) if last else ("1", "SESSION_ID")
-    url = "" if settings.clickhouse_url is None else f" --clickhouse-url {settings.clickhouse_url}"
+    store_opt = "" if settings.clickhouse_url is None else f" --clickhouse-url {shlex.quote(settings.clickhouse_url)}"
+    alive = not (redis.private and redis.pid is None)  # a private Redis not kept stopped with the demo
+    redis_opt = f" --redis-url {shlex.quote(redis.url)}" if alive else ""
+    query = shlex.quote("SELECT status, count() FROM flowtrack.flow_sessions GROUP BY status")
     console.print("\n[bold]next, try[/] (once this command has exited: one process per embedded store):")
-    for command in (f"flowtrack history {user}{url}", f"flowtrack show {session}{url}", f"flowtrack rejected{url}",
-                    f'flowtrack sql "SELECT status, count() FROM flowtrack.flow_sessions GROUP BY status"{url}'):  # noqa: S608
-        console.print(f"  [bold cyan]{command}[/]", soft_wrap=True)
-    console.print("  live views need the Redis the events went to: run the demo with [bold]--redis-url "
-                  "redis://localhost:6379/0[/], then [bold]flowtrack tail[/] and [bold]flowtrack status "
-                  "--no-store[/] in another shell.", soft_wrap=True)
+    for line in (f"{command} history {shlex.quote(user)}{store_opt}",
+                 f"{command} show {shlex.quote(session)}{store_opt}",
+                 f"{command} rejected{redis_opt}{store_opt}", f"{command} sql {query}{store_opt}"):
+        console.print(f"  [bold cyan]{escape(line)}[/]", soft_wrap=True)
+    if not alive:
+        console.print(f"  live views read the streams, and the private Redis stopped with the demo: run "
+                      f"[bold]{escape(command)} demo --keep-redis[/] to leave it running afterwards, or "
+                      f"[bold]{escape(command)} demo --redis-url redis://HOST:PORT/0[/] with a Redis of your own; "
+                      f"while a demo runs, [bold]{escape(command)} tail --redis-url URL[/] (the URL it prints "
+                      f"first) works in another shell.", soft_wrap=True)
+        return
+    if redis.private:
+        console.print(f"  live views: the private Redis is still running at {escape(redis.url)} (pid {redis.pid}; "
+                      f"stop it with [bold]kill {redis.pid}[/]):", soft_wrap=True)
+    else:
+        console.print(f"  live views: the streams stay in {escape(redis.url)}:", soft_wrap=True)
+    for line in (f"{command} tail{redis_opt} --since 10m", f"{command} status{redis_opt}{store_opt}"):
+        console.print(f"  [bold cyan]{escape(line)}[/]", soft_wrap=True)

@@ -298,7 +298,15 @@ class StatusReport:
 
     @property
     def healthy(self) -> bool:
-        return not self.problems
+        """No problem found, and everything asked for was checked (a store held by another process was not)."""
+        return not self.problems and not self.store_locked
+
+    @property
+    def verdict(self) -> str:
+        """healthy, unhealthy (a problem found), or unknown (no problem found, but the store was not checked)."""
+        if self.problems:
+            return "unhealthy"
+        return "unknown" if self.store_locked else "healthy"
 
     @property
     def total_lag(self) -> int:
@@ -310,7 +318,7 @@ class StatusReport:
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "healthy": self.healthy, "problems": self.problems, "warnings": self.warnings,
+            "healthy": self.healthy, "verdict": self.verdict, "problems": self.problems, "warnings": self.warnings,
             "redis": {"url": _redact(self.redis_url), "error": self.redis_error or None, "group": self.group,
                       "claim_idle_ms": self.claim_idle_ms, "max_lag": self.max_lag,
                       "total_lag": self.total_lag, "total_pending": self.total_pending},
@@ -541,12 +549,13 @@ def replay_fields(stream: str, entry_id: str, raw: str) -> dict[str, str]:
 
 
 def replay(store: Store, client: redis.Redis, settings: Settings, rows: Sequence[RejectedRow],
-           force: bool = False) -> list[ReplayOutcome]:
+           force: bool = False, again: bool = False) -> list[ReplayOutcome]:
     """Re-XADD chosen rejected entries to their source stream, to be read by the worker like any entry.
 
-    Entries that the current contract still rejects are not replayed (unless ``force``); entries already
-    replayed are skipped (the record is a hash in Redis, and the pinned event_id makes a replay that slips
-    through visible once anyway).
+    Two separate overrides, so neither re-adds entries by surprise: entries that the current contract still
+    rejects are replayed only with ``force`` (they come back as rejections with today's reason); entries
+    already replayed (the record is a hash in Redis) only with ``again`` — and the pinned event_id keeps
+    such a replay visible once anyway.
     """
     normalizer = Normalizer(settings.end_event_types, settings.error_event_types)
     outcomes: list[ReplayOutcome] = []
@@ -556,10 +565,10 @@ def replay(store: Store, client: redis.Redis, settings: Settings, rows: Sequence
         record = client.hget(REPLAYED_KEY, _replay_field(row.source_stream, row.source_id))
         if not fields:
             outcome.action, outcome.detail = "nothing to replay", "the entry had no fields (deleted before read)"
-        elif (record or row.replayed == "stored") and not force:
+        elif (record or row.replayed == "stored") and not again:
             outcome.action = "already replayed"
             outcome.new_id = orjson.loads(record).get("new_id", "") if record else ""
-            outcome.detail = "use --force to replay again (the event stays visible once)"
+            outcome.detail = "use --again to replay it once more (the event stays visible once)"
         else:
             checked = normalizer.normalize(row.source_stream, row.source_id, fields)
             if not isinstance(checked, FlowEvent) and not force:

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TextIO
 
 import orjson
 import redis.asyncio as aioredis
@@ -182,6 +182,44 @@ async def produce(redis: aioredis.Redis, config: ProduceConfig, count: int | Non
             if ahead_s > 0:
                 await asyncio.sleep(ahead_s)
     return sent
+
+
+class ProgressLine:
+    """`produce` progress on stderr: one line rewritten in place on a terminal; piped, whole lines at most once a
+    second (a log, not a run of carriage returns)."""
+
+    def __init__(self, stream: TextIO, interval_s: float = 1.0) -> None:
+        self.stream = stream
+        self.in_place = stream.isatty()
+        self.interval_s = interval_s
+        self._last_at = float("-inf")
+        self._shown = 0
+
+    def __call__(self, sent: int) -> None:
+        now = time.monotonic()
+        if self.in_place:
+            self.stream.write(f"\rsent {sent:,}")
+        elif now - self._last_at >= self.interval_s:
+            self.stream.write(f"sent {sent:,}\n")
+            self._last_at = now
+        else:
+            return
+        self._shown = sent
+        self.stream.flush()
+
+    def finish(self) -> None:
+        """End the in-place line, so what follows starts on its own."""
+        if self.in_place and self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def refusal(exc: Exception) -> str:
+    """Redis's own words for a refused entry, without redis-py's "Command # 1 (XADD …) of pipeline caused
+    error:" wrapper (which quotes the entry's fields)."""
+    text = " ".join(str(exc).split())
+    _, found, reason = text.partition("of pipeline caused error: ")
+    return (reason if found else text).strip("()',\" ")
 
 
 def _text(value: bytes | str) -> str:

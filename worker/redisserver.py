@@ -44,12 +44,16 @@ class RedisServer:
     """A redis-server child process on 127.0.0.1; ``kill()`` and ``start()`` simulate crashes and restarts."""
 
     def __init__(self, port: int | None = None, data_dir: Path | None = None, appendonly: bool = False,
-                 executable: str | None = None) -> None:
+                 executable: str | None = None, own_session: bool = False) -> None:
         self.executable = executable or find_redis_server()
         self.port = port or free_port()
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="flowtrack-redis-"))
         self.appendonly = appendonly
+        # own_session: a session (and process group) of its own, so the terminal's Ctrl-C reaches only
+        # flowtrack, which stops the server after its worker has finished, or leaves it running on purpose.
+        self.own_session = own_session
+        self.log_path = self.data_dir / "redis-server.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,12 +66,16 @@ class RedisServer:
                 "--daemonize", "no", "--loglevel", "warning"]
         if self.appendonly:
             args += ["--appendfsync", "always"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # The log goes to a file, not a pipe: a server left running must not depend on this process reading it.
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log,
+                                            start_new_session=self.own_session)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode() if self.process.stderr else ""
-                raise FlowtrackError(f"redis-server exited at start: {err.strip()[:500]}")
+                err = self.log_path.read_text(errors="replace")[-500:]
+                raise FlowtrackError(f"redis-server exited at start: {err.strip()}")
             if self._ping():
                 return self
             time.sleep(0.02)
@@ -96,8 +104,6 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
-        if self.process and self.process.stderr:
-            self.process.stderr.close()
 
     def cleanup(self) -> None:
         self.stop()

@@ -177,6 +177,7 @@ def _open_embedded(path: Path) -> Store:
             other = next(iter(_embedded_stores))
             raise StoreLockedError(f"this process already uses the embedded store {other}; "
                                    f"chDB allows one store path per process (asked for {path})")
+        _require_chdb(path)
         path.mkdir(parents=True, exist_ok=True)
         holder = embedded_store_holder(path)
         if holder is not None:
@@ -191,6 +192,17 @@ def _open_embedded(path: Path) -> Store:
         store = Store(client, f"embedded store {path}", embedded=True)
         _embedded_stores[key] = store
         return store
+
+
+def _require_chdb(path: Path) -> None:
+    """The slim install (the worker image: pip's `server` extra, no chdb) has no embedded engine: say so,
+    instead of clickhouse-connect's hint to install itself."""
+    import importlib.util
+
+    if importlib.util.find_spec("chdb") is None:  # permanent, not a transient outage: exit 2, no retries
+        raise ConfigError(
+            f"the embedded store ({path}) needs chDB, which this install leaves out: `pip install chdb`, "
+            "or point FLOWTRACK_CLICKHOUSE_URL / --clickhouse-url at a ClickHouse server (http(s)://…)")
 
 
 def embedded_store_holder(path: Path) -> str | None:

@@ -197,15 +197,11 @@ def status_view(report: StatusReport) -> Group:
         streams.add_row(s.name, str(s.length), Text(lag, style="bold red" if (g.lag or 0) > report.max_lag else ""),
                         str(g.pending), Text(str(g.stale_pending), style="bold red" if g.stale_pending else ""),
                         consumers)
-    if report.redis_error:
-        parts.append(Text(report.redis_error, style="bold red"))
-    else:
+    if not report.redis_error:  # else the error is said once, in the verdict below
         parts.append(streams)
         parts.append(Text(f"{len(report.streams)} stream(s), total lag {report.total_lag}, "
                           f"pending {report.total_pending}", style="dim"))
-    if report.store_error:
-        parts.append(Text(report.store_error, style="yellow" if report.store_locked else "bold red"))
-    elif report.store:
+    if report.store and not report.store_error:  # an error is said once: in the verdict, or on stderr (locked)
         store = Table(title=f"store: {report.store}", title_justify="left", show_header=False)
         store.add_column("what")
         store.add_column("value", justify="right")
