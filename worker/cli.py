@@ -50,8 +50,26 @@ def setup_logging(level: str) -> None:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}")
+    from rich.text import Text
+
+    from worker.views import visible
+
+    # Messages quote user input and stored data: escaped, never read as markup.
+    err_console.print(Text.assemble(("error:", "bold red"), " ", visible(message)), soft_wrap=True)
     return typer.Exit(code)
+
+
+def quiet_closed_stdout() -> typer.Exit:
+    """The reader of our output went away (`| head`): that is how pipes end, not an error.
+
+    Point stdout at /dev/null so the interpreter's final flush does not complain, and exit 0.
+    """
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return typer.Exit(0)
 
 
 def guarded_command(func: F) -> F:
@@ -68,6 +86,8 @@ def guarded_command(func: F) -> F:
             raise fail(str(exc), 3) from None
         except FlowtrackError as exc:
             raise fail(str(exc), 1) from None
+        except BrokenPipeError:
+            raise quiet_closed_stdout() from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -191,7 +211,16 @@ def sql(
     clickhouse_url: ClickhouseUrl = None,
 ) -> None:
     """Run read-only ad-hoc SQL against the store, e.g.
-    flowtrack sql "SELECT status, count() FROM flowtrack.flow_sessions GROUP BY status"."""
+    flowtrack sql "SELECT status, count() FROM flowtrack.flow_sessions GROUP BY status".
+
+    One reading statement (SELECT, WITH, DESCRIBE, SHOW, EXISTS, EXPLAIN), as the
+    ClickHouse parser reads it, run on a read-only connection. Refused: writes, DDL,
+    SETTINGS that lift readonly, several statements, INTO OUTFILE, and table
+    functions that leave the store (file, url, s3, remote, mysql, executable, ...).
+    Errors are ClickHouse's message on one line, positions counted in your text.
+    Exit 0 ok; 1 the statement was refused or failed; 2 bad options; 3 the
+    embedded store is in use by another process.
+    """
     from worker.query import format_csv, format_json, parse_params, run_read_only
     from worker.store import Store
 

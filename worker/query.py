@@ -32,7 +32,7 @@ from typing import Any
 import clickhouse_connect
 import orjson
 
-from worker.errors import FlowtrackError, ReadOnlyQueryError
+from worker.errors import ConfigError, FlowtrackError, ReadOnlyQueryError
 from worker.store import Store
 
 READ_STATEMENTS = ("Select", "Describe", "Show", "Exists", "Explain")  # root node names of EXPLAIN AST
@@ -76,7 +76,13 @@ def canonical_statement(connection: ReadOnlyConnection, sql: str) -> str:
         _, rows = connection.query("SELECT formatQuery({sql:String})", {"sql": sql})
     except Exception as exc:
         raise QueryFailedError(clickhouse_message(exc)) from None
-    return str(rows[0][0])
+    statement = str(rows[0][0])
+    try:  # the statement is run with a FORMAT clause of ours: it must take one (the parser says)
+        connection.query("SELECT formatQuery({sql:String})", {"sql": statement + "\nFORMAT Native"})
+    except Exception:
+        raise QueryFailedError("the statement ends with its own FORMAT clause: choose the output with "
+                               "--format table, csv or json") from None
+    return statement
 
 
 def syntax_tree(connection: ReadOnlyConnection, statement: str, parameters: dict[str, Any] | None = None
@@ -94,7 +100,8 @@ def refusal(tree: Sequence[str], table_functions: frozenset[str]) -> str | None:
     """
     root = tree[0].split(None, 1)[0] if tree and tree[0].strip() else ""
     if not root.startswith(READ_STATEMENTS):
-        return f"only reading statements run here (SELECT, DESCRIBE, SHOW, EXISTS, EXPLAIN); this is {root or 'empty'}"
+        return (f"flowtrack sql is read-only: only reading statements run (SELECT, DESCRIBE, SHOW, EXISTS, "
+                f"EXPLAIN); this is {root or 'empty'}")
     for line in tree[1:]:
         depth = len(line) - len(line.lstrip(" "))
         node, _, rest = line.strip().partition(" ")
@@ -195,6 +202,6 @@ def parse_params(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name.strip():
-            raise ReadOnlyQueryError(f"--param takes name=value, got {pair!r}")
+            raise ConfigError(f"--param takes name=value, got {pair!r}")
         params[name.strip()] = value
     return params
