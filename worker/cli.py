@@ -22,7 +22,28 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+
+
+def stdout_to_devnull() -> None:
+    """The reader of our output went away (`| head`): point stdout at /dev/null so nothing more (not even
+    the interpreter's final flush) complains about it."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+class PipeConsole(Console):
+    """rich exits 1 when stdout is a closed pipe; that is how `flowtrack tail | head -1` ends: exit 0."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        stdout_to_devnull()
+        raise SystemExit(0)
+
+
+console = PipeConsole()
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,15 +81,8 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def quiet_closed_stdout() -> typer.Exit:
-    """The reader of our output went away (`| head`): that is how pipes end, not an error.
-
-    Point stdout at /dev/null so the interpreter's final flush does not complain, and exit 0.
-    """
-    import os
-
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    """A closed stdout is how pipes end (`| head -1`), not an error: exit 0, quietly."""
+    stdout_to_devnull()
     return typer.Exit(0)
 
 
@@ -260,7 +274,7 @@ def _print_wide(renderable: Any) -> None:
     if console.is_terminal:
         console.print(renderable)
     else:
-        Console(width=max(console.width, 160)).print(renderable)
+        PipeConsole(width=max(console.width, 160)).print(renderable)
 
 
 def _print_lines(lines: list[Any]) -> None:
