@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -127,6 +128,23 @@ def test_show_draws_a_20k_deep_chain_with_bounded_lines() -> None:
     assert lines[0].startswith("llm_call n0")
     assert "19999" in lines[-1] and "n19999" in lines[-1]  # the depth is shown where guides are elided
     assert max(len(line) for line in lines) < 160  # indentation is capped: total output is linear
+
+
+def test_show_memory_grows_linearly_with_depth() -> None:
+    """Memory, not time (timings are noisy here): 4x the depth may take about 4x the memory, not 16x."""
+
+    def peak_bytes(depth: int) -> int:
+        nodes = chain(depth)
+        tracemalloc.start()
+        try:
+            tree_lines(place_nodes(nodes), width=120)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak_bytes(2500), peak_bytes(10_000)
+    assert large < 6 * small, (small, large)
+    assert large < 40_000_000, large  # ~14 MB measured; ancestor tuples per node took ~400 MB here
 
 
 def test_show_draws_a_20k_wide_flow() -> None:

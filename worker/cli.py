@@ -277,13 +277,19 @@ def _print_wide(renderable: Any) -> None:
         PipeConsole(width=max(console.width, 160)).print(renderable)
 
 
-def _print_lines(lines: list[Any]) -> None:
-    """Long lines: cropped on a terminal, whole when piped (scripts, less -S)."""
-    for line in lines:
+def _print_lines(lines: list[Any], per_print: int = 500) -> None:
+    """Long lines: cropped on a terminal, whole when piped (scripts, less -S).
+
+    Lines go to rich in chunks: one print per line costs more than drawing the line (a 50k-node flow).
+    """
+    from rich.text import Text
+
+    for start in range(0, len(lines), per_print):
+        chunk = Text("\n").join(lines[start:start + per_print])
         if console.is_terminal:
-            console.print(line, no_wrap=True, overflow="ellipsis")
+            console.print(chunk, no_wrap=True, overflow="ellipsis")
         else:
-            console.print(line, soft_wrap=True)
+            console.print(chunk, soft_wrap=True)
 
 
 @app.command()
