@@ -236,3 +236,25 @@ def test_a_dead_server_is_one_clear_line() -> None:
     assert proc.stderr.count("\n") == 1 and "cannot reach ClickHouse" in proc.stderr, proc.stderr
     assert "secret" not in proc.stderr and "Connection refused" in proc.stderr
 
+
+
+# -- the server path: a user the server itself restricts ----------------------------------------------------
+def test_compose_defines_a_restricted_sql_user() -> None:
+    import xml.etree.ElementTree as ET
+
+    import yaml
+
+    root = ET.parse(ROOT / "deploy" / "clickhouse" / "users.xml").getroot()
+    user = root.find("users/flowtrack_sql")
+    assert user is not None
+    password = user.find("password")
+    assert password is not None and password.get("from_env") == "CLICKHOUSE_SQL_PASSWORD"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert "CLICKHOUSE_SQL_PASSWORD" in compose["services"]["clickhouse"]["environment"]
+    assert "CLICKHOUSE_SQL_PASSWORD=" in (ROOT / ".env.example").read_text()
+    grants = [" ".join((q.text or "").split()) for q in user.findall("grants/query")]
+    assert grants == ["GRANT SELECT ON flowtrack.*", "GRANT SELECT ON system.table_functions"]
+    # explicit grants replace the implicit ones allow_databases would give (which include the sources)
+    assert user.find("allow_databases") is None and user.find("access_management") is None
+    profile = root.find(f"profiles/{user.findtext('profile')}")
+    assert profile is not None and profile.findtext("readonly") == "1"
