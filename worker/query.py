@@ -101,7 +101,7 @@ def refusal(tree: Sequence[str], table_functions: frozenset[str]) -> str | None:
     root = tree[0].split(None, 1)[0] if tree and tree[0].strip() else ""
     if not root.startswith(READ_STATEMENTS):
         return (f"flowtrack sql is read-only: only reading statements run (SELECT, DESCRIBE, SHOW, EXISTS, "
-                f"EXPLAIN); this is {root or 'empty'}")
+                f"EXPLAIN); this is {root.removesuffix('Query') or 'nothing'}")
     for line in tree[1:]:
         depth = len(line) - len(line.lstrip(" "))
         node, _, rest = line.strip().partition(" ")
