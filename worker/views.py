@@ -134,7 +134,7 @@ def tail_record(item: FlowEvent | Rejection) -> dict[str, Any]:
 
 # -- history ------------------------------------------------------------------------------------
 def history_table(rows: Sequence[Sequence[Any]], title: str) -> Table:
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(title=data(title), title_justify="left", box=box.SIMPLE_HEAD)
     for name, justify in (("user", "left"), ("session", "left"), ("started (UTC)", "left"), ("ended", "left"),
                           ("duration", "right"), ("events", "right"), ("errors", "right"), ("status", "left")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
