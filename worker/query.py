@@ -16,6 +16,11 @@ What holds, and who enforces it (no guessing at ClickHouse's grammar with regula
    readonly=0`` is refused); a server gets ``readonly=1`` as a request setting, and should be reached as a
    user without FILE/URL/REMOTE/S3 grants (``flowtrack_sql`` in deploy/clickhouse/users.xml).
 
+What the embedded engine does not offer (chDB 4.4, engine 26.9; checked): users and grants (a users config
+passed with ``config-file`` is read but its users and profiles are not applied, every connection is the
+``default`` user, and ``CREATE USER`` is refused), and a file sandbox (``user_files_path`` does not confine
+absolute paths in clickhouse-local). Hence the parser-based checks in 1 and 2.
+
 Values are bound as ``{name:Type}`` parameters, never interpolated.
 """
 
