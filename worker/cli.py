@@ -22,7 +22,28 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+
+
+def stdout_to_devnull() -> None:
+    """The reader of our output went away (`| head`): point stdout at /dev/null so nothing more (not even
+    the interpreter's final flush) complains about it."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+class PipeConsole(Console):
+    """rich exits 1 when stdout is a closed pipe; that is how `flowtrack tail | head -1` ends: exit 0."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        stdout_to_devnull()
+        raise SystemExit(0)
+
+
+console = PipeConsole()
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,8 +71,19 @@ def setup_logging(level: str) -> None:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}")
+    from rich.text import Text
+
+    from worker.views import visible
+
+    # Messages quote user input and stored data: escaped, never read as markup.
+    err_console.print(Text.assemble(("error:", "bold red"), " ", visible(message)), soft_wrap=True)
     return typer.Exit(code)
+
+
+def quiet_closed_stdout() -> typer.Exit:
+    """A closed stdout is how pipes end (`| head -1`), not an error: exit 0, quietly."""
+    stdout_to_devnull()
+    return typer.Exit(0)
 
 
 def guarded_command(func: F) -> F:
@@ -68,6 +100,8 @@ def guarded_command(func: F) -> F:
             raise fail(str(exc), 3) from None
         except FlowtrackError as exc:
             raise fail(str(exc), 1) from None
+        except BrokenPipeError:
+            raise quiet_closed_stdout() from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -203,7 +237,16 @@ def sql(
     clickhouse_url: ClickhouseUrl = None,
 ) -> None:
     """Run read-only ad-hoc SQL against the store, e.g.
-    flowtrack sql "SELECT status, count() FROM flowtrack.flow_sessions GROUP BY status"."""
+    flowtrack sql "SELECT status, count() FROM flowtrack.flow_sessions GROUP BY status".
+
+    One reading statement (SELECT, WITH, DESCRIBE, SHOW, EXISTS, EXPLAIN), as the
+    ClickHouse parser reads it, run on a read-only connection. Refused: writes, DDL,
+    SETTINGS that lift readonly, several statements, INTO OUTFILE, and table
+    functions that leave the store (file, url, s3, remote, mysql, executable, ...).
+    Errors are ClickHouse's message on one line, positions counted in your text.
+    Exit 0 ok; 1 the statement was refused or failed; 2 bad options; 3 the
+    embedded store is in use by another process.
+    """
     from worker.query import format_csv, format_json, parse_params, run_read_only
     from worker.store import Store
 
@@ -243,16 +286,22 @@ def _print_wide(renderable: Any) -> None:
     if console.is_terminal:
         console.print(renderable)
     else:
-        Console(width=max(console.width, 160)).print(renderable)
+        PipeConsole(width=max(console.width, 160)).print(renderable)
 
 
-def _print_lines(lines: list[Any]) -> None:
-    """Long lines: cropped on a terminal, whole when piped (scripts, less -S)."""
-    for line in lines:
+def _print_lines(lines: list[Any], per_print: int = 500) -> None:
+    """Long lines: cropped on a terminal, whole when piped (scripts, less -S).
+
+    Lines go to rich in chunks: one print per line costs more than drawing the line (a 50k-node flow).
+    """
+    from rich.text import Text
+
+    for start in range(0, len(lines), per_print):
+        chunk = Text("\n").join(lines[start:start + per_print])
         if console.is_terminal:
-            console.print(line, no_wrap=True, overflow="ellipsis")
+            console.print(chunk, no_wrap=True, overflow="ellipsis")
         else:
-            console.print(line, soft_wrap=True)
+            console.print(chunk, soft_wrap=True)
 
 
 @app.command()
