@@ -219,3 +219,25 @@ def test_sql_into_a_closed_pipe_exits_0(tmp_path: Any) -> None:
         assert proc.stdout.count("\n") == 1, proc.stdout[:200]
         assert proc.stderr.strip().endswith("rc=0"), proc.stderr
         assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_demo_live_view_shows_stored_text_escaped_and_markup_as_typed() -> None:
+    """The demo's frame renders the latest stored events: hostile ids/types must stay inert there too."""
+    import io
+
+    from rich.console import Console
+
+    from worker.demo import Counters, Snapshot, _view
+    from worker.pipeline import Pipeline
+
+    settings = make_settings("redis://127.0.0.1:1/0", "chdb:///nonexistent-never-opened")
+    ts = datetime(2026, 1, 1, tzinfo=UTC)
+    snapshot = Snapshot(latest=[(ts, HOSTILE, MARKUP, "node\x1b[31m", "parent\u202e", "error\x07")],
+                        error="")
+    out = io.StringIO()
+    console = Console(file=out, width=200, force_terminal=True, color_system=None)
+    console.print(_view(Pipeline(settings), Counters(), snapshot, 1.0, 200))
+    text = out.getvalue()
+    assert_inert(text)
+    assert MARKUP in text  # shown as typed, not read as markup
+    assert "\\x1b" in text

@@ -36,7 +36,7 @@ from worker.redisserver import RedisServer
 from worker.settings import Settings
 from worker.source import connect, guarded
 from worker.store import Store
-from worker.views import TYPE_STYLES, flow_header, format_time, tree_lines
+from worker.views import TYPE_STYLES, data, flow_header, format_time, tree_lines
 
 # A realistic producer makes mistakes now and then: one of these every BAD_EVERY_S seconds, so the
 # rejected relation (and `flowtrack rejected`) has something to show.
@@ -233,13 +233,13 @@ def _view(pipeline: Pipeline, counters: Counters, snapshot: Snapshot, elapsed_s:
     for name in ("time (UTC)", "user", "session", "node ← parent", "type"):
         latest.add_column(name, no_wrap=True)
     for ts, user, session, node, parent, event_type in snapshot.latest:
-        latest.add_row(format_time(ts, with_date=False), str(user), str(session),
-                       f"{node} ← {parent}" if parent else str(node),
-                       Text(str(event_type), style=TYPE_STYLES.get(str(event_type), "")))
+        latest.add_row(format_time(ts, with_date=False), data(user), data(session),
+                       data(f"{node} ← {parent}" if parent else node),
+                       data(event_type, style=TYPE_STYLES.get(str(event_type), "")))
     parts: list[RenderableType] = [Panel(head, title="flowtrack demo — Ctrl-C to stop", border_style="cyan")]
     if not snapshot.latest:
         waiting = "waiting for the first batch to land…" if not snapshot.error else f"store: {snapshot.error}"
-        parts.append(Panel(Text(waiting, style="dim"), title="latest stored events"))
+        parts.append(Panel(data(waiting, style="dim"), title="latest stored events"))
     else:
         parts.append(Panel(latest, title="latest stored events"))
     if snapshot.flow is not None:
