@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from worker.errors import ConfigError, FlowtrackError, StoreLockedError
-from worker.settings import Settings
+from worker.settings import Settings, redact_url
 
 app = typer.Typer(
     name="flowtrack",
@@ -193,7 +193,7 @@ def produce(
         raise fail(f"Redis refused the entries: {refusal(exc)}") from None
     finally:
         progress.finish()
-    console.print(f"produced {sent if sent >= 0 else 'events until interrupted'} to {settings.redis_url}")
+    console.print(f"produced {sent if sent >= 0 else 'events until interrupted'} to {redact_url(settings.redis_url)}")
 
 
 @app.command()
@@ -362,7 +362,7 @@ def tail(
                     return
         if keep_following:
             if output == "text":
-                err_console.print(f"[dim]following {', '.join(settings.streams)} on {settings.redis_url} "
+                err_console.print(f"[dim]following {', '.join(settings.streams)} on {redact_url(settings.redis_url)} "
                                   "(Ctrl-C to stop)[/]")
             for followed in reader.follow():
                 if followed is not None and show(followed):
@@ -370,7 +370,7 @@ def tail(
     except KeyboardInterrupt:
         pass
     except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
-        raise fail(f"Redis unreachable at {settings.redis_url}: {exc}") from None
+        raise fail(f"Redis unreachable at {redact_url(settings.redis_url)}: {exc}") from None
     finally:
         client.close()
 
@@ -543,7 +543,8 @@ def rejected(
             try:
                 flows.mark_queued_replays(client, rows)
             except (redis_lib.ConnectionError, redis_lib.TimeoutError):
-                err_console.print(f"[dim]Redis unreachable at {settings.redis_url}: queued replays not shown[/]")
+                where = redact_url(settings.redis_url)
+                err_console.print(f"[dim]Redis unreachable at {where}: queued replays not shown[/]")
             records = [[r.received_at, r.source_stream, r.source_id, r.reason, r.raw, r.replayed] for r in rows]
             if _emit_records([*flows.REJECTED_COLUMNS, "replayed"], records, output):
                 return
@@ -555,7 +556,7 @@ def rejected(
         try:
             outcomes = flows.replay(store, client, settings, rows, force=force, again=again)
         except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
-            raise fail(f"Redis unreachable at {settings.redis_url}: {exc}") from None
+            raise fail(f"Redis unreachable at {redact_url(settings.redis_url)}: {exc}") from None
     finally:
         client.close()
     outcomes += [flows.ReplayOutcome(stream or "", i, "not found", "no such rejected entry")

@@ -33,7 +33,7 @@ from worker.errors import FlowtrackError, SourceUnavailableError
 from worker.pipeline import Pipeline
 from worker.producer import ProduceConfig, produce
 from worker.redisserver import RedisServer
-from worker.settings import Settings
+from worker.settings import Settings, redact_url
 from worker.source import connect, guarded
 from worker.store import Store
 from worker.views import TYPE_STYLES, data, flow_header, format_time, tree_lines
@@ -91,7 +91,7 @@ def run_demo(settings: Settings, duration_s: float | None, rate_per_s: float, co
     try:
         if redis_url:
             result = _run(replace(demo_settings, redis_url=redis_url), store, duration_s, rate_per_s, users,
-                          console, f"Redis at {redis_url}")
+                          console, f"Redis at {redact_url(redis_url)}")
             used = DemoRedis(redis_url, private=False)
         else:
             server = RedisServer(own_session=True).start()
@@ -167,7 +167,8 @@ async def _demo(settings: Settings, store: Store, duration_s: float | None, rate
         await redis.aclose()
     failure = producer.exception() if not producer.cancelled() else None
     if failure is not None:
-        raise FlowtrackError(f"the demo stopped: writing to Redis at {settings.redis_url} failed: {failure}")
+        where = redact_url(settings.redis_url)
+        raise FlowtrackError(f"the demo stopped: writing to Redis at {where} failed: {failure}")
     return pipeline, counters
 
 

@@ -20,7 +20,7 @@ import redis
 
 from worker.errors import ConfigError, StoreLockedError, StoreUnavailableError
 from worker.normalize import FlowEvent, Normalizer, derive_event_id, entry_id_ms
-from worker.settings import Settings
+from worker.settings import Settings, redact_url
 from worker.source import is_pattern
 from worker.store import Store
 
@@ -324,7 +324,7 @@ class StatusReport:
     def as_json(self) -> dict[str, Any]:
         return {
             "healthy": self.healthy, "verdict": self.verdict, "problems": self.problems, "warnings": self.warnings,
-            "redis": {"url": _redact(self.redis_url), "error": self.redis_error or None, "group": self.group,
+            "redis": {"url": redact_url(self.redis_url), "error": self.redis_error or None, "group": self.group,
                       "claim_idle_ms": self.claim_idle_ms, "max_lag": self.max_lag,
                       "total_lag": self.total_lag, "total_pending": self.total_pending},
             "streams": [{
@@ -343,10 +343,6 @@ class StatusReport:
         }
 
 
-def _redact(url: str) -> str:
-    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
-
-
 def redis_status(report: StatusReport, settings: Settings) -> None:
     """Fill the Redis half of the report; only reads (XINFO, XPENDING, XRANGE)."""
     client = connect_sync(settings)
@@ -355,7 +351,7 @@ def redis_status(report: StatusReport, settings: Settings) -> None:
             report.streams.append(_stream_status(client, name, settings.group, report.claim_idle_ms,
                                                  report.max_lag))
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        report.redis_error = f"Redis unreachable at {_redact(settings.redis_url)}: {exc}"
+        report.redis_error = f"Redis unreachable at {redact_url(settings.redis_url)}: {exc}"
     finally:
         client.close()
 

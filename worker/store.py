@@ -28,7 +28,7 @@ from worker.errors import (
     StoreRejectedError,
     StoreUnavailableError,
 )
-from worker.settings import Settings
+from worker.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ class Store:
                 dsn=url, connect_timeout=5, send_receive_timeout=60, autogenerate_session_id=False, **tls,
             )
         except Exception as exc:  # clickhouse-connect raises several unrelated types for "down"
-            raise StoreUnavailableError(f"cannot reach ClickHouse at {_redact(url)}: {connect_reason(exc)}") from exc
-        return cls(client, f"ClickHouse {_redact(url)}", embedded=False)
+            raise StoreUnavailableError(f"cannot reach ClickHouse at {redact_url(url)}: {connect_reason(exc)}") from exc
+        return cls(client, f"ClickHouse {redact_url(url)}", embedded=False)
 
     def close(self) -> None:
         if not self.embedded:
@@ -303,7 +303,3 @@ def error_code(exc: BaseException) -> int | None:
         if found:
             return int(found.group(1))
     return None
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)

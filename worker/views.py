@@ -20,6 +20,7 @@ from rich.text import Text
 from worker.flows import Flow, Placed, RejectedRow, ReplayOutcome, StatusReport
 from worker.normalize import FlowEvent, Rejection
 from worker.query import _cell
+from worker.settings import redact_url
 
 TYPE_STYLES = {"user_message": "bold cyan", "llm_call": "magenta", "llm_response": "magenta",
                "tool_call": "yellow", "tool_result": "yellow", "flow_completed": "green", "error": "bold red"}
@@ -215,7 +216,8 @@ def flow_view(flow: Flow, placed: Sequence[Placed], width: int, attr_width: int 
 # -- status -------------------------------------------------------------------------------------
 def status_view(report: StatusReport) -> Group:
     parts: list[RenderableType] = []
-    streams = Table(title=data(f"streams and group {report.group!r} on {report.redis_url}"), title_justify="left")
+    where = redact_url(report.redis_url)
+    streams = Table(title=data(f"streams and group {report.group!r} on {where}"), title_justify="left")
     for name, justify in (("stream", "left"), ("length", "right"), ("lag", "right"), ("pending", "right"),
                           ("stale", "right"), ("consumers (pending, idle)", "left")):
         streams.add_column(name, justify=justify)  # type: ignore[arg-type]
