@@ -274,3 +274,19 @@ def test_time_ranges_and_intervals_follow_grafana() -> None:
     assert grafana_sql.interval_seconds(86400) == 60  # 86.4 s raw
     assert grafana_sql.interval_seconds(30 * 86400) == 1800  # 2592 s raw
     assert grafana_sql.interval_seconds(3600, max_data_points=100) == 30  # 36 s raw
+
+
+def test_a_cached_store_that_lost_events_is_rebuilt(bench_run: Run) -> None:
+    """Last in this file: it rebuilds the module's store."""
+    tamper = ("import sys; from worker.settings import Settings; from worker.store import Store; "
+              "s = Store.open(Settings(clickhouse_url=sys.argv[1])); "
+              "s.command(\"DELETE FROM flowtrack.events WHERE event_type = 'error'\")")
+    proc = subprocess.run([sys.executable, "-c", tamper, f"chdb://{bench_run.store}"], env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (visible,), = _sql(bench_run.store, "SELECT count() FROM flowtrack.flow_events")
+    assert int(visible) < EVENTS
+    rebuilt = _bench(bench_run.store)
+    assert not rebuilt["store"]["reused"]
+    (visible,), = _sql(bench_run.store, "SELECT count() FROM flowtrack.flow_events")
+    assert int(visible) == EVENTS

@@ -348,6 +348,7 @@ def ensure_store(path: Path, events: int, seed: int, progress: Progress,
             info.reused = True
         else:
             log.warning("cached store at %s holds %d events, not %d: rebuilding", path, visible, events)
+            store.command(f"DROP DATABASE IF EXISTS {DATABASE} SYNC")  # migrate() creates it again, empty
             info = None
     if info is None:
         info = build_store(store, path, events, seed, progress, settings)
