@@ -510,8 +510,7 @@ def rejected(
 
 
 # --- benchmarks: ingest (issue 6) and queries (issue 9) ---
-bench_app = typer.Typer(help="Benchmarks: ingest (this command) and the queries users run (`bench queries`).",
-                        invoke_without_command=True, no_args_is_help=False)
+bench_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)
 app.add_typer(bench_app, name="bench")
 
 
@@ -533,7 +532,9 @@ def bench(
     keep: Annotated[bool, typer.Option("--keep", help="keep the temporary stores and logs")] = False,
 ) -> None:
     """Benchmark against the bare XREADGROUP+XACK floor and a naive consumer, in one run, on a private Redis:
-    throughput, exactly-once check, event->stored latency at a steady rate, peak RSS of the workers."""
+    throughput, exactly-once check, event->stored latency at a steady rate, peak RSS of the workers.
+
+    `flowtrack bench queries` times the dashboard, alert and terminal-view queries instead."""
     if ctx.invoked_subcommand is not None:
         return
     from worker.bench import BenchConfig, progress_bar, report_table, run_bench
