@@ -245,6 +245,24 @@ def test_judge_applies_the_100m_targets() -> None:
         assert len(failures) == 1 and failures[0].startswith(what), (what, failures)
 
 
+def test_text_report_shows_bindings_and_failures_literally(bench_run: Run) -> None:
+    """Square brackets in labels are text, not console markup (they were swallowed once)."""
+    from rich.console import Console
+
+    from worker.benchqueries import QueryBenchResult, report_tables
+
+    data = dict(bench_run.result)
+    data["measurements"] = [Measurement(**m) for m in data["measurements"]]
+    data["dashboards"] = []
+    data["failures"] = ["live refresh [all users]: 400 ms > 300 ms"]
+    console = Console(record=True, width=250)
+    for table in report_tables(QueryBenchResult(**data)):
+        console.print(table)
+    text = console.export_text()
+    assert "live refresh [all users]" in text and "400 ms > 300 ms" in text
+    assert f"live refresh [user {data['subjects']['user_id']}]" in text
+
+
 # -- the expander and Grafana's time arithmetic ----------------------------------------------------
 def test_expander_renders_every_macro_of_the_plugin() -> None:
     ctx = QueryContext(86400, 2 * 86400 + 5, 30)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from rich.markup import escape
 from rich.table import Table
 
 from worker import grafana_sql
@@ -421,25 +422,28 @@ def report_tables(result: QueryBenchResult) -> list[Table]:
     head.add_row("subjects", f"session {result.subjects['session_id']} ({result.subjects['session_events']} events), "
                              f"user {result.subjects['user_id']} ({result.subjects['user_sessions']} sessions)")
     for binding, total in result.live_refresh_ms.items():
-        head.add_row(f"live refresh [{binding}]", f"{total:,.0f} ms (sum of its panels, best of {result.repeat})")
+        head.add_row(escape(f"live refresh [{binding}]"),
+                     f"{total:,.0f} ms (sum of its panels, best of {result.repeat})")
     queries = Table(title=f"queries (best of {result.repeat}, wall ms)", title_justify="left")
     for column in ("group", "query", "binding", "range", "best", "median", "engine", "rows read", "MiB read",
                    "peak MiB", "rows"):
         queries.add_column(column, justify="left" if column in ("group", "query", "binding", "range") else "right")
     for m in result.measurements:
         style = "red" if m.error else None
-        queries.add_row(m.group, m.name, m.binding, m.range, "ERR" if m.error else f"{m.best_ms:,.1f}",
-                        f"{m.median_ms:,.1f}", f"{m.engine_ms:,.0f}", f"{m.read_rows:,}", _mb(m.read_bytes),
+        queries.add_row(escape(m.group), escape(m.name), escape(m.binding), m.range,
+                        "ERR" if m.error else f"{m.best_ms:,.1f}", f"{m.median_ms:,.1f}", f"{m.engine_ms:,.0f}",
+                        f"{m.read_rows:,}", _mb(m.read_bytes),
                         _mb(m.peak_memory_bytes), f"{m.result_rows:,}", style=style)
-    groups = Table(title="per dashboard (best-of-3 of each query, ms)", title_justify="left")
+    groups = Table(title=f"per dashboard (best of {result.repeat} of each query, ms)", title_justify="left")
     for column in ("group", "range", "queries", "p50", "p95", "max"):
         groups.add_column(column, justify="left" if column in ("group", "range") else "right")
     for g in result.dashboards:
-        groups.add_row(g.group, g.range, str(g.queries), f"{g.p50_ms:,.1f}", f"{g.p95_ms:,.1f}", f"{g.max_ms:,.1f}")
+        groups.add_row(escape(g.group), g.range, str(g.queries), f"{g.p50_ms:,.1f}", f"{g.p95_ms:,.1f}",
+                       f"{g.max_ms:,.1f}")
     verdict = Table(title=f"targets ({result.targets['scale']})", show_header=False, title_justify="left")
     verdict.add_column("result")
     for failure in result.failures[:60]:
-        verdict.add_row(failure, style="red")
+        verdict.add_row(escape(failure), style="red")
     if len(result.failures) > 60:
         verdict.add_row(f"… {len(result.failures) - 60} more (see --json)", style="red")
     verdict.add_row("PASS" if result.passed else "FAIL", style="green" if result.passed else "bold red")
