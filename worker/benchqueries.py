@@ -130,10 +130,12 @@ class TaggedStore(Store):
         self._lock = base._lock
         self.tag = ""
         self.statements = 0
+        self.sql: list[str] = []  # what the last run executed (CLI functions: their SQL, however it is written)
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None,
               settings: dict[str, Any] | None = None) -> tuple[list[str], list[Sequence[Any]]]:
         self.statements += 1
+        self.sql.append(sql)
         return super().query(sql, parameters, {**(settings or {}), "log_comment": self.tag})
 
 
@@ -274,6 +276,7 @@ def measure(store: Store, cases: Sequence[Case], repeat: int,
         for attempt in range(repeat):
             tagged.tag = f"{TAG_PREFIX}:{index}:{attempt}"
             tagged.statements = 0
+            tagged.sql = []
             tags[str(index)].append(tagged.tag)
             started = time.perf_counter()
             try:
@@ -283,6 +286,8 @@ def measure(store: Store, cases: Sequence[Case], repeat: int,
                 break
             m.runs_ms.append(round((time.perf_counter() - started) * 1000, 2))
             m.queries = tagged.statements
+            if case.run is not None:
+                m.sql = ";\n".join(tagged.sql)
         if m.runs_ms:
             m.best_ms = min(m.runs_ms)
             m.median_ms = round(statistics.median(m.runs_ms), 2)
