@@ -128,6 +128,16 @@ def test_a_cached_store_is_reused_and_a_foreign_directory_refused(bench_run: Run
     assert not (tmp_path / MARKER).exists()
 
 
+def test_an_interrupted_or_other_bench_store_is_cleared_for_a_rebuild(tmp_path: Path) -> None:
+    for marker in ({"events": -1}, {"events": EVENTS, "seed": 8}, {"events": EVENTS + 1, "seed": 7}):
+        store = tmp_path / f"store-{len(list(tmp_path.iterdir()))}"
+        store.mkdir()
+        (store / MARKER).write_text(json.dumps(marker))
+        (store / "data").mkdir()
+        assert prepare_directory(store, EVENTS, 7) is None
+        assert not store.exists() or not any(store.iterdir())
+
+
 def test_batches_hold_exactly_n_events_in_whole_sessions() -> None:
     sizes = [7, 20, 13, 51, 5, 20, 20]
     batches = plan_batches(sizes, 100, 30)

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import clickhouse_connect
@@ -35,6 +34,7 @@ log = logging.getLogger(__name__)
 
 EVENTS_TABLE = f"{DATABASE}.events"  # where Sink._insert_events writes
 MARKER = "flowtrack-bench.json"  # what the loader built here; a store without it is never deleted
+QUERY_LOG_CONFIG_FILE = "flowtrack-bench-clickhouse.xml"
 SHAPE_VERSION = 1  # bump when the generated data changes: cached stores are then rebuilt
 DAY_S = 86400
 SPAN_DAYS = 30
@@ -75,20 +75,19 @@ class StoreInfo:
     reused: bool = False
     path: str = ""
     disk_bytes: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def matches(self, events: int, seed: int, migrations: Sequence[str]) -> bool:
         return (self.events == events and self.seed == seed and self.shape_version == SHAPE_VERSION
                 and list(self.migrations) == list(migrations))
 
 
-def open_store(path: Path, config_dir: Path) -> Store:
+def open_store(path: Path) -> Store:
     """The embedded store at path, with query_log on (so each query's rows, bytes and memory are known)."""
     path.mkdir(parents=True, exist_ok=True)
     holder = embedded_store_holder(path)
     if holder is not None:
         raise StoreLockedError(f"the embedded store {path} is in use by another process{holder}")
-    config = config_dir / "clickhouse-query-log.xml"
+    config = path / QUERY_LOG_CONFIG_FILE
     config.write_text(QUERY_LOG_CONFIG)
     try:
         client = clickhouse_connect.get_client(dsn=f"chdb://{path}", chdb_options={"config-file": str(config)})
@@ -99,8 +98,10 @@ def open_store(path: Path, config_dir: Path) -> Store:
 
 def read_marker(path: Path) -> StoreInfo | None:
     try:
-        return StoreInfo(**orjson.loads((path / MARKER).read_bytes()))
-    except (OSError, ValueError, TypeError):
+        saved = orjson.loads((path / MARKER).read_bytes())
+        known = {f.name for f in fields(StoreInfo)}
+        return StoreInfo(**{k: v for k, v in saved.items() if k in known})
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
 
 
@@ -287,7 +288,9 @@ def build_store(store: Store, path: Path, events: int, seed: int, progress: Prog
     loaded = 0
     progress("load", 0, events)
     for batch in batches:
-        token = "e:" + batch_token([(f"bench:{seed}", f"{batch.first}+{batch.count}/{batch.cut_steps}")])
+        # A function of everything the batch's rows depend on (the same token with other rows would be dropped).
+        token = "e:" + batch_token([(f"bench:{seed}:{anchor}:{users}:{sessions}",
+                                     f"{batch.first}+{batch.count}/{batch.cut_steps}")])
         store.command(batch_sql(seed, users, sessions, anchor, batch.first, batch.count, batch.cut_steps, token,
                                 settings))
         loaded += batch.events
@@ -329,19 +332,15 @@ def disk_bytes(store: Store) -> int:
 
 
 def ensure_store(path: Path, events: int, seed: int, progress: Progress,
-                 settings: Settings | None = None) -> tuple[Store, StoreInfo, Path]:
-    """Open (reusing a cached store with the same N, seed and migrations) or build the bench store.
-
-    Returns the store, its info and a scratch directory the caller removes when done.
-    """
+                 settings: Settings | None = None) -> tuple[Store, StoreInfo]:
+    """Open (reusing a cached store with the same N, seed and migrations) or build the bench store."""
     path = path.resolve()
     info = prepare_directory(path, events, seed)
     if info is None:
         path.mkdir(parents=True, exist_ok=True)
         # Claimed before loading: an interrupted load leaves a marker that matches nothing, so it is rebuilt.
         (path / MARKER).write_bytes(orjson.dumps({"events": -1}))
-    scratch = Path(tempfile.mkdtemp(prefix="flowtrack-benchq-"))
-    store = open_store(path, scratch)
+    store = open_store(path)
     if info is not None:
         visible = int(store.scalar("SELECT count() FROM flowtrack.flow_events") or 0)
         if visible == events:
@@ -354,4 +353,4 @@ def ensure_store(path: Path, events: int, seed: int, progress: Progress,
         info = build_store(store, path, events, seed, progress, settings)
     info.path = str(path)
     info.disk_bytes = disk_bytes(store)
-    return store, info, scratch
+    return store, info

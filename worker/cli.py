@@ -570,7 +570,6 @@ def bench_queries(
     batches; runs each query at its dashboard's default range and over 30 days; reports best-of-3,
     median, rows/bytes read and peak memory, per-dashboard p50/p95/max and the live dashboard's refresh.
     """
-    import shutil
     from pathlib import Path
 
     from worker.bench import progress_bar
@@ -581,11 +580,8 @@ def bench_queries(
         raise fail("--events and --repeat must be at least 1", 2)
     path = Path(store_path) if store_path else Path(".flowtrack-bench") / str(events)
     with progress_bar(err_console) as progress:
-        store, info, scratch = ensure_store(path, events, seed, progress, load_settings())
-        try:
-            result = run_queries(store, info, repeat, progress)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        store, info = ensure_store(path, events, seed, progress, load_settings())
+        result = run_queries(store, info, repeat, progress)
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
     else:
