@@ -579,10 +579,15 @@ def rejected(
         raise typer.Exit(1)
 
 
-# --- benchmark (issue 6) ---
-@app.command()
+# --- benchmarks: ingest (issue 6) and queries (issue 9) ---
+bench_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback()
 @guarded_command
 def bench(
+    ctx: typer.Context,
     events: Annotated[int, typer.Option("--events", "-n", help="events in the backlog")] = 400_000,
     streams: Annotated[int, typer.Option(help="per-user streams the events are spread over")] = 100,
     workers: Annotated[int, typer.Option(help="`run --drain` worker processes in one consumer group")] = 1,
@@ -601,7 +606,11 @@ def bench(
     keep: Annotated[bool, typer.Option("--keep", help="keep the temporary stores and logs")] = False,
 ) -> None:
     """Benchmark against the bare XREADGROUP+XACK floor and a naive consumer, in one run, on a private Redis:
-    throughput, exactly-once check, event->stored latency at a steady rate, peak RSS of the workers."""
+    throughput, exactly-once check, event->stored latency at a steady rate, peak RSS of the workers.
+
+    `flowtrack bench queries` times the dashboard, alert and terminal-view queries instead."""
+    if ctx.invoked_subcommand is not None:
+        return
     from worker.bench import NO_VERDICT, BenchConfig, progress_bar, report_table, run_bench
 
     if events < 1 or streams < 1 or workers < 1:
@@ -617,6 +626,44 @@ def bench(
         console.print(report_table(result))
     if check and not result.passed:
         raise typer.Exit(3 if result.verdict == NO_VERDICT else 1)
+
+
+@bench_app.command("queries")
+@guarded_command
+def bench_queries(
+    events: Annotated[int, typer.Option("--events", "-n", help="events in the store")] = 10_000_000,
+    store_path: Annotated[str | None, typer.Option(
+        "--store", help="where the bench store is kept and reused (default: ./.flowtrack-bench/<events>)")] = None,
+    repeat: Annotated[int, typer.Option(help="runs of each query (best and median reported)")] = 3,
+    seed: Annotated[int, typer.Option(help="seed of the synthetic data")] = 7,
+    check: Annotated[bool, typer.Option("--check", help="exit 1 when a target of issue 9 is missed")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")] = False,
+) -> None:
+    """Time every dashboard panel, variable and alert query and the history/show/status/demo queries.
+
+    Builds (or reuses) an embedded store of N events shaped like real flows, loaded in worker-sized
+    batches; runs each query at its dashboard's default range and over 30 days; reports best-of-3,
+    median, rows/bytes read and peak memory, per-dashboard p50/p95/max and the live dashboard's refresh.
+    """
+    from pathlib import Path
+
+    from worker.bench import progress_bar
+    from worker.benchqueries import report_tables, run_queries
+    from worker.benchstore import ensure_store
+
+    if events < 1 or repeat < 1:
+        raise fail("--events and --repeat must be at least 1", 2)
+    path = Path(store_path) if store_path else Path(".flowtrack-bench") / str(events)
+    with progress_bar(err_console) as progress:
+        store, info = ensure_store(path, events, seed, progress, load_settings())
+        result = run_queries(store, info, repeat, progress)
+    if as_json:
+        sys.stdout.write(result.to_json() + "\n")
+    else:
+        for table in report_tables(result):
+            _print_wide(table)
+    if check and not result.passed:
+        raise typer.Exit(1)
 
 
 def main() -> None:
