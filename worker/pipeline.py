@@ -27,10 +27,10 @@ from redis.exceptions import ResponseError
 from worker.ack import Backoff, Committer
 from worker.batch import Batch
 from worker.errors import SourceUnavailableError, StoreUnavailableError
-from worker.normalize import Normalizer, Rejection, pairs_to_dict, raw_json
+from worker.normalize import Normalizer, Rejection, is_text, pairs_to_dict, printable, raw_json, stored_key
 from worker.settings import Settings
 from worker.sink import Sink
-from worker.source import Entry, Source, guarded, text
+from worker.source import Entry, LostStream, Source, guarded, text
 from worker.stats import Stats
 from worker.store import Store
 from worker.trim import supports_acked, trim_stream
@@ -184,6 +184,7 @@ class Pipeline:
             got = await self._read(room)
         elif self._writing is not None:
             await asyncio.wait({self._writing}, timeout=self.settings.block_ms / 1000)
+        self._report_losses()
         self._reap_write()
         if self._ready and self._writing is None:
             self._start_write(self._ready.pop(0))
@@ -225,6 +226,9 @@ class Pipeline:
         normalize = self.normalizer.normalize_pairs
         added = 0
         for stream, items in groups:
+            if not is_text(stream):  # once per stream, not per entry: the checked path rejects its entries
+                self._add(Entry(stream, text(raw_id), pairs_to_dict(fields) or None) for raw_id, fields in items)
+                continue
             for raw_id, fields in items:
                 entry_id = raw_id.decode()
                 batch = self._batch
@@ -263,14 +267,31 @@ class Pipeline:
             self.stats.read += 1
             if entry.deliveries > max_deliveries:
                 self.stats.poison += 1
-                batch.add(entry.stream, entry.entry_id, Rejection(
-                    entry.stream, entry.entry_id, f"delivered {entry.deliveries} times without being stored "
-                    f"(over FLOWTRACK_MAX_DELIVERIES={max_deliveries})", _raw(entry)))
+                reason = (f"delivered {entry.deliveries} times without being stored "
+                          f"(over FLOWTRACK_MAX_DELIVERIES={max_deliveries})")
+                batch.add(entry.stream, entry.entry_id,
+                          Rejection(stored_key(entry.stream), entry.entry_id, reason, _raw(entry)))
                 continue
             if entry.fields is None:
                 self.stats.deleted_while_pending += 1
             batch.add(entry.stream, entry.entry_id,
                       self.normalizer.normalize(entry.stream, entry.entry_id, entry.fields))
+
+    def _report_losses(self) -> None:
+        """Streams that vanished (DEL, FLUSHDB) with entries pending on other consumers: those entries are gone
+        with their stream and Redis cannot give them back. Count them, log them, and record one rejected row per
+        stream (reason with the count and id range) so `flowtrack status` and `flowtrack rejected` show the loss."""
+        while self.source.lost:
+            self._record_loss(self.source.lost.pop(0))
+
+    def _record_loss(self, lost: LostStream) -> None:
+        seen = lost.pending
+        self.stats.lost_with_stream += seen.others
+        reason = (f"stream deleted with {seen.others} entries pending on other consumers (ids {seen.first_id}.."
+                  f"{seen.last_id}, as of the last claim round): Redis cannot give them back")
+        log.error("%s: %s", printable(lost.stream), reason)
+        batch = self._batch if not self._batch.full else self._roll_batch()
+        batch.add(lost.stream, seen.first_id, Rejection(stored_key(lost.stream), seen.first_id, reason, "{}"))
 
     async def _claim(self) -> None:
         result = await self.source.claim_idle(self.settings.claim_idle_ms, self.settings.read_count)

@@ -70,6 +70,7 @@ class Stats:
     batches: int = 0
     claimed: int = 0
     deleted_while_pending: int = 0
+    lost_with_stream: int = 0  # entries pending on other consumers when their stream was deleted
     poison: int = 0
     trimmed: int = 0
     sink_failures: int = 0
