@@ -59,12 +59,15 @@ class Committer:
 
     async def _store(self, batch: Batch) -> WriteResult | None:
         backoff = Backoff(self.initial_s, self.max_s)
+        uncounted = False
         while True:
             started = time.perf_counter()
             try:
                 result = await asyncio.to_thread(self.sink.write, batch.events, batch.rejections)
             except StoreUnavailableError as exc:
                 self.stats.record_sink_failure(str(exc))
+                if not uncounted:
+                    uncounted = await self._uncount_delivery(batch)
                 if self.stopping():
                     log.warning("stopping during a store outage: %d entries stay pending for the next run",
                                 len(batch))
@@ -75,6 +78,16 @@ class Committer:
                 continue
             self.stats.record_sink_ok(time.perf_counter() - started)
             return result
+
+    async def _uncount_delivery(self, batch: Batch) -> bool:
+        """An outage is not a delivery attempt: give the batch's entries their delivery counts back, so a worker
+        restarted (or replaced) during the outage does not take them for poison. True once done."""
+        try:
+            await self.source.uncount_delivery(batch.deliveries_by_count())
+            return True
+        except SourceUnavailableError as exc:
+            log.warning("cannot reset delivery counts during the store outage (%s); trying again", exc)
+            return False
 
     async def _ack(self, batch: Batch) -> None:
         backoff = Backoff(self.initial_s, self.max_s)

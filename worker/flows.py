@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 import redis
+from redis._parsers import Encoder
+from redis.connection import PythonRespSerializer
 
 from worker.errors import ConfigError, StoreLockedError, StoreUnavailableError
 from worker.normalize import (
@@ -238,13 +240,20 @@ def flow_as_records(flow: Flow, placed: Sequence[Placed]) -> dict[str, Any]:
     }
 
 
+SYNC_PACKER_BUFFER_CUTOFF = 6000  # redis-py's default: values larger than this are sent without a copy
+
+
 # -- Redis, read-only ---------------------------------------------------------------------------
 def connect_sync(settings: Settings) -> redis.Redis:
     # RESP2 pinned, like the worker's client: stream replies keep one shape.
     # Names that are not UTF-8 round-trip: decoded with surrogateescape (``_text``), encoded back the same way.
+    # redis-py's hiredis packer encodes str strictly and ignores encoding_errors: pack with its Python packer
+    # (stateless, so one serves every connection), which uses the client's encoder.
+    encoder = Encoder("utf-8", "surrogateescape", decode_responses=False)  # type: ignore[no-untyped-call]
     return redis.Redis.from_url(settings.redis_url, protocol=2, socket_timeout=settings.socket_timeout_s,
                                 socket_connect_timeout=min(5.0, settings.socket_timeout_s),
-                                encoding_errors="surrogateescape")
+                                encoding_errors="surrogateescape",
+                                command_packer=PythonRespSerializer(SYNC_PACKER_BUFFER_CUTOFF, encoder.encode))
 
 
 def resolve_streams(client: redis.Redis, specs: Iterable[str]) -> list[str]:

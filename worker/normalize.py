@@ -192,18 +192,20 @@ class Normalizer:
             return Rejection(stream, entry_id, f"internal normalize error: {type(exc).__name__}: {exc}",
                              raw_json(fields))
 
-    def normalize_pairs(self, stream: str, entry_id: str, pairs: list[bytes] | None) -> FlowEvent | Rejection:
+    def normalize_pairs(self, stream: str, entry_id: str, pairs: list[bytes] | None,
+                        size: int = -1) -> FlowEvent | Rejection:
         """The same as ``normalize``, for fields as Redis sends them: a flat [name, value, name, value, …] list.
 
         The worker's hot path: decoding straight from the reply list in C-level loops skips building a bytes
         dict per entry first. Anything unusual (invalid UTF-8, an oversized entry) takes the checked path.
-        The caller checks the stream key once per stream (``is_text``), not here once per entry.
+        The caller checks the stream key once per stream (``is_text``), not here once per entry; ``size`` is the
+        entry's bytes when the caller has counted them already.
         """
         if not pairs:
             return self.normalize(stream, entry_id, None)
         try:
             flat = dict(zip(map(_decode_bytes, pairs[::2]), map(_decode_bytes, pairs[1::2]), strict=True))
-            oversized = sum(map(len, pairs)) > MAX_ENTRY_BYTES
+            oversized = (size if size >= 0 else sum(map(len, pairs))) > MAX_ENTRY_BYTES
         except (TypeError, ValueError):  # UnicodeDecodeError is a ValueError; so is an odd-length list
             oversized = True
         if oversized:

@@ -19,7 +19,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -27,7 +27,16 @@ from redis.exceptions import ResponseError
 from worker.ack import Backoff, Committer
 from worker.batch import Batch
 from worker.errors import SourceUnavailableError, StoreUnavailableError
-from worker.normalize import Normalizer, Rejection, is_text, pairs_to_dict, printable, raw_json, stored_key
+from worker.normalize import (
+    MAX_ENTRY_BYTES,
+    Normalizer,
+    Rejection,
+    is_text,
+    pairs_to_dict,
+    printable,
+    raw_json,
+    stored_key,
+)
 from worker.settings import Settings
 from worker.sink import Sink
 from worker.source import Entry, LostStream, Source, guarded, text
@@ -36,6 +45,13 @@ from worker.store import Store
 from worker.trim import supports_acked, trim_stream
 
 log = logging.getLogger(__name__)
+
+# The entry size a read assumes before it has seen any: the contract's largest entry, so the first reads stay within
+# the byte budget for any entry the contract accepts. Then: the largest entry lately read, the estimate shrinking
+# by ENTRY_BYTES_ESTIMATE_DECAY per read down to the minimum (small entries reach full COUNT within ~6 reads).
+INITIAL_ENTRY_BYTES_ESTIMATE = MAX_ENTRY_BYTES
+ENTRY_BYTES_ESTIMATE_DECAY = 4
+MIN_ENTRY_BYTES_ESTIMATE = 128
 
 
 class Pipeline:
@@ -58,6 +74,9 @@ class Pipeline:
         self._drained = False
         self._committer: Committer | None = None
         self._store_ready: asyncio.Task[bool]
+        # Bytes of the largest entry lately read: sizes the next read's COUNT so that a read of entries this large
+        # fits the in-flight byte budget. Starts cautious, then shrinks per read unless larger entries come.
+        self._entry_bytes_estimate = INITIAL_ENTRY_BYTES_ESTIMATE
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -111,15 +130,17 @@ class Pipeline:
         await self.source.close()
 
     async def _start(self) -> bool:
-        """Open and migrate the store in the background while the streams are found and the first entries read
-        (start-up overlaps reading); False if stopped before the streams could be reached."""
+        """Open and migrate the store, then find the streams; False if stopped before both were reachable.
+
+        Nothing is read before the store can be used: each read of our own pending entries (and each claim)
+        counts as a delivery in Redis, and a worker restarted again and again during a store outage would
+        otherwise turn good entries into poison (README, "Reliability"; the cost: start-up no longer overlaps
+        migration with the first read).
+        """
         self._store_ready = asyncio.create_task(self._prepare_store())
-        if await self._prepare_source():
-            return True
-        self._store_ready.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._store_ready
-        return False
+        if not await self._store_ready:
+            return False
+        return await self._prepare_source()
 
     async def _prepare_store(self) -> bool:
         backoff = Backoff(self.settings.retry_initial_s, self.settings.retry_max_s)
@@ -180,8 +201,9 @@ class Pipeline:
             await self._trim()
         got = 0
         room = self.settings.max_inflight_rows - self._inflight_rows()
-        if room > 0:
-            got = await self._read(room)
+        room_bytes = self.settings.max_inflight_bytes - self._inflight_bytes()
+        if room > 0 and room_bytes > 0:
+            got = await self._read(room, room_bytes)
         elif self._writing is not None:
             await asyncio.wait({self._writing}, timeout=self.settings.block_ms / 1000)
         self._report_losses()
@@ -202,6 +224,9 @@ class Pipeline:
     def _inflight_rows(self) -> int:
         return sum(len(b) for b in self._held_batches())
 
+    def _inflight_bytes(self) -> int:
+        return sum(b.bytes for b in self._held_batches())
+
     def _held_ids_by_stream(self) -> dict[str, list[str]]:
         """Entry ids read and not yet acknowledged, per stream (built on demand: keepalive, re-reads)."""
         held: dict[str, list[str]] = {}
@@ -210,37 +235,46 @@ class Pipeline:
                 held.setdefault(stream, []).extend(ids)
         return held
 
-    async def _read(self, room: int) -> int:
+    async def _read(self, room: int, room_bytes: int) -> int:
         streams = max(1, len(self.source.streams))
-        count = max(1, min(self.settings.read_count, room // streams))
+        by_bytes = room_bytes // (self._entry_bytes_estimate * streams)
+        count = max(1, min(self.settings.read_count, room // streams, by_bytes))
         wait_s = min(self.settings.block_ms / 1000, self._batch.seconds_left())
         block_ms = max(1, int(wait_s * 1000))
         reading_pending = self.source.reading_pending
         groups = await self.source.read(count, block_ms)
-        if reading_pending:
-            return self._add_pending(groups)
-        return self._add_new(groups)
+        largest = self._add_pending(groups) if reading_pending else self._add_new(groups)
+        if groups:
+            self._entry_bytes_estimate = max(largest, self._entry_bytes_estimate // ENTRY_BYTES_ESTIMATE_DECAY,
+                                             MIN_ENTRY_BYTES_ESTIMATE)
+        return sum(len(items) for _, items in groups)
 
     def _add_new(self, groups: list[tuple[str, list[Any]]]) -> int:
-        """The hot path: entries delivered for the first time, straight from the reply into the batch."""
+        """The hot path: entries delivered for the first time, straight from the reply into the batch.
+        Returns the size of the largest entry read."""
         normalize = self.normalizer.normalize_pairs
         added = 0
+        largest = 0
         for stream, items in groups:
             if not is_text(stream):  # once per stream, not per entry: the checked path rejects its entries
                 self._add(Entry(stream, text(raw_id), pairs_to_dict(fields) or None) for raw_id, fields in items)
                 continue
             for raw_id, fields in items:
                 entry_id = raw_id.decode()
+                size = sum(map(len, fields))
+                if size > largest:
+                    largest = size
                 batch = self._batch
-                if batch.rows >= batch.max_rows:
+                if batch.rows >= batch.max_rows or batch.bytes >= batch.max_bytes:
                     batch = self._roll_batch()
-                batch.add(stream, entry_id, normalize(stream, entry_id, fields))
+                batch.add(stream, entry_id, normalize(stream, entry_id, fields, size), size)
             added += len(items)
         self.stats.read += added
-        return added
+        return largest
 
     def _add_pending(self, groups: list[tuple[str, list[Any]]]) -> int:
-        """Our own pending entries, re-read at start or after a reconnect: count deliveries, skip held ones."""
+        """Our own pending entries, re-read at start or after a reconnect: count deliveries, skip held ones.
+        Returns the size of the largest entry read."""
         held = {(stream, i) for stream, ids in self._held_ids_by_stream().items() for i in ids}
         entries = []
         for stream, items in groups:
@@ -250,8 +284,7 @@ class Pipeline:
                     continue  # still on its way to the store from before the reconnect
                 prior = self._prior_deliveries.pop((stream, entry_id), 0)
                 entries.append(Entry(stream, entry_id, pairs_to_dict(fields) or None, prior + 1))
-        self._add(entries)
-        return sum(len(items) for _, items in groups)
+        return self._add(entries)
 
     def _roll_batch(self) -> Batch:
         """batch_max_rows is a hard bound: a full batch queues for the write slot and a new one starts."""
@@ -259,23 +292,30 @@ class Pipeline:
         self._batch = self._new_batch()
         return self._batch
 
-    def _add(self, entries: Iterable[Entry]) -> None:
-        """Entries with a delivery history (re-read, reclaimed, deleted while pending): the checked path."""
+    def _add(self, entries: Iterable[Entry]) -> int:
+        """Entries with a delivery history (re-read, reclaimed, deleted while pending): the checked path.
+        Returns the size of the largest entry."""
         max_deliveries = self.settings.max_deliveries
+        largest = 0
         for entry in entries:
             batch = self._batch if not self._batch.full else self._roll_batch()
+            size = entry_bytes(entry.fields)
+            largest = max(largest, size)
             self.stats.read += 1
+            if entry.deliveries > 1:
+                batch.deliveries[(entry.stream, entry.entry_id)] = entry.deliveries
             if entry.deliveries > max_deliveries:
                 self.stats.poison += 1
                 reason = (f"delivered {entry.deliveries} times without being stored "
                           f"(over FLOWTRACK_MAX_DELIVERIES={max_deliveries})")
                 batch.add(entry.stream, entry.entry_id,
-                          Rejection(stored_key(entry.stream), entry.entry_id, reason, _raw(entry)))
+                          Rejection(stored_key(entry.stream), entry.entry_id, reason, _raw(entry)), size)
                 continue
             if entry.fields is None:
                 self.stats.deleted_while_pending += 1
             batch.add(entry.stream, entry.entry_id,
-                      self.normalizer.normalize(entry.stream, entry.entry_id, entry.fields))
+                      self.normalizer.normalize(entry.stream, entry.entry_id, entry.fields), size)
+        return largest
 
     def _report_losses(self) -> None:
         """Streams that vanished (DEL, FLUSHDB) with entries pending on other consumers: those entries are gone
@@ -385,11 +425,20 @@ class Pipeline:
             self._reap_write()
 
     def _new_batch(self) -> Batch:
-        return Batch(self.settings.batch_max_rows, self.settings.batch_max_wait_s)
+        # Half the byte budget per batch, like rows: one batch being written while the next one fills.
+        return Batch(self.settings.batch_max_rows, self.settings.batch_max_wait_s,
+                     max(1, self.settings.max_inflight_bytes // 2))
 
 
 def _raw(entry: Entry) -> str:
     return raw_json(entry.fields or {})
+
+
+def entry_bytes(fields: Mapping[Any, Any] | None) -> int:
+    """Names + values of an entry as read (0 for a deleted one)."""
+    if not fields:
+        return 0
+    return sum(map(len, fields)) + sum(map(len, fields.values()))
 
 
 # CPython's default thresholds (700, 10, 10) run a full collection every fraction of a second over the whole

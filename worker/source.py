@@ -356,6 +356,25 @@ class Source:
 
         await guarded(_touch)
 
+    async def uncount_delivery(self, by_count: dict[int, dict[str, list[str]]]) -> None:
+        """Take back the delivery of entries that could not be stored because the store was down: set each one's
+        delivery count to what it was before this delivery (XCLAIM ... RETRYCOUNT n JUSTID). An outage then never
+        counts towards FLOWTRACK_MAX_DELIVERIES, however often the worker is restarted during it; a delivery
+        that ends in a crash (no store failure seen) still counts, which is how poison is recognised."""
+        if not by_count:
+            return
+
+        async def _reset() -> None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for count, by_stream in by_count.items():
+                    for stream, ids in by_stream.items():
+                        for start in range(0, len(ids), 1000):
+                            pipe.xclaim(stream, self.group, self.consumer, 0, list[Any](ids[start:start + 1000]),
+                                        retrycount=max(0, count - 1), justid=True)
+                await pipe.execute(raise_on_error=False)  # a stream gone meanwhile has nothing to reset
+
+        await guarded(_reset)
+
     async def own_pending_counts(self) -> dict[tuple[str, str], int]:
         """Delivery counts of this consumer's pending entries (read at start, before re-reading them)."""
         counts: dict[tuple[str, str], int] = {}
