@@ -249,14 +249,15 @@ def test_large_entries_keep_memory_bounded_and_their_raw_truncated(
     assert peak_mb < 1000, peak_mb
     query = subprocess.run([sys.executable, "-m", "worker.cli", "sql",
                             "SELECT count() AS n, max(length(raw)) AS raw_bytes, any(reason) AS reason, "
-                            "any(raw) AS raw FROM flowtrack.rejected_events",
+                            "any(raw) AS one_raw FROM flowtrack.rejected_events",
                             "--format", "json", "--clickhouse-url", store_url],
                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert query.returncode == 0, query.stderr[-2000:]
     row = json.loads(query.stdout)[0]
     assert int(row["n"]) == 30
     assert int(row["raw_bytes"]) < 4 * 1024
     assert "over the 1048576-byte limit" in row["reason"] and "raw kept truncated" in row["reason"]
-    marker, original_bytes, fields = parse_raw(row["raw"])
+    marker, original_bytes, fields = parse_raw(row["one_raw"])
     assert marker == "truncated" and original_bytes > 10 * 1024 * 1024 and fields["session_id"] == "s"
 
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from worker.batch import Batch
@@ -40,8 +40,9 @@ class Backoff:
 
 class Committer:
     def __init__(self, sink: Sink, source: Source, stats: Stats, initial_s: float, max_s: float,
-                 stopping: Callable[[], bool]) -> None:
+                 stopping: Callable[[], bool], on_outage: Callable[[], Awaitable[None]] | None = None) -> None:
         self.sink = sink
+        self.on_outage = on_outage
         self.source = source
         self.stats = stats
         self.initial_s = initial_s
@@ -59,15 +60,14 @@ class Committer:
 
     async def _store(self, batch: Batch) -> WriteResult | None:
         backoff = Backoff(self.initial_s, self.max_s)
-        uncounted = False
         while True:
             started = time.perf_counter()
             try:
                 result = await asyncio.to_thread(self.sink.write, batch.events, batch.rejections)
             except StoreUnavailableError as exc:
                 self.stats.record_sink_failure(str(exc))
-                if not uncounted:
-                    uncounted = await self._uncount_delivery(batch)
+                if self.on_outage is not None:
+                    await self.on_outage()  # an outage is not a delivery attempt (Pipeline.uncount_held)
                 if self.stopping():
                     log.warning("stopping during a store outage: %d entries stay pending for the next run",
                                 len(batch))
@@ -78,16 +78,6 @@ class Committer:
                 continue
             self.stats.record_sink_ok(time.perf_counter() - started)
             return result
-
-    async def _uncount_delivery(self, batch: Batch) -> bool:
-        """An outage is not a delivery attempt: give the batch's entries their delivery counts back, so a worker
-        restarted (or replaced) during the outage does not take them for poison. True once done."""
-        try:
-            await self.source.uncount_delivery(batch.deliveries_by_count())
-            return True
-        except SourceUnavailableError as exc:
-            log.warning("cannot reset delivery counts during the store outage (%s); trying again", exc)
-            return False
 
     async def _ack(self, batch: Batch) -> None:
         backoff = Backoff(self.initial_s, self.max_s)

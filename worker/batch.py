@@ -46,7 +46,7 @@ class Batch:
 
     def deliveries_by_count(self) -> dict[int, dict[str, list[str]]]:
         """Entry ids per stream, grouped by how often each was delivered: to take back a delivery that an outage
-        made useless (Source.uncount_delivery)."""
+        made useless (Pipeline.uncount_held)."""
         grouped: dict[int, dict[str, list[str]]] = {}
         for stream, ids in self.ids_by_stream.items():
             for entry_id in ids:

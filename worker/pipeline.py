@@ -77,6 +77,10 @@ class Pipeline:
         # Bytes of the largest entry lately read: sizes the next read's COUNT so that a read of entries this large
         # fits the in-flight byte budget. Starts cautious, then shrinks per read unless larger entries come.
         self._entry_bytes_estimate = INITIAL_ENTRY_BYTES_ESTIMATE
+        # Reads (and claims) that brought entries, and how many of them had their delivery taken back during the
+        # current store outage (uncount_held): equal = every held entry is uncounted.
+        self._reads_with_entries = 0
+        self._reads_uncounted = -1
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -158,7 +162,7 @@ class Pipeline:
                 log.warning("%s; retrying in %.1fs", exc, delay)
                 await self._sleep_unless_stopped(delay)
         self._committer = Committer(Sink(self.store), self.source, self.stats, self.settings.retry_initial_s,
-                                    self.settings.retry_max_s, lambda: self.stopping)
+                                    self.settings.retry_max_s, lambda: self.stopping, self.uncount_held)
         log.info("store ready: %s", self.store.description)
         return True
 
@@ -191,6 +195,9 @@ class Pipeline:
     async def _step(self, drain: bool) -> bool:
         if self._store_ready.done():
             self._store_ready.result()  # a store that cannot be used at all (locked, refused migration) stops us
+        if self._store_failing:
+            await self._wait_out_outage()
+            return False
         await self.source.discover()
         now = time.monotonic()
         if now - self._last_claim >= self.settings.claim_interval_s:
@@ -215,6 +222,42 @@ class Pipeline:
         if drain and got == 0 and not self._batch.rows and not self._ready and self._writing is None:
             return await self._drain_finished()
         return False
+
+    @property
+    def _store_failing(self) -> bool:
+        return self.stats.sink_failing_since is not None and self._writing is not None
+
+    async def _wait_out_outage(self) -> None:
+        """While the store cannot write, neither read nor claim: each would count a delivery that cannot end in a
+        store. Take back the deliveries of what is held (once more if a read landed after the last time), then
+        wait for the write that retries with backoff."""
+        await self.uncount_held()
+        if self._writing is not None:
+            await asyncio.wait({self._writing}, timeout=self.settings.block_ms / 1000)
+        self._reap_write()
+        if self._ready and self._writing is None:
+            self._start_write(self._ready.pop(0))
+
+    async def uncount_held(self) -> None:
+        """An outage is not a delivery attempt: give every held entry (being written, waiting, filling) the delivery
+        count it had before this delivery (XCLAIM RETRYCOUNT; idempotent), so a worker restarted or replaced during
+        the outage, however often, does not take good entries for poison. A delivery that ends in a crash with no
+        store failure seen still counts: that is how poison is recognised."""
+        if self._reads_uncounted == self._reads_with_entries:
+            return
+        reads = self._reads_with_entries
+        by_count: dict[int, dict[str, list[str]]] = {}
+        for batch in self._held_batches():
+            for count, by_stream in batch.deliveries_by_count().items():
+                for stream, ids in by_stream.items():
+                    by_count.setdefault(count, {}).setdefault(stream, []).extend(ids)
+        try:
+            await self.source.uncount_delivery(by_count)
+        except SourceUnavailableError as exc:
+            log.warning("cannot take back the deliveries of held entries during the store outage (%s)", exc)
+            return
+        self._reads_uncounted = reads
+        log.info("store outage: %d held entries keep their delivery counts", self._inflight_rows())
 
     def _held_batches(self) -> list[Batch]:
         """Every batch read and not yet acknowledged: filling, waiting for the write slot, being written."""
@@ -245,6 +288,7 @@ class Pipeline:
         groups = await self.source.read(count, block_ms)
         largest = self._add_pending(groups) if reading_pending else self._add_new(groups)
         if groups:
+            self._reads_with_entries += 1
             self._entry_bytes_estimate = max(largest, self._entry_bytes_estimate // ENTRY_BYTES_ESTIMATE_DECAY,
                                              MIN_ENTRY_BYTES_ESTIMATE)
         return sum(len(items) for _, items in groups)
@@ -341,6 +385,8 @@ class Pipeline:
             log.error("%d pending entries were deleted from their streams before being processed "
                       "(trimmed or XDEL'd); first: %s", len(result.deleted_ids), result.deleted_ids[0])
             self._add(Entry(stream, entry_id, None) for stream, entry_id in result.deleted_ids)
+        if result.entries or result.deleted_ids:
+            self._reads_with_entries += 1
         if result.entries:
             self.stats.claimed += len(result.entries)
             log.info("reclaimed %d idle pending entries from other consumers", len(result.entries))
