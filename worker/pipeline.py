@@ -153,6 +153,7 @@ class Pipeline:
                 applied = await asyncio.to_thread(self.store.migrate)
                 if applied:
                     log.info("migrations applied: %s", ", ".join(applied))
+                self.stats.record_store_reachable()
                 break
             except StoreUnavailableError as exc:
                 self.stats.record_sink_failure(str(exc))

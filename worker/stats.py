@@ -107,6 +107,10 @@ class Stats:
             del self.insert_latencies_s[:2048]
         self.sink_failing_since = None
 
+    def record_store_reachable(self) -> None:
+        """The store answered (e.g. the migration at start): an outage seen before it is over."""
+        self.sink_failing_since = None
+
     def record_sink_failure(self, error: str) -> None:
         self.sink_failures += 1
         self.last_sink_error = error
