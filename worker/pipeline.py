@@ -32,6 +32,7 @@ from worker.normalize import (
     Normalizer,
     Rejection,
     is_text,
+    join_entry,
     pairs_to_dict,
     printable,
     raw_json,
@@ -134,17 +135,21 @@ class Pipeline:
         await self.source.close()
 
     async def _start(self) -> bool:
-        """Open and migrate the store, then find the streams; False if stopped before both were reachable.
+        """Open and migrate the store while the streams are found and groups created (neither counts a delivery);
+        False if stopped before both were ready.
 
-        Nothing is read before the store can be used: each read of our own pending entries (and each claim)
+        Nothing is *read* before the store can be used: each read of our own pending entries (and each claim)
         counts as a delivery in Redis, and a worker restarted again and again during a store outage would
-        otherwise turn good entries into poison (README, "Reliability"; the cost: start-up no longer overlaps
-        migration with the first read).
+        otherwise turn good entries into poison (README, "Reliability"; the cost: the first read waits for the
+        migration instead of overlapping it).
         """
         self._store_ready = asyncio.create_task(self._prepare_store())
-        if not await self._store_ready:
-            return False
-        return await self._prepare_source()
+        if await self._prepare_source():
+            return await self._store_ready
+        self._store_ready.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._store_ready
+        return False
 
     async def _prepare_store(self) -> bool:
         backoff = Backoff(self.settings.retry_initial_s, self.settings.retry_max_s)
@@ -306,13 +311,14 @@ class Pipeline:
                 continue
             for raw_id, fields in items:
                 entry_id = raw_id.decode()
-                size = sum(map(len, fields))
+                joined = join_entry(fields)  # the entry's exact bytes: its size here, its digest in normalize
+                size = len(joined) - len(fields) + 1
                 if size > largest:
                     largest = size
                 batch = self._batch
                 if batch.rows >= batch.max_rows or batch.bytes >= batch.max_bytes:
                     batch = self._roll_batch()
-                batch.add(stream, entry_id, normalize(stream, entry_id, fields, size), size)
+                batch.add(stream, entry_id, normalize(stream, entry_id, fields, joined), size)
             added += len(items)
         self.stats.read += added
         return largest
