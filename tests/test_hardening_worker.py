@@ -111,6 +111,21 @@ def test_status_shows_odd_keys_groups_and_consumers_escaped(
     assert "flow_events:\\xff" in result.output
 
 
+def test_tail_and_rejected_take_odd_keys_and_fields(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+    redis_client.xadd(BAD_KEY, _event("s", "n"))  # type: ignore[arg-type]
+    redis_client.xadd("flow_events:1", {**_event("s", "n"), b"\xfe": b"\xff"})  # type: ignore[dict-item]
+    tailed = invoke(["tail", "--since", "1h", "--no-follow", "-f", "json"], redis_server.url, clickhouse_url)
+    assert tailed.exit_code == 0, tailed.output
+    lines = [json.loads(line) for line in tailed.output.splitlines()]
+    assert {(r["source_stream"], r["reason"].split(" (")[0]) for r in lines} == {
+        ("flow_events:\\xff", KEY_NOT_UTF8), ("flow_events:1", "a field name is not valid UTF-8")}
+    drain(make_settings(redis_server.url, clickhouse_url))
+    listed = invoke(["rejected", "-f", "json"], redis_server.url, clickhouse_url)
+    assert listed.exit_code == 0, listed.output
+    assert {r["source_stream"] for r in json.loads(listed.output)} == {"flow_events:\\xff", "flow_events:1"}
+
+
 # -- 2. streams and groups vanishing under the worker --------------------------------------------------------
 
 async def _until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
