@@ -128,6 +128,11 @@ def test_tail_and_rejected_take_odd_keys_and_fields(
 
 # -- 2. streams and groups vanishing under the worker --------------------------------------------------------
 
+def _seen_pending(pipeline: Pipeline, stream: str) -> int:
+    seen = pipeline.source._pending_seen.get(stream)
+    return seen.others if seen is not None else -1
+
+
 async def _until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -169,7 +174,8 @@ def test_del_and_flushdb_while_the_worker_waits_are_survived_and_the_loss_report
         xadd_all(redis_client, [("flow_events:6", _event("s6", f"held{i}")) for i in range(7)])
         held.append(len(redis_client.xreadgroup(GROUP, "dead", {"flow_events:6": ">"})[0][1]))
         await _until(lambda: stored() == 8 + 7 - held[0], 30, "the worker's share")
-        await asyncio.sleep(1.0)  # claim rounds see them pending; the worker is blocked in XREADGROUP
+        # a claim round (between blocked reads) must have seen them pending before the DEL takes them along
+        await _until(lambda: _seen_pending(pipeline, "flow_events:6") == held[0], 30, "a claim round")
         redis_client.delete("flow_events:6")  # UNBLOCKED ... the stream key no longer exists
         await _until(lambda: pipeline.stats.lost_with_stream == held[0], 30, "the loss to be counted")
         xadd_all(redis_client, [("flow_events:5", _event("s5", "after-del"))])

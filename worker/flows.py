@@ -33,7 +33,7 @@ from worker.normalize import (
     printable,
 )
 from worker.settings import Settings, redact_url
-from worker.source import is_pattern, vanished
+from worker.source import NO_CLIENT_INFO, is_pattern, vanished
 from worker.store import Store
 
 REPLAYED_KEY = "flowtrack:replayed"  # hash: "<stream> <entry id>" -> JSON record of the replay
@@ -258,7 +258,8 @@ def connect_sync(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.redis_url, protocol=2, socket_timeout=settings.socket_timeout_s,
                                 socket_connect_timeout=min(5.0, settings.socket_timeout_s),
                                 encoding_errors="surrogateescape",
-                                command_packer=PythonRespSerializer(SYNC_PACKER_BUFFER_CUTOFF, encoder.encode))
+                                command_packer=PythonRespSerializer(SYNC_PACKER_BUFFER_CUTOFF, encoder.encode),
+                                **NO_CLIENT_INFO)
 
 
 def resolve_streams(client: redis.Redis, specs: Iterable[str]) -> list[str]:

@@ -8,6 +8,7 @@ entries, then reads new ones with ``>``. Connection failures surface as SourceUn
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -61,6 +62,18 @@ def is_pattern(name: str) -> bool:
     return any(ch in name for ch in "*?[")
 
 
+def _no_client_info() -> dict[str, Any]:
+    """Client options that skip CLIENT SETINFO on connect: the worker and producer ACLs leave it out (Redis < 7.2
+    does not know it; on >= 7.2 every refused call would add an ACL LOG entry). redis-py 8 takes ``driver_info``,
+    5-7 ``lib_name``/``lib_version``."""
+    if "driver_info" in inspect.signature(aioredis.Redis.__init__).parameters:
+        return {"driver_info": None}
+    return {"lib_name": None, "lib_version": None}
+
+
+NO_CLIENT_INFO = _no_client_info()
+
+
 def connect(settings: Settings) -> aioredis.Redis:
     # RESP2 pinned: redis-py 8 defaults to RESP3, whose stream replies have another shape.
     tls: dict[str, Any] = {}
@@ -71,7 +84,7 @@ def connect(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         settings.redis_url, protocol=2, decode_responses=False, encoding_errors="surrogateescape",
         socket_timeout=settings.socket_timeout_s, socket_connect_timeout=min(5.0, settings.socket_timeout_s),
-        health_check_interval=30, **tls,
+        health_check_interval=30, **tls, **NO_CLIENT_INFO,
     )
 
 
