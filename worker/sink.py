@@ -21,6 +21,7 @@ from typing import Any
 
 from worker.errors import StoreRejectedError, StoreUnavailableError
 from worker.normalize import FlowEvent, Rejection, raw_json
+from worker.rollup import refresh_sessions
 from worker.store import DATABASE, Store, classify
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ REJECTED_COLUMNS = ("received_at", "source_stream", "source_id", "reason", "raw"
 _EVENT_GETTERS = tuple(itemgetter(i) for i in range(len(FlowEvent._fields)))
 _SOURCE_STREAM = FlowEvent._fields.index("source_stream")
 _SOURCE_ID = FlowEvent._fields.index("source_id")
+_USER_ID = itemgetter(FlowEvent._fields.index("user_id"))
+_SESSION_ID = itemgetter(FlowEvent._fields.index("session_id"))
 
 # A batch at least this large whose every row is refused says more about the store than about the rows.
 ALL_REFUSED_IS_OUTAGE_ROWS = 8
@@ -80,6 +83,10 @@ class Sink:
             result.inserts += 1
         if refused:
             self._purge([event for event, _ in refused])
+        # After the events are stored (and refused ones purged): the batch is acknowledged only after this, so a
+        # crash before it redelivers the batch and recomputes again.
+        refresh_sessions(self.store, zip(map(_USER_ID, events), map(_SESSION_ID, events), strict=True),
+                         purged=bool(refused))
         result.rejected = all_rejections
         return result
 

@@ -1,0 +1,132 @@
+-- Relations for the access paths besides one flow (006): a user's sessions, a session's time range, a time window.
+--
+-- sessions: the per-session rollup, one current row per (user_id, session_id), sorted for "one user's sessions".
+--   Rows are not aggregated from insert blocks (a materialized view sees every copy, so count()/sum() would count
+--   redeliveries): after each batch the worker recomputes the touched sessions from `events FINAL` (one key range
+--   per session) and inserts the result with computed_at = the recompute's start time. The row of the latest
+--   recompute wins; it started after every insert that finished before it, and every insert is followed by its own
+--   recompute, so the winning row saw every stored copy: exact under redelivery, re-insertion and duplicate
+--   event ids, with no per-event-id state anywhere (merges replace rows; reads hold one row per session).
+--   is_deleted marks a session whose only events were purged (rows ClickHouse refused).
+-- session_spans: session → its users and [start, end] of every stored copy's ts (the OTel exporter's trace_id_ts
+--   table): finds the user of a session (the rollup's key prefix) and the partitions of its events. Written by a
+--   materialized view per insert block; copies only widen nothing (min/max), so readers take min/max again.
+-- events_by_time: a narrow copy of events sorted by ts, for time windows over all flows (live panels, alerts,
+--   error messages). ReplacingMergeTree keyed (ts, session_id, event_id): its partition key is a function of the
+--   sort key, so FINAL is partition-local and a window read merges only the window's key range.
+--   An event re-sent under the same event_id with a different ts (no timestamp given) sits here at both of its
+--   times; `events`, and every relation built from it, show it once.
+DROP TABLE IF EXISTS flowtrack.events_006;
+
+DROP TABLE IF EXISTS flowtrack.rejected_007;
+
+CREATE TABLE IF NOT EXISTS flowtrack.sessions
+(
+    user_id       String,
+    session_id    String,
+    started_at    DateTime64(3, 'UTC'),
+    last_event_at DateTime64(3, 'UTC'),
+    closed_at     DateTime64(3, 'UTC'),
+    event_count   UInt64,
+    error_count   UInt64,
+    end_count     UInt64,
+    computed_at   DateTime64(6, 'UTC'),
+    is_deleted    UInt8
+)
+ENGINE = ReplacingMergeTree(computed_at, is_deleted)
+ORDER BY (user_id, session_id)
+SETTINGS non_replicated_deduplication_window = 10000;
+
+-- One definition of a session's figures, used by the worker's recompute and by this migration's backfill.
+-- Read it with a session_id filter: the filter reaches events FINAL's primary key.
+CREATE VIEW IF NOT EXISTS flowtrack.session_totals AS
+SELECT
+    user_id,
+    session_id,
+    min(ts) AS started_at,
+    max(ts) AS last_event_at,
+    maxIf(ts, is_end = 1 OR is_error = 1) AS closed_at,
+    count() AS event_count,
+    countIf(is_error = 1) AS error_count,
+    countIf(is_end = 1) AS end_count
+FROM flowtrack.events FINAL
+GROUP BY user_id, session_id;
+
+CREATE TABLE IF NOT EXISTS flowtrack.session_spans
+(
+    session_id String,
+    user_id    String,
+    start_ts   DateTime64(3, 'UTC'),
+    end_ts     DateTime64(3, 'UTC')
+)
+ENGINE = MergeTree
+PARTITION BY toMonday(start_ts)
+ORDER BY (session_id, start_ts)
+SETTINGS non_replicated_deduplication_window = 10000, ttl_only_drop_parts = 1;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS flowtrack.session_spans_mv TO flowtrack.session_spans AS
+SELECT session_id, user_id, min(ts) AS start_ts, max(ts) AS end_ts
+FROM flowtrack.events
+GROUP BY session_id, user_id;
+
+CREATE TABLE IF NOT EXISTS flowtrack.events_by_time
+(
+    ts          DateTime64(3, 'UTC'),
+    session_id  String,
+    event_id    String,
+    user_id     String,
+    node_id     String,
+    parent_id   String,
+    event_type  LowCardinality(String),
+    is_end      UInt8,
+    is_error    UInt8,
+    message     String,
+    code        String,
+    ingested_at DateTime64(3, 'UTC'),
+    INDEX idx_ingested ingested_at TYPE minmax GRANULARITY 1
+)
+ENGINE = ReplacingMergeTree(ingested_at)
+PARTITION BY toMonday(ts)
+ORDER BY (ts, session_id, event_id)
+SETTINGS non_replicated_deduplication_window = 10000, ttl_only_drop_parts = 1;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS flowtrack.events_by_time_mv TO flowtrack.events_by_time AS
+SELECT ts, session_id, event_id, user_id, node_id, parent_id, event_type, is_end, is_error,
+       if(is_error = 1, attributes['message'], '') AS message, if(is_error = 1, attributes['code'], '') AS code,
+       ingested_at
+FROM flowtrack.events;
+
+INSERT INTO flowtrack.session_spans
+SELECT session_id, user_id, min(ts), max(ts) FROM flowtrack.events GROUP BY session_id, user_id;
+
+INSERT INTO flowtrack.events_by_time
+SELECT ts, session_id, event_id, user_id, node_id, parent_id, event_type, is_end, is_error,
+       if(is_error = 1, attributes['message'], ''), if(is_error = 1, attributes['code'], ''), ingested_at
+FROM flowtrack.events FINAL;
+
+INSERT INTO flowtrack.sessions
+SELECT user_id, session_id, started_at, last_event_at, closed_at, event_count, error_count, end_count, now64(6), 0
+FROM flowtrack.session_totals;
+
+-- Public: one row per session, read from the rollup (FINAL over one row per session and its replaced versions).
+-- Status: 'failed' if any error-type event, else 'completed' if any end-type event, else 'active'.
+-- ended_at is NULL while the session is active.
+DROP VIEW IF EXISTS flowtrack.flow_sessions;
+
+CREATE VIEW IF NOT EXISTS flowtrack.flow_sessions AS
+SELECT
+    user_id,
+    session_id,
+    started_at,
+    last_event_at,
+    if(status = 'active', NULL, closed_at) AS ended_at,
+    event_count,
+    error_count,
+    status,
+    dateDiff('millisecond', started_at, if(status = 'active', last_event_at, closed_at)) AS duration_ms
+FROM
+(
+    SELECT user_id, session_id, started_at, last_event_at, closed_at, event_count, error_count,
+           multiIf(error_count > 0, 'failed', end_count > 0, 'completed', 'active') AS status
+    FROM flowtrack.sessions FINAL
+);
