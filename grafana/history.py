@@ -49,10 +49,11 @@ def sessions() -> table.Panel:
         .with_target(SQL("""
             SELECT started_at, ended_at, user_id, session_id, duration_ms, event_count, error_count, status
             FROM flowtrack.flow_sessions
-            WHERE $__timeFilter(started_at) AND {user_filter}
+            WHERE {started_in_range}
             ORDER BY started_at DESC
             LIMIT 1000
             """).ref_id("A"))
+        .unit("short")
         .override_by_name("session_id", link_to_flow())
         .override_by_name("duration_ms", unit("ms"))
     )
@@ -69,12 +70,17 @@ def outcomes_over_time() -> timeseries.Panel:
         .draw_style(common.GraphDrawStyle.BARS)
         .fill_opacity(80)
         .stacking(common_builders.StackingConfig().mode(common.StackingMode.NORMAL))
+        .unit("short")
         .with_target(SQL("""
-            SELECT $__timeInterval(started_at) AS time, status, count() AS sessions
-            FROM flowtrack.flow_sessions
-            WHERE $__timeFilter(started_at) AND {user_filter}
-            GROUP BY time, status
-            ORDER BY time
+            SELECT time, status, sessions FROM
+            (
+                SELECT $__timeInterval(started_at) AS time, status, count() AS sessions
+                FROM flowtrack.flow_sessions
+                WHERE {started_in_range} AND started_at < {open_bucket}
+                GROUP BY time, status
+                ORDER BY status, time {fill_buckets}
+            )
+            ORDER BY time, status
             """, Format.TIME_SERIES).ref_id("A"))
     )
 
@@ -90,7 +96,7 @@ def duration_distribution() -> histogram.Panel:
         .with_target(SQL("""
             SELECT duration_ms / 1000 AS duration_s
             FROM flowtrack.flow_sessions
-            WHERE $__timeFilter(started_at) AND {user_filter} AND status != 'active'
+            WHERE {started_in_range} AND status != 'active'
             LIMIT 100000
             """).ref_id("A"))
     )
@@ -114,19 +120,20 @@ def common_paths() -> table.Panel:
                        arrayStringConcat(arrayMap(x -> x.3, arraySort(groupArray((ts, event_id, event_type)))),
                                          ' → ') AS path
                 FROM flowtrack.flow_events
-                WHERE session_id IN ({sessions_in_range})
+                WHERE session_id IN (SELECT session_id FROM flowtrack.flow_sessions WHERE {started_in_range})
                 GROUP BY session_id
             ) AS p
             INNER JOIN
             (
                 SELECT session_id, status, duration_ms
                 FROM flowtrack.flow_sessions
-                WHERE $__timeFilter(started_at) AND {user_filter}
+                WHERE {started_in_range}
             ) AS s ON s.session_id = p.session_id
             GROUP BY path
             ORDER BY sessions DESC, path
             LIMIT 20
             """).ref_id("A"))
+        .unit("short")
         .override_by_name("avg_duration_ms", unit("ms"))
     )
 
@@ -141,15 +148,19 @@ def where_flows_fail() -> table.Panel:
         .span(10)
         .datasource(CLICKHOUSE)
         .with_target(SQL("""
+            WITH failed AS (SELECT session_id FROM flowtrack.flow_sessions
+                            WHERE {started_in_range} AND status = 'failed')
             SELECT ifNull(nullIf(p.name, ''), '(root)') AS failed_after, n.name AS error_type,
                    count() AS failures, uniqExact(n.session_id) AS sessions
-            FROM flowtrack.flow_nodes AS n
-            LEFT JOIN flowtrack.flow_nodes AS p ON p.session_id = n.session_id AND p.node_id = n.parent_id
-            WHERE n.status = 'error' AND n.session_id IN ({sessions_in_range})
+            FROM (SELECT * FROM flowtrack.flow_nodes WHERE session_id IN failed) AS n
+            LEFT JOIN (SELECT session_id, node_id, name FROM flowtrack.flow_nodes WHERE session_id IN failed) AS p
+                ON p.session_id = n.session_id AND p.node_id = n.parent_id
+            WHERE n.status = 'error'
             GROUP BY failed_after, error_type
             ORDER BY failures DESC, failed_after
             LIMIT 20
             """).ref_id("A"))
+        .unit("short")
     )
 
 
@@ -157,17 +168,19 @@ def error_messages() -> table.Panel:
     return (
         table.Panel()
         .title("Error messages")
+        .description("Error events of the time range by type, message and code (their 'message' and 'code' "
+                     "attributes).")
         .height(8)
         .span(24)
         .datasource(CLICKHOUSE)
         .with_target(SQL("""
-            SELECT event_type, attributes['message'] AS message, attributes['code'] AS code, count() AS events,
+            SELECT toString(event_type) AS event_type, message, code, count() AS events,
                    uniqExact(session_id) AS sessions, max(ts) AS last_seen
-            FROM flowtrack.flow_events
-            WHERE (session_id, node_id) IN (SELECT session_id, node_id FROM flowtrack.flow_nodes WHERE status = 'error')
-              AND $__timeFilter(ts) AND {user_filter}
+            FROM flowtrack.events_by_time FINAL
+            WHERE $__timeFilter(ts) AND is_error = 1 AND {user_filter}
             GROUP BY event_type, message, code
-            ORDER BY events DESC
+            ORDER BY events DESC, event_type, message
             LIMIT 50
             """).ref_id("A"))
+        .unit("short")
     )

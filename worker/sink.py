@@ -21,7 +21,7 @@ from typing import Any
 
 from worker.errors import StoreRejectedError, StoreUnavailableError
 from worker.normalize import FlowEvent, Rejection, raw_json
-from worker.rollup import refresh_sessions
+from worker.rollup import SessionRollup
 from worker.store import DATABASE, Store, classify
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,6 @@ REJECTED_COLUMNS = ("received_at", "source_stream", "source_id", "reason", "raw"
 _EVENT_GETTERS = tuple(itemgetter(i) for i in range(len(FlowEvent._fields)))
 _SOURCE_STREAM = FlowEvent._fields.index("source_stream")
 _SOURCE_ID = FlowEvent._fields.index("source_id")
-_USER_ID = itemgetter(FlowEvent._fields.index("user_id"))
 _SESSION_ID = itemgetter(FlowEvent._fields.index("session_id"))
 
 # A batch at least this large whose every row is refused says more about the store than about the rows.
@@ -62,6 +61,7 @@ _DELETE_EVENTS = ("DELETE FROM flowtrack.events "
 class Sink:
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.rollup = SessionRollup(store)
 
     def write(self, events: Sequence[FlowEvent], rejections: Sequence[Rejection]) -> WriteResult:
         """Store a batch; returns what was stored and what had to be rejected. Blocking (run it in a thread)."""
@@ -83,10 +83,9 @@ class Sink:
             result.inserts += 1
         if refused:
             self._purge([event for event, _ in refused])
-        # After the events are stored (and refused ones purged): the batch is acknowledged only after this, so a
-        # crash before it redelivers the batch and recomputes again.
-        refresh_sessions(self.store, zip(map(_USER_ID, events), map(_SESSION_ID, events), strict=True),
-                         purged=bool(refused))
+        # After the events are stored and refused ones purged (see worker/rollup.py for when it recomputes).
+        self.rollup.stored(map(_SESSION_ID, events), len(events),
+                           [(event.user_id, event.session_id) for event, _ in refused])
         result.rejected = all_rejections
         return result
 

@@ -88,6 +88,16 @@ RETENTION_COLUMNS = {
     "sessions": "last_event_at",
     "rejected": "received_at",
 }
+# A worker recomputes the sessions of acknowledged batches shortly after (worker/rollup.py); what a stopped worker
+# left pending is recomputed at the next start: every session with events stored since 10 minutes before the
+# latest recompute (an insert that began before a recompute can finish after it; inserts time out well within).
+CATCH_UP_SESSIONS = (
+    "INSERT INTO flowtrack.sessions (user_id, session_id, started_at, last_event_at, closed_at, event_count, "
+    "error_count, end_count, computed_at, is_deleted) "
+    "SELECT user_id, session_id, started_at, last_event_at, closed_at, event_count, error_count, end_count, "
+    "now64(6), 0 FROM flowtrack.session_totals WHERE session_id IN (SELECT session_id FROM flowtrack.events_by_time "
+    "WHERE ingested_at >= (SELECT max(computed_at) FROM flowtrack.sessions) - INTERVAL 10 MINUTE)"
+)
 _TTL_IN_ENGINE = re.compile(r"\bTTL\s+(.*?)(?:\s+SETTINGS\b|$)", re.DOTALL)
 
 
@@ -167,6 +177,7 @@ class Store:
                 applied.append(migration.name)
                 log.info("applied migration %s", migration.name)
             self._apply_retention()
+            self.client.command(CATCH_UP_SESSIONS)
             return applied
 
     def _apply_retention(self) -> None:

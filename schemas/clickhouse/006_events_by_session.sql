@@ -6,6 +6,9 @@
 -- partitions (weekly: retention drops whole parts) — so FINAL must merge across partitions (the default;
 -- never enable do_not_merge_across_partitions_select_final on this table).
 -- ReplacingMergeTree(ingested_at): the last stored copy is the visible one, deterministically.
+-- index_granularity = 128: session ids are random, so the sessions of one batch hit granules all over the table;
+-- small granules keep a read of a few thousand sessions (the rollup's recompute after every batch, a flow) at a
+-- few hundred thousand rows whatever the table's size. Scans over all events are served by other relations.
 -- This migration copies the old table (deduplicated) into the new layout and swaps the two atomically;
 -- it runs only while the old layout (ORDER BY event_id) is in place, so a re-run after a crash is safe.
 CREATE TABLE IF NOT EXISTS flowtrack.events_006
@@ -27,7 +30,7 @@ CREATE TABLE IF NOT EXISTS flowtrack.events_006
 ENGINE = ReplacingMergeTree(ingested_at)
 PARTITION BY toMonday(ts)
 ORDER BY (session_id, event_id)
-SETTINGS non_replicated_deduplication_window = 10000, ttl_only_drop_parts = 1;
+SETTINGS non_replicated_deduplication_window = 10000, ttl_only_drop_parts = 1, index_granularity = 128;
 
 TRUNCATE TABLE flowtrack.events_006;
 

@@ -8,9 +8,10 @@
 --   recompute, so the winning row saw every stored copy: exact under redelivery, re-insertion and duplicate
 --   event ids, with no per-event-id state anywhere (merges replace rows; reads hold one row per session).
 --   is_deleted marks a session whose only events were purged (rows ClickHouse refused).
--- session_spans: session → its users and [start, end] of every stored copy's ts (the OTel exporter's trace_id_ts
---   table): finds the user of a session (the rollup's key prefix) and the partitions of its events. Written by a
---   materialized view per insert block; copies only widen nothing (min/max), so readers take min/max again.
+-- session_spans: session → its users and [start, end] (the OTel exporter's trace_id_ts table): finds the user of a
+--   session (the rollup's key prefix) and the partitions of its events. Written by a materialized view from every
+--   rollup row (one per touched session and batch, not per event); older rows only narrow the range, so readers
+--   take min(start_ts)/max(end_ts) over a session's rows.
 -- events_by_time: a narrow copy of events sorted by ts, for time windows over all flows (live panels, alerts,
 --   error messages). ReplacingMergeTree keyed (ts, session_id, event_id): its partition key is a function of the
 --   sort key, so FINAL is partition-local and a window read merges only the window's key range.
@@ -38,7 +39,9 @@ ORDER BY (user_id, session_id)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 -- One definition of a session's figures, used by the worker's recompute and by this migration's backfill.
--- Read it with a session_id filter: the filter reaches events FINAL's primary key.
+-- Read it with a session_id filter: the filter reaches the primary key of events. Copies are collapsed by
+-- grouping on the identity (the last stored copy wins, as in FINAL) instead of FINAL: over the scattered key
+-- ranges of a batch's sessions, grouping is several times cheaper than FINAL's merge of every range.
 CREATE VIEW IF NOT EXISTS flowtrack.session_totals AS
 SELECT
     user_id,
@@ -49,7 +52,13 @@ SELECT
     count() AS event_count,
     countIf(is_error = 1) AS error_count,
     countIf(is_end = 1) AS end_count
-FROM flowtrack.events FINAL
+FROM
+(
+    SELECT session_id, event_id, argMax(user_id, ingested_at) AS user_id, argMax(ts, ingested_at) AS ts,
+           argMax(is_end, ingested_at) AS is_end, argMax(is_error, ingested_at) AS is_error
+    FROM flowtrack.events
+    GROUP BY session_id, event_id
+)
 GROUP BY user_id, session_id;
 
 CREATE TABLE IF NOT EXISTS flowtrack.session_spans
@@ -65,9 +74,9 @@ ORDER BY (session_id, start_ts)
 SETTINGS non_replicated_deduplication_window = 10000, ttl_only_drop_parts = 1;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS flowtrack.session_spans_mv TO flowtrack.session_spans AS
-SELECT session_id, user_id, min(ts) AS start_ts, max(ts) AS end_ts
-FROM flowtrack.events
-GROUP BY session_id, user_id;
+SELECT session_id, user_id, started_at AS start_ts, last_event_at AS end_ts
+FROM flowtrack.sessions
+WHERE is_deleted = 0;
 
 CREATE TABLE IF NOT EXISTS flowtrack.events_by_time
 (
@@ -95,9 +104,6 @@ SELECT ts, session_id, event_id, user_id, node_id, parent_id, event_type, is_end
        if(is_error = 1, attributes['message'], '') AS message, if(is_error = 1, attributes['code'], '') AS code,
        ingested_at
 FROM flowtrack.events;
-
-INSERT INTO flowtrack.session_spans
-SELECT session_id, user_id, min(ts), max(ts) FROM flowtrack.events GROUP BY session_id, user_id;
 
 INSERT INTO flowtrack.events_by_time
 SELECT ts, session_id, event_id, user_id, node_id, parent_id, event_type, is_end, is_error,
