@@ -174,10 +174,11 @@ def error_messages() -> table.Panel:
         .span(24)
         .datasource(CLICKHOUSE)
         .with_target(SQL("""
-            SELECT toString(event_type) AS event_type, message, code, count() AS events,
+            SELECT event_type, attributes['message'] AS message, attributes['code'] AS code, count() AS events,
                    uniqExact(session_id) AS sessions, max(ts) AS last_seen
-            FROM flowtrack.events_by_time FINAL
-            WHERE $__timeFilter(ts) AND is_error = 1 AND {user_filter}
+            FROM flowtrack.flow_events
+            WHERE (session_id, event_id) IN (SELECT session_id, event_id FROM flowtrack.events_by_time
+                                             WHERE $__timeFilter(ts) AND is_error = 1 AND {user_filter})
             GROUP BY event_type, message, code
             ORDER BY events DESC, event_type, message
             LIMIT 50

@@ -157,19 +157,23 @@ def test_a_session_with_several_users_and_one_flow_reads(store: Store) -> None:
     assert flow is not None and flow.user_id == "b" and flow.event_count == 1  # the latest active user
 
 
-def test_sessions_of_a_backlog_are_recomputed_when_it_ends_on_a_full_batch(store: Store) -> None:
-    """Full batches are recomputed together; nothing may stay pending once the streams go quiet."""
+def test_pending_sessions_are_recomputed_when_quiet_or_when_enough_are_pending(store: Store) -> None:
+    """Batches' sessions are recomputed together; nothing may stay pending once the streams go quiet."""
     sink = Sink(store)
-    sink.rollup.max_delay_s = 0.2
-    write(sink, [event("s-full-1", n, ts_ms=NOW_MS - 100 + n) for n in range(4)])  # largest batch so far: waits
+    sink.rollup.max_delay_s = 0.3
+    write(sink, [event("s-quiet", n, ts_ms=NOW_MS - 100 + n) for n in range(4)])
     assert sink.rollup.pending == 1
     deadline = time.monotonic() + 10
     while sink.rollup.pending and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sink.rollup.pending == 0
-    assert flow_session(store, "s-full-1")[0][5] == 4
-    write(sink, [event("s-full-2", 1, ts_ms=NOW_MS)])  # a smaller batch: the backlog is drained, recompute now
-    assert sink.rollup.pending == 0 and flow_session(store, "s-full-2")[0][5] == 1
+    assert flow_session(store, "s-quiet") == from_visible_events(store, "s-quiet")
+    sink.rollup.max_delay_s, sink.rollup.max_pending_sessions = 3600, 3
+    write(sink, [event(f"s-many-{n}", 1, ts_ms=NOW_MS) for n in range(2)])
+    assert sink.rollup.pending == 2
+    write(sink, [event("s-many-2", 1, ts_ms=NOW_MS)])  # the third pending session: recompute now
+    assert sink.rollup.pending == 0
+    assert [flow_session(store, f"s-many-{n}")[0][5] for n in range(3)] == [1, 1, 1]
 
 
 def test_sessions_left_pending_by_a_stopped_worker_are_caught_up_at_start(store: Store) -> None:

@@ -6,10 +6,11 @@ are recomputed from ``events`` (their primary-key ranges, copies collapsed) and 
 schemas/clickhouse/008_rollups.sql says why the latest recompute is exact.
 
 A recompute costs about the same for one batch's sessions as for ten batches' (a session's events span many
-batches), so while a backlog drains in full batches the touched sessions are collected and recomputed together
-(at most ``max_pending_sessions``); a batch smaller than the largest seen means the reader caught up, and
-everything pending is recomputed before that batch is acknowledged. Sessions whose batches were acknowledged but
-not yet recomputed when a worker stopped are recomputed at the next start (``CATCH_UP``, run by migrate).
+batches, and each session costs a few small key ranges), so touched sessions are collected and recomputed together:
+when ``max_pending_sessions`` are pending, when the oldest waited ``max_delay_s`` (a daemon thread; live flows show
+up in flow_sessions within about a second), when rows were purged, and when the pipeline finishes. Sessions of
+batches acknowledged but not yet recomputed when a worker died are recomputed at its next start
+(store.CATCH_UP_SESSIONS, run by migrate).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class SessionRollup:
     """Keeps the rollup of the sessions one sink stored events for; ``stored`` is called after each stored batch.
 
     Thread-safe: the sink's writer thread adds sessions, a daemon thread recomputes what has waited longer than
-    ``max_delay_s`` (the backlog ended on a full batch and the streams went quiet)."""
+    ``max_delay_s``."""
 
     def __init__(self, store: Store, max_pending_sessions: int = 20000, max_delay_s: float = 1.0) -> None:
         self.store = store
@@ -69,20 +70,18 @@ class SessionRollup:
         self.max_delay_s = max_delay_s
         self._pending: set[str] = set()
         self._pending_since = 0.0
-        self._largest_batch_rows = 0
         self._lock = threading.Lock()
         self._timer: threading.Thread | None = None
 
-    def stored(self, sessions: Iterable[str], batch_rows: int,
+    def stored(self, sessions: Iterable[str],
                purged_pairs: Iterable[tuple[str, str]] = ()) -> None:
-        """Note a stored batch; recompute now when the backlog is drained, enough is pending, or rows were purged."""
+        """Note a stored batch; recompute now when enough is pending or rows were purged, else within max_delay_s."""
         purged = list(purged_pairs)
         with self._lock:
             if not self._pending:
                 self._pending_since = time.monotonic()
             self._pending.update(sessions)
-            self._largest_batch_rows = max(self._largest_batch_rows, batch_rows)
-            due = purged or batch_rows < self._largest_batch_rows or len(self._pending) >= self.max_pending_sessions
+            due = bool(purged) or len(self._pending) >= self.max_pending_sessions
         if due:
             self.flush(purged)
         else:

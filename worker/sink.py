@@ -84,8 +84,7 @@ class Sink:
         if refused:
             self._purge([event for event, _ in refused])
         # After the events are stored and refused ones purged (see worker/rollup.py for when it recomputes).
-        self.rollup.stored(map(_SESSION_ID, events), len(events),
-                           [(event.user_id, event.session_id) for event, _ in refused])
+        self.rollup.stored(map(_SESSION_ID, events), [(event.user_id, event.session_id) for event, _ in refused])
         result.rejected = all_rejections
         return result
 

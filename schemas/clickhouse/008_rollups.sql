@@ -16,7 +16,9 @@
 --   error messages). ReplacingMergeTree keyed (ts, session_id, event_id): its partition key is a function of the
 --   sort key, so FINAL is partition-local and a window read merges only the window's key range.
 --   An event re-sent under the same event_id with a different ts (no timestamp given) sits here at both of its
---   times; `events`, and every relation built from it, show it once.
+--   times; `events`, and every relation built from it, show it once. No attributes (reading the map costs as
+--   much as the rest of the copy at ingest): attribute panels look the few events they show up in `events` by
+--   (session_id, event_id). No insert-dedup window: a re-inserted batch's copy collapses here like any copy.
 DROP TABLE IF EXISTS flowtrack.events_006;
 
 DROP TABLE IF EXISTS flowtrack.rejected_007;
@@ -89,25 +91,20 @@ CREATE TABLE IF NOT EXISTS flowtrack.events_by_time
     event_type  LowCardinality(String),
     is_end      UInt8,
     is_error    UInt8,
-    message     String,
-    code        String,
     ingested_at DateTime64(3, 'UTC'),
     INDEX idx_ingested ingested_at TYPE minmax GRANULARITY 1
 )
 ENGINE = ReplacingMergeTree(ingested_at)
 PARTITION BY toMonday(ts)
 ORDER BY (ts, session_id, event_id)
-SETTINGS non_replicated_deduplication_window = 10000, ttl_only_drop_parts = 1;
+SETTINGS ttl_only_drop_parts = 1;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS flowtrack.events_by_time_mv TO flowtrack.events_by_time AS
-SELECT ts, session_id, event_id, user_id, node_id, parent_id, event_type, is_end, is_error,
-       if(is_error = 1, attributes['message'], '') AS message, if(is_error = 1, attributes['code'], '') AS code,
-       ingested_at
+SELECT ts, session_id, event_id, user_id, node_id, parent_id, event_type, is_end, is_error, ingested_at
 FROM flowtrack.events;
 
 INSERT INTO flowtrack.events_by_time
-SELECT ts, session_id, event_id, user_id, node_id, parent_id, event_type, is_end, is_error,
-       if(is_error = 1, attributes['message'], ''), if(is_error = 1, attributes['code'], ''), ingested_at
+SELECT ts, session_id, event_id, user_id, node_id, parent_id, event_type, is_end, is_error, ingested_at
 FROM flowtrack.events FINAL;
 
 INSERT INTO flowtrack.sessions
