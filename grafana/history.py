@@ -107,20 +107,29 @@ def common_paths() -> table.Panel:
     return (
         table.Panel()
         .title("Most common paths")
-        .description("Sequences of event types, in time order, shared by the most sessions.")
+        .description("Sequences of event types (those in the time range), in time order, shared by the most "
+                     "sessions that started in the range.")
         .height(10)
         .span(14)
         .datasource(CLICKHOUSE)
         .with_target(SQL("""
+            WITH in_range AS (SELECT session_id FROM flowtrack.flow_sessions WHERE {started_in_range})
             SELECT path, count() AS sessions, countIf(s.status = 'failed') AS failed,
                    round(avg(s.duration_ms)) AS avg_duration_ms
             FROM
             (
                 SELECT session_id,
-                       arrayStringConcat(arrayMap(x -> x.3, arraySort(groupArray((ts, event_id, event_type)))),
-                                         ' → ') AS path
-                FROM flowtrack.flow_events
-                WHERE session_id IN (SELECT session_id FROM flowtrack.flow_sessions WHERE {started_in_range})
+                       arrayStringConcat(
+                           arrayMap(x -> x.3, arraySort(groupArray((at, event_id, toString(kind))))),
+                           ' → ') AS path
+                FROM
+                (
+                    SELECT session_id, event_id, argMax(ts, ingested_at) AS at,
+                           argMax(event_type, ingested_at) AS kind
+                    FROM flowtrack.events_by_time
+                    WHERE $__timeFilter(ts) AND session_id IN (SELECT session_id FROM in_range)
+                    GROUP BY session_id, event_id
+                )
                 GROUP BY session_id
             ) AS p
             INNER JOIN
@@ -143,19 +152,27 @@ def where_flows_fail() -> table.Panel:
     return (
         table.Panel()
         .title("Where flows fail")
-        .description("Error nodes by the node they hang under (its event type).")
+        .description("Nodes with an error event in the time range, by the node they hang under (its event type); "
+                     "node names from the range's events.")
         .height(10)
         .span(10)
         .datasource(CLICKHOUSE)
         .with_target(SQL("""
-            WITH failed AS (SELECT session_id FROM flowtrack.flow_sessions
-                            WHERE {started_in_range} AND status = 'failed')
+            WITH nodes AS
+            (
+                SELECT session_id, node_id, anyIf(parent_id, parent_id != '') AS parent_id,
+                       toString(argMin(event_type, ts)) AS name, max(is_error) AS failed
+                FROM flowtrack.events_by_time FINAL
+                WHERE $__timeFilter(ts) AND {user_filter}
+                  AND session_id IN (SELECT session_id FROM flowtrack.events_by_time
+                                     WHERE $__timeFilter(ts) AND is_error = 1 AND {user_filter})
+                GROUP BY session_id, node_id
+            )
             SELECT ifNull(nullIf(p.name, ''), '(root)') AS failed_after, n.name AS error_type,
                    count() AS failures, uniqExact(n.session_id) AS sessions
-            FROM (SELECT * FROM flowtrack.flow_nodes WHERE session_id IN failed) AS n
-            LEFT JOIN (SELECT session_id, node_id, name FROM flowtrack.flow_nodes WHERE session_id IN failed) AS p
-                ON p.session_id = n.session_id AND p.node_id = n.parent_id
-            WHERE n.status = 'error'
+            FROM nodes AS n
+            LEFT JOIN nodes AS p ON p.session_id = n.session_id AND p.node_id = n.parent_id
+            WHERE n.failed = 1
             GROUP BY failed_after, error_type
             ORDER BY failures DESC, failed_after
             LIMIT 20
@@ -174,14 +191,14 @@ def error_messages() -> table.Panel:
         .span(24)
         .datasource(CLICKHOUSE)
         .with_target(SQL("""
-            SELECT event_type, attributes['message'] AS message, attributes['code'] AS code, count() AS events,
-                   uniqExact(session_id) AS sessions, max(ts) AS last_seen
-            FROM flowtrack.flow_events
-            WHERE (session_id, event_id) IN (SELECT session_id, event_id FROM flowtrack.events_by_time
-                                             WHERE $__timeFilter(ts) AND is_error = 1 AND {user_filter})
+            SELECT toString(event_type) AS event_type, attributes['message'] AS message, attributes['code'] AS code,
+                   count() AS events, uniqExact(session_id) AS sessions, max(ts) AS last_seen
+            FROM {visible_events_of}
+            WHERE is_error = 1 AND $__timeFilter(ts) AND {user_filter}
             GROUP BY event_type, message, code
             ORDER BY events DESC, event_type, message
             LIMIT 50
-            """).ref_id("A"))
+            """, sessions="SELECT session_id FROM flowtrack.events_by_time "
+                          "WHERE $__timeFilter(ts) AND is_error = 1 AND {user_filter}").ref_id("A"))
         .unit("short")
     )

@@ -362,10 +362,10 @@ class Pipeline:
         if self._writing is not None:
             await asyncio.wait({self._writing})
             self._reap_write()
-        if self._committer is not None and self._committer.sink.rollup.pending:
+        if self._committer is not None:
             # Sessions of acknowledged batches not recomputed yet; if this fails the next start catches up.
             with contextlib.suppress(FlowtrackError):
-                await asyncio.to_thread(self._committer.sink.rollup.flush)
+                await asyncio.to_thread(self._committer.sink.rollup.close)
 
     def _new_batch(self) -> Batch:
         return Batch(self.settings.batch_max_rows, self.settings.batch_max_wait_s)

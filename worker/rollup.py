@@ -64,7 +64,7 @@ class SessionRollup:
     Thread-safe: the sink's writer thread adds sessions, a daemon thread recomputes what has waited longer than
     ``max_delay_s``."""
 
-    def __init__(self, store: Store, max_pending_sessions: int = 20000, max_delay_s: float = 1.0) -> None:
+    def __init__(self, store: Store, max_pending_sessions: int = 5000, max_delay_s: float = 1.0) -> None:
         self.store = store
         self.max_pending_sessions = max_pending_sessions
         self.max_delay_s = max_delay_s
@@ -72,6 +72,7 @@ class SessionRollup:
         self._pending_since = 0.0
         self._lock = threading.Lock()
         self._timer: threading.Thread | None = None
+        self._closing = threading.Event()
 
     def stored(self, sessions: Iterable[str],
                purged_pairs: Iterable[tuple[str, str]] = ()) -> None:
@@ -98,6 +99,16 @@ class SessionRollup:
                 self._pending |= pending
             raise
 
+    def close(self) -> None:
+        """Stop the timer thread (waiting out a recompute it runs: the engine must not shut down under it), then
+        recompute what is still pending. Raises the store's error if that fails (the next start catches up)."""
+        self._closing.set()
+        timer = self._timer
+        if timer is not None:
+            timer.join()
+        if self.pending:
+            self.flush()
+
     @property
     def pending(self) -> int:
         with self._lock:
@@ -105,22 +116,22 @@ class SessionRollup:
 
     def _start_timer(self) -> None:
         with self._lock:
-            if self._timer is not None and self._timer.is_alive():
+            if self._closing.is_set() or (self._timer is not None and self._timer.is_alive()):
                 return
             self._timer = threading.Thread(target=self._flush_when_quiet, name="session-rollup", daemon=True)
             self._timer.start()
 
     def _flush_when_quiet(self) -> None:
-        while True:
+        while not self._closing.is_set():
             with self._lock:
                 if not self._pending:
                     return
                 wait_s = self._pending_since + self.max_delay_s - time.monotonic()
             if wait_s > 0:
-                time.sleep(wait_s)
+                self._closing.wait(wait_s)
                 continue
             try:
                 self.flush()
             except FlowtrackError as exc:  # the store is unwell: the next batch, or the next start, recomputes
                 log.warning("session rollup recompute failed: %s", exc)
-                time.sleep(self.max_delay_s)
+                self._closing.wait(self.max_delay_s)
