@@ -56,6 +56,9 @@ def batch_token(keys: Sequence[tuple[str, str]]) -> str:
 
 _DELETE_EVENTS = ("DELETE FROM flowtrack.events "
                   "WHERE (source_stream, source_id) IN {keys:Array(Tuple(String, String))}")
+# The time-ordered copy has no entry ids: its row of a refused entry is the one with this batch's ingested_at.
+_DELETE_EVENTS_BY_TIME = ("DELETE FROM flowtrack.events_by_time WHERE (session_id, event_id, "
+                          "toUnixTimestamp64Milli(ingested_at)) IN {keys:Array(Tuple(String, String, Int64))}")
 
 
 class Sink:
@@ -82,7 +85,7 @@ class Sink:
             self._insert_rejections(all_rejections, now_ms)
             result.inserts += 1
         if refused:
-            self._purge([event for event, _ in refused])
+            self._purge([event for event, _ in refused], now_ms)
         # After the events are stored and refused ones purged (see worker/rollup.py for when it recomputes).
         self.rollup.stored(map(_SESSION_ID, events), [(event.user_id, event.session_id) for event, _ in refused])
         result.rejected = all_rejections
@@ -109,13 +112,15 @@ class Sink:
         self._write_events(events[:middle], now_ms, result, refused)
         self._write_events(events[middle:], now_ms, result, refused)
 
-    def _purge(self, refused: Sequence[FlowEvent]) -> None:
+    def _purge(self, refused: Sequence[FlowEvent], now_ms: int) -> None:
         """Remove every trace of refused rows. An insert that a materialized view (a user's, or a guard) refuses
         is not atomic: the rows may already be in ``events``. The session and node views read ``events``, so
         deleting them there is enough."""
         keys = [(e.source_stream, e.source_id) for e in refused]
+        copies = [(e.session_id, e.event_id, now_ms) for e in refused]
         try:
             self.store.command(_DELETE_EVENTS, {"keys": keys})
+            self.store.command(_DELETE_EVENTS_BY_TIME, {"keys": copies})
         except Exception as exc:
             raise classify(exc) from exc
 
