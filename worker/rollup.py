@@ -116,7 +116,7 @@ class SessionRollup:
 
     def _start_timer(self) -> None:
         with self._lock:
-            if self._closing.is_set() or (self._timer is not None and self._timer.is_alive()):
+            if self._closing.is_set() or self._timer is not None:
                 return
             self._timer = threading.Thread(target=self._flush_when_quiet, name="session-rollup", daemon=True)
             self._timer.start()
@@ -125,6 +125,7 @@ class SessionRollup:
         while not self._closing.is_set():
             with self._lock:
                 if not self._pending:
+                    self._timer = None  # under the lock: a batch stored from now on starts a new timer
                     return
                 wait_s = self._pending_since + self.max_delay_s - time.monotonic()
             if wait_s > 0:
