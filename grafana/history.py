@@ -113,7 +113,6 @@ def common_paths() -> table.Panel:
         .span(14)
         .datasource(CLICKHOUSE)
         .with_target(SQL("""
-            WITH in_range AS (SELECT session_id FROM flowtrack.flow_sessions WHERE {started_in_range})
             SELECT path, count() AS sessions, countIf(s.status = 'failed') AS failed,
                    round(avg(s.duration_ms)) AS avg_duration_ms
             FROM
@@ -127,7 +126,7 @@ def common_paths() -> table.Panel:
                     SELECT session_id, event_id, argMax(ts, ingested_at) AS at,
                            argMax(event_type, ingested_at) AS kind
                     FROM flowtrack.events_by_time
-                    WHERE $__timeFilter(ts) AND session_id IN (SELECT session_id FROM in_range)
+                    WHERE $__timeFilter(ts) AND {user_filter}
                     GROUP BY session_id, event_id
                 )
                 GROUP BY session_id
