@@ -48,10 +48,27 @@ FRAGMENTS: dict[str, str] = {
     "session": SESSION,
     # Milliseconds from an event's own time to the moment it was stored.
     "store_lag_ms": "(toUnixTimestamp64Milli(ingested_at) - toUnixTimestamp64Milli(ts))",
-    "sessions_in_range": "SELECT session_id FROM flowtrack.flow_sessions "
-                         "WHERE $__timeFilter(started_at) AND {user_filter}",
-    "latest_session": "(SELECT argMax(session_id, last_event_at) FROM flowtrack.flow_sessions "
-                      "WHERE {user_filter})",
+    # Sessions that started in the time range (a filter on flow_sessions). The rollup is sorted by
+    # (user_id, session_id): the pairs active in the range, from the time-ordered copy, make it a key lookup
+    # instead of a scan of every session ever stored.
+    "started_in_range": "(user_id, session_id) IN (SELECT user_id, session_id FROM flowtrack.events_by_time "
+                        "WHERE $__timeFilter(ts) AND {user_filter}) AND $__timeFilter(started_at)",
+    # Events of the given sessions as flow_events shows them, read without FINAL: copies are collapsed on the
+    # identity (the last stored copy wins, FINAL's rule); over many scattered sessions this is several times
+    # cheaper than FINAL. The caller passes `sessions`, a subquery of session ids.
+    "visible_events_of": "(SELECT session_id, event_id, argMax(ts, ingested_at) AS ts, "
+                         "argMax(event_type, ingested_at) AS event_type, "
+                         "argMax(attributes, ingested_at) AS attributes, "
+                         "argMax(is_error, ingested_at) AS is_error, argMax(user_id, ingested_at) AS user_id "
+                         "FROM flowtrack.events WHERE session_id IN ({sessions}) GROUP BY session_id, event_id)",
+    # The session of the latest event: a read of the end of the time-ordered copy.
+    "latest_session": "(SELECT session_id FROM flowtrack.events_by_time WHERE {user_filter} "
+                      "ORDER BY ts DESC LIMIT 1)",
+    # Time series: buckets of $__interval_s; the last one still filling is left out (it would draw a drop), and
+    # buckets without rows are drawn as zero (ORDER BY … {fill_buckets}).
+    "first_bucket": "toStartOfInterval($__fromTime, INTERVAL $__interval_s SECOND)",
+    "open_bucket": "toStartOfInterval($__toTime, INTERVAL $__interval_s SECOND)",
+    "fill_buckets": "WITH FILL FROM {first_bucket} TO {open_bucket} STEP INTERVAL $__interval_s SECOND",
 }
 FLOW_LINK = f"/d/{FLOW_UID}/flow?var-session_id=${{__value.raw}}&${{__url_time_range}}"
 _PLACEHOLDER = re.compile(r"(?<!\$)\{([a-z_]+)\}")

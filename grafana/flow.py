@@ -34,8 +34,9 @@ def session_variable() -> dash.QueryVariable:
         .label("Session")
         .datasource(CLICKHOUSE)
         .query(
-            expand("SELECT session_id FROM flowtrack.flow_sessions "
-                   "WHERE $__timeFilter(last_event_at) AND {user_filter} ORDER BY last_event_at DESC LIMIT 500")
+            # Sessions with events in the range, latest activity first: a key range of the time-ordered copy.
+            expand("SELECT session_id FROM flowtrack.events_by_time "
+                   "WHERE $__timeFilter(ts) AND {user_filter} GROUP BY session_id ORDER BY max(ts) DESC LIMIT 500")
         )
         .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(VariableSort.DISABLED)
@@ -54,7 +55,9 @@ def session_summary() -> table.Panel:
             SELECT user_id, session_id, status, started_at, ended_at, duration_ms, event_count, error_count
             FROM flowtrack.flow_sessions
             WHERE session_id = {session}
+              AND user_id IN (SELECT user_id FROM flowtrack.session_spans WHERE session_id = {session})
             """).ref_id("A"))
+        .unit("short")
         .override_by_name("duration_ms", unit("ms"))
     )
 
@@ -146,6 +149,7 @@ def events_in_order() -> table.Panel:
             WHERE session_id = {session}
             ORDER BY ts, event_id
             """).ref_id("A"))
+        .unit("short")
         .override_by_name("offset_ms", unit("ms"))
         .override_by_name("ingest_lag_ms", unit("ms"))
     )

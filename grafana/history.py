@@ -51,10 +51,11 @@ def sessions() -> table.Panel:
         .with_target(SQL("""
             SELECT started_at, ended_at, user_id, session_id, duration_ms, event_count, error_count, status
             FROM flowtrack.flow_sessions
-            WHERE $__timeFilter(started_at) AND {user_filter}
+            WHERE {started_in_range}
             ORDER BY started_at DESC
             LIMIT 1000
             """).ref_id("A"))
+        .unit("short")
         .override_by_name("session_id", link_to_flow())
         .override_by_name("duration_ms", unit("ms"))
     )
@@ -71,12 +72,17 @@ def outcomes_over_time() -> timeseries.Panel:
         .draw_style(common.GraphDrawStyle.BARS)
         .fill_opacity(80)
         .stacking(common_builders.StackingConfig().mode(common.StackingMode.NORMAL))
+        .unit("short")
         .with_target(SQL("""
-            SELECT $__timeInterval(started_at) AS time, status, count() AS sessions
-            FROM flowtrack.flow_sessions
-            WHERE $__timeFilter(started_at) AND {user_filter}
-            GROUP BY time, status
-            ORDER BY time
+            SELECT time, status, sessions FROM
+            (
+                SELECT $__timeInterval(started_at) AS time, status, count() AS sessions
+                FROM flowtrack.flow_sessions
+                WHERE {started_in_range} AND started_at < {open_bucket}
+                GROUP BY time, status
+                ORDER BY status, time {fill_buckets}
+            )
+            ORDER BY time, status
             """, Format.TIME_SERIES).ref_id("A"))
     )
 
@@ -92,7 +98,7 @@ def duration_distribution() -> histogram.Panel:
         .with_target(SQL("""
             SELECT duration_ms / 1000 AS duration_s
             FROM flowtrack.flow_sessions
-            WHERE $__timeFilter(started_at) AND {user_filter} AND status != 'active'
+            WHERE {started_in_range} AND status != 'active'
             LIMIT 100000
             """).ref_id("A"))
     )
@@ -103,7 +109,8 @@ def common_paths() -> table.Panel:
     return (
         table.Panel()
         .title("Most common paths")
-        .description("Sequences of event types, in time order, shared by the most sessions.")
+        .description("Sequences of event types (those in the time range), in time order, shared by the most "
+                     "sessions that started in the range.")
         .height(10)
         .span(14)
         .datasource(CLICKHOUSE)
@@ -113,22 +120,30 @@ def common_paths() -> table.Panel:
             FROM
             (
                 SELECT session_id,
-                       arrayStringConcat(arrayMap(x -> x.3, arraySort(groupArray((ts, event_id, event_type)))),
-                                         ' → ') AS path
-                FROM flowtrack.flow_events
-                WHERE session_id IN ({sessions_in_range})
+                       arrayStringConcat(
+                           arrayMap(x -> x.3, arraySort(groupArray((at, event_id, toString(kind))))),
+                           ' → ') AS path
+                FROM
+                (
+                    SELECT session_id, event_id, argMax(ts, ingested_at) AS at,
+                           argMax(event_type, ingested_at) AS kind
+                    FROM flowtrack.events_by_time
+                    WHERE $__timeFilter(ts) AND {user_filter}
+                    GROUP BY session_id, event_id
+                )
                 GROUP BY session_id
             ) AS p
             INNER JOIN
             (
                 SELECT session_id, status, duration_ms
                 FROM flowtrack.flow_sessions
-                WHERE $__timeFilter(started_at) AND {user_filter}
+                WHERE {started_in_range}
             ) AS s ON s.session_id = p.session_id
             GROUP BY path
             ORDER BY sessions DESC, path
             LIMIT 20
             """).ref_id("A"))
+        .unit("short")
         .override_by_name("avg_duration_ms", unit("ms"))
     )
 
@@ -138,20 +153,32 @@ def where_flows_fail() -> table.Panel:
     return (
         table.Panel()
         .title("Where flows fail")
-        .description("Error nodes by the node they hang under (its event type).")
+        .description("Nodes with an error event in the time range, by the node they hang under (its event type); "
+                     "node names from the range's events.")
         .height(10)
         .span(10)
         .datasource(CLICKHOUSE)
         .with_target(SQL("""
+            WITH nodes AS
+            (
+                SELECT session_id, node_id, anyIf(parent_id, parent_id != '') AS parent_id,
+                       toString(argMin(event_type, ts)) AS name, max(is_error) AS failed
+                FROM flowtrack.events_by_time FINAL
+                WHERE $__timeFilter(ts) AND {user_filter}
+                  AND session_id IN (SELECT session_id FROM flowtrack.events_by_time
+                                     WHERE $__timeFilter(ts) AND is_error = 1 AND {user_filter})
+                GROUP BY session_id, node_id
+            )
             SELECT ifNull(nullIf(p.name, ''), '(root)') AS failed_after, n.name AS error_type,
                    count() AS failures, uniqExact(n.session_id) AS sessions
-            FROM flowtrack.flow_nodes AS n
-            LEFT JOIN flowtrack.flow_nodes AS p ON p.session_id = n.session_id AND p.node_id = n.parent_id
-            WHERE n.status = 'error' AND n.session_id IN ({sessions_in_range})
+            FROM nodes AS n
+            LEFT JOIN nodes AS p ON p.session_id = n.session_id AND p.node_id = n.parent_id
+            WHERE n.failed = 1
             GROUP BY failed_after, error_type
             ORDER BY failures DESC, failed_after
             LIMIT 20
             """).ref_id("A"))
+        .unit("short")
     )
 
 
@@ -159,17 +186,20 @@ def error_messages() -> table.Panel:
     return (
         table.Panel()
         .title("Error messages")
+        .description("Error events of the time range by type, message and code (their 'message' and 'code' "
+                     "attributes).")
         .height(8)
         .span(24)
         .datasource(CLICKHOUSE)
         .with_target(SQL("""
-            SELECT event_type, attributes['message'] AS message, attributes['code'] AS code, count() AS events,
-                   uniqExact(session_id) AS sessions, max(ts) AS last_seen
-            FROM flowtrack.flow_events
-            WHERE (session_id, node_id) IN (SELECT session_id, node_id FROM flowtrack.flow_nodes WHERE status = 'error')
-              AND $__timeFilter(ts) AND {user_filter}
+            SELECT toString(event_type) AS event_type, attributes['message'] AS message, attributes['code'] AS code,
+                   count() AS events, uniqExact(session_id) AS sessions, max(ts) AS last_seen
+            FROM {visible_events_of}
+            WHERE is_error = 1 AND $__timeFilter(ts) AND {user_filter}
             GROUP BY event_type, message, code
-            ORDER BY events DESC
+            ORDER BY events DESC, event_type, message
             LIMIT 50
-            """).ref_id("A"))
+            """, sessions="SELECT session_id FROM flowtrack.events_by_time "
+                          "WHERE $__timeFilter(ts) AND is_error = 1 AND {user_filter}").ref_id("A"))
+        .unit("short")
     )

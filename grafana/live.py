@@ -55,11 +55,16 @@ def events_per_second() -> timeseries.Panel:
         .stacking(common_builders.StackingConfig().mode(common.StackingMode.NORMAL))
         .fill_opacity(30)
         .with_target(SQL("""
-            SELECT $__timeInterval(ts) AS time, event_type, count() / $__interval_s AS events_per_s
-            FROM flowtrack.flow_events
-            WHERE $__timeFilter(ts) AND {user_filter}
-            GROUP BY time, event_type
-            ORDER BY time
+            SELECT time, event_type, events_per_s FROM
+            (
+                SELECT $__timeInterval(ts) AS time, toString(event_type) AS event_type,
+                       count() / $__interval_s AS events_per_s
+                FROM flowtrack.events_by_time FINAL
+                WHERE $__timeFilter(ts) AND ts < {open_bucket} AND {user_filter}
+                GROUP BY time, event_type
+                ORDER BY event_type, time {fill_buckets}
+            )
+            ORDER BY time, event_type
             """, Format.TIME_SERIES).ref_id("A"))
     )
 
@@ -74,10 +79,13 @@ def active_sessions() -> stat.Panel:
         .span(4)
         .datasource(CLICKHOUSE)
         .graph_mode(common.BigValueGraphMode.NONE)
+        .unit("short")
         .with_target(SQL("""
             SELECT count() AS active_sessions
             FROM flowtrack.flow_sessions
-            WHERE status = 'active' AND last_event_at >= $__fromTime AND {user_filter}
+            WHERE status = 'active'
+              AND (user_id, session_id) IN (SELECT user_id, session_id FROM flowtrack.events_by_time
+                                            WHERE $__timeFilter(ts) AND {user_filter})
             """).ref_id("A"))
     )
 
@@ -86,7 +94,9 @@ def stored_lag() -> timeseries.Panel:
     return (
         timeseries.Panel()
         .title("Event → stored lag (p50 / p99)")
-        .description("Milliseconds from an event's timestamp to its insert into ClickHouse.")
+        .description("Milliseconds from an event's timestamp to its insert into ClickHouse, per stored copy "
+                     "(a redelivered copy counts with its own, later, insert). Buckets without inserts are gaps: "
+                     "a quantile of nothing is not zero.")
         .height(8)
         .span(8)
         .datasource(CLICKHOUSE)
@@ -96,8 +106,8 @@ def stored_lag() -> timeseries.Panel:
             SELECT $__timeInterval(ingested_at) AS time,
                    quantile(0.5)({store_lag_ms}) AS p50,
                    quantile(0.99)({store_lag_ms}) AS p99
-            FROM flowtrack.flow_events
-            WHERE $__timeFilter(ingested_at) AND {user_filter}
+            FROM flowtrack.events_by_time
+            WHERE $__timeFilter(ingested_at) AND ingested_at < {open_bucket} AND {user_filter}
             GROUP BY time
             ORDER BY time
             """, Format.TIME_SERIES).ref_id("A"))
@@ -114,11 +124,12 @@ def latest_events() -> table.Panel:
         .with_target(SQL("""
             SELECT ts AS time, user_id, session_id, node_id, parent_id, event_type,
                    {store_lag_ms} AS ingest_lag_ms
-            FROM flowtrack.flow_events
+            FROM flowtrack.events_by_time FINAL
             WHERE $__timeFilter(ts) AND {user_filter}
             ORDER BY ts DESC
             LIMIT 200
             """).ref_id("A"))
+        .unit("short")
         .override_by_name("session_id", link_to_flow())
         .override_by_name("ingest_lag_ms", unit("ms"))
     )

@@ -16,6 +16,7 @@ from grafana.common import (
     dashboard_links,
     legend_table,
     promql,
+    unit,
 )
 
 RATE = "$__rate_interval"
@@ -53,6 +54,8 @@ def worker_health() -> stat.Panel:
         .with_target(promql("sum(flowtrack_healthy)", "healthy workers").ref_id("A"))
         .with_target(promql("count(up{job=\"flowtrack-worker\"} == 1)", "workers up").ref_id("B"))
         .with_target(promql("max(flowtrack_sink_failing_seconds)", "sink failing (s)").ref_id("C"))
+        .unit("short")
+        .override_by_name("sink failing (s)", unit("s"))
     )
 
 
@@ -76,6 +79,7 @@ def batch_size() -> timeseries.Panel:
     return (
         timeseries.Panel()
         .title("Batch size (rows)")
+        .unit("short")
         .height(8)
         .span(12)
         .datasource(PROMETHEUS)
@@ -111,6 +115,7 @@ def group_lag_and_pending() -> timeseries.Panel:
     return (
         timeseries.Panel()
         .title("Consumer group: lag (undelivered) and pending (unacknowledged)")
+        .unit("short")
         .height(8)
         .span(12)
         .datasource(PROMETHEUS)
@@ -126,6 +131,7 @@ def reclaimed_and_lost() -> timeseries.Panel:
     return (
         timeseries.Panel()
         .title("Reclaimed, deleted-while-pending and poison entries")
+        .unit("short")
         .height(8)
         .span(12)
         .datasource(PROMETHEUS)
@@ -142,19 +148,24 @@ def rejected_by_reason() -> timeseries.Panel:
     return (
         timeseries.Panel()
         .title("Rejected entries by reason")
+        .unit("short")
         .height(8)
         .span(12)
         .datasource(CLICKHOUSE)
         .legend(legend_table())
         .draw_style(common.GraphDrawStyle.BARS)
         .with_target(SQL("""
-            SELECT $__timeInterval(received_at) AS time,
-                   substring(splitByChar(':', reason)[1], 1, 80) AS reason_class,
-                   count() AS rejected
-            FROM flowtrack.rejected_events
-            WHERE $__timeFilter(received_at)
-            GROUP BY time, reason_class
-            ORDER BY time
+            SELECT time, reason_class, rejected FROM
+            (
+                SELECT $__timeInterval(received_at) AS time,
+                       substring(splitByChar(':', reason)[1], 1, 80) AS reason_class,
+                       count() AS rejected
+                FROM flowtrack.rejected_events
+                WHERE $__timeFilter(received_at) AND received_at < {open_bucket}
+                GROUP BY time, reason_class
+                ORDER BY reason_class, time {fill_buckets}
+            )
+            ORDER BY time, reason_class
             """, Format.TIME_SERIES).ref_id("A"))
     )
 
@@ -163,6 +174,7 @@ def latest_rejected() -> table.Panel:
     return (
         table.Panel()
         .title("Latest rejected entries")
+        .unit("short")
         .height(8)
         .span(12)
         .datasource(CLICKHOUSE)

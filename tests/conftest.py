@@ -27,7 +27,7 @@ from worker.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_URL_ENV = "FLOWTRACK_TEST_CLICKHOUSE_URL"
-PUBLIC_TABLES = ("events", "rejected")
+PUBLIC_TABLES = ("events", "rejected", "sessions", "session_spans", "events_by_time")
 
 
 @pytest.fixture

@@ -382,3 +382,90 @@ def test_build_writes_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert build.main(["--check"]) == 0
     (tmp_path / "flow.json").write_text("{}")
     assert build.main(["--check"]) == 1
+
+
+# -- edges of the time series and alerts (issue 9) ---------------------------------------------------
+def _panel_sql(dashboard_file: str, title: str) -> str:
+    for query in clickhouse_queries(dashboard_file, dashboards()[dashboard_file]):
+        if query.where.startswith(f"{dashboard_file} / {title} /"):
+            return query.sql
+    raise KeyError(title)
+
+
+@pytest.mark.parametrize(("dashboard_file", "title", "series_column"), [
+    ("flows-live.json", "Events per second by type", 1),
+    ("flows-history.json", "Completed / failed / active sessions (by start time)", 1),
+    ("pipeline.json", "Rejected entries by reason", 1),
+])
+def test_time_series_leave_out_the_open_bucket_and_draw_empty_buckets_as_zero(
+        corpus: Corpus, dashboard_file: str, title: str, series_column: int) -> None:
+    step = 60
+    now = int(time.time())
+    # The range ends mid-bucket (the bucket holding 'to' is still filling) and starts an hour before the data.
+    to_s = (now // step) * step + step // 2 + 600
+    ctx = QueryContext(from_s=now - 3600, to_s=to_s, interval_s=step)
+    columns, rows = _run(corpus, _panel_sql(dashboard_file, title), {"user_id": ""}, ctx)
+    assert columns[0] == "time" and rows
+    open_bucket = (to_s // step) * step
+    first_bucket = ((now - 3600) // step) * step
+    times = sorted({int(r[0].timestamp()) for r in rows})
+    assert times[-1] < open_bucket, "the bucket still filling is not drawn"
+    assert times == list(range(first_bucket, open_bucket, step)), "every bucket is there, empty ones too"
+    series = {r[series_column] for r in rows}
+    for name in series:
+        per_bucket = [r for r in rows if r[series_column] == name]
+        assert len(per_bucket) == len(times), f"{name}: one row per bucket"
+    assert any(r[-1] == 0 for r in rows), "empty buckets are zero"
+    assert [r[0] for r in rows] == sorted(r[0] for r in rows), "ordered by time, as the plugin needs"
+
+
+def _alert_sql(uid: str) -> str:
+    for rule in alert_rules():
+        if rule["uid"] == uid:
+            return str(rule["data"][0]["model"]["rawSql"])
+    raise KeyError(uid)
+
+
+def test_failed_flow_ratio_needs_twenty_finished_flows(corpus: Corpus) -> None:
+    """A few failures alone in a quiet window are not an incident; from 20 finished flows on the ratio counts."""
+    from worker.normalize import FlowEvent, Normalizer
+    from worker.sink import Sink
+
+    normalizer = Normalizer()
+    sink = Sink(corpus.store)
+    quiet_s = int(time.time()) - 3 * 86400  # a window the corpus does not touch
+
+    def failed_flows(first: int, count: int) -> None:
+        events = []
+        for n in range(first, first + count):
+            for i, kind in enumerate(("user_message", "error")):
+                item = normalizer.normalize("flow_events:q", f"{n}-{i}", {
+                    "session_id": f"s-quiet-{n}", "node_id": f"n{i}", "event_type": kind, "user_id": "q",
+                    "timestamp": str((quiet_s + n) * 1000 + i)})
+                assert isinstance(item, FlowEvent)
+                events.append(item)
+        sink.write(events, [])
+        sink.rollup.flush()
+
+    ctx = QueryContext(from_s=quiet_s - 60, to_s=quiet_s + 900)
+    sql = _alert_sql("flowtrack-failed-flow-ratio")
+    failed_flows(1, 5)
+    assert _run(corpus, sql, {}, ctx)[1][0][0] == 0
+    failed_flows(6, 15)
+    assert _run(corpus, sql, {}, ctx)[1][0][0] == 1.0
+
+
+def test_every_panel_has_a_unit() -> None:
+    """Numbers mean nothing without units; the trace view and the node graph carry theirs in their own options."""
+    missing = []
+    for name, dashboard in dashboards().items():
+        for panel in panels(dashboard):
+            if panel.get("type") in ("traces", "row"):
+                continue
+            if panel.get("type") == "nodeGraph":
+                unit_set = panel.get("options", {}).get("nodes", {}).get("mainStatUnit")
+            else:
+                unit_set = panel.get("fieldConfig", {}).get("defaults", {}).get("unit")
+            if not unit_set:
+                missing.append(f"{name} / {panel.get('title')}")
+    assert not missing, missing

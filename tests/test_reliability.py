@@ -180,15 +180,18 @@ def test_rows_a_materialized_view_refuses_leave_no_trace(
         poison_view: None) -> None:
     entries = [("flow_events:7", _event("s7" if i < 250 else "s8", f"n{i}",
                                         poison="1" if i in (3, 260) else "0")) for i in range(500)]
+    entries.append(("flow_events:7", _event("s9", "n1", poison="1")))  # a session with no other event
     ids = xadd_all(redis_client, entries)
     drain(make_settings(redis_server.url, clickhouse_url))
 
     _, rejected = store.query("SELECT source_id FROM flowtrack.rejected_events")
-    assert sorted(r[0] for r in rejected) == sorted([ids[3], ids[260]])
+    assert sorted(r[0] for r in rejected) == sorted([ids[3], ids[260], ids[500]])
     assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 498
     assert store.scalar("SELECT countIf(attributes['poison'] = '1') FROM flowtrack.flow_events") == 0
     _, sessions = store.query("SELECT session_id, event_count FROM flowtrack.flow_sessions ORDER BY session_id")
     assert sessions == [("s7", 249), ("s8", 249)]
+    # Nor in the time-ordered copy the live panels read.
+    assert store.scalar("SELECT count() FROM flowtrack.events_by_time FINAL") == 498
 
 
 def test_a_batch_refused_row_by_row_is_an_outage_not_poison(

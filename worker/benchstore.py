@@ -26,6 +26,7 @@ import clickhouse_connect
 import orjson
 
 from worker.errors import ConfigError, StoreLockedError, StoreUnavailableError
+from worker.rollup import SessionRollup
 from worker.settings import Settings
 from worker.sink import EVENT_COLUMNS, batch_token
 from worker.store import DATABASE, Store, embedded_store_holder, load_migrations
@@ -246,6 +247,13 @@ class Batch:
     events: int
 
 
+def batch_session_ids(store: Store, seed: int, users: int, sessions: int, anchor_s: int, batch: Batch) -> list[str]:
+    """The session ids batch_sql generates for this batch's sessions."""
+    _, rows = store.query(f"SELECT sid FROM (SELECT {_session_columns(seed, users, sessions, anchor_s)} "  # noqa: S608
+                          f"FROM numbers({batch.first}, {batch.count}))")
+    return [str(r[0]) for r in rows]
+
+
 def plan_batches(sizes: Sequence[int], events: int, batch_rows: int) -> list[Batch]:
     """Whole sessions per batch, about batch_rows events each, exactly `events` in all (the last session cut)."""
     batches: list[Batch] = []
@@ -286,6 +294,7 @@ def build_store(store: Store, path: Path, events: int, seed: int, progress: Prog
     sessions = sum(b.count for b in batches)
     started = time.perf_counter()
     loaded = 0
+    rollup = SessionRollup(store)
     progress("load", 0, events)
     for batch in batches:
         # A function of everything the batch's rows depend on (the same token with other rows would be dropped).
@@ -293,8 +302,11 @@ def build_store(store: Store, path: Path, events: int, seed: int, progress: Prog
                                      f"{batch.first}+{batch.count}/{batch.cut_steps}")])
         store.command(batch_sql(seed, users, sessions, anchor, batch.first, batch.count, batch.cut_steps, token,
                                 settings))
+        # The worker's sink notes every stored batch's sessions for the rollup (worker/rollup.py): so does the load.
+        rollup.stored(batch_session_ids(store, seed, users, sessions, anchor, batch))
         loaded += batch.events
         progress("load", loaded, events)
+    rollup.close()
     load_s = time.perf_counter() - started
     merge_wait_s, parts = wait_for_merges(store, progress)
     info = StoreInfo(events, seed, anchor, users, sessions, settings.batch_max_rows,

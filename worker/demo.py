@@ -205,12 +205,13 @@ async def _refresh(store: Store, snapshot: Snapshot, stop: asyncio.Event) -> Non
 
 
 def _read_store(store: Store, snapshot: Snapshot) -> None:
-    """A few small queries over the last minute (ts has a minmax index), then the most recent ended flow."""
+    """Two small reads of the last minute of the time-ordered copy (a key range; FINAL is partition-local there),
+    then the most recent ended flow."""
     _, snapshot.latest = store.query(
-        "SELECT ts, user_id, session_id, node_id, parent_id, event_type FROM flowtrack.events "
+        "SELECT ts, user_id, session_id, node_id, parent_id, event_type FROM flowtrack.events_by_time FINAL "
         "WHERE ts >= now64(3) - INTERVAL 30 SECOND ORDER BY ts DESC LIMIT 8")
     _, last = store.query(
-        "SELECT session_id, user_id FROM flowtrack.events WHERE (is_end = 1 OR is_error = 1) "
+        "SELECT session_id, user_id FROM flowtrack.events_by_time WHERE (is_end = 1 OR is_error = 1) "
         "AND ts >= now64(3) - INTERVAL 60 SECOND ORDER BY ts DESC LIMIT 1")
     if last:
         flow = flows.load_flow(store, str(last[0][0]), str(last[0][1]))
@@ -286,8 +287,8 @@ def flowtrack_command(argv0: str | None = None) -> str:
 
 def next_steps(settings: Settings, redis: DemoRedis, store: Store, console: Console, command: str) -> None:
     """Commands that work as printed once the demo has exited."""
-    _, last = store.query("SELECT user_id, session_id FROM flowtrack.flow_sessions WHERE status != 'active' "
-                          "ORDER BY last_event_at DESC LIMIT 1")
+    _, last = store.query("SELECT user_id, session_id FROM flowtrack.events_by_time WHERE is_end = 1 OR is_error = 1 "
+                          "ORDER BY ts DESC LIMIT 1")
     user, session = (str(last[0][0]), str(last[0][1])) if last else ("1", "SESSION_ID")
     store_opt = "" if settings.clickhouse_url is None else f" --clickhouse-url {shlex.quote(settings.clickhouse_url)}"
     alive = not (redis.private and redis.pid is None)  # a private Redis not kept stopped with the demo

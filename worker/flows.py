@@ -151,13 +151,15 @@ class Placed:
 
 def load_flow(store: Store, session_id: str, user: str | None = None) -> Flow | None:
     params: dict[str, Any] = {"sid": session_id}
-    user_filter = ""
+    # The rollup is sorted by (user_id, session_id): the session's users come from session_spans (sorted by
+    # session_id), so both reads are primary-key lookups.
+    user_filter = "user_id IN (SELECT user_id FROM flowtrack.session_spans WHERE session_id = {sid:String})"
     if user is not None:
-        user_filter = " AND user_id = {user:String}"
+        user_filter = "user_id = {user:String}"
         params["user"] = user
     _, sessions = store.query(
         "SELECT user_id, status, started_at, ended_at, duration_ms, event_count, error_count "  # noqa: S608
-        f"FROM flowtrack.flow_sessions WHERE session_id = {{sid:String}}{user_filter} "
+        f"FROM flowtrack.flow_sessions WHERE session_id = {{sid:String}} AND {user_filter} "
         "ORDER BY last_event_at DESC LIMIT 1", params)
     if not sessions:
         return None
@@ -416,11 +418,13 @@ def _stream_status(client: redis.Redis, name: str, group_name: str, claim_idle_m
 def store_status(report: StatusReport, store: Store) -> None:
     """Fill the store half: events, sessions by status, freshness, rejected entries by reason."""
     report.store = store.description
-    report.events = int(store.scalar("SELECT count() FROM flowtrack.flow_events"))
-    _, rows = store.query("SELECT status, count() FROM flowtrack.flow_sessions GROUP BY status ORDER BY status")
-    report.sessions = {str(status): int(count) for status, count in rows}
-    report.last_ingested_at = store.scalar("SELECT max(ingested_at) FROM flowtrack.flow_events") \
-        if report.events else None
+    # From the rollup (one row per session) instead of counting events FINAL: the sum of its exact per-session
+    # counts is the number of visible events.
+    _, rows = store.query("SELECT status, count(), sum(event_count) FROM flowtrack.flow_sessions "
+                          "GROUP BY status ORDER BY status")
+    report.sessions = {str(status): int(count) for status, count, _ in rows}
+    report.events = sum(int(events) for _, _, events in rows)
+    report.last_ingested_at = last_ingested_at(store) if report.events else None
     _, rows = store.query("SELECT splitByChar(':', reason)[1] AS head, count() FROM flowtrack.rejected_events "
                           "GROUP BY head ORDER BY count() DESC LIMIT 1000")
     by_reason: Counter[str] = Counter()
@@ -432,6 +436,14 @@ def store_status(report: StatusReport, store: Store) -> None:
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _NUMBER = re.compile(r"\d+")
+
+
+def last_ingested_at(store: Store) -> Any:
+    """The latest insert time: the last day first (the minmax index on ingested_at skips older granules),
+    the whole time-ordered copy only when nothing arrived that day."""
+    recent = store.scalar("SELECT max(ingested_at) FROM flowtrack.events_by_time "
+                          "WHERE ingested_at >= now64(3) - INTERVAL 1 DAY HAVING count() > 0")
+    return recent if recent is not None else store.scalar("SELECT max(ingested_at) FROM flowtrack.events_by_time")
 
 
 def reason_class(reason: str) -> str:

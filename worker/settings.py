@@ -74,6 +74,10 @@ class Settings:
     end_event_types: tuple[str, ...] = ("flow_completed",)
     error_event_types: tuple[str, ...] = ("error",)
 
+    # Retention: events, session rollups and rejected entries older than this many days are dropped (TTLs set
+    # by `flowtrack migrate` and at `run` start; whole weekly parts go). None = keep forever.
+    retention_days: int | None = None
+
     # Observability
     metrics_port: int = 0  # 0 = no HTTP server
     unhealthy_after_s: float = 30.0
@@ -101,6 +105,8 @@ class Settings:
             raise ConfigError("FLOWTRACK_STREAMS is empty: name at least one stream or pattern")
         if self.batch_max_rows < 1 or self.read_count < 1:
             raise ConfigError("batch_max_rows and read_count must be at least 1")
+        if self.retention_days is not None and self.retention_days < 1:
+            raise ConfigError("FLOWTRACK_RETENTION_DAYS must be at least 1 (unset keeps everything)")
         if self.max_deliveries < 1:
             raise ConfigError("max_deliveries must be at least 1 (the first delivery is never poison)")
         if self.max_inflight_rows < self.batch_max_rows:
@@ -141,7 +147,7 @@ def _parse(name: str, annotation: Any, raw: str) -> Any:
             return _split_csv(raw)
         if kind == "bool":
             return raw.strip().lower() in ("1", "true", "yes", "on")
-        if kind == "int":
+        if kind in ("int", "int | None"):
             return int(raw)
         if kind == "float":
             return float(raw)

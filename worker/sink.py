@@ -25,6 +25,7 @@ import orjson
 
 from worker.errors import StoreRejectedError, StoreUnavailableError
 from worker.normalize import FlowEvent, Rejection, raw_json
+from worker.rollup import SessionRollup
 from worker.store import DATABASE, Store, classify
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ EVENT_COLUMNS = ("event_id", "user_id", "session_id", "node_id", "parent_id", "e
                  "attributes", "source_stream", "source_id", "is_end", "is_error", "ingested_at")
 REJECTED_COLUMNS = ("received_at", "source_stream", "source_id", "reason", "raw")
 _EVENT_GETTERS = tuple(itemgetter(i) for i in range(len(FlowEvent._fields)))
+_SESSION_ID = itemgetter(FlowEvent._fields.index("session_id"))
 
 # A batch at least this large whose every row is refused says more about the store than about the rows.
 ALL_REFUSED_IS_OUTAGE_ROWS = 8
@@ -61,11 +63,15 @@ def batch_token(columns: Sequence[Sequence[object]]) -> str:
 
 _DELETE_EVENTS = ("DELETE FROM flowtrack.events "
                   "WHERE (source_stream, source_id) IN {keys:Array(Tuple(String, String))}")
+# The time-ordered copy has no entry ids: its row of a refused entry is the one with this batch's ingested_at.
+_DELETE_EVENTS_BY_TIME = ("DELETE FROM flowtrack.events_by_time WHERE (session_id, event_id, "
+                          "toUnixTimestamp64Milli(ingested_at)) IN {keys:Array(Tuple(String, String, Int64))}")
 
 
 class Sink:
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.rollup = SessionRollup(store)
 
     def write(self, events: Sequence[FlowEvent], rejections: Sequence[Rejection]) -> WriteResult:
         """Store a batch; returns what was stored and what had to be rejected. Blocking (run it in a thread)."""
@@ -86,7 +92,9 @@ class Sink:
             self._insert_rejections(all_rejections, now_ms)
             result.inserts += 1
         if refused:
-            self._purge([event for event, _ in refused])
+            self._purge([event for event, _ in refused], now_ms)
+        # After the events are stored and refused ones purged (see worker/rollup.py for when it recomputes).
+        self.rollup.stored(map(_SESSION_ID, events), [(event.user_id, event.session_id) for event, _ in refused])
         result.rejected = all_rejections
         return result
 
@@ -111,13 +119,15 @@ class Sink:
         self._write_events(events[:middle], now_ms, result, refused)
         self._write_events(events[middle:], now_ms, result, refused)
 
-    def _purge(self, refused: Sequence[FlowEvent]) -> None:
+    def _purge(self, refused: Sequence[FlowEvent], now_ms: int) -> None:
         """Remove every trace of refused rows. An insert that a materialized view (a user's, or a guard) refuses
         is not atomic: the rows may already be in ``events``. The session and node views read ``events``, so
         deleting them there is enough."""
         keys = [(e.source_stream, e.source_id) for e in refused]
+        copies = [(e.session_id, e.event_id, now_ms) for e in refused]
         try:
             self.store.command(_DELETE_EVENTS, {"keys": keys})
+            self.store.command(_DELETE_EVENTS_BY_TIME, {"keys": copies})
         except Exception as exc:
             raise classify(exc) from exc
 

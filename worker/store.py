@@ -54,11 +54,18 @@ def schema_dir() -> Path:
     raise FileNotFoundError("schemas/clickhouse not found next to the worker package")
 
 
+_GUARD_PREFIX = "-- only-if:"
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
     name: str
     statements: tuple[str, ...]
+    # A query returning a number: when it returns 0 the statements are skipped (the migration is still recorded).
+    # Lets a migration that copies and swaps tables run only while the old layout is in place, so a re-run after
+    # a crash between its statements does not swap back.
+    only_if: str | None = None
 
 
 def load_migrations(directory: Path | None = None) -> list[Migration]:
@@ -66,19 +73,50 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     migrations = []
     for path in sorted(directory.glob("[0-9][0-9][0-9]_*.sql")):
         version = int(path.name[:3])
-        text = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("--"))
+        lines = path.read_text().splitlines()
+        guards = [line[len(_GUARD_PREFIX):].strip() for line in lines if line.startswith(_GUARD_PREFIX)]
+        text = "\n".join(line for line in lines if not line.lstrip().startswith("--"))
         statements = tuple(s.strip() for s in _STATEMENT_SPLIT.split(text) if s.strip())
-        migrations.append(Migration(version, path.stem, statements))
+        migrations.append(Migration(version, path.stem, statements, guards[0] if guards else None))
     return migrations
+
+
+# Retention: the TTL each table gets from FLOWTRACK_RETENTION_DAYS (the column is the row's time; the partitioned
+# tables drop whole weekly parts, ttl_only_drop_parts = 1). Tombstones in sessions carry their deletion time as
+# last_event_at, so they outlive the rows they hide.
+RETENTION_COLUMNS = {
+    "events": "ts",
+    "events_by_time": "ts",
+    "session_spans": "end_ts",
+    "sessions": "last_event_at",
+    "rejected": "received_at",
+}
+# A worker recomputes the sessions of acknowledged batches shortly after (worker/rollup.py); what a stopped worker
+# left pending is recomputed at the next start: every session with events stored since 10 minutes before the
+# latest recompute (an insert that began before a recompute can finish after it; inserts time out well within).
+CATCH_UP_SESSIONS = (
+    "INSERT INTO flowtrack.sessions (user_id, session_id, started_at, last_event_at, closed_at, event_count, "
+    "error_count, end_count, computed_at, is_deleted) "
+    "SELECT user_id, session_id, started_at, last_event_at, closed_at, event_count, error_count, end_count, "
+    "now64(6), 0 FROM flowtrack.session_totals WHERE session_id IN (SELECT session_id FROM flowtrack.events_by_time "
+    "WHERE ingested_at >= (SELECT max(computed_at) FROM flowtrack.sessions) - INTERVAL 10 MINUTE)"
+)
+_TTL_IN_ENGINE = re.compile(r"\bTTL\s+(.*?)(?:\s+SETTINGS\b|$)", re.DOTALL)
+
+
+def retention_ttl(column: str, days: int) -> str:
+    return f"toDateTime({column}) + toIntervalDay({days})"
 
 
 class Store:
     """A clickhouse-connect client plus what flowtrack needs of it; thread-safe for one caller at a time."""
 
-    def __init__(self, client: Any, description: str, embedded: bool) -> None:
+    def __init__(self, client: Any, description: str, embedded: bool, retention_days: int | None = None) -> None:
         self.client = client
         self.description = description
         self.embedded = embedded
+        # Applied as TTLs by migrate(); None keeps everything.
+        self.retention_days = retention_days
         self._lock = threading.Lock()
 
     # -- opening ---------------------------------------------------------------------------------
@@ -86,7 +124,9 @@ class Store:
     def open(cls, settings: Settings) -> Store:
         path = settings.embedded_store_path
         if path is not None:
-            return _open_embedded(path)
+            store = _open_embedded(path)
+            store.retention_days = settings.retention_days
+            return store
         url = settings.clickhouse_url or ""
         tls: dict[str, Any] = {"ca_cert": settings.tls_ca_file} if settings.tls_ca_file else {}
         try:
@@ -95,7 +135,7 @@ class Store:
             )
         except Exception as exc:  # clickhouse-connect raises several unrelated types for "down"
             raise StoreUnavailableError(f"cannot reach ClickHouse at {redact_url(url)}: {connect_reason(exc)}") from exc
-        return cls(client, f"ClickHouse {redact_url(url)}", embedded=False)
+        return cls(client, f"ClickHouse {redact_url(url)}", embedded=False, retention_days=settings.retention_days)
 
     def close(self) -> None:
         if not self.embedded:
@@ -132,13 +172,37 @@ class Store:
             for migration in load_migrations():
                 if migration.version in done:
                     continue
-                for statement in migration.statements:
-                    self.client.command(statement)
+                if migration.only_if is None or int(self.client.command(migration.only_if)):
+                    for statement in migration.statements:
+                        self.client.command(statement)
                 self.client.insert(f"{DATABASE}.schema_migrations", [[migration.version, migration.name]],
                                    column_names=["version", "name"])
                 applied.append(migration.name)
                 log.info("applied migration %s", migration.name)
+            self._apply_retention()
+            self.client.command(CATCH_UP_SESSIONS)
             return applied
+
+    def _apply_retention(self) -> None:
+        """Make every table's TTL match retention_days (None: no TTL); a table already right is left alone."""
+        for table, column in RETENTION_COLUMNS.items():
+            current = self._current_ttl(table)
+            wanted = None if self.retention_days is None else retention_ttl(column, self.retention_days)
+            if current == wanted:
+                continue
+            if wanted is None:
+                self.client.command(f"ALTER TABLE {DATABASE}.{table} REMOVE TTL")
+            else:
+                self.client.command(f"ALTER TABLE {DATABASE}.{table} MODIFY TTL {wanted}")
+            log.info("retention of %s.%s: %s", DATABASE, table, wanted or "keep forever")
+
+    def _current_ttl(self, table: str) -> str | None:
+        """The table's TTL expression as ClickHouse prints it, or None."""
+        engine = str(self.client.command(
+            "SELECT engine_full FROM system.tables WHERE database = {db:String} AND name = {table:String}",
+            parameters={"db": DATABASE, "table": table}))
+        found = _TTL_IN_ENGINE.search(engine)
+        return found.group(1).strip() if found else None
 
     # -- queries ---------------------------------------------------------------------------------
     def query(self, sql: str, parameters: dict[str, Any] | None = None,

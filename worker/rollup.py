@@ -1,0 +1,138 @@
+"""The per-session rollup (flowtrack.sessions): recomputed from the deduplicated events by the worker.
+
+A materialized view sees every stored copy of an event, so counts it keeps would count redeliveries; keeping
+event ids to count them distinctly holds every id in memory. Instead the sessions the worker stored events for
+are recomputed from ``events`` (their primary-key ranges, copies collapsed) and the result replaces their rows;
+schemas/clickhouse/008_rollups.sql says why the latest recompute is exact.
+
+A recompute costs about the same for one batch's sessions as for ten batches' (a session's events span many
+batches, and each session costs a few small key ranges), so touched sessions are collected and recomputed together:
+when ``max_pending_sessions`` are pending, when the oldest waited ``max_delay_s`` (a daemon thread; live flows show
+up in flow_sessions within about a second), when rows were purged, and when the pipeline finishes. Sessions of
+batches acknowledged but not yet recomputed when a worker died are recomputed at its next start
+(store.CATCH_UP_SESSIONS, run by migrate).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+
+from worker.errors import FlowtrackError
+from worker.store import Store, classify
+
+log = logging.getLogger(__name__)
+
+# The recompute's start time versions the rows: the latest recompute wins.
+_RECOMPUTE = (
+    "INSERT INTO flowtrack.sessions (user_id, session_id, started_at, last_event_at, closed_at, event_count, "
+    "error_count, end_count, computed_at, is_deleted) "
+    "SELECT user_id, session_id, started_at, last_event_at, closed_at, event_count, error_count, end_count, "
+    "now64(6), 0 FROM flowtrack.session_totals WHERE session_id IN {sessions:Array(String)}"
+)
+# (user, session) pairs left without any event (their rows were purged) get a tombstone that hides their row.
+# Its last_event_at is the deletion time, so retention removes it after the row it hides.
+_TOMBSTONES = (
+    "INSERT INTO flowtrack.sessions (user_id, session_id, last_event_at, computed_at, is_deleted) "
+    "SELECT pair.1, pair.2, now64(3), now64(6), 1 "
+    "FROM (SELECT arrayJoin({pairs:Array(Tuple(String, String))}) AS pair) "
+    "WHERE pair NOT IN (SELECT user_id, session_id FROM flowtrack.session_totals "
+    "WHERE session_id IN {sessions:Array(String)})"
+)
+
+
+def recompute(store: Store, sessions: Iterable[str], purged_pairs: Iterable[tuple[str, str]] = ()) -> None:
+    """Recompute the rollup rows of these sessions; ``purged_pairs``: (user, session) pairs some of whose events
+    were deleted, so they may have no event left. Raises the store's classified error."""
+    pairs = sorted(set(purged_pairs))
+    ids = sorted(set(sessions) | {session for _, session in pairs})
+    if not ids:
+        return
+    try:
+        if pairs:
+            store.command(_TOMBSTONES, {"pairs": pairs, "sessions": ids})
+        store.command(_RECOMPUTE, {"sessions": ids})
+    except Exception as exc:
+        raise classify(exc) from exc
+
+
+class SessionRollup:
+    """Keeps the rollup of the sessions one sink stored events for; ``stored`` is called after each stored batch.
+
+    Thread-safe: the sink's writer thread adds sessions, a daemon thread recomputes what has waited longer than
+    ``max_delay_s``."""
+
+    def __init__(self, store: Store, max_pending_sessions: int = 5000, max_delay_s: float = 1.0) -> None:
+        self.store = store
+        self.max_pending_sessions = max_pending_sessions
+        self.max_delay_s = max_delay_s
+        self._pending: set[str] = set()
+        self._pending_since = 0.0
+        self._lock = threading.Lock()
+        self._timer: threading.Thread | None = None
+        self._closing = threading.Event()
+
+    def stored(self, sessions: Iterable[str],
+               purged_pairs: Iterable[tuple[str, str]] = ()) -> None:
+        """Note a stored batch; recompute now when enough is pending or rows were purged, else within max_delay_s."""
+        purged = list(purged_pairs)
+        with self._lock:
+            if not self._pending:
+                self._pending_since = time.monotonic()
+            self._pending.update(sessions)
+            due = bool(purged) or len(self._pending) >= self.max_pending_sessions
+        if due:
+            self.flush(purged)
+        else:
+            self._start_timer()
+
+    def flush(self, purged_pairs: Iterable[tuple[str, str]] = ()) -> None:
+        """Recompute every pending session; on failure they stay pending (and the error is raised)."""
+        with self._lock:
+            pending, self._pending = self._pending, set()
+        try:
+            recompute(self.store, pending, purged_pairs)
+        except Exception:
+            with self._lock:
+                self._pending |= pending
+            raise
+
+    def close(self) -> None:
+        """Stop the timer thread (waiting out a recompute it runs: the engine must not shut down under it), then
+        recompute what is still pending. Raises the store's error if that fails (the next start catches up)."""
+        self._closing.set()
+        timer = self._timer
+        if timer is not None:
+            timer.join()
+        if self.pending:
+            self.flush()
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _start_timer(self) -> None:
+        with self._lock:
+            if self._closing.is_set() or self._timer is not None:
+                return
+            self._timer = threading.Thread(target=self._flush_when_quiet, name="session-rollup", daemon=True)
+            self._timer.start()
+
+    def _flush_when_quiet(self) -> None:
+        while not self._closing.is_set():
+            with self._lock:
+                if not self._pending:
+                    self._timer = None  # under the lock: a batch stored from now on starts a new timer
+                    return
+                wait_s = self._pending_since + self.max_delay_s - time.monotonic()
+            if wait_s > 0:
+                self._closing.wait(wait_s)
+                continue
+            try:
+                self.flush()
+            except FlowtrackError as exc:  # the store is unwell: the next batch, or the next start, recomputes
+                log.warning("session rollup recompute failed: %s", exc)
+                self._closing.wait(self.max_delay_s)
