@@ -381,3 +381,50 @@ def test_migrate_twice_and_a_rerun_after_a_crash_mid_swap_change_nothing(store: 
     store.migrate()
     assert flow_session(store, "s-rerun") == before and visible_rows(store, "s-rerun") == 4
 
+
+
+# -- a rollup part the engine wrote without being able to ------------------------------------------------
+_ROLLUP_UNDER_A_FULL_DISK = textwrap.dedent("""
+    import resource, sys
+    from worker.normalize import Normalizer
+    from worker.settings import Settings
+    from worker.sink import Sink
+    from worker.store import Store
+    store = Store.open(Settings(clickhouse_url=sys.argv[1]))
+    store.migrate()
+    normalizer = Normalizer(("flow_completed",), ("error",))
+    sink = Sink(store)
+    events = [normalizer.normalize("flow_events:1", f"1-{i}", {b"session_id": f"s-{i % 7}".encode(),
+              b"node_id": f"n{i}".encode(), b"event_type": b"llm_call"}) for i in range(70)]
+    sink.write(events, [])
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1, hard))  # every file write beyond 1 byte fails (EFBIG)
+    sink.rollup.flush()  # chDB finishes this INSERT ... SELECT without an error
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    # the worker goes on for an hour: later recomputes move the start-up catch-up's window past these sessions
+    store.command("INSERT INTO flowtrack.sessions (user_id, session_id, computed_at, is_deleted) "
+                  "VALUES ('9', 's-later', now64(6) + INTERVAL 1 HOUR, 0)")
+""")
+
+
+def test_a_rollup_part_written_on_a_full_disk_is_rebuilt_at_the_next_start(tmp_path: Path) -> None:
+    """chDB can finish the rollup's INSERT ... SELECT while its files cannot be written; the part is detached as
+    broken when the store is next opened. The next start (migrate) must rebuild the sessions it held."""
+    url = f"chdb://{tmp_path / 'store'}"
+    proc = subprocess.run([sys.executable, "-c", _ROLLUP_UNDER_A_FULL_DISK, url], capture_output=True, text=True,
+                          timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store = Store.open(Settings(clickhouse_url=url))
+    try:
+        # Without a heal, the sessions would be missing now (the engine set the part aside as it opened).
+        broken = store.scalar("SELECT count() FROM system.detached_parts WHERE database = 'flowtrack' "
+                              "AND startsWith(name, 'broken')")
+        store.migrate()
+        _, rows = store.query("SELECT session_id, event_count FROM flowtrack.flow_sessions "
+                              "WHERE session_id != 's-later' ORDER BY session_id")
+        assert rows == [(f"s-{k}", 10) for k in range(7)]
+        assert int(store.scalar("SELECT count() FROM system.detached_parts WHERE database = 'flowtrack' "
+                                "AND startsWith(name, 'broken')")) == 0
+        assert int(broken) >= 1, "the engine no longer breaks this part: the fault this test injects did not occur"
+    finally:
+        store.close()

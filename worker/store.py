@@ -101,6 +101,26 @@ CATCH_UP_SESSIONS = (
     "now64(6), 0 FROM flowtrack.session_totals WHERE session_id IN (SELECT session_id FROM flowtrack.events_by_time "
     "WHERE ingested_at >= (SELECT max(computed_at) FROM flowtrack.sessions) - INTERVAL 10 MINUTE)"
 )
+_BROKEN_ROLLUP_PARTS = (
+    "SELECT table, name FROM system.detached_parts WHERE database = 'flowtrack' "
+    "AND table IN ('sessions', 'session_spans') AND startsWith(name, 'broken') ORDER BY table, name"
+)
+_REBUILD_SLICES = 16
+_REBUILD_SESSIONS = (
+    "INSERT INTO flowtrack.sessions (user_id, session_id, started_at, last_event_at, closed_at, event_count, "
+    "error_count, end_count, computed_at, is_deleted) "
+    "SELECT user_id, session_id, started_at, last_event_at, closed_at, event_count, error_count, end_count, "
+    "now64(6), 0 FROM flowtrack.session_totals "
+    "WHERE session_id IN (SELECT DISTINCT session_id FROM flowtrack.events "
+    "WHERE cityHash64(session_id) % {slices:UInt32} = {part:UInt32})"
+)
+
+
+def _quoted(text: str) -> str:
+    """A ClickHouse string literal (for the part names the engine itself listed; DDL takes no parameters)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 _TTL_IN_ENGINE = re.compile(r"\bTTL\s+(.*?)(?:\s+SETTINGS\b|$)", re.DOTALL)
 
 
@@ -181,7 +201,27 @@ class Store:
                 log.info("applied migration %s", migration.name)
             self._apply_retention()
             self.client.command(CATCH_UP_SESSIONS)
+            self._heal_broken_rollup()
             return applied
+
+    def _heal_broken_rollup(self) -> None:
+        """Rebuild the session rollup when the engine set rollup parts aside as broken at start.
+
+        The rollup is written by INSERT … SELECT inside the engine, and chDB was seen to finish such an insert
+        without an error while its files could not be written (a full disk, or a file-size limit): the part is
+        found broken at the next start and detached, and the sessions it held would be missing for good — the
+        start-up catch-up only covers the last minutes. The rollup is derived data, so rebuild it from the events
+        (in slices, to bound memory) and drop the broken parts, so a heal happens once."""
+        broken = self.client.query(_BROKEN_ROLLUP_PARTS).result_rows
+        if not broken:
+            return
+        log.warning("%d session-rollup part(s) were found broken at start (%s); rebuilding the rollup from the "
+                    "events", len(broken), ", ".join(f"{table}/{name}" for table, name in broken))
+        for part in range(_REBUILD_SLICES):
+            self.client.command(_REBUILD_SESSIONS, parameters={"slices": _REBUILD_SLICES, "part": part})
+        for table, name in broken:
+            self.client.command(f"ALTER TABLE {DATABASE}.{table} DROP DETACHED PART {_quoted(name)}",
+                                settings={"allow_drop_detached": 1})
 
     def _apply_retention(self) -> None:
         """Make every table's TTL match retention_days (None: no TTL); a table already right is left alone."""

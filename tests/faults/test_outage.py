@@ -52,6 +52,10 @@ def test_store_write_fails_then_recovers(fault_run: MakeRun) -> None:
     caught_up(run, 120, w)
     recovery = time.monotonic() - back
     stop(run, w)
+    # chDB can finish the rollup's INSERT ... SELECT while the file-size limit makes its files unwritable; that part
+    # is set aside as broken when the store is next opened, and the next start rebuilds it (Store._heal_broken_rollup,
+    # tests/test_layout.py). Check the store as that next start leaves it.
+    store_exec(run.store_url(), [])
     result = run.finish()
     result.recovery_s = round(recovery, 2)
     assert_clean(result, (w,))
