@@ -143,13 +143,15 @@ async def execute_packed(redis: aioredis.Redis, packed: bytes) -> Any:
         await pool.release(conn)
 
 
-async def pipelined(redis: aioredis.Redis, streams: Sequence[str], command: str, *args: Any) -> list[Any]:
-    """``command <stream> *args`` for every stream, in pipelines of PIPELINE_CHUNK; errors returned, not raised."""
+async def pipelined(redis: aioredis.Redis, streams: Sequence[str], command: str, *args: Any,
+                    **options: Any) -> list[Any]:
+    """``command <stream> *args`` for every stream, in pipelines of PIPELINE_CHUNK; errors returned, not raised.
+    ``options`` go to redis-py's reply parser (e.g. ``parse_detail=True`` for XPENDING's extended form)."""
     replies: list[Any] = []
     for start in range(0, len(streams), PIPELINE_CHUNK):
         async with redis.pipeline(transaction=False) as pipe:
             for stream in streams[start:start + PIPELINE_CHUNK]:
-                pipe.execute_command(command, stream, *args)
+                pipe.execute_command(command, stream, *args, **options)
             replies.extend(await pipe.execute(raise_on_error=False))
     return replies
 
