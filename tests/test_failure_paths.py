@@ -49,6 +49,19 @@ def test_produce_without_a_usable_redis_says_why_in_one_line(acl_redis: RedisSer
         assert "reader-pw" not in proc.stderr  # the password in the URL is not echoed
 
 
+def test_no_command_prints_a_redis_password(acl_redis: RedisServer, redis_client: redis.Redis) -> None:
+    """produce, tail and status name the Redis they talk to; a password in its URL is never shown."""
+    redis_client.execute_command("ACL", "SETUSER", "writer", "on", ">s3cret-pw", "~*", "&*", "+@all")
+    url = f"redis://writer:s3cret-pw@127.0.0.1:{acl_redis.port}/0"
+    env = cli_env(url, "chdb:///unused")
+    for args in (["produce", "--count", "5"], ["status", "--no-store"], ["status", "--no-store", "--json"],
+                 ["tail", "--count", "1", "--no-follow"]):
+        proc = run_cli(args, env, check=False)
+        assert "s3cret-pw" not in proc.stdout + proc.stderr, (args, proc.stdout, proc.stderr)
+    produced = run_cli(["produce", "--count", "5"], env)
+    assert "writer:***@127.0.0.1" in " ".join(produced.stdout.split())
+
+
 def test_produce_progress_is_whole_lines_when_piped(redis_server: RedisServer) -> None:
     env = cli_env(redis_server.url, "chdb:///unused")
     proc = run_cli(["produce", "--count", "3000", "--rate", "2000"], env)

@@ -15,7 +15,7 @@ import math
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from prometheus_client import generate_latest
 
 from grafana import build, common
 from tests.conftest import ROOT, make_settings, xadd_all
+from worker.grafana_sql import MacroError, QueryContext, render_sql  # the expander, shared with the benchmark
 from worker.metrics import MetricsServer
 from worker.pipeline import Pipeline
 from worker.producer import ProduceConfig, produce
@@ -37,101 +38,6 @@ from worker.store import Store
 DASHBOARD_DIR = ROOT / "grafana" / "dashboards"
 PROVISIONING = ROOT / "grafana" / "provisioning"
 ALERTS = PROVISIONING / "alerting" / "flowtrack.yaml"
-
-
-# -- what Grafana and the plugin do to a query before ClickHouse sees it ---------------------------
-@dataclass
-class QueryContext:
-    from_s: int
-    to_s: int
-    interval_s: int = 1
-    variables: dict[str, str] = field(default_factory=dict)
-
-
-_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_.]*)(?::([a-z]+))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
-
-
-def apply_variables(sql: str, ctx: QueryContext) -> str:
-    """Grafana's template-variable interpolation: ``${v}``, ``$v`` and the ``sqlstring`` format."""
-
-    def one(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(3)
-        fmt = match.group(2)
-        if name.startswith("__"):
-            return match.group(0)  # a macro, expanded by the plugin backend
-        if name not in ctx.variables:
-            raise KeyError(f"query uses ${name}, which the dashboard does not define")
-        value = ctx.variables[name]
-        if fmt == "sqlstring":
-            return "'" + value.replace("'", "''") + "'"
-        if fmt is not None:
-            raise ValueError(f"unexpected variable format {fmt!r}")
-        return value
-
-    return _VARIABLE.sub(one, sql)
-
-
-def _macro_args(sql: str, start: int) -> tuple[list[str], int]:
-    """Arguments of a macro call whose '(' is at ``start``; returns them and the index after ')'."""
-    depth, args, current = 0, [], ""
-    for i in range(start, len(sql)):
-        ch = sql[i]
-        if ch == "(":
-            depth += 1
-            if depth == 1:
-                continue
-        elif ch == ")":
-            depth -= 1
-            if depth == 0:
-                args.append(current.strip())
-                return args, i + 1
-        elif ch == "," and depth == 1:
-            args.append(current.strip())
-            current = ""
-            continue
-        current += ch
-    raise ValueError(f"unbalanced macro call at {start}: {sql[start:start + 60]!r}")
-
-
-def expand_macros(sql: str, ctx: QueryContext) -> str:
-    """The ClickHouse plugin's macros (pkg/macros/macros.go, plugin 4.20)."""
-    f, t, n = ctx.from_s, ctx.to_s, max(1, ctx.interval_s)
-    fixed = {
-        "fromTime": f"toDateTime({f})", "toTime": f"toDateTime({t})",
-        "fromTime_ms": f"fromUnixTimestamp64Milli({f * 1000})", "toTime_ms": f"fromUnixTimestamp64Milli({t * 1000})",
-        "interval_s": str(n),
-    }
-    with_args = {
-        "timeFilter": lambda c: f"{c} >= toDateTime({f}) AND {c} <= toDateTime({t})",
-        "timeFilter_ms": lambda c: (f"{c} >= fromUnixTimestamp64Milli({f * 1000}) AND "
-                                    f"{c} <= fromUnixTimestamp64Milli({t * 1000})"),
-        "timeInterval": lambda c: f"toStartOfInterval(toDateTime({c}), INTERVAL {n} second)",
-        "timeInterval_ms": lambda c: f"toStartOfInterval(toDateTime64({c}, 3), INTERVAL {n * 1000} millisecond)",
-        "timeFrom": lambda c: f"{c} >= toDateTime({f})",
-        "timeTo": lambda c: f"{c} <= toDateTime({t})",
-    }
-    out, i = "", 0
-    macro = re.compile(r"\$__([A-Za-z_]+)")
-    while True:
-        match = macro.search(sql, i)
-        if match is None:
-            return out + sql[i:]
-        out += sql[i:match.start()]
-        name = match.group(1)
-        if name in with_args:
-            args, end = _macro_args(sql, match.end())
-            assert len(args) == 1, f"$__{name} takes one argument, got {args}"
-            out += with_args[name](args[0])
-            i = end
-        elif name in fixed:
-            out += fixed[name]
-            i = match.end()
-        else:
-            raise AssertionError(f"$__{name} is not a macro of the ClickHouse plugin")
-
-
-def render_sql(sql: str, ctx: QueryContext) -> str:
-    return expand_macros(apply_variables(sql, ctx), ctx)
 
 
 # -- what the dashboards and alert files contain ---------------------------------------------------
@@ -463,7 +369,7 @@ def test_macro_expander_matches_the_plugin() -> None:
         "toStartOfInterval(toDateTime(toDateTime(ts)), INTERVAL 5 second)"
     assert render_sql("x = ${user_id:sqlstring} AND $__fromTime < $__toTime", ctx) == \
         "x = 'o''brien' AND toDateTime(1000) < toDateTime(2000)"
-    with pytest.raises(AssertionError):
+    with pytest.raises(MacroError):
         render_sql("$__nope(ts)", ctx)
     with pytest.raises(KeyError):
         render_sql("${session_id:sqlstring}", ctx)

@@ -38,7 +38,14 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
@@ -662,7 +669,8 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRes
 def progress_bar(console: Console) -> Iterator[Progress]:
     """A rich progress bar, one task per phase, fed by the benchmark's progress callback."""
     bar = RichProgress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), console=console, transient=False)
+                       TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                       transient=False)
     tasks: dict[str, TaskID] = {}
 
     def update(phase: str, done: int, total: int) -> None:

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from worker.errors import ConfigError, FlowtrackError, StoreLockedError
-from worker.settings import Settings
+from worker.settings import Settings, redact_url
 
 app = typer.Typer(
     name="flowtrack",
@@ -22,7 +22,28 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+
+
+def stdout_to_devnull() -> None:
+    """The reader of our output went away (`| head`): point stdout at /dev/null so nothing more (not even
+    the interpreter's final flush) complains about it."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+class PipeConsole(Console):
+    """rich exits 1 when stdout is a closed pipe; that is how `flowtrack tail | head -1` ends: exit 0."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        stdout_to_devnull()
+        raise SystemExit(0)
+
+
+console = PipeConsole()
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,8 +71,19 @@ def setup_logging(level: str) -> None:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}")
+    from rich.text import Text
+
+    from worker.views import visible
+
+    # Messages quote user input and stored data: escaped, never read as markup.
+    err_console.print(Text.assemble(("error:", "bold red"), " ", visible(message)), soft_wrap=True)
     return typer.Exit(code)
+
+
+def quiet_closed_stdout() -> typer.Exit:
+    """A closed stdout is how pipes end (`| head -1`), not an error: exit 0, quietly."""
+    stdout_to_devnull()
+    return typer.Exit(0)
 
 
 def guarded_command(func: F) -> F:
@@ -68,6 +100,8 @@ def guarded_command(func: F) -> F:
             raise fail(str(exc), 3) from None
         except FlowtrackError as exc:
             raise fail(str(exc), 1) from None
+        except BrokenPipeError:
+            raise quiet_closed_stdout() from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -159,7 +193,7 @@ def produce(
         raise fail(f"Redis refused the entries: {refusal(exc)}") from None
     finally:
         progress.finish()
-    console.print(f"produced {sent if sent >= 0 else 'events until interrupted'} to {settings.redis_url}")
+    console.print(f"produced {sent if sent >= 0 else 'events until interrupted'} to {redact_url(settings.redis_url)}")
 
 
 @app.command()
@@ -203,7 +237,16 @@ def sql(
     clickhouse_url: ClickhouseUrl = None,
 ) -> None:
     """Run read-only ad-hoc SQL against the store, e.g.
-    flowtrack sql "SELECT status, count() FROM flowtrack.flow_sessions GROUP BY status"."""
+    flowtrack sql "SELECT status, count() FROM flowtrack.flow_sessions GROUP BY status".
+
+    One reading statement (SELECT, WITH, DESCRIBE, SHOW, EXISTS, EXPLAIN), as the
+    ClickHouse parser reads it, run on a read-only connection. Refused: writes, DDL,
+    SETTINGS that lift readonly, several statements, INTO OUTFILE, and table
+    functions that leave the store (file, url, s3, remote, mysql, executable, ...).
+    Errors are ClickHouse's message on one line, positions counted in your text.
+    Exit 0 ok; 1 the statement was refused or failed; 2 bad options; 3 the
+    embedded store is in use by another process.
+    """
     from worker.query import format_csv, format_json, parse_params, run_read_only
     from worker.store import Store
 
@@ -243,16 +286,22 @@ def _print_wide(renderable: Any) -> None:
     if console.is_terminal:
         console.print(renderable)
     else:
-        Console(width=max(console.width, 160)).print(renderable)
+        PipeConsole(width=max(console.width, 160)).print(renderable)
 
 
-def _print_lines(lines: list[Any]) -> None:
-    """Long lines: cropped on a terminal, whole when piped (scripts, less -S)."""
-    for line in lines:
+def _print_lines(lines: list[Any], per_print: int = 500) -> None:
+    """Long lines: cropped on a terminal, whole when piped (scripts, less -S).
+
+    Lines go to rich in chunks: one print per line costs more than drawing the line (a 50k-node flow).
+    """
+    from rich.text import Text
+
+    for start in range(0, len(lines), per_print):
+        chunk = Text("\n").join(lines[start:start + per_print])
         if console.is_terminal:
-            console.print(line, no_wrap=True, overflow="ellipsis")
+            console.print(chunk, no_wrap=True, overflow="ellipsis")
         else:
-            console.print(line, soft_wrap=True)
+            console.print(chunk, soft_wrap=True)
 
 
 @app.command()
@@ -313,7 +362,7 @@ def tail(
                     return
         if keep_following:
             if output == "text":
-                err_console.print(f"[dim]following {', '.join(settings.streams)} on {settings.redis_url} "
+                err_console.print(f"[dim]following {', '.join(settings.streams)} on {redact_url(settings.redis_url)} "
                                   "(Ctrl-C to stop)[/]")
             for followed in reader.follow():
                 if followed is not None and show(followed):
@@ -321,7 +370,7 @@ def tail(
     except KeyboardInterrupt:
         pass
     except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
-        raise fail(f"Redis unreachable at {settings.redis_url}: {exc}") from None
+        raise fail(f"Redis unreachable at {redact_url(settings.redis_url)}: {exc}") from None
     finally:
         client.close()
 
@@ -494,7 +543,8 @@ def rejected(
             try:
                 flows.mark_queued_replays(client, rows)
             except (redis_lib.ConnectionError, redis_lib.TimeoutError):
-                err_console.print(f"[dim]Redis unreachable at {settings.redis_url}: queued replays not shown[/]")
+                where = redact_url(settings.redis_url)
+                err_console.print(f"[dim]Redis unreachable at {where}: queued replays not shown[/]")
             records = [[r.received_at, r.source_stream, r.source_id, r.reason, r.raw, r.replayed] for r in rows]
             if _emit_records([*flows.REJECTED_COLUMNS, "replayed"], records, output):
                 return
@@ -506,7 +556,7 @@ def rejected(
         try:
             outcomes = flows.replay(store, client, settings, rows, force=force, again=again)
         except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
-            raise fail(f"Redis unreachable at {settings.redis_url}: {exc}") from None
+            raise fail(f"Redis unreachable at {redact_url(settings.redis_url)}: {exc}") from None
     finally:
         client.close()
     outcomes += [flows.ReplayOutcome(stream or "", i, "not found", "no such rejected entry")
@@ -529,10 +579,15 @@ def rejected(
         raise typer.Exit(1)
 
 
-# --- benchmark (issue 6) ---
-@app.command()
+# --- benchmarks: ingest (issue 6) and queries (issue 9) ---
+bench_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback()
 @guarded_command
 def bench(
+    ctx: typer.Context,
     events: Annotated[int, typer.Option("--events", "-n", help="events in the backlog")] = 400_000,
     streams: Annotated[int, typer.Option(help="per-user streams the events are spread over")] = 100,
     workers: Annotated[int, typer.Option(help="`run --drain` worker processes in one consumer group")] = 1,
@@ -543,8 +598,8 @@ def bench(
         "--naive-max-s", help="time limit of the naive consumer; its rate is extrapolated (0 = skip)")] = 15.0,
     min_ratio: Annotated[float, typer.Option(help="PASS when pipeline/floor is at least this")] = 0.5,
     check: Annotated[bool, typer.Option(
-        "--check", help="exit 1 on FAIL (ratio or exactly-once), 3 on NO VERDICT (exactly once held, but too few "
-        "events to judge throughput)")] = False,
+        "--check", help="exit 1 on FAIL (a target missed: ratio, p99, idle CPU, RSS; or not exactly once), 3 on NO "
+        "VERDICT (exactly once held, but too few events to judge throughput)")] = False,
     verdict_min_events: Annotated[int, typer.Option(
         help="fewer events: throughput is not judged, start-up would dominate (0 = always judge)")] = 400_000,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")] = False,
@@ -563,7 +618,11 @@ def bench(
 ) -> None:
     """Benchmark against the bare XREADGROUP+XACK floor and a naive consumer, in one run, on a private Redis:
     throughput, exactly-once check, event->stored latency at a steady rate, the caught-up worker's CPU and
-    reaction to a new event, peak RSS of the workers."""
+    reaction to a new event, peak RSS of the workers.
+
+    `flowtrack bench queries` times the dashboard, alert and terminal-view queries instead."""
+    if ctx.invoked_subcommand is not None:
+        return
     from worker.bench import BENCH_SHAPES, NO_VERDICT, BenchConfig, progress_bar, report_table, run_bench
 
     if events < 1 or streams < 1 or workers < 1:
@@ -583,6 +642,44 @@ def bench(
         console.print(report_table(result))
     if check and not result.passed:
         raise typer.Exit(3 if result.verdict == NO_VERDICT else 1)
+
+
+@bench_app.command("queries")
+@guarded_command
+def bench_queries(
+    events: Annotated[int, typer.Option("--events", "-n", help="events in the store")] = 10_000_000,
+    store_path: Annotated[str | None, typer.Option(
+        "--store", help="where the bench store is kept and reused (default: ./.flowtrack-bench/<events>)")] = None,
+    repeat: Annotated[int, typer.Option(help="runs of each query (best and median reported)")] = 3,
+    seed: Annotated[int, typer.Option(help="seed of the synthetic data")] = 7,
+    check: Annotated[bool, typer.Option("--check", help="exit 1 when a target of issue 9 is missed")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")] = False,
+) -> None:
+    """Time every dashboard panel, variable and alert query and the history/show/status/demo queries.
+
+    Builds (or reuses) an embedded store of N events shaped like real flows, loaded in worker-sized
+    batches; runs each query at its dashboard's default range and over 30 days; reports best-of-3,
+    median, rows/bytes read and peak memory, per-dashboard p50/p95/max and the live dashboard's refresh.
+    """
+    from pathlib import Path
+
+    from worker.bench import progress_bar
+    from worker.benchqueries import report_tables, run_queries
+    from worker.benchstore import ensure_store
+
+    if events < 1 or repeat < 1:
+        raise fail("--events and --repeat must be at least 1", 2)
+    path = Path(store_path) if store_path else Path(".flowtrack-bench") / str(events)
+    with progress_bar(err_console) as progress:
+        store, info = ensure_store(path, events, seed, progress, load_settings())
+        result = run_queries(store, info, repeat, progress)
+    if as_json:
+        sys.stdout.write(result.to_json() + "\n")
+    else:
+        for table in report_tables(result):
+            _print_wide(table)
+    if check and not result.passed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

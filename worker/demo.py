@@ -33,10 +33,10 @@ from worker.errors import FlowtrackError, SourceUnavailableError
 from worker.pipeline import Pipeline
 from worker.producer import ProduceConfig, produce
 from worker.redisserver import RedisServer
-from worker.settings import Settings
+from worker.settings import Settings, redact_url
 from worker.source import connect, guarded
 from worker.store import Store
-from worker.views import TYPE_STYLES, flow_header, format_time, tree_lines
+from worker.views import TYPE_STYLES, data, flow_header, format_time, tree_lines
 
 # A realistic producer makes mistakes now and then: one of these every BAD_EVERY_S seconds, so the
 # rejected relation (and `flowtrack rejected`) has something to show.
@@ -91,7 +91,7 @@ def run_demo(settings: Settings, duration_s: float | None, rate_per_s: float, co
     try:
         if redis_url:
             result = _run(replace(demo_settings, redis_url=redis_url), store, duration_s, rate_per_s, users,
-                          console, f"Redis at {redis_url}")
+                          console, f"Redis at {redact_url(redis_url)}")
             used = DemoRedis(redis_url, private=False)
         else:
             server = RedisServer(own_session=True).start()
@@ -167,7 +167,8 @@ async def _demo(settings: Settings, store: Store, duration_s: float | None, rate
         await redis.aclose()
     failure = producer.exception() if not producer.cancelled() else None
     if failure is not None:
-        raise FlowtrackError(f"the demo stopped: writing to Redis at {settings.redis_url} failed: {failure}")
+        where = redact_url(settings.redis_url)
+        raise FlowtrackError(f"the demo stopped: writing to Redis at {where} failed: {failure}")
     return pipeline, counters
 
 
@@ -233,13 +234,13 @@ def _view(pipeline: Pipeline, counters: Counters, snapshot: Snapshot, elapsed_s:
     for name in ("time (UTC)", "user", "session", "node ← parent", "type"):
         latest.add_column(name, no_wrap=True)
     for ts, user, session, node, parent, event_type in snapshot.latest:
-        latest.add_row(format_time(ts, with_date=False), str(user), str(session),
-                       f"{node} ← {parent}" if parent else str(node),
-                       Text(str(event_type), style=TYPE_STYLES.get(str(event_type), "")))
+        latest.add_row(format_time(ts, with_date=False), data(user), data(session),
+                       data(f"{node} ← {parent}" if parent else node),
+                       data(event_type, style=TYPE_STYLES.get(str(event_type), "")))
     parts: list[RenderableType] = [Panel(head, title="flowtrack demo — Ctrl-C to stop", border_style="cyan")]
     if not snapshot.latest:
         waiting = "waiting for the first batch to land…" if not snapshot.error else f"store: {snapshot.error}"
-        parts.append(Panel(Text(waiting, style="dim"), title="latest stored events"))
+        parts.append(Panel(data(waiting, style="dim"), title="latest stored events"))
     else:
         parts.append(Panel(latest, title="latest stored events"))
     if snapshot.flow is not None:

@@ -20,7 +20,7 @@ import redis
 
 from worker.errors import ConfigError, StoreLockedError, StoreUnavailableError
 from worker.normalize import FlowEvent, Normalizer, derive_event_id, entry_id_ms
-from worker.settings import Settings
+from worker.settings import Settings, redact_url
 from worker.source import is_pattern
 from worker.store import Store
 
@@ -124,13 +124,17 @@ class Flow:
 
 @dataclass(frozen=True)
 class Placed:
-    """A node in display order: depth, and for each ancestor level whether that ancestor was a last child."""
+    """A node in display order (depth first), with its depth and whether it is its parent's last child.
+
+    The guides of a line (which ancestors still have siblings below) follow from the ``last`` flags of the
+    lines before it, so they are not stored per node: that would be quadratic in depth (a 20k-deep chain
+    held 200M flags).
+    """
 
     node: Node
     depth: int
     offset_ms: int
     last: bool
-    guides: tuple[bool, ...]  # per ancestor level below the root: True = that ancestor was its parent's last child
 
 
 def load_flow(store: Store, session_id: str, user: str | None = None) -> Flow | None:
@@ -165,7 +169,8 @@ def load_flow(store: Store, session_id: str, user: str | None = None) -> Flow | 
 
 
 def place_nodes(nodes: Sequence[Node], started_at: datetime | None = None) -> list[Placed]:
-    """Depth-first display order, built iteratively (no recursion: flows can be hundreds of levels deep).
+    """Depth-first display order, built iteratively (no recursion: flows can be thousands of levels deep),
+    in time and memory linear in the number of nodes (plus sorting siblings).
 
     Roots are nodes without a parent, then nodes whose parent never appeared (marked 'orphan'); nodes left
     unreached (their parent chain loops) become roots marked 'cycle'. Siblings are ordered by start time.
@@ -185,32 +190,32 @@ def place_nodes(nodes: Sequence[Node], started_at: datetime | None = None) -> li
         else:
             children.setdefault(node.parent_id, []).append(node)
 
-    def order(items: list[Node]) -> list[Node]:
+    def order(items: Iterable[Node]) -> list[Node]:
         return sorted(items, key=lambda n: (n.start, n.node_id))
 
     placed: list[Placed] = []
     visited: set[str] = set()
 
     def walk(tops: list[Node]) -> None:
-        stack: list[tuple[Node, int, bool, tuple[bool, ...]]] = [
-            (node, 0, i == len(tops) - 1, ()) for i, node in reversed(list(enumerate(tops)))]
+        stack: list[tuple[Node, int, bool]] = [
+            (node, 0, i == len(tops) - 1) for i, node in reversed(list(enumerate(tops)))]
         while stack:
-            node, depth, last, guides = stack.pop()
+            node, depth, last = stack.pop()
             if node.node_id in visited:
                 continue
             visited.add(node.node_id)
             offset = int((node.start - origin).total_seconds() * 1000)
-            placed.append(Placed(node, depth, offset, last, guides))
-            kids = [k for k in order(children.get(node.node_id, [])) if k.node_id not in visited]
-            child_guides = (*guides, last) if depth > 0 else guides
+            placed.append(Placed(node, depth, offset, last))
+            kids = [k for k in order(children.get(node.node_id, ())) if k.node_id not in visited]
             for i in range(len(kids) - 1, -1, -1):
-                stack.append((kids[i], depth + 1, i == len(kids) - 1, child_guides))
+                stack.append((kids[i], depth + 1, i == len(kids) - 1))
 
     walk(order(roots))
-    while len(visited) < len(by_id):
-        rest = order([n for n in nodes if n.node_id not in visited])
-        rest[0].note = "cycle"
-        walk([rest[0]])
+    # Whatever is left sits on parent cycles: each pass starts at the earliest node not yet shown.
+    for node in order(nodes):
+        if node.node_id not in visited:
+            node.note = "cycle"
+            walk([node])
     return placed
 
 
@@ -319,7 +324,7 @@ class StatusReport:
     def as_json(self) -> dict[str, Any]:
         return {
             "healthy": self.healthy, "verdict": self.verdict, "problems": self.problems, "warnings": self.warnings,
-            "redis": {"url": _redact(self.redis_url), "error": self.redis_error or None, "group": self.group,
+            "redis": {"url": redact_url(self.redis_url), "error": self.redis_error or None, "group": self.group,
                       "claim_idle_ms": self.claim_idle_ms, "max_lag": self.max_lag,
                       "total_lag": self.total_lag, "total_pending": self.total_pending},
             "streams": [{
@@ -338,10 +343,6 @@ class StatusReport:
         }
 
 
-def _redact(url: str) -> str:
-    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
-
-
 def redis_status(report: StatusReport, settings: Settings) -> None:
     """Fill the Redis half of the report; only reads (XINFO, XPENDING, XRANGE)."""
     client = connect_sync(settings)
@@ -350,7 +351,7 @@ def redis_status(report: StatusReport, settings: Settings) -> None:
             report.streams.append(_stream_status(client, name, settings.group, report.claim_idle_ms,
                                                  report.max_lag))
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        report.redis_error = f"Redis unreachable at {_redact(settings.redis_url)}: {exc}"
+        report.redis_error = f"Redis unreachable at {redact_url(settings.redis_url)}: {exc}"
     finally:
         client.close()
 

@@ -142,3 +142,13 @@ def _parse(name: str, annotation: Any, raw: str) -> Any:
     except ValueError as exc:
         raise ConfigError(f"FLOWTRACK_{name.upper()}={raw!r} is not a valid {kind}") from exc
     return raw
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to print or log: a password in it becomes ``***`` (the user name stays, to tell accounts apart)."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()

@@ -10,8 +10,11 @@ import fcntl
 import logging
 import os
 import re
+import sys
+import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from worker.errors import (
     StoreRejectedError,
     StoreUnavailableError,
 )
-from worker.settings import Settings
+from worker.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +94,8 @@ class Store:
                 dsn=url, connect_timeout=5, send_receive_timeout=60, autogenerate_session_id=False, **tls,
             )
         except Exception as exc:  # clickhouse-connect raises several unrelated types for "down"
-            raise StoreUnavailableError(f"cannot reach ClickHouse at {_redact(url)}: {exc}") from exc
-        return cls(client, f"ClickHouse {_redact(url)}", embedded=False)
+            raise StoreUnavailableError(f"cannot reach ClickHouse at {redact_url(url)}: {connect_reason(exc)}") from exc
+        return cls(client, f"ClickHouse {redact_url(url)}", embedded=False)
 
     def close(self) -> None:
         if not self.embedded:
@@ -167,6 +170,24 @@ class Store:
                 vars(context).clear()
 
 
+class _DropDriverNoise(logging.Filter):
+    """clickhouse-connect logs "Unexpected Http Driver Exception" before raising the error flowtrack
+    reports itself (one line, with the cause): drop the duplicate, keep every other record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unexpected Http Driver Exception")
+
+
+logging.getLogger("clickhouse_connect.driver._backend.http_sync").addFilter(_DropDriverNoise())
+_OS_ERROR = re.compile(r"\[Errno -?\d+\] [^\"')]+")
+
+
+def connect_reason(exc: BaseException) -> str:
+    """Why a server could not be reached, short: the operating system's reason when there is one."""
+    found = _OS_ERROR.search(str(exc))
+    return found.group(0) if found else " ".join(str(exc).split())[:300]
+
+
 def _open_embedded(path: Path) -> Store:
     key = str(path)
     with _embedded_lock:
@@ -182,13 +203,18 @@ def _open_embedded(path: Path) -> Store:
         holder = embedded_store_holder(path)
         if holder is not None:
             raise StoreLockedError(_LOCK_HINT.format(path=path, pid=holder))
+        engine_said: list[str] = []
         try:
-            client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
+            with _stderr_captured(engine_said):
+                client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
         except Exception as exc:
             holder = embedded_store_holder(path)
-            if holder is not None or "lock" in str(exc).lower():
+            said = " ".join(" ".join(engine_said).split())
+            if holder is not None or "lock" in str(exc).lower() or "Cannot lock file" in said:
                 raise StoreLockedError(_LOCK_HINT.format(path=path, pid=holder or "")) from exc
-            raise StoreUnavailableError(f"cannot open the embedded store {path}: {exc}") from exc
+            raise StoreUnavailableError(f"cannot open the embedded store {path}: {exc} {said[:300]}") from exc
+        if any(engine_said):  # not about a failure: pass it on as it came
+            sys.stderr.write("".join(engine_said))
         store = Store(client, f"embedded store {path}", embedded=True)
         _embedded_stores[key] = store
         return store
@@ -203,6 +229,26 @@ def _require_chdb(path: Path) -> None:
         raise ConfigError(
             f"the embedded store ({path}) needs chDB, which this install leaves out: `pip install chdb`, "
             "or point FLOWTRACK_CLICKHOUSE_URL / --clickhouse-url at a ClickHouse server (http(s)://…)")
+
+
+@contextmanager
+def _stderr_captured(into: list[str]) -> Iterator[None]:
+    """Collect what the engine writes to file descriptor 2 while it starts.
+
+    chDB reports a store held by another process ("Cannot lock file …/status") on stderr itself, besides
+    raising; the caller turns that into one clear message instead of letting the raw line through.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            into.append(sink.read().decode("utf-8", "replace"))
 
 
 def embedded_store_holder(path: Path) -> str | None:
@@ -257,7 +303,3 @@ def error_code(exc: BaseException) -> int | None:
         if found:
             return int(found.group(1))
     return None
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)

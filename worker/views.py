@@ -1,4 +1,10 @@
-"""Terminal views (rich): tables, tail lines, the flow tree, status and rejected listings."""
+"""Terminal views (rich): tables, tail lines, the flow tree, status and rejected listings.
+
+Everything shown here comes from producers (stream entries) or from the store, so none of it may drive the
+terminal: control characters (ESC sequences that set titles or clear the screen, bells, bidi overrides) are
+rendered visibly as escapes (``visible``), and data reaches rich only as ``Text``, never as markup, so a
+value like ``[bold]`` is shown as typed. JSON and CSV outputs are not rendered here and stay exact.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from rich.text import Text
 from worker.flows import Flow, Placed, RejectedRow, ReplayOutcome, StatusReport
 from worker.normalize import FlowEvent, Rejection
 from worker.query import _cell
+from worker.settings import redact_url
 
 TYPE_STYLES = {"user_message": "bold cyan", "llm_call": "magenta", "llm_response": "magenta",
                "tool_call": "yellow", "tool_result": "yellow", "flow_completed": "green", "error": "bold red"}
@@ -22,20 +29,37 @@ STATUS_STYLES = {"active": "cyan", "completed": "green", "failed": "bold red", "
 KEY_ATTRIBUTES = ("message", "code", "tool", "model", "tokens", "text", "channel", "ok")
 
 
+# C0 and C1 control characters, DEL, and the bidirectional controls that reorder what a terminal shows.
+_BIDI = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+_VISIBLE = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_VISIBLE.update({c: f"\\u{c:04x}" for c in _BIDI})
+_VISIBLE.update({ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"})
+
+
+def visible(value: object) -> str:
+    """``value`` as text that cannot drive a terminal: control characters become escapes like ``\\x1b``."""
+    return str(value).translate(_VISIBLE)
+
+
+def data(value: object, style: str = "") -> Text:
+    """Stored or streamed data for rich: escaped, and never read as markup."""
+    return Text(visible(value), style=style)
+
+
 def print_table(console: Console, columns: Sequence[str], rows: Sequence[Sequence[Any]],
                 title: str | None = None) -> None:
-    table = Table(title=title, show_lines=False)
+    table = Table(title=data(title) if title else None, show_lines=False)
     for column in columns:
-        table.add_column(column, overflow="fold")
+        table.add_column(data(column), overflow="fold")
     for row in rows:
-        table.add_row(*(_cell(v) for v in row))
+        table.add_row(*(data(_cell(v)) for v in row))
     console.print(table)
     console.print(f"[dim]{len(rows)} row(s)[/]")
 
 
 def fold(value: str, width: int) -> str:
     """A long value cut to ``width`` characters with the number of hidden ones, on one line."""
-    flat = " ".join(value.split())
+    flat = visible(" ".join(value.split()))
     if width <= 0 or len(flat) <= width:
         return flat
     return f"{flat[:width]}…(+{len(flat) - width})"
@@ -44,7 +68,7 @@ def fold(value: str, width: int) -> str:
 def key_attributes(attributes: dict[str, str], width: int = 40, limit: int = 4) -> str:
     keys = [k for k in KEY_ATTRIBUTES if k in attributes]
     keys += sorted(k for k in attributes if k not in KEY_ATTRIBUTES)
-    shown = [f"{k}={fold(attributes[k], width)}" for k in keys[:limit]]
+    shown = [f"{visible(k)}={fold(attributes[k], width)}" for k in keys[:limit]]
     if len(keys) > limit:
         shown.append(f"+{len(keys) - limit} more")
     return " ".join(shown)
@@ -73,6 +97,7 @@ def format_time(value: datetime | None, with_date: bool = True) -> str:
 
 
 def short(value: str, width: int) -> str:
+    value = visible(value)
     return value if len(value) <= width else value[: width - 1] + "…"
 
 
@@ -80,18 +105,18 @@ def short(value: str, width: int) -> str:
 def tail_line(item: FlowEvent | Rejection) -> Text:
     if isinstance(item, Rejection):
         line = Text(f"{'rejected':<12}  ", style="bold red")
-        line.append(f"{item.source_stream} {item.source_id}  ", style="dim")
-        line.append(item.reason, style="red")
+        line.append(f"{visible(item.source_stream)} {visible(item.source_id)}  ", style="dim")
+        line.append(visible(item.reason), style="red")
         return line
     ts = datetime.fromtimestamp(item.ts_ms / 1000, UTC)
     line = Text(format_time(ts, with_date=False) + "  ", style="dim")
     line.append(f"u={short(item.user_id, 12):<6} ", style="blue")
     line.append(f"{short(item.session_id, 20):<20} ")
-    line.append(item.node_id, style="bold")
+    line.append(visible(item.node_id), style="bold")
     if item.parent_id:
-        line.append(" ← " + item.parent_id, style="dim")
+        line.append(" ← " + visible(item.parent_id), style="dim")
     line.append("  ")
-    line.append(item.event_type, style=TYPE_STYLES.get(item.event_type, ""))
+    line.append(visible(item.event_type), style=TYPE_STYLES.get(item.event_type, ""))
     attributes = key_attributes(item.attributes, width=32, limit=3)
     if attributes:
         line.append("  " + attributes, style="red" if item.is_error else "")
@@ -110,24 +135,24 @@ def tail_record(item: FlowEvent | Rejection) -> dict[str, Any]:
 
 # -- history ------------------------------------------------------------------------------------
 def history_table(rows: Sequence[Sequence[Any]], title: str) -> Table:
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(title=data(title), title_justify="left", box=box.SIMPLE_HEAD)
     for name, justify in (("user", "left"), ("session", "left"), ("started (UTC)", "left"), ("ended", "left"),
                           ("duration", "right"), ("events", "right"), ("errors", "right"), ("status", "left")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for user, session, started, ended, duration, events, errors, status in rows:
-        table.add_row(str(user), str(session), format_time(started), format_time(ended, with_date=False),
+        table.add_row(data(user), data(session), format_time(started), format_time(ended, with_date=False),
                       format_duration(duration), str(events),
                       Text(str(errors), style="bold red" if errors else ""),
-                      Text(str(status), style=STATUS_STYLES.get(str(status), "")))
+                      data(status, style=STATUS_STYLES.get(str(status), "")))
     return table
 
 
 # -- one flow as a tree -------------------------------------------------------------------------
 def flow_header(flow: Flow) -> Text:
     text = Text()
-    text.append(f"session {flow.session_id}", style="bold")
-    text.append(f"  user {flow.user_id}  ")
-    text.append(flow.status, style=STATUS_STYLES.get(flow.status, ""))
+    text.append(f"session {visible(flow.session_id)}", style="bold")
+    text.append(f"  user {visible(flow.user_id)}  ")
+    text.append(visible(flow.status), style=STATUS_STYLES.get(flow.status, ""))
     text.append(f"  started {format_time(flow.started_at)} UTC  duration {format_duration(flow.duration_ms)}"
                 f"  {flow.event_count} events  {len(flow.nodes)} nodes")
     if flow.error_count:
@@ -139,26 +164,34 @@ def tree_lines(placed: Sequence[Placed], width: int, attr_width: int = 40, max_g
                ) -> list[Text]:
     """The flow as guide-drawn lines, one per node; deep branches keep their last levels and show the depth.
 
-    Built line by line from ``place_nodes`` (no recursion, no rich.Tree): thousands of nodes and hundreds
-    of levels render in linear time and never exceed the console width with guides.
+    Built line by line from ``place_nodes`` (no recursion, no rich.Tree, whose nested renderables are
+    quadratic in depth). The guides come from a running stack of "was the ancestor at this level a last
+    child" flags, and at most ``max_guides`` levels are drawn: time, memory and line length stay linear in
+    the number of nodes however deep the flow is.
     """
     if max_guides is None:
         max_guides = max(4, (width - 50) // 4)
     lines: list[Text] = []
+    ancestors_last: list[bool] = []  # [k] = the last placed node at depth k+1 was its parent's last child
     for p in placed:
         node = p.node
         line = Text()
         if p.depth > 0:
-            guides = "".join("    " if last else "│   " for last in p.guides)
-            levels = len(p.guides)
+            del ancestors_last[p.depth - 1:]
+            levels = len(ancestors_last)  # guide columns: ancestors between the root and this node
+            shown = ancestors_last[max(0, levels - max(0, max_guides - 2)):] if levels > max_guides \
+                else ancestors_last
+            guides = "".join("    " if last else "│   " for last in shown)
             if levels > max_guides:
-                keep = max_guides - 2
-                guides = f"┆ {p.depth:>4} ┆ " + guides[len(guides) - keep * 4:] if keep > 0 else f"┆{p.depth}┆ "
+                guides = (f"┆ {p.depth:>4} ┆ " if max_guides > 2 else f"┆{p.depth}┆ ") + guides
             line.append(guides, style="dim")
             line.append("└── " if p.last else "├── ", style="dim")
+            ancestors_last.append(p.last)
+        else:
+            ancestors_last.clear()
         failed = node.status == "error"
-        line.append(node.name, style="bold red" if failed else TYPE_STYLES.get(node.name, "bold"))
-        line.append(f" {node.node_id}", style="red" if failed else "")
+        line.append(visible(node.name), style="bold red" if failed else TYPE_STYLES.get(node.name, "bold"))
+        line.append(f" {visible(node.node_id)}", style="red" if failed else "")
         line.append(f"  +{format_duration(p.offset_ms)}", style="dim")
         line.append(f" {format_duration(node.duration_ms)}", style="cyan")
         if len(node.event_types) > 1:
@@ -166,7 +199,7 @@ def tree_lines(placed: Sequence[Placed], width: int, attr_width: int = 40, max_g
         if failed:
             line.append(" ✗ error", style="bold red")
         if node.note:
-            line.append(f" ({node.note}: parent {node.parent_id!r})", style="yellow")
+            line.append(f" ({node.note}: parent {visible(repr(node.parent_id))})", style="yellow")
         attributes = key_attributes(node.attributes, width=attr_width)
         if attributes:
             line.append("  " + attributes, style="red" if failed else "dim")
@@ -183,40 +216,42 @@ def flow_view(flow: Flow, placed: Sequence[Placed], width: int, attr_width: int 
 # -- status -------------------------------------------------------------------------------------
 def status_view(report: StatusReport) -> Group:
     parts: list[RenderableType] = []
-    streams = Table(title=f"streams and group {report.group!r} on {report.redis_url}", title_justify="left")
+    where = redact_url(report.redis_url)
+    streams = Table(title=data(f"streams and group {report.group!r} on {where}"), title_justify="left")
     for name, justify in (("stream", "left"), ("length", "right"), ("lag", "right"), ("pending", "right"),
                           ("stale", "right"), ("consumers (pending, idle)", "left")):
         streams.add_column(name, justify=justify)  # type: ignore[arg-type]
     for s in report.streams:
         g = s.group
         if g is None:
-            streams.add_row(s.name, str(s.length), Text("no group", style="yellow"), "-", "-", "-")
+            streams.add_row(data(s.name), str(s.length), Text("no group", style="yellow"), "-", "-", "-")
             continue
         lag = "?" if g.lag is None else f"{g.lag}{'+' if g.lag_capped else ''}"
         consumers = ", ".join(f"{c.name} ({c.pending}, {format_duration(c.idle_ms)})" for c in g.consumers) or "-"
-        streams.add_row(s.name, str(s.length), Text(lag, style="bold red" if (g.lag or 0) > report.max_lag else ""),
+        lag_style = "bold red" if (g.lag or 0) > report.max_lag else ""
+        streams.add_row(data(s.name), str(s.length), Text(lag, style=lag_style),
                         str(g.pending), Text(str(g.stale_pending), style="bold red" if g.stale_pending else ""),
-                        consumers)
+                        data(consumers))
     if not report.redis_error:  # else the error is said once, in the verdict below
         parts.append(streams)
         parts.append(Text(f"{len(report.streams)} stream(s), total lag {report.total_lag}, "
                           f"pending {report.total_pending}", style="dim"))
     if report.store and not report.store_error:  # an error is said once: in the verdict, or on stderr (locked)
-        store = Table(title=f"store: {report.store}", title_justify="left", show_header=False)
+        store = Table(title=data(f"store: {report.store}"), title_justify="left", show_header=False)
         store.add_column("what")
         store.add_column("value", justify="right")
         store.add_row("events", f"{report.events:,}" if report.events is not None else "-")
         for status, count in report.sessions.items():
-            store.add_row(f"sessions {status}", Text(f"{count:,}", style=STATUS_STYLES.get(status, "")))
+            store.add_row(data(f"sessions {status}"), Text(f"{count:,}", style=STATUS_STYLES.get(status, "")))
         store.add_row("last ingested (UTC)", format_time(report.last_ingested_at))
         store.add_row("rejected", f"{report.rejected_total or 0:,}")
         for reason, count in report.rejected_by_reason.items():
-            store.add_row(Text(f"  {reason}", style="red"), f"{count:,}")
+            store.add_row(data(f"  {reason}", style="red"), f"{count:,}")
         parts.append(store)
     for warning in report.warnings:
-        parts.append(Text(f"warning: {warning}", style="yellow"))
+        parts.append(data(f"warning: {warning}", style="yellow"))
     for problem in report.problems:
-        parts.append(Text(f"UNHEALTHY: {problem}", style="bold red"))
+        parts.append(data(f"UNHEALTHY: {problem}", style="bold red"))
     if report.healthy:
         parts.append(Text("healthy", style="bold green"))
     return Group(*parts)
@@ -231,8 +266,9 @@ def rejected_table(rows: Sequence[RejectedRow], raw_width: int = 60) -> Table:
     table.add_column("raw (folded)", overflow="fold")
     table.add_column("replayed")
     for row in rows:
-        table.add_row(format_time(row.received_at), f"{row.source_stream} {row.source_id}", row.reason,
-                      fold(row.raw, raw_width), Text(row.replayed, style="green" if row.replayed else ""))
+        table.add_row(format_time(row.received_at), data(f"{row.source_stream} {row.source_id}"),
+                      data(row.reason, style="red"), Text(fold(row.raw, raw_width)),
+                      data(row.replayed, style="green" if row.replayed else ""))
     return table
 
 
@@ -242,6 +278,6 @@ def replay_table(outcomes: Sequence[ReplayOutcome]) -> Table:
         table.add_column(name, overflow="fold")
     for o in outcomes:
         style = {"replayed": "green", "already replayed": "yellow"}.get(o.action, "red")
-        table.add_row(f"{o.source_stream} {o.source_id}", Text(o.action, style=style), o.new_id, o.event_id,
-                      o.detail)
+        table.add_row(data(f"{o.source_stream} {o.source_id}"), Text(o.action, style=style), data(o.new_id),
+                      data(o.event_id), data(o.detail))
     return table
