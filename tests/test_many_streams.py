@@ -13,8 +13,20 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from tests.conftest import drain, make_settings
+from worker.pipeline import Pipeline
 from worker.redisserver import RedisServer
-from worker.streamset import ClaimSweep, PackedReads, Rotation, execute_packed, others_pending, pipelined
+from worker.source import Source
+from worker.store import Store
+from worker.streamset import (
+    ClaimSweep,
+    PackedReads,
+    Rotation,
+    execute_packed,
+    execute_packed_many,
+    others_pending,
+    pipelined,
+)
 
 GROUP = "g"
 STREAMS = [f"flow_events:{user}" for user in range(1, 5001)]
@@ -178,3 +190,127 @@ def test_others_pending_counts_only_other_consumers() -> None:
     assert others_pending(summary, "dead") == 2
     assert others_pending({"pending": 0, "min": None, "max": None, "consumers": []}, "me") == 0
     assert others_pending(redis.ResponseError("NOGROUP"), "me") == 0
+
+
+# -- the worker on thousands of streams ------------------------------------------------------------------------
+
+def _events(client: redis.Redis, streams: list[str], per_stream: int) -> int:
+    pipe = client.pipeline(transaction=False)
+    for n, stream in enumerate(streams):
+        for i in range(per_stream):
+            pipe.xadd(stream, {"session_id": f"s-{n}", "node_id": f"n-{i}", "event_type": "llm_call",
+                               "timestamp": str(1_735_689_600_000 + i)})
+    pipe.execute()
+    return len(streams) * per_stream
+
+
+def _count(store: Store, sql: str) -> int:
+    return int(store.query(sql)[1][0][0])
+
+
+def test_worker_drains_thousands_of_streams_with_reads_bounded_by_the_inflight_limit(
+        redis_server: RedisServer, redis_client: redis.Redis, clickhouse_url: str, store: Store) -> None:
+    produced = _events(redis_client, STREAMS, 2)
+    settings = make_settings(redis_server.url, clickhouse_url, streams=("flow_events:*",), batch_max_rows=400,
+                             max_inflight_rows=800, read_count=100)
+    largest: list[int] = []
+    original_read = Source.read
+
+    async def measured_read(self: Source, count: int, block_ms: int | None,
+                            max_streams: int | None = None) -> list[tuple[str, list[Any]]]:
+        groups = await original_read(self, count, block_ms, max_streams)
+        largest.append(sum(len(items) for _, items in groups))
+        return groups
+
+    Source.read = measured_read  # type: ignore[method-assign]
+    try:
+        drain(settings, timeout_s=180)
+    finally:
+        Source.read = original_read  # type: ignore[method-assign]
+
+    assert max(largest) <= 800  # COUNT 1 x 5,000 streams would have been 5,000 entries in one read
+    assert _count(store, "SELECT count() FROM flowtrack.flow_events") == produced
+    assert _count(store, "SELECT uniqExact(source_stream) FROM flowtrack.flow_events") == len(STREAMS)
+    assert sum(int(g["pending"]) for s in STREAMS[:50] for g in redis_client.xinfo_groups(s)) == 0
+
+
+def test_a_caught_up_worker_stores_an_event_on_any_of_thousands_of_streams_promptly(
+        redis_server: RedisServer, redis_client: redis.Redis, clickhouse_url: str, store: Store) -> None:
+    pipe = redis_client.pipeline(transaction=False)
+    for stream in STREAMS:
+        pipe.xgroup_create(stream, "flowtrack", id="$", mkstream=True)
+    pipe.execute()
+    settings = make_settings(redis_server.url, clickhouse_url, streams=("flow_events:*",), batch_max_wait_s=0.25,
+                             block_ms=200, max_inflight_rows=2000, batch_max_rows=1000, claim_interval_s=5.0)
+    chosen = random.Random(11).sample(STREAMS, 6)
+
+    async def run() -> list[float]:
+        pipeline = Pipeline(settings)
+        task = asyncio.create_task(pipeline.run())
+        writer = aioredis.Redis.from_url(redis_server.url, protocol=2)
+        waits = []
+        try:
+            await asyncio.sleep(3)  # started and caught up (nothing to read)
+            for n, stream in enumerate(chosen):
+                started = time.monotonic()
+                await writer.xadd(stream, {"session_id": f"probe-{n}", "node_id": "p", "event_type": "probe"})
+                while pipeline.stats.acked < n + 1:
+                    assert time.monotonic() - started < 10, f"event on {stream} not stored within 10 s"
+                    await asyncio.sleep(0.01)
+                waits.append(time.monotonic() - started)
+            stop_started = time.monotonic()
+            pipeline.request_stop()
+            await asyncio.wait_for(task, timeout=10)
+            waits.append(time.monotonic() - stop_started)
+        finally:
+            await writer.aclose()
+            await pipeline.close()
+        return waits
+
+    *waits, stop_s = asyncio.run(run())
+    # 5,000 streams over 2,000-stream slices: a blocking read per slice (200 ms), then the batch wait (250 ms)
+    assert max(waits) < 2.0, waits
+    assert stop_s < 2.0  # SIGTERM is prompt: the blocking read ends within its block
+    assert _count(store, "SELECT count() FROM flowtrack.flow_events WHERE event_type = 'probe'") == len(chosen)
+
+
+def test_claim_finds_a_dead_consumers_entries_on_one_stream_among_thousands(
+        redis_server: RedisServer, redis_client: redis.Redis, clickhouse_url: str, store: Store) -> None:
+    produced = _events(redis_client, STREAMS, 1)
+    dead_on = STREAMS[4321]
+    pipe = redis_client.pipeline(transaction=False)
+    for stream in STREAMS:
+        pipe.xgroup_create(stream, "flowtrack", id="0")
+    pipe.execute()
+    redis_client.xreadgroup("flowtrack", "dead-worker", {dead_on: ">"}, count=1)
+
+    drain(make_settings(redis_server.url, clickhouse_url, streams=("flow_events:*",), claim_idle_ms=200,
+                        claim_interval_s=0.1), timeout_s=180)
+
+    assert _count(store, "SELECT count() FROM flowtrack.flow_events") == produced
+    assert _count(store, f"SELECT count() FROM flowtrack.flow_events WHERE source_stream = '{dead_on}'") == 1
+    assert redis_client.xpending(dead_on, "flowtrack")["pending"] == 0
+
+
+def test_packed_acks_acknowledge_like_xack_and_return_error_replies(redis_server: RedisServer,
+                                                                      redis_client: redis.Redis) -> None:
+    streams = STREAMS[:300]
+    _fill(redis_client, streams, 3)
+    redis_client.xreadgroup(GROUP, "c1", dict.fromkeys(streams, ">"), count=3)
+    by_stream = {s: [e[0].decode() for e in redis_client.xrange(s)] for s in streams}
+    redis_client.set("flow_events:string", "x")
+    by_stream["flow_events:string"] = ["1-0"]  # WRONGTYPE: an error reply among the others
+
+    async def run() -> list[Any]:
+        client = _connect(redis_server)
+        try:
+            packed, commands = PackedReads(GROUP, "c1").acks(by_stream, ids_per_command=2)
+            assert commands == 2 * len(streams) + 1  # 3 ids per stream, at most 2 per XACK
+            return await execute_packed_many(client, packed, commands)
+        finally:
+            await client.aclose()
+
+    replies = asyncio.run(run())
+    assert sum(r for r in replies if isinstance(r, int)) == 3 * len(streams)
+    assert [type(r) for r in replies if not isinstance(r, int)] == [redis.ResponseError]
+    assert sum(redis_client.xpending(s, GROUP)["pending"] for s in streams) == 0
