@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 
+from worker.normalize import derive_event_id, mapping_digest
 from worker.pipeline import Pipeline
 from worker.redisserver import RedisServer
 from worker.settings import Settings
@@ -100,6 +101,12 @@ def xadd_all(client: redis.Redis, entries: Sequence[tuple[str, Mapping[str, Any]
     for entry_id in pipe.execute():
         ids.append(entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
     return ids
+
+
+def derived_id(stream: str, entry_id: str, fields: Mapping[Any, Any]) -> str:
+    """The event id the worker derives for an entry without event_id, from the fields given to XADD (redis-py
+    sends str and numbers as their UTF-8 text, which is what ``mapping_digest`` hashes)."""
+    return derive_event_id(stream, entry_id, mapping_digest(fields))
 
 
 def cli_env(redis_url: str, clickhouse_url: str, **extra: str) -> dict[str, str]:

@@ -20,7 +20,10 @@ from worker.normalize import (
     FlowEvent,
     Normalizer,
     Rejection,
+    as_bytes,
     derive_event_id,
+    mapping_digest,
+    parse_raw,
 )
 
 STREAM = "flow_events"
@@ -46,6 +49,11 @@ def env(body: Any, field: str = "data", **beside: Any) -> dict[bytes, bytes]:
     out = flat(**beside)
     out[field.encode()] = text.encode() if isinstance(text, str) else text
     return out
+
+
+def derived(stream: str, entry_id: str, fields: dict[bytes, bytes]) -> str:
+    """The id derived for an entry without event_id: its place and a digest of its exact bytes."""
+    return derive_event_id(stream, entry_id, mapping_digest(fields))
 
 
 def base(**changes: Any) -> dict[str, Any]:
@@ -119,9 +127,10 @@ ACCEPT_CASES = [
     ("event-id-explicit-string", STREAM, flat(**base(event_id="ev-1")), dict(event_id="ev-1")),
     ("event-id-explicit-int", STREAM, env(base(event_id=12345)), dict(event_id="12345")),
     ("event-id-empty-is-derived", STREAM, flat(**base(event_id="")),
-     dict(event_id=derive_event_id(STREAM, ENTRY_ID))),
-    ("event-id-null-is-derived", STREAM, env(base(event_id=None)), dict(event_id=derive_event_id(STREAM, ENTRY_ID))),
-    ("event-id-absent-is-derived", STREAM, flat(**BASE), dict(event_id=derive_event_id(STREAM, ENTRY_ID))),
+     dict(event_id=derived(STREAM, ENTRY_ID, flat(**base(event_id=""))))),
+    ("event-id-null-is-derived", STREAM, env(base(event_id=None)),
+     dict(event_id=derived(STREAM, ENTRY_ID, env(base(event_id=None))))),
+    ("event-id-absent-is-derived", STREAM, flat(**BASE), dict(event_id=derived(STREAM, ENTRY_ID, flat(**BASE)))),
     # attributes
     ("attr-nested-object-compact-json", STREAM, env(base(meta={"a": [1, 2], "b": {"c": None}})),
      dict(attributes={"meta": '{"a":[1,2],"b":{"c":null}}'})),
@@ -319,8 +328,14 @@ def test_rejects(stream: str, fields: dict[bytes, bytes], reason: str) -> None:
         assert reason[1:] in rejection.reason
     else:
         assert rejection.reason == reason
-    # the raw entry is kept as a JSON object with one key per field
-    raw = orjson.loads(rejection.raw)
+    # the raw entry is kept as a JSON object with one key per field, exactly (parse_raw restores odd bytes), or
+    # truncated with its original size when the entry is over the size limit
+    raw = parse_raw(rejection.raw)
+    if isinstance(raw, list):
+        assert raw[0] == "truncated" and raw[1] > MAX_ENTRY_BYTES
+        raw = raw[2]
+    else:
+        assert {as_bytes(k): as_bytes(v) for k, v in raw.items()} == fields
     assert isinstance(raw, dict)
     assert len(raw) == len(fields)
 
@@ -332,9 +347,12 @@ def test_rejection_raw_is_the_entry_as_json() -> None:
 
 
 def test_rejection_raw_survives_invalid_utf8() -> None:
-    rejection = rejected(flat(**base(note=b"a\xffb")))
-    raw = orjson.loads(rejection.raw)
-    assert raw["note"] == "a\\xffb"
+    rejection = rejected(flat(**base(note=b"a\xffb", literal="a\\xffb\\udcff")))
+    raw = parse_raw(rejection.raw)
+    # reversible: the odd byte comes back as itself, and text that merely looks like an escape stays text
+    assert as_bytes(raw["note"]) == b"a\xffb"
+    assert raw["literal"] == "a\\xffb\\udcff"
+    rejection.raw.encode("utf-8")  # strict: the raw is text that ClickHouse and terminals can take
     assert raw["session_id"] == "s-1"
 
 
@@ -364,13 +382,17 @@ def test_deleted_entry_is_rejected_with_reason() -> None:
 
 def test_derived_event_id_is_deterministic_and_distinct() -> None:
     first = accepted(flat(**BASE), STREAM, "1-0").event_id
-    again = accepted(flat(**base(node_id="other")), STREAM, "1-0").event_id
-    assert first == again == derive_event_id(STREAM, "1-0")
+    again = accepted(flat(**BASE), STREAM, "1-0").event_id  # a redelivery: the same bytes
+    assert first == again == derived(STREAM, "1-0", flat(**BASE))
     other_id = accepted(flat(**BASE), STREAM, "1-1").event_id
     other_stream = accepted(flat(**BASE), USER_STREAM, "1-0").event_id
-    assert len({first, other_id, other_stream}) == 3
+    # an entry id reused with other content (Redis lost its data): another event, never merged into the first
+    reused = accepted(flat(**base(node_id="other")), STREAM, "1-0").event_id
+    reused_value = accepted(flat(**base(extra="b")), STREAM, "1-0").event_id
+    reordered = accepted(flat(**{"node_id": "n-1", **BASE}), STREAM, "1-0").event_id  # other bytes: other entry
+    assert len({first, other_id, other_stream, reused, reused_value, reordered}) == 6
     # no accidental collision between (stream, id) pairs that concatenate alike
-    assert derive_event_id("a:1", "2-0") != derive_event_id("a", ":12-0")
+    assert derive_event_id("a:1", "2-0", "d") != derive_event_id("a", ":12-0", "d")
 
 
 def test_explicit_event_id_is_independent_of_position() -> None:
@@ -386,7 +408,7 @@ def test_blank_explicit_event_id_does_not_merge_unrelated_events() -> None:
     a = accepted(flat(**base(event_id="  ")), STREAM, "1-0")
     b = accepted(flat(**base(event_id="  ")), STREAM, "2-0")
     assert a.event_id != b.event_id
-    assert a.event_id == derive_event_id(STREAM, "1-0")
+    assert a.event_id == derived(STREAM, "1-0", flat(**base(event_id="  ")))
 
 
 def test_size_limit_applies_to_str_values_too() -> None:

@@ -49,7 +49,7 @@ def _record(rng: random.Random) -> dict[str, Any]:
 
 def _checked(normalizer: Normalizer, stream: str, entry_id: str, record: dict[str, Any]) -> FlowEvent | str:
     try:
-        return normalizer._build_checked(stream, entry_id, record)
+        return normalizer._build_checked(stream, entry_id, record, nz.joined_mapping(record))
     except nz._Reject as exc:
         return f"rejected: {exc}"
 
@@ -63,7 +63,7 @@ def test_fast_build_agrees_with_checked_build(seed: int) -> None:
         stream, entry_id, record = rng.choice(STREAMS), rng.choice(ENTRY_IDS), _record(rng)
         checked = _checked(normalizer, stream, entry_id, record)
         try:
-            fast = normalizer._build_fast(stream, entry_id, record)
+            fast = normalizer._build_fast(stream, entry_id, record, nz.joined_mapping(record))
         except nz._Reject as exc:  # only the attribute limit may reject from the fast path
             assert checked == f"rejected: {exc}"
             continue

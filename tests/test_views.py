@@ -19,9 +19,8 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from tests.conftest import ROOT, cli_env, drain, make_settings, run_cli, xadd_all
+from tests.conftest import ROOT, cli_env, derived_id, drain, make_settings, run_cli, xadd_all
 from worker.cli import app
-from worker.normalize import derive_event_id
 from worker.producer import FlowSpec, ProduceConfig, encode, generate_flows
 from worker.redisserver import RedisServer
 from worker.store import Store
@@ -262,6 +261,7 @@ def test_rejected_lists_reasons_and_replay_is_idempotent(
     assert all(r["reason"].startswith("delivered 2 times without being stored") for r in rows)
 
     user1 = [(s, i) for (s, _), i in zip(entries, ids, strict=True) if s == "flow_events:1"]
+    fields_of = {i: f for (_, f), i in zip(entries, ids, strict=True)}
     chosen = [i for _, i in user1]
     replay = invoke(["rejected", "--replay", "flow_events:1", *chosen, broken_id, "1-1", "-f", "json"],
                     url, clickhouse_url)
@@ -271,7 +271,7 @@ def test_rejected_lists_reasons_and_replay_is_idempotent(
     assert outcomes["1-1"]["action"] == "not found"
     for entry_id in chosen:
         assert outcomes[entry_id]["action"] == "replayed"
-        assert outcomes[entry_id]["event_id"] == derive_event_id("flow_events:1", entry_id)
+        assert outcomes[entry_id]["event_id"] == derived_id("flow_events:1", entry_id, fields_of[entry_id])
     length = redis_client.xlen("flow_events:1")
     again = json.loads(invoke(["rejected", "--replay", "flow_events:1", *chosen, "-f", "json"],
                               url, clickhouse_url).stdout)
@@ -292,9 +292,9 @@ def test_rejected_lists_reasons_and_replay_is_idempotent(
     drain(make_settings(url, clickhouse_url))
     stored = store.query("SELECT event_id, ts, attributes['replayed_from'] FROM flowtrack.flow_events "
                          "ORDER BY event_id")[1]
-    assert sorted(r[0] for r in stored) == sorted(derive_event_id("flow_events:1", i) for i in chosen)
+    assert sorted(r[0] for r in stored) == sorted(derived_id("flow_events:1", i, fields_of[i]) for i in chosen)
     assert {r[2] for r in stored} == {f"flow_events:1/{i}" for i in chosen}
-    expected_ts = {derive_event_id("flow_events:1", i): int(e[1]["timestamp"])
+    expected_ts = {derived_id("flow_events:1", i, e[1]): int(e[1]["timestamp"])
                    for e, i in zip(entries, ids, strict=True) if e[0] == "flow_events:1"}
     assert all(round(r[1].timestamp() * 1000) == expected_ts[r[0]] for r in stored)
     sessions = {f.session_id: f for f in flows if f.user_id == "1"}

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from worker.batch import Batch
@@ -40,8 +40,9 @@ class Backoff:
 
 class Committer:
     def __init__(self, sink: Sink, source: Source, stats: Stats, initial_s: float, max_s: float,
-                 stopping: Callable[[], bool]) -> None:
+                 stopping: Callable[[], bool], on_outage: Callable[[], Awaitable[None]] | None = None) -> None:
         self.sink = sink
+        self.on_outage = on_outage
         self.source = source
         self.stats = stats
         self.initial_s = initial_s
@@ -65,6 +66,8 @@ class Committer:
                 result = await asyncio.to_thread(self.sink.write, batch.events, batch.rejections)
             except StoreUnavailableError as exc:
                 self.stats.record_sink_failure(str(exc))
+                if self.on_outage is not None:
+                    await self.on_outage()  # an outage is not a delivery attempt (Pipeline.uncount_held)
                 if self.stopping():
                     log.warning("stopping during a store outage: %d entries stay pending for the next run",
                                 len(batch))

@@ -1,4 +1,4 @@
-"""Batch: entries collected between two flushes, bounded by rows and by the age of the oldest entry."""
+"""Batch: entries collected between two flushes, bounded by rows, by bytes and by the age of the oldest entry."""
 
 from __future__ import annotations
 
@@ -12,17 +12,22 @@ from worker.normalize import FlowEvent, Rejection
 class Batch:
     max_rows: int
     max_wait_s: float
+    max_bytes: int = 1 << 62
     events: list[FlowEvent] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     # Every entry id of the batch per stream, events and rejections alike: what one pipelined XACK acknowledges.
     ids_by_stream: dict[str, list[str]] = field(default_factory=dict)
     rows: int = 0
+    bytes: int = 0  # entry sizes as read (names + values), whatever became of them
     started_at: float | None = None
+    # Deliveries of entries delivered more than once (re-read, reclaimed); every other entry: once.
+    deliveries: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.rows
 
-    def add(self, stream: str, entry_id: str, item: FlowEvent | Rejection) -> None:
+    def add(self, stream: str, entry_id: str, item: FlowEvent | Rejection, size: int = 0) -> None:
+        self.bytes += size
         if self.started_at is None:
             self.started_at = time.monotonic()
         ids = self.ids_by_stream.get(stream)
@@ -37,7 +42,17 @@ class Batch:
 
     @property
     def full(self) -> bool:
-        return self.rows >= self.max_rows
+        return self.rows >= self.max_rows or self.bytes >= self.max_bytes
+
+    def deliveries_by_count(self) -> dict[int, dict[str, list[str]]]:
+        """Entry ids per stream, grouped by how often each was delivered: to take back a delivery that an outage
+        made useless (Pipeline.uncount_held)."""
+        grouped: dict[int, dict[str, list[str]]] = {}
+        for stream, ids in self.ids_by_stream.items():
+            for entry_id in ids:
+                count = self.deliveries.get((stream, entry_id), 1)
+                grouped.setdefault(count, {}).setdefault(stream, []).append(entry_id)
+        return grouped
 
     def seconds_left(self, now: float | None = None) -> float:
         """Time until the batch is due by age; infinite while it is empty."""

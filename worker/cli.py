@@ -118,6 +118,8 @@ def run(
         help="flush a batch when its oldest entry is this old")] = None,
     claim_idle_ms: Annotated[int | None, typer.Option(help="reclaim entries idle this long on dead consumers")] = None,
     max_deliveries: Annotated[int | None, typer.Option(help="reject an entry delivered more often than this")] = None,
+    max_inflight_bytes: Annotated[int | None, typer.Option(
+        help="at most this many bytes of entries read and not yet acknowledged")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="serve /metrics and /healthz on this port (0 = off)")] = None,
     log_level: LogLevel = "info",
 ) -> None:
@@ -128,7 +130,8 @@ def run(
     setup_logging(log_level)
     settings = load_settings(redis_url=redis_url, clickhouse_url=clickhouse_url, streams=streams, group=group,
                              consumer=consumer, batch_max_rows=batch_max_rows, batch_max_wait_s=batch_max_wait_s,
-                             claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries, metrics_port=metrics_port)
+                             claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries,
+                             max_inflight_bytes=max_inflight_bytes, metrics_port=metrics_port)
     from worker.pipeline import run_worker
 
     ok = asyncio.run(run_worker(settings, drain=drain))

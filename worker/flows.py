@@ -17,11 +17,23 @@ from typing import Any
 
 import orjson
 import redis
+from redis._parsers import Encoder
+from redis.connection import PythonRespSerializer
 
 from worker.errors import ConfigError, StoreLockedError, StoreUnavailableError
-from worker.normalize import FlowEvent, Normalizer, derive_event_id, entry_id_ms
+from worker.normalize import (
+    KEY_NOT_UTF8,
+    FlowEvent,
+    Normalizer,
+    as_bytes,
+    derive_event_id,
+    entry_id_ms,
+    mapping_digest,
+    parse_raw,
+    printable,
+)
 from worker.settings import Settings, redact_url
-from worker.source import is_pattern
+from worker.source import is_pattern, vanished
 from worker.store import Store
 
 REPLAYED_KEY = "flowtrack:replayed"  # hash: "<stream> <entry id>" -> JSON record of the replay
@@ -233,11 +245,20 @@ def flow_as_records(flow: Flow, placed: Sequence[Placed]) -> dict[str, Any]:
     }
 
 
+SYNC_PACKER_BUFFER_CUTOFF = 6000  # redis-py's default: values larger than this are sent without a copy
+
+
 # -- Redis, read-only ---------------------------------------------------------------------------
 def connect_sync(settings: Settings) -> redis.Redis:
     # RESP2 pinned, like the worker's client: stream replies keep one shape.
+    # Names that are not UTF-8 round-trip: decoded with surrogateescape (``_text``), encoded back the same way.
+    # redis-py's hiredis packer encodes str strictly and ignores encoding_errors: pack with its Python packer
+    # (stateless, so one serves every connection), which uses the client's encoder.
+    encoder = Encoder("utf-8", "surrogateescape", decode_responses=False)  # type: ignore[no-untyped-call]
     return redis.Redis.from_url(settings.redis_url, protocol=2, socket_timeout=settings.socket_timeout_s,
-                                socket_connect_timeout=min(5.0, settings.socket_timeout_s))
+                                socket_connect_timeout=min(5.0, settings.socket_timeout_s),
+                                encoding_errors="surrogateescape",
+                                command_packer=PythonRespSerializer(SYNC_PACKER_BUFFER_CUTOFF, encoder.encode))
 
 
 def resolve_streams(client: redis.Redis, specs: Iterable[str]) -> list[str]:
@@ -252,7 +273,9 @@ def resolve_streams(client: redis.Redis, specs: Iterable[str]) -> list[str]:
 
 
 def _text(value: Any) -> str:
-    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+    """Bytes from Redis as str that encodes back to the same bytes (see ``worker.source.text``); show it with
+    ``printable``."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
 # -- status -------------------------------------------------------------------------------------
@@ -347,9 +370,14 @@ def redis_status(report: StatusReport, settings: Settings) -> None:
     """Fill the Redis half of the report; only reads (XINFO, XPENDING, XRANGE)."""
     client = connect_sync(settings)
     try:
-        for name in resolve_streams(client, settings.streams):
-            report.streams.append(_stream_status(client, name, settings.group, report.claim_idle_ms,
-                                                 report.max_lag))
+        for key in resolve_streams(client, settings.streams):
+            try:
+                report.streams.append(_stream_status(client, key, settings.group, report.claim_idle_ms,
+                                                     report.max_lag))
+            except redis.ResponseError as exc:
+                if not vanished(exc):
+                    raise
+                # deleted (or its group destroyed) between the scan and now: nothing to report about it
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         report.redis_error = f"Redis unreachable at {redact_url(settings.redis_url)}: {exc}"
     finally:
@@ -358,6 +386,8 @@ def redis_status(report: StatusReport, settings: Settings) -> None:
 
 def _stream_status(client: redis.Redis, name: str, group_name: str, claim_idle_ms: int,
                    max_lag: int) -> StreamStatus:
+    """``name`` is the exact key (surrogate-escaped); the report holds it ``printable``: text for terminals and
+    JSON, whatever bytes the key holds."""
     info = client.xinfo_stream(name)
     length = int(info["length"])
     last_id = _text(info.get("last-generated-id", ""))
@@ -371,15 +401,15 @@ def _stream_status(client: redis.Redis, name: str, group_name: str, claim_idle_m
             cap = max(max_lag + 1, 1000)
             beyond: Any = client.xrange(name, min=f"({last_delivered}", max="+", count=cap)
             lag, capped = len(beyond), len(beyond) >= cap
-        consumers = [ConsumerStatus(_text(c["name"]), int(c["pending"]), int(c["idle"]))
+        consumers = [ConsumerStatus(printable(_text(c["name"])), int(c["pending"]), int(c["idle"]))
                      for c in client.xinfo_consumers(name, group_name)]
         stale = 0
         if int(raw["pending"]):
             stale = len(client.xpending_range(name, group_name, min="-", max="+", count=1000,
                                               idle=claim_idle_ms))
-        group = GroupStatus(group_name, None if lag is None else int(lag), capped, int(raw["pending"]), stale,
-                            last_delivered, consumers)
-    return StreamStatus(name, length, last_id, group)
+        group = GroupStatus(printable(group_name), None if lag is None else int(lag), capped, int(raw["pending"]),
+                            stale, last_delivered, consumers)
+    return StreamStatus(printable(name), length, last_id, group)
 
 
 def store_status(report: StatusReport, store: Store) -> None:
@@ -536,17 +566,28 @@ def replay_fields(stream: str, entry_id: str, raw: str) -> dict[str, str]:
     ``event_id`` defaults to the id the original entry derived (so replaying twice, or replaying an entry
     that did land after all, is visible once), ``timestamp`` to the original entry id's time; values inside
     a ``data`` envelope still win over these flat defaults. ``replayed_from`` records the origin.
+    The raw is read back exactly (``parse_raw``): bytes that were not UTF-8 come back as the same lone
+    surrogates, so ``as_bytes`` gives the original bytes. A raw kept truncated (an oversized entry) has nothing
+    to replay.
     """
-    decoded = orjson.loads(raw) if raw else {}
+    try:
+        decoded = parse_raw(raw) if raw else {}
+    except ValueError:
+        return {}
     if not isinstance(decoded, dict):
         return {}
     fields = {str(k): v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in decoded.items()}
     if not fields:
         return {}
-    fields.setdefault("event_id", derive_event_id(stream, entry_id))
+    fields.setdefault("event_id", derive_event_id(stream, entry_id, mapping_digest(fields)))
     fields.setdefault("timestamp", str(entry_id_ms(entry_id)))
     fields[REPLAYED_ATTRIBUTE] = f"{stream}/{entry_id}"
     return fields
+
+
+def _as_entry(fields: dict[str, str]) -> dict[bytes, bytes]:
+    """Fields as the stream holds them: the exact original bytes, for the re-check and for XADD."""
+    return {as_bytes(k): as_bytes(v) for k, v in fields.items()}
 
 
 def replay(store: Store, client: redis.Redis, settings: Settings, rows: Sequence[RejectedRow],
@@ -564,19 +605,24 @@ def replay(store: Store, client: redis.Redis, settings: Settings, rows: Sequence
         outcome = ReplayOutcome(row.source_stream, row.source_id, "replayed")
         fields = replay_fields(row.source_stream, row.source_id, row.raw)
         record = client.hget(REPLAYED_KEY, _replay_field(row.source_stream, row.source_id))
-        if not fields:
-            outcome.action, outcome.detail = "nothing to replay", "the entry had no fields (deleted before read)"
+        if row.reason.startswith(KEY_NOT_UTF8):  # even with --force: the key's exact bytes were not kept
+            outcome.action, outcome.detail = "still invalid", row.reason
+        elif not fields:
+            outcome.action = "nothing to replay"
+            outcome.detail = ("the raw entry was kept truncated (over the size limit)" if row.raw.startswith("[")
+                              else "the entry had no fields (deleted before read)")
         elif (record or row.replayed == "stored") and not again:
             outcome.action = "already replayed"
             outcome.new_id = orjson.loads(record).get("new_id", "") if record else ""
             outcome.detail = "use --again to replay it once more (the event stays visible once)"
         else:
-            checked = normalizer.normalize(row.source_stream, row.source_id, fields)
+            entry = _as_entry(fields)
+            checked = normalizer.normalize(row.source_stream, row.source_id, entry)
             if not isinstance(checked, FlowEvent) and not force:
                 outcome.action, outcome.detail = "still invalid", checked.reason
             else:
                 outcome.event_id = checked.event_id if isinstance(checked, FlowEvent) else fields["event_id"]
-                new_id = _text(client.xadd(row.source_stream, fields))  # type: ignore[arg-type]
+                new_id = _text(client.xadd(row.source_stream, entry))  # type: ignore[arg-type]
                 outcome.new_id = new_id
                 client.hset(REPLAYED_KEY, _replay_field(row.source_stream, row.source_id), orjson.dumps({
                     "new_id": new_id, "event_id": outcome.event_id, "at_ms": int(time.time() * 1000),

@@ -25,9 +25,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+from redis.exceptions import ResponseError
 
 from worker.settings import Settings
-from worker.source import Source, text
+from worker.source import Source, text, vanished
 from worker.stats import Buckets, GroupInfo, Stats
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class StatsCollector(Collector):
             ("entries_reclaimed", "Idle pending entries reclaimed from other consumers (XCLAIM).", s.claimed),
             ("entries_deleted_while_pending", "Pending entries deleted from their stream before being processed.",
              s.deleted_while_pending),
+            ("entries_lost_with_stream", "Entries pending on other consumers when their stream was deleted (DEL, "
+             "FLUSHDB): gone with it, Redis cannot give them back.", s.lost_with_stream),
             ("entries_poison", "Entries rejected for being delivered too often.", s.poison),
             ("sink_failures", "Failed insert attempts (retried).", s.sink_failures),
             ("source_failures", "Failed Redis calls (retried).", s.source_failures),
@@ -200,7 +203,13 @@ async def read_group_info(source: Source) -> dict[str, GroupInfo]:
     redis = source.redis
     for stream in list(source.streams):
         info = GroupInfo()
-        for group in await redis.xinfo_groups(stream):
+        try:
+            groups = await redis.xinfo_groups(stream)
+        except ResponseError as exc:
+            if not vanished(exc):
+                raise
+            continue  # deleted since the worker found it; the pipeline notices and recovers
+        for group in groups:
             if text(group.get("name")) != source.group:
                 continue
             lag = group.get("lag")

@@ -6,6 +6,9 @@ Pure: no I/O, no clock, no exceptions escape. The event contract lives in
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -16,6 +19,16 @@ MAX_ID_CHARS = 256
 MAX_EVENT_TYPE_CHARS = 128
 MAX_ATTRIBUTES = 256
 MAX_ENTRY_BYTES = 1 << 20
+# JSON nesting the contract accepts in a ``data``/``payload`` envelope (the envelope object is level 1): orjson
+# writes values nested at most 254 deep, and every nested attribute value is written back as JSON text.
+MAX_JSON_DEPTH = 255
+# The raw entry kept with a rejection of an oversized entry: each value cut to this many chars, at most this many
+# fields, so a 10 MB entry is not stored (nor held) whole; the original size stays in the raw and the reason.
+MAX_RAW_VALUE_CHARS = 1024
+MAX_RAW_FIELDS = 256
+# Bytes of the content digest appended to derived event ids (hex: twice as many chars).
+CONTENT_DIGEST_BYTES = 6
+KEY_NOT_UTF8 = "stream key is not valid UTF-8"
 # Epoch values below this are seconds, above it milliseconds (1e11 s is the year 5138, 1e11 ms is 1973).
 SECONDS_MS_BOUNDARY = 100_000_000_000
 # DateTime64(3) comfortably holds 1970..2200; anything outside is a producer bug.
@@ -53,13 +66,45 @@ class _Reject(Exception):
     """Internal control flow: carries a rejection reason out of nested helpers."""
 
 
-def derive_event_id(stream: str, entry_id: str) -> str:
-    """Deterministic id for entries without ``event_id``: a redelivered entry keeps its id.
+def derive_event_id(stream: str, entry_id: str, digest: str) -> str:
+    """Deterministic id for entries without ``event_id``: a redelivered entry (same bytes) keeps its id.
 
-    ``<stream>/<entry id>`` is injective (an entry id never contains '/'), says where the event came
-    from, and costs a fraction of a hash on the hot path.
+    ``<stream>/<entry id>/<content digest>``: the stream and entry id say where the event came from; the digest of
+    the entry's exact bytes (``content_digest``) tells apart two entries that reuse one id after Redis lost its
+    data (FLUSHDB, a failover without AOF, a restore), which would otherwise merge into one visible event.
     """
-    return f"{stream}/{entry_id}"
+    return f"{stream}/{entry_id}/{digest}"
+
+
+_blake2b = hashlib.blake2b
+# An entry's exact bytes in one string: its names and values joined by NUL, in Redis' order. Built once per entry
+# on the hot path, where it also gives the entry's size (len - fields + 1) and feeds the content digest.
+join_entry = b"\x00".join
+
+
+def content_digest(joined: bytes) -> str:
+    """Hex digest of an entry's exact bytes (``join_entry`` of [name, value, name, value, …], as Redis sends them).
+
+    ~0.35 us per small entry (blake2b; README, "Reliability"). 48 bits: two different entries under one reused
+    entry id collide with probability 2**-48.
+    """
+    return _blake2b(joined, digest_size=CONTENT_DIGEST_BYTES).hexdigest()
+
+
+def joined_mapping(fields: Mapping[Any, Any]) -> bytes:
+    """``join_entry`` of an entry given as a mapping (the checked path, replays): the same bytes as the pairs Redis
+    sent; str names and values count as their UTF-8 bytes (surrogate-escaped bytes as the original bytes)."""
+    return join_entry([as_bytes(part) for item in fields.items() for part in item])
+
+
+def mapping_digest(fields: Mapping[Any, Any]) -> str:
+    return content_digest(joined_mapping(fields))
+
+
+def as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode("utf-8", "surrogateescape")
 
 
 def pairs_to_dict(pairs: list[Any] | None) -> dict[Any, Any]:
@@ -73,15 +118,61 @@ def entry_id_ms(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
+_LONE_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
 def raw_json(fields: Mapping[Any, Any]) -> str:
-    """The entry as JSON text, for the rejected relation; never fails, even on invalid UTF-8."""
-    return orjson.dumps({_text(k): _text(v) for k, v in fields.items()}).decode()
+    """The entry as JSON text, for the rejected relation; never fails, and is reversible (``parse_raw``).
+
+    Bytes that are not UTF-8 are kept exactly: decoded with ``surrogateescape`` (each such byte 0xNN becomes the
+    lone surrogate U+DCNN) and written as the JSON escape ``\\udcNN``, which valid UTF-8 text never produces (a
+    literal backslash is itself escaped). A replay thus re-checks the very bytes the original check saw.
+    An entry over MAX_ENTRY_BYTES is kept truncated, as ``["truncated", <original bytes>, {fields, cut}]``.
+    """
+    size = sum(len(k) + len(v) for k, v in fields.items() if isinstance(k, bytes | str) and isinstance(v, bytes | str))
+    if size > MAX_ENTRY_BYTES:
+        cut = {raw_text(k)[:MAX_RAW_VALUE_CHARS]: raw_text(v)[:MAX_RAW_VALUE_CHARS]
+               for k, v in list(fields.items())[:MAX_RAW_FIELDS]}
+        return _dumps_reversible(["truncated", size, cut])
+    return _dumps_reversible({raw_text(k): raw_text(v) for k, v in fields.items()})
 
 
-def _text(value: Any) -> str:
+def _dumps_reversible(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:  # lone surrogates (bytes that are not UTF-8): escape them, reversibly
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def parse_raw(raw: str) -> Any:
+    """Inverse of ``raw_json``: the stdlib parser, because it turns ``\\udcNN`` back into the lone surrogate."""
+    return json.loads(raw)
+
+
+def raw_text(value: Any) -> str:
     if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
+        return value.decode("utf-8", "surrogateescape")
     return str(value)
+
+
+def is_text(key: str) -> bool:
+    """False for a key decoded with surrogateescape from bytes that are not UTF-8."""
+    return key.isascii() or _LONE_SURROGATE.search(key) is None
+
+
+def stored_key(key: str) -> str:
+    """The key as stored in ClickHouse: exactly, when it is text; else with its odd bytes as \\xNN."""
+    return key if is_text(key) else printable(key)
+
+
+def printable(key: str) -> str:
+    """A Redis key or name for people and for ClickHouse: bytes that are not UTF-8 as \\xNN, control characters
+    as \\xNN / \\uNNNN, so a hostile key can neither break an encoder nor drive a terminal."""
+    if key.isascii() and key.isprintable():
+        return key
+    text = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 class Normalizer:
@@ -94,44 +185,55 @@ class Normalizer:
 
     def normalize(self, stream: str, entry_id: str, fields: Mapping[Any, Any] | None) -> FlowEvent | Rejection:
         if fields is None:
-            return Rejection(stream, entry_id, "entry was deleted from the stream before it was processed", "{}")
+            return Rejection(stored_key(stream), entry_id,
+                             "entry was deleted from the stream before it was processed", "{}")
+        if not is_text(stream):
+            return reject_key(stream, entry_id, raw_json(fields))
         try:
             record = _decode_entry(fields)
-            return self._build(stream, entry_id, record)
+            return self._build(stream, entry_id, record, joined_mapping(fields))
         except _Reject as exc:
             return Rejection(stream, entry_id, str(exc), raw_json(fields))
         except Exception as exc:  # defensive: a bug here must reject one entry, not stop the stream
             return Rejection(stream, entry_id, f"internal normalize error: {type(exc).__name__}: {exc}",
                              raw_json(fields))
 
-    def normalize_pairs(self, stream: str, entry_id: str, pairs: list[bytes] | None) -> FlowEvent | Rejection:
+    def normalize_pairs(self, stream: str, entry_id: str, pairs: list[bytes] | None,
+                        joined: bytes | None = None) -> FlowEvent | Rejection:
         """The same as ``normalize``, for fields as Redis sends them: a flat [name, value, name, value, …] list.
 
         The worker's hot path: decoding straight from the reply list in C-level loops skips building a bytes
         dict per entry first. Anything unusual (invalid UTF-8, an oversized entry) takes the checked path.
+        The caller checks the stream key once per stream (``is_text``), not here once per entry; ``joined`` is
+        ``join_entry(pairs)`` when the caller has built it already (it counts the entry's bytes with it).
         """
         if not pairs:
             return self.normalize(stream, entry_id, None)
+        if joined is None:
+            joined = join_entry(pairs)
         try:
-            flat = dict(zip(map(_decode_bytes, pairs[::2]), map(_decode_bytes, pairs[1::2]), strict=True))
-            oversized = sum(map(len, pairs)) > MAX_ENTRY_BYTES
+            decoded = map(_decode_bytes, pairs)
+            flat = dict(zip(decoded, decoded, strict=True))  # one iterator, taken in pairs: no slice copies
+            oversized = len(joined) - len(pairs) + 1 > MAX_ENTRY_BYTES
         except (TypeError, ValueError):  # UnicodeDecodeError is a ValueError; so is an odd-length list
             oversized = True
         if oversized:
             return self.normalize(stream, entry_id, pairs_to_dict(pairs))
         try:
-            return self._build(stream, entry_id, _unwrap(flat))
+            return self._build(stream, entry_id, _unwrap(flat), joined)
         except _Reject as exc:
             return Rejection(stream, entry_id, str(exc), raw_json(pairs_to_dict(pairs)))
         except Exception as exc:  # defensive: a bug here must reject one entry, not stop the stream
             return Rejection(stream, entry_id, f"internal normalize error: {type(exc).__name__}: {exc}",
                              raw_json(pairs_to_dict(pairs)))
 
-    def _build(self, stream: str, entry_id: str, record: dict[str, Any]) -> FlowEvent:
-        event = self._build_fast(stream, entry_id, record)
-        return event if event is not None else self._build_checked(stream, entry_id, record)
+    def _build(self, stream: str, entry_id: str, record: dict[str, Any],
+               content: bytes) -> FlowEvent:
+        event = self._build_fast(stream, entry_id, record, content)
+        return event if event is not None else self._build_checked(stream, entry_id, record, content)
 
-    def _build_fast(self, stream: str, entry_id: str, record: dict[str, Any]) -> FlowEvent | None:
+    def _build_fast(self, stream: str, entry_id: str, record: dict[str, Any],
+                    content: bytes) -> FlowEvent | None:
         """The common, valid case without per-field helper calls; None = let ``_build_checked`` decide.
 
         Returns an event only when every field is of the plain shape that ``_build_checked`` accepts
@@ -171,7 +273,8 @@ class Normalizer:
             return None
         event_id = get("event_id")
         if event_id is None or event_id == "" or (type(event_id) is str and event_id.isspace()):
-            event_id = f"{stream}/{entry_id}"  # derive_event_id, inlined on the hot path
+            # derive_event_id and content_digest, inlined on the hot path
+            event_id = f"{stream}/{entry_id}/{_blake2b(content, digest_size=CONTENT_DIGEST_BYTES).hexdigest()}"
         elif type(event_id) is not str or len(event_id) > MAX_ID_CHARS:
             return None
         attributes = _attributes(record)
@@ -180,7 +283,8 @@ class Normalizer:
             stream, entry_id, int(event_type in self.end_types), int(event_type in self.error_types),
         )
 
-    def _build_checked(self, stream: str, entry_id: str, record: dict[str, Any]) -> FlowEvent:
+    def _build_checked(self, stream: str, entry_id: str, record: dict[str, Any],
+                       content: bytes) -> FlowEvent:
         session_id = _required_str(record, "session_id", MAX_ID_CHARS)
         node_id = _required_str(record, "node_id", MAX_ID_CHARS)
         event_type = _required_str(record, "event_type", MAX_EVENT_TYPE_CHARS)
@@ -189,7 +293,7 @@ class Normalizer:
         if parent_id == node_id:
             raise _Reject("parent_id equals node_id (a node cannot be its own parent)")
         ts_ms = _timestamp_ms(record.get("timestamp"), entry_id)
-        event_id = _event_id(record.get("event_id"), stream, entry_id)
+        event_id = _event_id(record.get("event_id"), stream, entry_id, content)
         attributes = _attributes(record)
         return FlowEvent(
             event_id, user_id, session_id, node_id, parent_id, event_type, ts_ms, attributes,
@@ -226,7 +330,8 @@ def _decode_fields(fields: Mapping[Any, Any]) -> dict[str, Any]:
             flat[k] = value
         size += len(k)
     if size > MAX_ENTRY_BYTES:
-        raise _Reject(f"entry is {size} bytes, over the {MAX_ENTRY_BYTES}-byte limit")
+        raise _Reject(f"entry is {size} bytes, over the {MAX_ENTRY_BYTES}-byte limit (raw kept truncated: "
+                      f"{MAX_RAW_VALUE_CHARS} chars per value, {MAX_RAW_FIELDS} fields)")
     return flat
 
 
@@ -241,6 +346,8 @@ def _unwrap(flat: dict[str, Any]) -> dict[str, Any]:
     try:
         decoded = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):
+            raise _Reject(too_deep(f"field {envelope!r}")) from None
         raise _Reject(f"field {envelope!r} is not valid JSON: {exc}") from None
     if not isinstance(decoded, dict):
         raise _Reject(f"field {envelope!r} must hold a JSON object, got {type(decoded).__name__}")
@@ -299,10 +406,10 @@ def _parent_id(value: Any) -> str:
     return value
 
 
-def _event_id(value: Any, stream: str, entry_id: str) -> str:
+def _event_id(value: Any, stream: str, entry_id: str, content: bytes) -> str:
     if value is None or value == "" or (isinstance(value, str) and value.isspace()):
         # blank = absent: a shared blank id would merge unrelated events into one
-        return derive_event_id(stream, entry_id)
+        return derive_event_id(stream, entry_id, content_digest(content))
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise _Reject(f"event_id must be a string or an integer, got {_json_type(value)}")
     text = str(value)
@@ -356,11 +463,28 @@ def _attributes(record: Mapping[str, Any]) -> dict[str, str]:
             continue
         if isinstance(value, str):
             attributes[key] = value
-        else:
+            continue
+        try:
             attributes[key] = orjson.dumps(value).decode()
+        except orjson.JSONEncodeError as exc:
+            if "Recursion limit" in str(exc):
+                raise _Reject(too_deep(f"attribute {key!r}")) from None
+            raise _Reject(f"attribute {key!r} cannot be written as JSON: {exc}") from None
     if len(attributes) > MAX_ATTRIBUTES:
         raise _Reject(f"{len(attributes)} attributes, over the {MAX_ATTRIBUTES} limit")
     return attributes
+
+
+def too_deep(where: str) -> str:
+    """One reason for JSON nested deeper than the contract allows, whichever parser or writer noticed it."""
+    return f"JSON nested deeper than {MAX_JSON_DEPTH} levels: {where}"
+
+
+def reject_key(stream: str, entry_id: str, raw: str) -> Rejection:
+    """An entry of a stream whose key is not UTF-8: the contract's ids are text, so it cannot become an event.
+    ``source_stream`` holds the key with its odd bytes as \\xNN (ClickHouse and terminals get text only)."""
+    shown = printable(stream)
+    return Rejection(shown, entry_id, f"{KEY_NOT_UTF8} (source_stream shows its bytes as \\xNN): {shown}", raw)
 
 
 def _json_type(value: Any) -> str:

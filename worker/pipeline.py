@@ -19,7 +19,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -27,15 +27,32 @@ from redis.exceptions import ResponseError
 from worker.ack import Backoff, Committer
 from worker.batch import Batch
 from worker.errors import SourceUnavailableError, StoreUnavailableError
-from worker.normalize import Normalizer, Rejection, pairs_to_dict, raw_json
+from worker.normalize import (
+    MAX_ENTRY_BYTES,
+    Normalizer,
+    Rejection,
+    is_text,
+    join_entry,
+    pairs_to_dict,
+    printable,
+    raw_json,
+    stored_key,
+)
 from worker.settings import Settings
 from worker.sink import Sink
-from worker.source import Entry, Source, guarded, text
+from worker.source import Entry, LostStream, Source, guarded, text
 from worker.stats import Stats
 from worker.store import Store
 from worker.trim import supports_acked, trim_stream
 
 log = logging.getLogger(__name__)
+
+# The entry size a read assumes before it has seen any: the contract's largest entry, so the first reads stay within
+# the byte budget for any entry the contract accepts. Then: the largest entry lately read, the estimate shrinking
+# by ENTRY_BYTES_ESTIMATE_DECAY per read down to the minimum (small entries reach full COUNT within ~6 reads).
+INITIAL_ENTRY_BYTES_ESTIMATE = MAX_ENTRY_BYTES
+ENTRY_BYTES_ESTIMATE_DECAY = 4
+MIN_ENTRY_BYTES_ESTIMATE = 128
 
 
 class Pipeline:
@@ -58,6 +75,13 @@ class Pipeline:
         self._drained = False
         self._committer: Committer | None = None
         self._store_ready: asyncio.Task[bool]
+        # Bytes of the largest entry lately read: sizes the next read's COUNT so that a read of entries this large
+        # fits the in-flight byte budget. Starts cautious, then shrinks per read unless larger entries come.
+        self._entry_bytes_estimate = INITIAL_ENTRY_BYTES_ESTIMATE
+        # Reads (and claims) that brought entries, and how many of them had their delivery taken back during the
+        # current store outage (uncount_held): equal = every held entry is uncounted.
+        self._reads_with_entries = 0
+        self._reads_uncounted = -1
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -111,11 +135,17 @@ class Pipeline:
         await self.source.close()
 
     async def _start(self) -> bool:
-        """Open and migrate the store in the background while the streams are found and the first entries read
-        (start-up overlaps reading); False if stopped before the streams could be reached."""
+        """Open and migrate the store while the streams are found and groups created (neither counts a delivery);
+        False if stopped before both were ready.
+
+        Nothing is *read* before the store can be used: each read of our own pending entries (and each claim)
+        counts as a delivery in Redis, and a worker restarted again and again during a store outage would
+        otherwise turn good entries into poison (README, "Reliability"; the cost: the first read waits for the
+        migration instead of overlapping it).
+        """
         self._store_ready = asyncio.create_task(self._prepare_store())
         if await self._prepare_source():
-            return True
+            return await self._store_ready
         self._store_ready.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._store_ready
@@ -128,6 +158,7 @@ class Pipeline:
                 applied = await asyncio.to_thread(self.store.migrate)
                 if applied:
                     log.info("migrations applied: %s", ", ".join(applied))
+                self.stats.record_store_reachable()
                 break
             except StoreUnavailableError as exc:
                 self.stats.record_sink_failure(str(exc))
@@ -137,7 +168,7 @@ class Pipeline:
                 log.warning("%s; retrying in %.1fs", exc, delay)
                 await self._sleep_unless_stopped(delay)
         self._committer = Committer(Sink(self.store), self.source, self.stats, self.settings.retry_initial_s,
-                                    self.settings.retry_max_s, lambda: self.stopping)
+                                    self.settings.retry_max_s, lambda: self.stopping, self.uncount_held)
         log.info("store ready: %s", self.store.description)
         return True
 
@@ -170,6 +201,9 @@ class Pipeline:
     async def _step(self, drain: bool) -> bool:
         if self._store_ready.done():
             self._store_ready.result()  # a store that cannot be used at all (locked, refused migration) stops us
+        if self._store_failing:
+            await self._wait_out_outage()
+            return False
         await self.source.discover()
         now = time.monotonic()
         if now - self._last_claim >= self.settings.claim_interval_s:
@@ -180,10 +214,12 @@ class Pipeline:
             await self._trim()
         got = 0
         room = self.settings.max_inflight_rows - self._inflight_rows()
-        if room > 0:
-            got = await self._read(room)
+        room_bytes = self.settings.max_inflight_bytes - self._inflight_bytes()
+        if room > 0 and room_bytes > 0:
+            got = await self._read(room, room_bytes)
         elif self._writing is not None:
             await asyncio.wait({self._writing}, timeout=self.settings.block_ms / 1000)
+        self._report_losses()
         self._reap_write()
         if self._ready and self._writing is None:
             self._start_write(self._ready.pop(0))
@@ -193,6 +229,42 @@ class Pipeline:
             return await self._drain_finished()
         return False
 
+    @property
+    def _store_failing(self) -> bool:
+        return self.stats.sink_failing_since is not None and self._writing is not None
+
+    async def _wait_out_outage(self) -> None:
+        """While the store cannot write, neither read nor claim: each would count a delivery that cannot end in a
+        store. Take back the deliveries of what is held (once more if a read landed after the last time), then
+        wait for the write that retries with backoff."""
+        await self.uncount_held()
+        if self._writing is not None:
+            await asyncio.wait({self._writing}, timeout=self.settings.block_ms / 1000)
+        self._reap_write()
+        if self._ready and self._writing is None:
+            self._start_write(self._ready.pop(0))
+
+    async def uncount_held(self) -> None:
+        """An outage is not a delivery attempt: give every held entry (being written, waiting, filling) the delivery
+        count it had before this delivery (XCLAIM RETRYCOUNT; idempotent), so a worker restarted or replaced during
+        the outage, however often, does not take good entries for poison. A delivery that ends in a crash with no
+        store failure seen still counts: that is how poison is recognised."""
+        if self._reads_uncounted == self._reads_with_entries:
+            return
+        reads = self._reads_with_entries
+        by_count: dict[int, dict[str, list[str]]] = {}
+        for batch in self._held_batches():
+            for count, by_stream in batch.deliveries_by_count().items():
+                for stream, ids in by_stream.items():
+                    by_count.setdefault(count, {}).setdefault(stream, []).extend(ids)
+        try:
+            await self.source.uncount_delivery(by_count)
+        except SourceUnavailableError as exc:
+            log.warning("cannot take back the deliveries of held entries during the store outage (%s)", exc)
+            return
+        self._reads_uncounted = reads
+        log.info("store outage: %d held entries keep their delivery counts", self._inflight_rows())
+
     def _held_batches(self) -> list[Batch]:
         """Every batch read and not yet acknowledged: filling, waiting for the write slot, being written."""
         writing = [self._writing_batch] if self._writing_batch is not None else []
@@ -200,6 +272,9 @@ class Pipeline:
 
     def _inflight_rows(self) -> int:
         return sum(len(b) for b in self._held_batches())
+
+    def _inflight_bytes(self) -> int:
+        return sum(b.bytes for b in self._held_batches())
 
     def _held_ids_by_stream(self) -> dict[str, list[str]]:
         """Entry ids read and not yet acknowledged, per stream (built on demand: keepalive, re-reads)."""
@@ -209,34 +284,48 @@ class Pipeline:
                 held.setdefault(stream, []).extend(ids)
         return held
 
-    async def _read(self, room: int) -> int:
+    async def _read(self, room: int, room_bytes: int) -> int:
         streams = max(1, len(self.source.streams))
-        count = max(1, min(self.settings.read_count, room // streams))
+        by_bytes = room_bytes // (self._entry_bytes_estimate * streams)
+        count = max(1, min(self.settings.read_count, room // streams, by_bytes))
         wait_s = min(self.settings.block_ms / 1000, self._batch.seconds_left())
         block_ms = max(1, int(wait_s * 1000))
         reading_pending = self.source.reading_pending
         groups = await self.source.read(count, block_ms)
-        if reading_pending:
-            return self._add_pending(groups)
-        return self._add_new(groups)
+        largest = self._add_pending(groups) if reading_pending else self._add_new(groups)
+        if groups:
+            self._reads_with_entries += 1
+            self._entry_bytes_estimate = max(largest, self._entry_bytes_estimate // ENTRY_BYTES_ESTIMATE_DECAY,
+                                             MIN_ENTRY_BYTES_ESTIMATE)
+        return sum(len(items) for _, items in groups)
 
     def _add_new(self, groups: list[tuple[str, list[Any]]]) -> int:
-        """The hot path: entries delivered for the first time, straight from the reply into the batch."""
+        """The hot path: entries delivered for the first time, straight from the reply into the batch.
+        Returns the size of the largest entry read."""
         normalize = self.normalizer.normalize_pairs
         added = 0
+        largest = 0
         for stream, items in groups:
+            if not is_text(stream):  # once per stream, not per entry: the checked path rejects its entries
+                self._add(Entry(stream, text(raw_id), pairs_to_dict(fields) or None) for raw_id, fields in items)
+                continue
             for raw_id, fields in items:
                 entry_id = raw_id.decode()
+                joined = join_entry(fields)  # the entry's exact bytes: its size here, its digest in normalize
+                size = len(joined) - len(fields) + 1
+                if size > largest:
+                    largest = size
                 batch = self._batch
-                if batch.rows >= batch.max_rows:
+                if batch.rows >= batch.max_rows or batch.bytes >= batch.max_bytes:
                     batch = self._roll_batch()
-                batch.add(stream, entry_id, normalize(stream, entry_id, fields))
+                batch.add(stream, entry_id, normalize(stream, entry_id, fields, joined), size)
             added += len(items)
         self.stats.read += added
-        return added
+        return largest
 
     def _add_pending(self, groups: list[tuple[str, list[Any]]]) -> int:
-        """Our own pending entries, re-read at start or after a reconnect: count deliveries, skip held ones."""
+        """Our own pending entries, re-read at start or after a reconnect: count deliveries, skip held ones.
+        Returns the size of the largest entry read."""
         held = {(stream, i) for stream, ids in self._held_ids_by_stream().items() for i in ids}
         entries = []
         for stream, items in groups:
@@ -246,8 +335,7 @@ class Pipeline:
                     continue  # still on its way to the store from before the reconnect
                 prior = self._prior_deliveries.pop((stream, entry_id), 0)
                 entries.append(Entry(stream, entry_id, pairs_to_dict(fields) or None, prior + 1))
-        self._add(entries)
-        return sum(len(items) for _, items in groups)
+        return self._add(entries)
 
     def _roll_batch(self) -> Batch:
         """batch_max_rows is a hard bound: a full batch queues for the write slot and a new one starts."""
@@ -255,22 +343,46 @@ class Pipeline:
         self._batch = self._new_batch()
         return self._batch
 
-    def _add(self, entries: Iterable[Entry]) -> None:
-        """Entries with a delivery history (re-read, reclaimed, deleted while pending): the checked path."""
+    def _add(self, entries: Iterable[Entry]) -> int:
+        """Entries with a delivery history (re-read, reclaimed, deleted while pending): the checked path.
+        Returns the size of the largest entry."""
         max_deliveries = self.settings.max_deliveries
+        largest = 0
         for entry in entries:
             batch = self._batch if not self._batch.full else self._roll_batch()
+            size = entry_bytes(entry.fields)
+            largest = max(largest, size)
             self.stats.read += 1
+            if entry.deliveries > 1:
+                batch.deliveries[(entry.stream, entry.entry_id)] = entry.deliveries
             if entry.deliveries > max_deliveries:
                 self.stats.poison += 1
-                batch.add(entry.stream, entry.entry_id, Rejection(
-                    entry.stream, entry.entry_id, f"delivered {entry.deliveries} times without being stored "
-                    f"(over FLOWTRACK_MAX_DELIVERIES={max_deliveries})", _raw(entry)))
+                reason = (f"delivered {entry.deliveries} times without being stored "
+                          f"(over FLOWTRACK_MAX_DELIVERIES={max_deliveries})")
+                batch.add(entry.stream, entry.entry_id,
+                          Rejection(stored_key(entry.stream), entry.entry_id, reason, _raw(entry)), size)
                 continue
             if entry.fields is None:
                 self.stats.deleted_while_pending += 1
             batch.add(entry.stream, entry.entry_id,
-                      self.normalizer.normalize(entry.stream, entry.entry_id, entry.fields))
+                      self.normalizer.normalize(entry.stream, entry.entry_id, entry.fields), size)
+        return largest
+
+    def _report_losses(self) -> None:
+        """Streams that vanished (DEL, FLUSHDB) with entries pending on other consumers: those entries are gone
+        with their stream and Redis cannot give them back. Count them, log them, and record one rejected row per
+        stream (reason with the count and id range) so `flowtrack status` and `flowtrack rejected` show the loss."""
+        while self.source.lost:
+            self._record_loss(self.source.lost.pop(0))
+
+    def _record_loss(self, lost: LostStream) -> None:
+        seen = lost.pending
+        self.stats.lost_with_stream += seen.others
+        reason = (f"stream deleted with {seen.others} entries pending on other consumers (ids {seen.first_id}.."
+                  f"{seen.last_id}, as of the last claim round): Redis cannot give them back")
+        log.error("%s: %s", printable(lost.stream), reason)
+        batch = self._batch if not self._batch.full else self._roll_batch()
+        batch.add(lost.stream, seen.first_id, Rejection(stored_key(lost.stream), seen.first_id, reason, "{}"))
 
     async def _claim(self) -> None:
         result = await self.source.claim_idle(self.settings.claim_idle_ms, self.settings.read_count)
@@ -280,6 +392,8 @@ class Pipeline:
             log.error("%d pending entries were deleted from their streams before being processed "
                       "(trimmed or XDEL'd); first: %s", len(result.deleted_ids), result.deleted_ids[0])
             self._add(Entry(stream, entry_id, None) for stream, entry_id in result.deleted_ids)
+        if result.entries or result.deleted_ids:
+            self._reads_with_entries += 1
         if result.entries:
             self.stats.claimed += len(result.entries)
             log.info("reclaimed %d idle pending entries from other consumers", len(result.entries))
@@ -364,11 +478,20 @@ class Pipeline:
             self._reap_write()
 
     def _new_batch(self) -> Batch:
-        return Batch(self.settings.batch_max_rows, self.settings.batch_max_wait_s)
+        # Half the byte budget per batch, like rows: one batch being written while the next one fills.
+        return Batch(self.settings.batch_max_rows, self.settings.batch_max_wait_s,
+                     max(1, self.settings.max_inflight_bytes // 2))
 
 
 def _raw(entry: Entry) -> str:
     return raw_json(entry.fields or {})
+
+
+def entry_bytes(fields: Mapping[Any, Any] | None) -> int:
+    """Names + values of an entry as read (0 for a deleted one)."""
+    if not fields:
+        return 0
+    return sum(map(len, fields)) + sum(map(len, fields.values()))
 
 
 # CPython's default thresholds (700, 10, 10) run a full collection every fraction of a second over the whole

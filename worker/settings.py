@@ -55,6 +55,10 @@ class Settings:
     # Backpressure: at most this many entries read but not yet acknowledged. Two batches: one being
     # written while the next one fills; more only adds memory (and GC work) without adding overlap.
     max_inflight_rows: int = 20000
+    # ... and at most this many bytes of entries (names + values as read): entries can be large (a 10 MB one
+    # costs as much as 50k small ones). A batch flushes at half of it; reads shrink their COUNT after large
+    # entries (README, "Reliability").
+    max_inflight_bytes: int = 256 * 1024 * 1024
 
     # Reliability
     claim_idle_ms: int = 60000
@@ -101,6 +105,8 @@ class Settings:
             raise ConfigError("max_deliveries must be at least 1 (the first delivery is never poison)")
         if self.max_inflight_rows < self.batch_max_rows:
             raise ConfigError("max_inflight_rows must be at least batch_max_rows")
+        if self.max_inflight_bytes < 1024 * 1024:
+            raise ConfigError("max_inflight_bytes must be at least 1 MiB (1048576)")
         if self.block_ms >= self.socket_timeout_s * 1000:
             raise ConfigError("block_ms must be shorter than socket_timeout_s, or reads time out")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):

@@ -1,8 +1,9 @@
 """Sink: write one batch of normalized events and rejections to ClickHouse, idempotently.
 
 A batch is written column-wise with an ``insert_deduplication_token`` that is a function of the
-exact set of stream entries it holds, so a batch that is re-inserted after a crash between insert
-and ack is dropped by ClickHouse (and, beyond the dedup window, hidden by ReplacingMergeTree FINAL).
+exact rows it holds (every value, not only the entry ids), so a batch that is re-inserted after a crash between
+insert and ack is dropped by ClickHouse (and, beyond the dedup window, hidden by ReplacingMergeTree FINAL), while
+a batch that reuses entry ids with other content (Redis lost its data) is a new insert, never silently dropped.
 
 Failures are classified: a transient one (server down, timeout, disk) raises
 StoreUnavailableError and the caller retries the whole batch; a data error makes the sink split
@@ -12,12 +13,15 @@ the batch to isolate the rows ClickHouse refuses, which become rejections while 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
+
+import orjson
 
 from worker.errors import StoreRejectedError, StoreUnavailableError
 from worker.normalize import FlowEvent, Rejection, raw_json
@@ -29,8 +33,6 @@ EVENT_COLUMNS = ("event_id", "user_id", "session_id", "node_id", "parent_id", "e
                  "attributes", "source_stream", "source_id", "is_end", "is_error", "ingested_at")
 REJECTED_COLUMNS = ("received_at", "source_stream", "source_id", "reason", "raw")
 _EVENT_GETTERS = tuple(itemgetter(i) for i in range(len(FlowEvent._fields)))
-_SOURCE_STREAM = FlowEvent._fields.index("source_stream")
-_SOURCE_ID = FlowEvent._fields.index("source_id")
 
 # A batch at least this large whose every row is refused says more about the store than about the rows.
 ALL_REFUSED_IS_OUTAGE_ROWS = 8
@@ -43,13 +45,18 @@ class WriteResult:
     inserts: int = 0
 
 
-def batch_token(keys: Sequence[tuple[str, str]]) -> str:
-    """A dedup token that is a function of the exact set of (stream, entry id) in a batch."""
-    digest = hashlib.blake2b(digest_size=20)
-    # One update over stream \0 entry-id \1 ... in sorted order: the same bytes (and digest) as one
-    # update per part, without 4 calls per entry.
-    digest.update("".join([f"{stream}\x00{entry_id}\x01" for stream, entry_id in sorted(keys)]).encode())
-    return digest.hexdigest()
+def batch_token(columns: Sequence[Sequence[object]]) -> str:
+    """A dedup token that is a function of the exact rows of an insert: every value of every column, in order.
+
+    ClickHouse drops an insert whose token it has seen, whatever its data: a token of the entry ids alone would
+    drop a batch that reuses ids with other content. One orjson pass + blake2b: ~0.35 us per row, less than the
+    sorted id list it replaces.
+    """
+    try:
+        data = orjson.dumps(columns)
+    except orjson.JSONEncodeError:  # a value orjson cannot write (none expected): the exact text, still
+        data = json.dumps(columns, default=repr).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, digest_size=20).hexdigest()
 
 
 _DELETE_EVENTS = ("DELETE FROM flowtrack.events "
@@ -119,13 +126,14 @@ class Sink:
         # and those allocations trigger GC passes over every live event. FlowEvent field order equals
         # EVENT_COLUMNS minus ingested_at.
         columns: list[list[Any]] = [list(map(getter, events)) for getter in _EVENT_GETTERS]
-        token = batch_token(list(zip(columns[_SOURCE_STREAM], columns[_SOURCE_ID], strict=True)))
+        token = batch_token(columns)  # before ingested_at: a re-insert of the same rows gets the same token
         columns.append([now_ms] * len(events))
         self._insert(f"{DATABASE}.events", columns, EVENT_COLUMNS, f"e:{token}")
 
     def _insert_rejections(self, rejections: Sequence[Rejection], now_ms: int) -> None:
-        columns = [[now_ms] * len(rejections)] + [list(col) for col in zip(*rejections, strict=True)]
-        token = batch_token([(r.source_stream, r.source_id) for r in rejections])
+        content = [list(col) for col in zip(*rejections, strict=True)]
+        token = batch_token(content)
+        columns = [[now_ms] * len(rejections), *content]
         try:
             self._insert(f"{DATABASE}.rejected", columns, REJECTED_COLUMNS, f"r:{token}")
         except StoreRejectedError as exc:

@@ -20,6 +20,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.errors import SourceUnavailableError
+from worker.normalize import printable
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,10 @@ def connect(settings: Settings) -> aioredis.Redis:
     tls: dict[str, Any] = {}
     if settings.redis_url.startswith("rediss://") and settings.tls_ca_file:
         tls["ssl_ca_certs"] = settings.tls_ca_file
+    # Keys and names from Redis are bytes and need not be UTF-8: they are decoded with surrogateescape (``text``)
+    # and encoded back the same way here, so every command addresses the exact key the reply named.
     return aioredis.Redis.from_url(
-        settings.redis_url, protocol=2, decode_responses=False,
+        settings.redis_url, protocol=2, decode_responses=False, encoding_errors="surrogateescape",
         socket_timeout=settings.socket_timeout_s, socket_connect_timeout=min(5.0, settings.socket_timeout_s),
         health_check_interval=30, **tls,
     )
@@ -84,6 +87,31 @@ async def guarded(call: Callable[[], Awaitable[T]]) -> T:
         raise
 
 
+def vanished(exc: BaseException) -> bool:
+    """The error says a stream or its group no longer exists (DEL, FLUSHDB, expiry, XGROUP DESTROY): NOGROUP from
+    group commands, UNBLOCKED for a blocked XREADGROUP whose key was deleted, 'no such key' from XINFO."""
+    message = str(exc)
+    return isinstance(exc, ResponseError) and (
+        message.startswith(("NOGROUP", "UNBLOCKED")) or "no such key" in message)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingSnapshot:
+    """The group's pending entries of one stream as last seen (each claim round): what a DEL would take along."""
+
+    others: int  # pending on other consumers: their data is in Redis only
+    first_id: str
+    last_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class LostStream:
+    """A stream that vanished with entries pending on other consumers: Redis cannot give those back."""
+
+    stream: str
+    pending: PendingSnapshot
+
+
 class Source:
     def __init__(self, settings: Settings, redis: aioredis.Redis | None = None) -> None:
         self.settings = settings
@@ -97,6 +125,9 @@ class Source:
         # Per stream: the id to read from. An explicit id re-reads our own pending entries; ">" reads new ones.
         self._cursor: dict[str, str] = {}
         self._last_scan = 0.0
+        self._pending_seen: dict[str, PendingSnapshot] = {}
+        # Streams found gone (with a last snapshot of entries pending on others), for the pipeline to report.
+        self.lost: list[LostStream] = []
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -126,7 +157,7 @@ class Source:
     async def _scan(self, pattern: str) -> list[str]:
         keys = []
         async for key in self.redis.scan_iter(match=pattern, count=1000, _type="stream"):
-            keys.append(key.decode())
+            keys.append(text(key))
         return sorted(keys)
 
     async def _ensure_group(self, stream: str) -> None:
@@ -138,20 +169,28 @@ class Source:
                 raise
 
     async def recover(self) -> None:
-        """After Redis came back or a group vanished: re-create missing groups, re-read our pending entries.
+        """After Redis came back or a stream or group vanished: re-create missing groups, re-read our pending entries.
 
         A named stream is re-created (MKSTREAM); a stream found by pattern that no longer exists is
-        dropped from the list (the next scan picks it up again if it comes back).
+        dropped from the list (the next scan picks it up again if it comes back). A stream that no longer
+        exists took the entries pending on other consumers with it: recorded in ``lost``.
         """
         for stream in list(self.streams):
-            if not self._named(stream) and not await guarded(
-                    lambda stream=stream: self.redis.exists(stream)):  # type: ignore[misc]
-                self.streams.remove(stream)
-                self._cursor.pop(stream, None)
-                log.warning("stream %s disappeared; no longer consuming it", stream)
-                continue
+            exists = await guarded(lambda stream=stream: self.redis.exists(stream))  # type: ignore[misc]
+            if not exists:
+                self._record_loss(stream)
+                if not self._named(stream):
+                    self.streams.remove(stream)
+                    self._cursor.pop(stream, None)
+                    log.warning("stream %s disappeared; no longer consuming it", printable(stream))
+                    continue
             await guarded(lambda stream=stream: self._ensure_group(stream))  # type: ignore[misc]
             self._cursor[stream] = "0"
+
+    def _record_loss(self, stream: str) -> None:
+        seen = self._pending_seen.pop(stream, None)
+        if seen is not None and seen.others:
+            self.lost.append(LostStream(stream, seen))
 
     def _named(self, stream: str) -> bool:
         return stream in self.settings.streams
@@ -172,7 +211,7 @@ class Source:
             reply: Any = await guarded(lambda: self.redis.xreadgroup(
                 self.group, self.consumer, targets, count=count, block=block))  # type: ignore[arg-type]
         except ResponseError as exc:
-            if "NOGROUP" in str(exc):
+            if vanished(exc):
                 log.warning("a stream or its group disappeared; re-creating: %s", exc)
                 await self.recover()
                 return []
@@ -205,7 +244,7 @@ class Source:
                 results = await pipe.execute(raise_on_error=False)
             acked = 0
             for result in results:
-                if isinstance(result, ResponseError) and "NOGROUP" in str(result):
+                if vanished(result):
                     # Redis lost the group (restarted empty, stream deleted): nothing left to acknowledge.
                     log.warning("cannot acknowledge, the group is gone: %s", result)
                 elif isinstance(result, Exception):
@@ -231,31 +270,44 @@ class Source:
             if len(result.entries) >= count:
                 break
             try:
-                candidates = await self._idle_pending_of_others(stream, min_idle_ms, count - len(result.entries))
-                if not candidates:
-                    continue
-                claimed = await guarded(lambda stream=stream, ids=list(candidates): self.redis.xclaim(  # type: ignore[misc]
-                    stream, self.group, self.consumer, min_idle_ms, ids))
+                await self._claim_from(stream, min_idle_ms, count - len(result.entries), result)
             except ResponseError as exc:
-                if "NOGROUP" in str(exc):
+                if vanished(exc):
                     await self.recover()
                     continue
                 raise
-            returned: set[str] = set()
-            for item in claimed or ():
-                if item is None or item[0] is None:
-                    continue  # Redis 6.2 answers (nil, nil) for a deleted entry; found as missing below
-                entry_id = text(item[0])
-                returned.add(entry_id)
-                fields: Fields = item[1] or None  # type: ignore[assignment]
-                if fields is None:
-                    result.deleted_ids.append((stream, entry_id))
-                    continue
-                result.entries.append(Entry(stream, entry_id, fields, candidates[entry_id] + 1))
-            missing = [i for i in candidates if i not in returned]
-            if missing:
-                result.deleted_ids.extend((stream, i) for i in await self._deleted(stream, missing))
         return result
+
+    async def _claim_from(self, stream: str, min_idle_ms: int, limit: int, result: ClaimResult) -> None:
+        await self._snapshot_pending(stream)
+        candidates = await self._idle_pending_of_others(stream, min_idle_ms, limit)
+        if not candidates:
+            return
+        claimed = await guarded(lambda: self.redis.xclaim(
+            stream, self.group, self.consumer, min_idle_ms, list[Any](candidates)))
+        returned: set[str] = set()
+        for item in claimed or ():
+            if item is None or item[0] is None:
+                continue  # Redis 6.2 answers (nil, nil) for a deleted entry; found as missing below
+            entry_id = text(item[0])
+            returned.add(entry_id)
+            fields: Fields = item[1] or None  # type: ignore[assignment]
+            if fields is None:
+                result.deleted_ids.append((stream, entry_id))
+                continue
+            result.entries.append(Entry(stream, entry_id, fields, candidates[entry_id] + 1))
+        missing = [i for i in candidates if i not in returned]
+        if missing:
+            result.deleted_ids.extend((stream, i) for i in await self._deleted(stream, missing))
+
+    async def _snapshot_pending(self, stream: str) -> None:
+        """XPENDING's summary (one call, per consumer counts): what a DEL of the stream would take along."""
+        summary: Any = await guarded(lambda: self.redis.xpending(stream, self.group))
+        others = sum(int(c["pending"]) for c in summary.get("consumers") or () if text(c["name"]) != self.consumer)
+        if others:
+            self._pending_seen[stream] = PendingSnapshot(others, text(summary["min"]), text(summary["max"]))
+        else:
+            self._pending_seen.pop(stream, None)
 
     async def _idle_pending_of_others(self, stream: str, min_idle_ms: int, limit: int) -> dict[str, int]:
         """Pending entries idle >= min_idle_ms owned by other consumers: entry id -> times delivered."""
@@ -307,12 +359,36 @@ class Source:
 
         await guarded(_touch)
 
+    async def uncount_delivery(self, by_count: dict[int, dict[str, list[str]]]) -> None:
+        """Take back the delivery of entries that could not be stored because the store was down: set each one's
+        delivery count to what it was before this delivery (XCLAIM ... RETRYCOUNT n JUSTID). An outage then never
+        counts towards FLOWTRACK_MAX_DELIVERIES, however often the worker is restarted during it; a delivery
+        that ends in a crash (no store failure seen) still counts, which is how poison is recognised."""
+        if not by_count:
+            return
+
+        async def _reset() -> None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for count, by_stream in by_count.items():
+                    for stream, ids in by_stream.items():
+                        for start in range(0, len(ids), 1000):
+                            pipe.xclaim(stream, self.group, self.consumer, 0, list[Any](ids[start:start + 1000]),
+                                        retrycount=max(0, count - 1), justid=True)
+                await pipe.execute(raise_on_error=False)  # a stream gone meanwhile has nothing to reset
+
+        await guarded(_reset)
+
     async def own_pending_counts(self) -> dict[tuple[str, str], int]:
         """Delivery counts of this consumer's pending entries (read at start, before re-reading them)."""
         counts: dict[tuple[str, str], int] = {}
         for stream in self.streams:
-            rows = await guarded(lambda stream=stream: self.redis.xpending_range(  # type: ignore[misc]
-                stream, self.group, min="-", max="+", count=100000, consumername=self.consumer))
+            try:
+                rows = await guarded(lambda stream=stream: self.redis.xpending_range(  # type: ignore[misc]
+                    stream, self.group, min="-", max="+", count=100000, consumername=self.consumer))
+            except ResponseError as exc:
+                if not vanished(exc):
+                    raise
+                continue  # gone since it was found: the next read notices and recovers
             for row in rows:
                 counts[(stream, text(row["message_id"]))] = int(row["times_delivered"])
         return counts
@@ -324,7 +400,7 @@ class Source:
             try:
                 info = await guarded(lambda stream=stream: self.redis.xpending(stream, self.group))  # type: ignore[misc]
             except ResponseError as exc:
-                if "NOGROUP" in str(exc):
+                if vanished(exc):
                     await self.recover()
                     continue
                 raise
@@ -339,7 +415,12 @@ class Source:
         """
         total = 0
         for stream in self.streams:
-            groups = await guarded(lambda stream=stream: self.redis.xinfo_groups(stream))  # type: ignore[misc]
+            try:
+                groups = await guarded(lambda stream=stream: self.redis.xinfo_groups(stream))  # type: ignore[misc]
+            except ResponseError as exc:
+                if not vanished(exc):
+                    raise
+                continue  # nothing unread in a stream that is gone
             group = next((g for g in groups if text(g["name"]) == self.group), None)
             if group is None:
                 continue
@@ -358,8 +439,10 @@ def _raw_reply(response: Any, **options: Any) -> Any:
 
 
 def text(value: Any) -> str:
-    """A Redis reply value (bytes with RESP2) as str."""
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """A Redis reply value (bytes with RESP2) as str; bytes that are not UTF-8 become lone surrogates
+    (surrogateescape), which the client encodes back to the same bytes: keys round-trip exactly, nothing raises.
+    Show such a name with ``printable``; store it with ``stored_key``."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
 def parse_id(entry_id: str) -> tuple[int, int]:

@@ -70,6 +70,7 @@ class Stats:
     batches: int = 0
     claimed: int = 0
     deleted_while_pending: int = 0
+    lost_with_stream: int = 0  # entries pending on other consumers when their stream was deleted
     poison: int = 0
     trimmed: int = 0
     sink_failures: int = 0
@@ -104,6 +105,10 @@ class Stats:
         self.insert_seconds_hist.observe(seconds)
         if len(self.insert_latencies_s) > 4096:
             del self.insert_latencies_s[:2048]
+        self.sink_failing_since = None
+
+    def record_store_reachable(self) -> None:
+        """The store answered (e.g. the migration at start): an outage seen before it is over."""
         self.sink_failing_since = None
 
     def record_sink_failure(self, error: str) -> None:

@@ -43,7 +43,7 @@ from typing import Any
 import orjson
 import redis
 
-from worker.normalize import derive_event_id
+from worker.normalize import derive_event_id, mapping_digest
 from worker.producer import ProduceConfig, encode, generate_flows, interleave
 from worker.redisserver import RedisServer, find_redis_server
 
@@ -176,7 +176,7 @@ class Workload:
                 pipe.xadd(stream, fields)  # type: ignore[arg-type]
             ids = pipe.execute()
             with self._lock:
-                for (stream, _, kind, event_id), raw_id in zip(plan, ids, strict=True):
+                for (stream, fields, kind, event_id), raw_id in zip(plan, ids, strict=True):
                     entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
                     key = (stream, entry_id)
                     self.streams.add(stream)
@@ -186,7 +186,8 @@ class Workload:
                         self.poison.add(key)
                         self.poison_ids.add(event_id or "")
                     else:
-                        self.expected[event_id or derive_event_id(stream, entry_id)] = key
+                        derived = derive_event_id(stream, entry_id, mapping_digest(fields))  # type: ignore[arg-type]
+                        self.expected[event_id or derived] = key
             done += n
             if rate_per_s:
                 ahead_s = done / rate_per_s - (time.monotonic() - started)
