@@ -270,7 +270,13 @@ class Normalizer:
             if ts_ms >= MAX_TS_MS:
                 return None
         else:
-            return None
+            # ISO-8601 text, epoch seconds with a fraction, JSON numbers: the checked parse itself (one call, no
+            # per-field helpers around it), so both paths agree by construction; its rejection is the checked
+            # path's to give.
+            try:
+                ts_ms = _timestamp_ms(stamp, entry_id)
+            except _Reject:
+                return None
         event_id = get("event_id")
         if event_id is None or event_id == "" or (type(event_id) is str and event_id.isspace()):
             # derive_event_id and content_digest, inlined on the hot path
@@ -443,10 +449,11 @@ def _epoch_to_ms(number: float) -> int:
 
 
 def _parse_timestamp_text(text: str) -> int:
-    try:
-        return _epoch_to_ms(float(text))
-    except ValueError:
-        pass
+    if not (text[4:5] == "-" and text[:4].isdigit()):  # "2026-…" is never a number: skip float()'s exception
+        try:
+            return _epoch_to_ms(float(text))
+        except ValueError:
+            pass
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
