@@ -95,3 +95,19 @@ def test_timestamp_forms_agree_and_reject_alike(envelope: str) -> None:
             assert got.ts_ms == 1_795_516_265_123 - offset_ms
         if stamp in ("2026-13-01T00:00:00Z", "1969-12-31T23:59:59Z", "2200-01-01T00:00:00Z", "2026-11-24Tnoon"):
             assert isinstance(got, Rejection) and "timestamp" in got.reason
+
+
+@pytest.mark.parametrize("pairs", [
+    [b"session_id", b"s\x00x", b"node_id", b"n", b"event_type", b"t"],           # a NUL inside a value
+    [b"session_id", b"s", b"no\x00de", b"n", b"node_id", b"n", b"event_type", b"t"],  # inside a name
+    [b"session_id", b"s", b"node_id", b"\xc3", b"event_type", b"\xa9t"],          # invalid across a boundary
+    [b"session_id", b"s", b"node_id", b"n", b"event_type", b"t\xff"],             # invalid value
+    [b"session_id", b"s", b"node_id", b"n", b"event_type", b"", b"k", b""],       # empty values
+    [b"data", b'{"session_id": "s", "node_id": "n", "event_type": "t", "z": "\\u0000"}'],
+])
+def test_the_joined_decode_gives_what_the_per_field_decode_gives(pairs: list[bytes]) -> None:
+    normalizer = Normalizer()
+    got = normalizer.normalize_pairs("flow_events:7", "1700000000000-0", list(pairs))
+    expected = normalizer.normalize("flow_events:7", "1700000000000-0", dict(zip(pairs[::2], pairs[1::2],
+                                                                                 strict=True)))
+    assert got == expected
