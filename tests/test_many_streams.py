@@ -314,3 +314,36 @@ def test_packed_acks_acknowledge_like_xack_and_return_error_replies(redis_server
     assert sum(r for r in replies if isinstance(r, int)) == 3 * len(streams)
     assert [type(r) for r in replies if not isinstance(r, int)] == [redis.ResponseError]
     assert sum(redis_client.xpending(s, GROUP)["pending"] for s in streams) == 0
+
+
+def test_at_a_steady_rate_batches_fill_for_their_wait_instead_of_flushing_after_every_read(
+        redis_server: RedisServer, redis_client: redis.Redis, clickhouse_url: str, store: Store) -> None:
+    streams = STREAMS[:10]
+    pipe = redis_client.pipeline(transaction=False)
+    for stream in streams:
+        pipe.xgroup_create(stream, "flowtrack", id="$", mkstream=True)
+    pipe.execute()
+    settings = make_settings(redis_server.url, clickhouse_url, streams=("flow_events:*",), batch_max_wait_s=0.25,
+                             block_ms=200)
+
+    async def run() -> int:
+        pipeline = Pipeline(settings)
+        task = asyncio.create_task(pipeline.run())
+        writer = aioredis.Redis.from_url(redis_server.url, protocol=2)
+        try:
+            await asyncio.sleep(2)
+            for n in range(300):  # ~3 s at ~100 events/s, one event at a time
+                await writer.xadd(streams[n % 10], {"session_id": f"s-{n}", "node_id": "n", "event_type": "t"})
+                await asyncio.sleep(0.01)
+            while pipeline.stats.acked < 300:
+                await asyncio.sleep(0.05)
+            pipeline.request_stop()
+            await asyncio.wait_for(task, timeout=10)
+        finally:
+            await writer.aclose()
+            await pipeline.close()
+        return pipeline.stats.batches
+
+    batches = asyncio.run(run())
+    assert batches <= 30, batches  # ~3.5 s of events at one batch per 0.25 s wait: ~14, not one per event
+    assert _count(store, "SELECT count() FROM flowtrack.flow_events") == 300

@@ -223,7 +223,8 @@ class Pipeline:
         self._reap_write()
         if self._ready and self._writing is None:
             self._start_write(self._ready.pop(0))
-        if self._batch.due() or (got == 0 and self._batch.rows and self._writing is None):
+        # Nothing read: flush what there is, once every stream was looked at (not after one quiet slice of many).
+        if self._batch.due() or (got == 0 and self.source.caught_up and self._batch.rows and self._writing is None):
             await self._flush()
         if (drain and got == 0 and self.source.caught_up and not self._batch.rows and not self._ready
                 and self._writing is None):

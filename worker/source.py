@@ -255,7 +255,10 @@ class Source:
             packed = self._packed.from_ids(pending, count)
         else:
             start, chosen = self._rotation.next_slice(size)
-            block = block_ms if self._rotation.caught_up else None
+            # One slice holding every stream blocks as a single read always did (a batch fills for its wait); of
+            # several slices, only once a whole turn found nothing (a slice's silence says nothing of the others).
+            whole = len(chosen) >= len(self.streams)
+            block = block_ms if whole or self._rotation.caught_up else None
             packed = self._packed.new_entries((self._rotation.version, start, len(chosen)), chosen, count, block)
         try:
             reply: Any = await guarded(lambda: execute_packed(self.redis, packed))
