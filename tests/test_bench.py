@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -18,7 +20,8 @@ def test_bench_reports_every_figure_and_verifies_exactly_once() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWTRACK_")}
     proc = subprocess.run(
         [sys.executable, "-m", "worker.cli", "bench", "--events", "3000", "--streams", "5", "--latency-s", "2",
-         "--rate", "500", "--naive-events", "30", "--naive-max-s", "5", "--json"],
+         "--rate", "500", "--naive-events", "30", "--naive-max-s", "5", "--idle-s", "1", "--probes", "4",
+         "--json"],
         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
@@ -33,16 +36,23 @@ def test_bench_reports_every_figure_and_verifies_exactly_once() -> None:
     assert result["pipeline"]["peak_rss_mb"] > 0
     assert result["naive"]["extrapolated"] is True and result["naive"]["events"] == 30
 
+    assert result["shape"] == "mixed"  # the default: every contract shape, a few entries invalid on purpose
     verification = result["verification"]
     assert verification["ok"] is True, verification
-    assert verification["stored_rows"] == verification["visible_rows"] == verification["produced"] == 3000
-    assert verification["missing"] == verification["duplicated"] == verification["rejected"] == 0
+    assert verification["produced"] == 3000
+    assert 0 < verification["expected_rejected"] < 300
+    assert verification["rejected"] == verification["expected_rejected"]
+    assert verification["stored_rows"] == verification["visible_rows"] == 3000 - verification["rejected"]
+    assert verification["missing"] == verification["duplicated"] == verification["wrongly_rejected"] == 0
 
     latency = result["latency"]
     assert latency["produced"] == 1000
     assert latency["stored"] == latency["produced"]
     assert 0 <= latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"]
     assert latency["peak_rss_mb"] > 0
+    assert latency["probes"] == latency["probes_stored"] == 4
+    assert 0 <= latency["probe_p50_ms"] <= latency["probe_p99_ms"]
+    assert latency["idle_s"] > 0 and latency["idle_cpu_pct"] >= 0
 
     assert result["pipeline_over_floor"] > 0 and result["pipeline_over_naive"] > 0
     assert isinstance(result["passed"], bool)
@@ -77,3 +87,27 @@ def test_bench_on_a_backlog_too_small_to_judge_says_so_instead_of_fail() -> None
     result = json.loads(as_json.stdout)
     assert result["verdict"] == "NO VERDICT" and result["passed"] is False
     assert result["verification"]["ok"] is True and result["verdict_min_events"] == 1000
+
+
+@pytest.mark.parametrize("shape", ["flat-iso", "json"])
+def test_bench_other_shapes_store_every_entry_exactly_once(shape: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWTRACK_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "bench", "--events", "1500", "--streams", "300", "--shape", shape,
+         "--latency-s", "0", "--naive-max-s", "0", "--json"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["shape"] == shape and result["streams"] == 300
+    verification = result["verification"]
+    assert verification["ok"] is True, verification
+    assert verification["stored_rows"] == verification["visible_rows"] == 1500
+    assert verification["rejected"] == verification["expected_rejected"] == 0
+    assert 0 < result["streams_with_entries"] <= 300  # the rest exist empty, as users without a session yet
+
+
+def test_bench_refuses_an_unknown_shape() -> None:
+    proc = subprocess.run([sys.executable, "-m", "worker.cli", "bench", "--shape", "xml"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "--shape must be one of flat-epoch, flat-iso, json, mixed" in proc.stderr + proc.stdout

@@ -1,14 +1,15 @@
 """Benchmark: flowtrack against the bare XREADGROUP+XACK floor and a naive per-event consumer, in one run.
 
-``flowtrack bench`` starts a private redis-server, writes N flat events over per-user streams, then
-measures over that same backlog (a fresh consumer group per measurement, so each reads the identical
-data):
+``flowtrack bench`` starts a private redis-server, writes N events of one shape (``--shape``: flat-epoch,
+flat-iso, json, or mixed, the default: every contract shape and a few invalid entries) over per-user streams,
+then measures over that same backlog (a fresh consumer group per measurement, so each reads the identical data):
 
 - floor: a bare XREADGROUP + XACK loop doing no processing at all (same client library, same count);
 - pipeline: ``flowtrack run --drain`` as K subprocesses (start-up included) into fresh embedded stores,
   then checks that every produced entry is stored exactly once (read back with ``flowtrack sql``);
 - naive: read one entry, normalize it, insert it, ack it (on a subset, rate extrapolated);
-- latency: a worker running while a producer writes at a steady rate; p50/p99 of ``ingested_at - ts``;
+- latency: a worker running while a producer writes at a steady rate; p50/p99 of ``ingested_at - ts``; then,
+  caught up, the worker's CPU while idle and the time to store one event added to a random stream (probes);
 - memory: peak RSS (ru_maxrss) of every worker process.
 """
 
@@ -19,7 +20,9 @@ import contextlib
 import csv
 import gc
 import io
+import itertools
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -47,7 +50,7 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from worker.errors import FlowtrackError
-from worker.producer import ProduceConfig, produce
+from worker.producer import ProduceConfig, Shape, produce
 from worker.redisserver import RedisServer, find_redis_server
 from worker.settings import Settings
 
@@ -57,7 +60,10 @@ PIPELINE_GROUP = "bench-pipeline"
 NAIVE_GROUP = "bench-naive"
 LATENCY_GROUP = "bench-latency"
 BACKLOG_PREFIX = "bench_events"
+GROUP_CHUNK = 2000  # commands per pipeline when touching every stream
+PROGRESS_SAMPLE = 1000  # streams polled for the progress bar while a worker drains
 LIVE_PREFIX = "bench_live"
+PROBE_PREFIX = "probe-"  # session ids of the probe events (the latency queries spell it out)
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -67,6 +73,7 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 # smaller backlog judges the start-up, not the throughput: no PASS/FAIL on it (100k events gave 0.23 here).
 VERDICT_MIN_EVENTS = 400_000
 PASS, FAIL, NO_VERDICT = "PASS", "FAIL", "NO VERDICT"
+BENCH_SHAPES = ("flat-epoch", "flat-iso", "json", "mixed")
 
 
 @dataclass
@@ -82,6 +89,13 @@ class BenchConfig:
     seed: int = 7
     keep: bool = False
     verdict_min_events: int = VERDICT_MIN_EVENTS  # fewer events: throughput not judged (0 = always judge)
+    shape: Shape = "mixed"
+    invalid_ratio: float = 0.03  # mixed shape only: entries written to be rejected
+    idle_s: float = 10.0  # CPU of the caught-up worker measured over this long (0 = skip, with the probes)
+    probes: int = 30  # single events added to random streams of a caught-up worker, one at a time
+    max_p99_ms: float = 1000.0  # latency and probe p99 above this fail the verdict
+    max_idle_cpu_pct: float = 5.0
+    max_rss_mb: float = 500.0
 
 
 @dataclass
@@ -115,6 +129,12 @@ class LatencyResult:
     p99_ms: float = 0.0
     max_ms: float = 0.0
     peak_rss_mb: float = 0.0
+    idle_s: float = 0.0
+    idle_cpu_pct: float = 0.0  # of one core, caught up, nothing arriving
+    probes: int = 0
+    probes_stored: int = 0
+    probe_p50_ms: float = 0.0
+    probe_p99_ms: float = 0.0
     note: str = "ingested_at is stamped when the batch write starts; ts by the producer's wall clock"
 
 
@@ -128,12 +148,16 @@ class Verification:
     duplicated: int = 0
     unexpected: int = 0
     rejected: int = 0
+    expected_rejected: int = 0  # entries the producer wrote to break the contract
+    wrongly_rejected: int = 0  # rejected although valid, or invalid and stored
 
 
 @dataclass
 class BenchResult:
     events: int
     streams: int
+    shape: str
+    streams_with_entries: int
     redis_server: str
     produce: PhaseResult
     floor: PhaseResult
@@ -149,6 +173,7 @@ class BenchResult:
     passed: bool
     verdict: str = PASS  # PASS, FAIL, or NO VERDICT (exactly once held, but too few events to judge throughput)
     verdict_min_events: int = VERDICT_MIN_EVENTS
+    failures: list[str] = field(default_factory=list)  # every target missed, in words
 
     def to_json(self) -> str:
         return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2).decode()
@@ -249,10 +274,12 @@ def _sql_csv(store_url: str, sql: str) -> list[list[str]]:
 
 async def _group_progress(redis: aioredis.Redis, streams: Sequence[str], group: str) -> tuple[int, int]:
     """(entries delivered to the group, entries still pending) over the streams."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for stream in streams:
-            pipe.xinfo_groups(stream)
-        replies = await pipe.execute()
+    replies: list[Any] = []
+    for start in range(0, len(streams), GROUP_CHUNK):
+        async with redis.pipeline(transaction=False) as pipe:
+            for stream in streams[start:start + GROUP_CHUNK]:
+                pipe.xinfo_groups(stream)
+            replies.extend(await pipe.execute())
     delivered = pending = 0
     for stream_groups in replies:
         for info in stream_groups:
@@ -264,6 +291,21 @@ async def _group_progress(redis: aioredis.Redis, streams: Sequence[str], group: 
     return delivered, pending
 
 
+async def _create_groups(redis: aioredis.Redis, streams: Sequence[str], group: str) -> None:
+    """The group on every stream (created empty if missing), in pipelined chunks: 50,000 streams in seconds."""
+    for start in range(0, len(streams), GROUP_CHUNK):
+        async with redis.pipeline(transaction=False) as pipe:
+            for stream in streams[start:start + GROUP_CHUNK]:
+                pipe.xgroup_create(stream, group, id="0", mkstream=True)
+            await pipe.execute()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # -- the benchmark -----------------------------------------------------------------------------------
 class Bench:
     def __init__(self, config: BenchConfig, progress: Progress | None = None) -> None:
@@ -272,7 +314,9 @@ class Bench:
         self.workdir = Path(tempfile.mkdtemp(prefix="flowtrack-bench-"))
         self.settings = Settings.from_env()  # the workers' settings (tuning variables pass through)
         self.ids: list[tuple[str, str]] = []
-        self.backlog_streams: list[str] = []
+        self.invalid: set[tuple[str, str]] = set()  # written to break the contract: rejected, not stored
+        self.backlog_streams: list[str] = []  # every stream, with entries or not
+        self.streams_with_entries = 0
 
     def run(self) -> BenchResult:
         executable, version = pick_redis_server()
@@ -297,25 +341,31 @@ class Bench:
         latency = self._latency(url) if cfg.latency_s > 0 else None
         over_floor = pipeline.events_per_s / floor.events_per_s if floor.events_per_s else 0.0
         over_naive = pipeline.events_per_s / naive.events_per_s if naive and naive.events_per_s else None
-        verdict = judge(verification.ok and all(c == 0 for c in pipeline.exit_codes), over_floor >= cfg.min_ratio,
+        failures = missed_targets(cfg, over_floor, pipeline, latency)
+        verdict = judge(verification.ok and all(c == 0 for c in pipeline.exit_codes), not failures,
                         cfg.events >= cfg.verdict_min_events)
-        return BenchResult(cfg.events, cfg.streams, redis_version, produced, floor, floor_gc_off, count, pipeline,
-                           verification,
+        return BenchResult(cfg.events, cfg.streams, cfg.shape, self.streams_with_entries, redis_version, produced,
+                           floor, floor_gc_off, count, pipeline, verification,
                            naive, latency, round(over_floor, 3), None if over_naive is None else round(over_naive, 1),
-                           cfg.min_ratio, verdict == PASS, verdict, cfg.verdict_min_events)
+                           cfg.min_ratio, verdict == PASS, verdict, cfg.verdict_min_events, failures)
 
     # -- (0) the backlog ---------------------------------------------------------------------------
     async def _produce_backlog(self, url: str) -> PhaseResult:
         cfg = self.config
         redis = _connect(url)
         try:
-            config = ProduceConfig(users=cfg.streams, shape="flat", stream_per_user=True,
-                                   stream_prefix=BACKLOG_PREFIX, seed=cfg.seed)
+            config = ProduceConfig(users=cfg.streams, shape=cfg.shape, stream_per_user=True,
+                                   stream_prefix=BACKLOG_PREFIX, seed=cfg.seed, users_in_turn=True,
+                                   invalid_ratio=cfg.invalid_ratio if cfg.shape == "mixed" else 0.0)
             started = time.perf_counter()
             sent = await produce(redis, config, count=cfg.events, pipeline_size=5000, record_ids=self.ids,
+                                 record_invalid=self.invalid,
                                  on_progress=lambda n: self.progress("produce", n, cfg.events))
             seconds = time.perf_counter() - started
-            self.backlog_streams = sorted({stream for stream, _ in self.ids})
+            self.streams_with_entries = len({stream for stream, _ in self.ids})
+            # Every user's stream exists, like a platform's: sessions are longer than a few events, so with many
+            # streams some hold none yet (they are created empty by the groups below, and still cost a worker).
+            self.backlog_streams = [f"{BACKLOG_PREFIX}:{user}" for user in range(1, cfg.streams + 1)]
         finally:
             await redis.aclose()
         return PhaseResult(sent, round(seconds, 3), round(sent / seconds, 1))
@@ -324,16 +374,24 @@ class Bench:
     async def _floor(self, url: str, count: int, group: str = FLOOR_GROUP, phase: str = "floor") -> PhaseResult:
         redis = _connect(url)
         total = len(self.ids)
+        # One read holds at most max_inflight_rows entries, like the worker's: with many streams (COUNT 1 each),
+        # the streams are read in slices.
+        per_read = max(1, self.settings.max_inflight_rows // count)
+        slices = [{stream: ">" for stream in self.backlog_streams[start:start + per_read]}
+                  for start in range(0, len(self.backlog_streams), per_read)]
         try:
-            for stream in self.backlog_streams:
-                await redis.xgroup_create(stream, group, id="0")
-            targets: dict[Any, Any] = {stream: ">" for stream in self.backlog_streams}
+            await _create_groups(redis, self.backlog_streams, group)
             done = 0
             started = time.perf_counter()
-            while True:
-                reply: Any = await redis.xreadgroup(group, "floor", targets, count=count)
-                if not reply:
+            empty_in_a_row = 0
+            for targets in itertools.cycle(slices):
+                if empty_in_a_row == len(slices):
                     break
+                reply: Any = await redis.xreadgroup(group, "floor", targets, count=count)  # type: ignore[arg-type]
+                if not reply:
+                    empty_in_a_row += 1
+                    continue
+                empty_in_a_row = 0
                 async with redis.pipeline(transaction=False) as pipe:
                     for stream, items in reply:
                         if items:
@@ -386,6 +444,11 @@ class Bench:
 
         async def _watch() -> None:
             redis = _connect(url)
+            # Progress from a sample of the streams (at most PROGRESS_SAMPLE), scaled: polling all 50,000 would
+            # take CPU from the worker being measured.
+            sample = self.backlog_streams[::len(self.backlog_streams) // PROGRESS_SAMPLE + 1]
+            in_sample = set(sample)
+            scale = len(self.ids) / max(1, sum(1 for stream, _ in self.ids if stream in in_sample))
             try:
                 last = 0.0
                 while any(c.poll() is None for c in children):
@@ -393,8 +456,9 @@ class Bench:
                     if now - last >= 1.0:
                         last = now
                         with contextlib.suppress(Exception):
-                            delivered, pending = await _group_progress(redis, self.backlog_streams, group)
-                            self.progress(phase, max(0, delivered - pending), len(self.ids))
+                            delivered, pending = await _group_progress(redis, sample, group)
+                            done = min(len(self.ids), int(max(0, delivered - pending) * scale))
+                            self.progress(phase, done, len(self.ids))
                     await asyncio.sleep(0.01)
             finally:
                 await redis.aclose()
@@ -403,24 +467,27 @@ class Bench:
         self.progress(phase, len(self.ids), len(self.ids))
 
     def _verify(self, stores: Sequence[str]) -> Verification:
-        """Every produced entry stored exactly once over all worker stores, nothing else, nothing rejected."""
+        """Every valid entry stored exactly once over all worker stores, nothing else; every entry written to
+        break the contract rejected (once), and nothing else rejected."""
         stored: Counter[tuple[str, str]] = Counter()
-        visible = rejected = 0
+        rejected: Counter[tuple[str, str]] = Counter()
+        visible = 0
         for store in stores:
             for stream, entry_id in _sql_csv(store, "SELECT source_stream, source_id FROM flowtrack.events"):
                 stored[(stream, entry_id)] += 1
-            row = _sql_csv(store, "SELECT (SELECT count() FROM flowtrack.flow_events), "
-                                  "(SELECT count() FROM flowtrack.rejected_events)")[0]
-            visible += int(row[0])
-            rejected += int(row[1])
-        expected = set(self.ids)
+            for stream, entry_id in _sql_csv(store, "SELECT source_stream, source_id FROM flowtrack.rejected_events"):
+                rejected[(stream, entry_id)] += 1
+            visible += int(_sql_csv(store, "SELECT count() FROM flowtrack.flow_events")[0][0])
+        expected = set(self.ids) - self.invalid
         missing = sum(1 for key in expected if key not in stored)
-        duplicated = sum(1 for key, n in stored.items() if n > 1)
+        duplicated = sum(1 for key, n in stored.items() if n > 1) + sum(1 for n in rejected.values() if n > 1)
         unexpected = sum(1 for key in stored if key not in expected)
-        ok = (missing == 0 and duplicated == 0 and unexpected == 0 and rejected == 0
+        wrongly_rejected = (sum(1 for key in rejected if key not in self.invalid)
+                            + sum(1 for key in self.invalid if key not in rejected))
+        ok = (missing == 0 and duplicated == 0 and unexpected == 0 and wrongly_rejected == 0
               and visible == len(expected) and sum(stored.values()) == len(expected))
-        return Verification(ok, len(expected), sum(stored.values()), visible, missing, duplicated, unexpected,
-                            rejected)
+        return Verification(ok, len(self.ids), sum(stored.values()), visible, missing, duplicated, unexpected,
+                            sum(rejected.values()), len(self.invalid), wrongly_rejected)
 
     # -- (c) the naive consumer --------------------------------------------------------------------
     async def _naive(self, url: str) -> NaiveResult:
@@ -438,11 +505,10 @@ class Bench:
         target = min(cfg.naive_events, len(self.ids))
         done = 0
         try:
-            for stream in self.backlog_streams:
-                await redis.xgroup_create(stream, NAIVE_GROUP, id="0")
+            await _create_groups(redis, self.backlog_streams, NAIVE_GROUP)
             started = time.perf_counter()
             deadline = started + cfg.naive_max_s
-            streams = _cycle(self.backlog_streams)
+            streams = _cycle(sorted({stream for stream, _ in self.ids}))
             while done < target and time.perf_counter() < deadline:
                 stream = next(streams)
                 reply: Any = await redis.xreadgroup(NAIVE_GROUP, "naive", {stream: ">"}, count=1)
@@ -477,9 +543,8 @@ class Bench:
 
         async def _prepare() -> None:
             redis = _connect(url)
-            try:
-                for stream in streams:  # known before the worker starts: no pattern re-scan delay
-                    await redis.xgroup_create(stream, LATENCY_GROUP, id="0", mkstream=True)
+            try:  # known before the worker starts: no pattern re-scan delay
+                await _create_groups(redis, streams, LATENCY_GROUP)
             finally:
                 await redis.aclose()
 
@@ -487,8 +552,11 @@ class Bench:
         child = _spawn(_cli("run", "--log-level", "warning"),
                        _worker_env(url, store, f"{LIVE_PREFIX}:*", LATENCY_GROUP, "bench-latency"),
                        self.workdir / "latency.log")
+        idle = _Idle()
         try:
             produced = asyncio.run(self._produce_live(url, streams, child))
+            if cfg.idle_s > 0:
+                idle = asyncio.run(self._idle_and_probes(url, streams, child))
         finally:
             if child.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
@@ -505,9 +573,46 @@ class Bench:
                               "quantileExact(0.5)(toUnixTimestamp64Milli(ingested_at) - toUnixTimestamp64Milli(ts)), "
                               "quantileExact(0.99)(toUnixTimestamp64Milli(ingested_at) - toUnixTimestamp64Milli(ts)), "
                               "max(toUnixTimestamp64Milli(ingested_at) - toUnixTimestamp64Milli(ts)) "
-                              "FROM flowtrack.flow_events")[0]
+                              "FROM flowtrack.flow_events WHERE session_id NOT LIKE 'probe-%'")[0]
+        probe = _sql_csv(store, "SELECT count(), "
+                                "quantileExact(0.5)(toUnixTimestamp64Milli(ingested_at) - toUnixTimestamp64Milli(ts)), "
+                                "quantileExact(0.99)(toUnixTimestamp64Milli(ingested_at) - toUnixTimestamp64Milli(ts)) "
+                                "FROM flowtrack.flow_events WHERE session_id LIKE 'probe-%'")[0]
         return LatencyResult(cfg.rate, cfg.latency_s, produced, int(row[0]), float(row[1]), float(row[2]),
-                             float(row[3]), round(child.peak_rss_kb / 1024, 1))
+                             float(row[3]), round(child.peak_rss_kb / 1024, 1), idle.seconds, idle.cpu_pct,
+                             idle.probes, int(probe[0]), float(probe[1] or 0), float(probe[2] or 0))
+
+    async def _idle_and_probes(self, url: str, streams: list[str], child: _Child) -> _Idle:
+        """The caught-up worker: its CPU over ``idle_s`` with nothing arriving, then single events added to random
+        streams one at a time (each stored before the next, so none waits behind another)."""
+        cfg = self.config
+        rng = random.Random(cfg.seed + 2)
+        redis = _connect(url)
+        try:
+            await asyncio.sleep(1.0)  # the last batch's write and ack
+            cpu_before, started = _cpu_seconds(child.proc.pid), time.monotonic()
+            while time.monotonic() - started < cfg.idle_s:
+                self.progress("idle", int(time.monotonic() - started), int(cfg.idle_s))
+                await asyncio.sleep(0.5)
+            seconds = time.monotonic() - started
+            cpu_pct = 100 * (_cpu_seconds(child.proc.pid) - cpu_before) / seconds
+            self.progress("idle", int(cfg.idle_s), int(cfg.idle_s))
+            for n in range(cfg.probes):
+                stream = rng.choice(streams)
+                now_ms = int(time.time() * 1000)
+                await redis.xadd(stream, {"session_id": f"{PROBE_PREFIX}{n}", "node_id": "probe",
+                                          "event_type": "probe", "timestamp": str(now_ms)})
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and child.poll() is None:
+                    _, pending = await _group_progress(redis, [stream], LATENCY_GROUP)
+                    if pending == 0 and await _group_caught_up(redis, stream):
+                        break
+                    await asyncio.sleep(0.02)
+                self.progress("probes", n + 1, cfg.probes)
+                await asyncio.sleep(rng.uniform(0.05, 0.3))  # at a random point of the worker's cycle
+            return _Idle(round(seconds, 2), round(cpu_pct, 2), cfg.probes)
+        finally:
+            await redis.aclose()
 
     async def _produce_live(self, url: str, streams: list[str], child: _Child) -> int:
         cfg = self.config
@@ -524,20 +629,38 @@ class Bench:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)
             total = int(cfg.rate * cfg.latency_s)
-            config = ProduceConfig(users=cfg.streams, shape="flat", stream_per_user=True,
+            config = ProduceConfig(users=cfg.streams, shape=cfg.shape, stream_per_user=True,
                                    stream_prefix=LIVE_PREFIX, seed=cfg.seed + 1)
             sent = await produce(redis, config, count=total, rate_per_s=cfg.rate,
                                  on_progress=lambda n: self.progress("latency", n, total))
-            # Let the worker catch up: nothing undelivered, nothing pending.
+            # Let the worker catch up: nothing undelivered, nothing pending (checked less often over many streams:
+            # each check reads every stream's group).
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and child.poll() is None:
                 delivered, pending = await _group_progress(redis, streams, LATENCY_GROUP)
                 if delivered >= sent and pending == 0:
                     break
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(max(0.1, len(streams) / 20_000))
             return sent
         finally:
             await redis.aclose()
+
+
+@dataclass
+class _Idle:
+    seconds: float = 0.0
+    cpu_pct: float = 0.0
+    probes: int = 0
+
+
+async def _group_caught_up(redis: aioredis.Redis, stream: str) -> bool:
+    """The latency group has been delivered the stream's newest entry."""
+    groups: Any = await redis.xinfo_groups(stream)
+    newest: Any = await redis.xrevrange(stream, count=1)
+    group = next((g for g in groups if g["name"] in (LATENCY_GROUP, LATENCY_GROUP.encode())), None)
+    if group is None or not newest:
+        return False
+    return bool(group["last-delivered-id"] == newest[0][0])
 
 
 def _cycle(items: Sequence[str]) -> Iterator[str]:
@@ -566,6 +689,28 @@ def progress_bar(console: Console) -> Iterator[Progress]:
         yield update
 
 
+def missed_targets(cfg: BenchConfig, over_floor: float, pipeline: PipelineResult,
+                   latency: LatencyResult | None) -> list[str]:
+    """Every performance target the run missed, in words (empty: all met)."""
+    missed = []
+    if over_floor < cfg.min_ratio:
+        missed.append(f"pipeline/floor {over_floor:.2f}x < {cfg.min_ratio:.2f}x")
+    if pipeline.peak_rss_mb > cfg.max_rss_mb:
+        missed.append(f"drain peak RSS {pipeline.peak_rss_mb:.0f} MB > {cfg.max_rss_mb:.0f} MB")
+    if latency is not None:
+        if latency.p99_ms > cfg.max_p99_ms:
+            missed.append(f"latency p99 {latency.p99_ms:.0f} ms > {cfg.max_p99_ms:.0f} ms")
+        if latency.stored < latency.produced:
+            missed.append(f"latency: {latency.produced - latency.stored} of {latency.produced} events not stored")
+        if latency.probes:
+            if latency.idle_cpu_pct > cfg.max_idle_cpu_pct:
+                missed.append(f"caught-up worker CPU {latency.idle_cpu_pct:.1f}% > {cfg.max_idle_cpu_pct:.1f}%")
+            if latency.probe_p99_ms > cfg.max_p99_ms or latency.probes_stored < latency.probes:
+                missed.append(f"new event on a random stream: p99 {latency.probe_p99_ms:.0f} ms "
+                              f"({latency.probes_stored}/{latency.probes} stored), needs <= {cfg.max_p99_ms:.0f} ms")
+    return missed
+
+
 def judge(correct: bool, fast_enough: bool, big_enough: bool) -> str:
     """FAIL whenever exactly-once broke (at any size); the throughput ratio only counts at a size that can tell."""
     if not correct:
@@ -588,7 +733,8 @@ def report_table(result: BenchResult) -> Table:
 def format_report(result: BenchResult) -> list[tuple[str, str]]:
     """(label, value) rows for the terminal table."""
     rows = [
-        ("events / streams", f"{result.events:,} flat events over {result.streams} per-user streams"),
+        ("events / streams", f"{result.events:,} {result.shape} events over {result.streams:,} per-user streams "
+                             f"({result.streams_with_entries:,} with entries)"),
         ("redis-server", result.redis_server),
         ("produce", f"{result.produce.events_per_s:,.0f} ev/s"),
         ("floor: XREADGROUP+XACK", f"{result.floor.events_per_s:,.0f} ev/s ({result.floor.seconds:.2f} s, "
@@ -607,17 +753,21 @@ def format_report(result: BenchResult) -> list[tuple[str, str]]:
     v = result.verification
     rows.append(("exactly once", ("ok" if v.ok else "FAILED") + f": {v.stored_rows:,} rows stored, "
                  f"{v.visible_rows:,} visible, {v.missing} missing, {v.duplicated} duplicated, "
-                 f"{v.rejected} rejected"))
+                 f"{v.rejected} rejected ({v.expected_rejected} written invalid, {v.wrongly_rejected} wrong)"))
     rows.append(("peak RSS (drain)", ", ".join(f"{mb:,.0f} MB" for mb in result.pipeline.peak_rss_mb_each)))
     if result.latency is not None:
         lat = result.latency
         rows.append((f"latency @ {lat.rate:,.0f} ev/s, {lat.duration_s:.0f} s",
                      f"p50 {lat.p50_ms:,.0f} ms, p99 {lat.p99_ms:,.0f} ms, max {lat.max_ms:,.0f} ms "
                      f"({lat.stored:,}/{lat.produced:,} stored; worker peak RSS {lat.peak_rss_mb:,.0f} MB)"))
+        if lat.probes:
+            rows.append(("caught-up worker", f"{lat.idle_cpu_pct:.1f}% of a core over {lat.idle_s:.0f} s; a new event "
+                                             f"on a random stream stored in p50 {lat.probe_p50_ms:,.0f} ms, "
+                                             f"p99 {lat.probe_p99_ms:,.0f} ms ({lat.probes_stored}/{lat.probes})"))
     if result.verdict == NO_VERDICT:
         rows.append(("result", f"{NO_VERDICT}: {result.events:,} events is too small to judge throughput (start-up "
                                f"dominates below {result.verdict_min_events:,}; see --verdict-min-events); exactly "
                                "once held"))
     else:
-        rows.append(("result", result.verdict))
+        rows.append(("result", result.verdict + "".join(f"; {miss}" for miss in result.failures)))
     return rows

@@ -601,26 +601,42 @@ def bench(
         "--naive-max-s", help="time limit of the naive consumer; its rate is extrapolated (0 = skip)")] = 15.0,
     min_ratio: Annotated[float, typer.Option(help="PASS when pipeline/floor is at least this")] = 0.5,
     check: Annotated[bool, typer.Option(
-        "--check", help="exit 1 on FAIL (ratio or exactly-once), 3 on NO VERDICT (exactly once held, but too few "
-        "events to judge throughput)")] = False,
+        "--check", help="exit 1 on FAIL (a target missed: ratio, p99, idle CPU, RSS; or not exactly once), 3 on NO "
+        "VERDICT (exactly once held, but too few events to judge throughput)")] = False,
     verdict_min_events: Annotated[int, typer.Option(
         help="fewer events: throughput is not judged, start-up would dominate (0 = always judge)")] = 400_000,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")] = False,
     keep: Annotated[bool, typer.Option("--keep", help="keep the temporary stores and logs")] = False,
+    shape: Annotated[str, typer.Option(
+        help="entries: flat-epoch, flat-iso (ISO-8601 Z), json (a `data` field) or mixed (every contract shape, "
+             "ISO-8601 with Z/offsets/naive, epoch s and ms, explicit and derived ids, a few percent invalid)")
+    ] = "mixed",
+    idle_s: Annotated[float, typer.Option(
+        "--idle-s", help="after the latency phase: CPU of the caught-up worker over this long, then probes "
+        "(0 = skip)")] = 10.0,
+    probes: Annotated[int, typer.Option(help="single events added to random streams of the caught-up worker")] = 30,
+    max_p99_ms: Annotated[float, typer.Option(help="FAIL when the latency or probe p99 is above this")] = 1000.0,
+    max_idle_cpu_pct: Annotated[float, typer.Option(help="FAIL when the caught-up worker uses more CPU (%)")] = 5.0,
+    max_rss_mb: Annotated[float, typer.Option(help="FAIL when a draining worker's peak RSS is above this")] = 500.0,
 ) -> None:
     """Benchmark against the bare XREADGROUP+XACK floor and a naive consumer, in one run, on a private Redis:
-    throughput, exactly-once check, event->stored latency at a steady rate, peak RSS of the workers.
+    throughput, exactly-once check, event->stored latency at a steady rate, the caught-up worker's CPU and
+    reaction to a new event, peak RSS of the workers.
 
     `flowtrack bench queries` times the dashboard, alert and terminal-view queries instead."""
     if ctx.invoked_subcommand is not None:
         return
-    from worker.bench import NO_VERDICT, BenchConfig, progress_bar, report_table, run_bench
+    from worker.bench import BENCH_SHAPES, NO_VERDICT, BenchConfig, progress_bar, report_table, run_bench
 
     if events < 1 or streams < 1 or workers < 1:
         raise fail("--events, --streams and --workers must be at least 1", 2)
+    if shape not in BENCH_SHAPES:
+        raise fail(f"--shape must be one of {', '.join(BENCH_SHAPES)}", 2)
     config = BenchConfig(events=events, streams=streams, workers=workers, rate=rate, latency_s=latency_s,
                          naive_events=naive_events, naive_max_s=naive_max_s, min_ratio=min_ratio, keep=keep,
-                         verdict_min_events=verdict_min_events)
+                         verdict_min_events=verdict_min_events, shape=shape,  # type: ignore[arg-type]
+                         idle_s=idle_s, probes=probes, max_p99_ms=max_p99_ms, max_idle_cpu_pct=max_idle_cpu_pct,
+                         max_rss_mb=max_rss_mb)
     with progress_bar(err_console) as progress:
         result = run_bench(config, progress)
     if as_json:

@@ -212,7 +212,13 @@ class Normalizer:
         if joined is None:
             joined = join_entry(pairs)
         try:
-            decoded = map(_decode_bytes, pairs)
+            # One decode of the joined entry instead of one per name and value (valid UTF-8 as a whole exactly when
+            # every part is: the NUL between parts ends any multi-byte sequence); a NUL inside a name or value
+            # splits into more parts than there are: decode them one by one.
+            parts = joined.decode().split("\x00")
+            if len(parts) != len(pairs):
+                parts = list(map(_decode_bytes, pairs))
+            decoded = iter(parts)
             flat = dict(zip(decoded, decoded, strict=True))  # one iterator, taken in pairs: no slice copies
             oversized = len(joined) - len(pairs) + 1 > MAX_ENTRY_BYTES
         except (TypeError, ValueError):  # UnicodeDecodeError is a ValueError; so is an odd-length list
@@ -270,7 +276,13 @@ class Normalizer:
             if ts_ms >= MAX_TS_MS:
                 return None
         else:
-            return None
+            # ISO-8601 text, epoch seconds with a fraction, JSON numbers: the checked parse itself (one call, no
+            # per-field helpers around it), so both paths agree by construction; its rejection is the checked
+            # path's to give.
+            try:
+                ts_ms = _timestamp_ms(stamp, entry_id)
+            except _Reject:
+                return None
         event_id = get("event_id")
         if event_id is None or event_id == "" or (type(event_id) is str and event_id.isspace()):
             # derive_event_id and content_digest, inlined on the hot path
@@ -339,8 +351,11 @@ def _unwrap(flat: dict[str, Any]) -> dict[str, Any]:
     """The envelope shape (one ``data``/``payload`` JSON field) merged into the flat fields."""
     if "session_id" in flat:
         return flat
-    envelope = next((name for name in ENVELOPE_FIELDS if name in flat), None)
-    if envelope is None:
+    if "data" in flat:  # ENVELOPE_FIELDS in order, without a generator on the hot path
+        envelope = "data"
+    elif "payload" in flat:
+        envelope = "payload"
+    else:
         return flat
     text = flat.pop(envelope)
     try:
@@ -443,10 +458,11 @@ def _epoch_to_ms(number: float) -> int:
 
 
 def _parse_timestamp_text(text: str) -> int:
-    try:
-        return _epoch_to_ms(float(text))
-    except ValueError:
-        pass
+    if not (text[4:5] == "-" and text[:4].isdigit()):  # "2026-…" is never a number: skip float()'s exception
+        try:
+            return _epoch_to_ms(float(text))
+        except ValueError:
+            pass
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:

@@ -223,9 +223,11 @@ class Pipeline:
         self._reap_write()
         if self._ready and self._writing is None:
             self._start_write(self._ready.pop(0))
-        if self._batch.due() or (got == 0 and self._batch.rows and self._writing is None):
+        # Nothing read: flush what there is, once every stream was looked at (not after one quiet slice of many).
+        if self._batch.due() or (got == 0 and self.source.caught_up and self._batch.rows and self._writing is None):
             await self._flush()
-        if drain and got == 0 and not self._batch.rows and not self._ready and self._writing is None:
+        if (drain and got == 0 and self.source.caught_up and not self._batch.rows and not self._ready
+                and self._writing is None):
             return await self._drain_finished()
         return False
 
@@ -291,7 +293,10 @@ class Pipeline:
         wait_s = min(self.settings.block_ms / 1000, self._batch.seconds_left())
         block_ms = max(1, int(wait_s * 1000))
         reading_pending = self.source.reading_pending
-        groups = await self.source.read(count, block_ms)
+        # COUNT is at least 1 per stream: with more streams than the rows or bytes in flight allow, read a slice of
+        # them (in turn), so one read stays within both bounds.
+        max_streams = max(1, min(room // count, room_bytes // (self._entry_bytes_estimate * count)))
+        groups = await self.source.read(count, block_ms, max_streams=max_streams)
         largest = self._add_pending(groups) if reading_pending else self._add_new(groups)
         if groups:
             self._reads_with_entries += 1

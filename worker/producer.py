@@ -14,12 +14,17 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, TextIO
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, Literal, TextIO
 
 import orjson
 import redis.asyncio as aioredis
 
-Shape = Literal["flat", "json", "mixed"]
+# "flat" is "flat-epoch" (flat fields, epoch-millisecond timestamps). "mixed" varies every entry the way real
+# platforms differ: flat or a `data`/`payload` JSON envelope, ISO-8601 (Z, offsets, naive) or epoch s/ms
+# timestamps, explicit or derived event ids, and (with ``invalid_ratio``) a few entries that break the contract.
+Shape = Literal["flat", "flat-epoch", "flat-iso", "json", "mixed"]
+SHAPES: tuple[str, ...] = ("flat", "flat-epoch", "flat-iso", "json", "mixed")
 TOOLS = ("web_search", "sql_query", "calculator", "code_exec", "retrieve_docs", "send_email")
 MODELS = ("gpt-4o", "claude-sonnet", "llama-3-70b", "mistral-large")
 PROMPTS = ("Summarise this contract", "Plan a trip to Kyoto", "Why is my build failing?",
@@ -46,6 +51,8 @@ class ProduceConfig:
     open_ratio: float = 0.05
     concurrent_sessions: int = 50
     seed: int | None = None
+    invalid_ratio: float = 0.0  # share of entries (mixed shape only) written to be rejected
+    users_in_turn: bool = False  # session n belongs to user n % users + 1: as many users' streams as possible
 
 
 def _session_tree(rng: random.Random, user_id: str, session_id: str, start_ms: int,
@@ -92,7 +99,7 @@ def generate_flows(config: ProduceConfig, sessions: int | None = None) -> Iterat
     rng = random.Random(config.seed)
     made = 0
     while sessions is None or made < sessions:
-        user_id = str(rng.randint(1, config.users))
+        user_id = str(made % config.users + 1 if config.users_in_turn else rng.randint(1, config.users))
         session_id = f"s-{uuid.UUID(int=rng.getrandbits(128)).hex[:16]}"
         start = int(time.time() * 1000) - rng.randint(0, 5000)
         yield _session_tree(rng, user_id, session_id, start, config.error_ratio, config.open_ratio)
@@ -139,14 +146,103 @@ def encode(event: dict[str, str], shape: Literal["flat", "json"], per_user_strea
     return body
 
 
+OFFSETS = (timezone(timedelta(hours=2)), timezone(timedelta(hours=-5)), timezone(timedelta(hours=5, minutes=30)))
+# (what a broken producer writes, how to break the entry): each is a contract breach with its own reason
+INVALID_KINDS = ("no_session", "bad_timestamp", "bad_json", "self_parent", "json_array", "blank_type")
+
+
+def iso_timestamp(ts_ms: int, form: str = "z") -> str:
+    """ts_ms as ISO-8601: "z" (2026-11-24T10:31:05.123Z), "offset" (+02:00 and others), "naive" (UTC by
+    contract), "z-seconds" (no fraction)."""
+    moment = datetime.fromtimestamp(ts_ms // 1000, UTC).replace(microsecond=(ts_ms % 1000) * 1000)
+    if form == "offset":
+        return moment.astimezone(OFFSETS[ts_ms % len(OFFSETS)]).isoformat(timespec="milliseconds")
+    if form == "naive":
+        return moment.replace(tzinfo=None).isoformat(timespec="milliseconds")
+    if form == "z-seconds":
+        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _varied_timestamp(rng: random.Random, ts_ms: int, in_json: bool) -> str | int | float:
+    # Millisecond precision in every form: the latency phase measures ingested_at - ts.
+    form = rng.random()
+    if form < 0.45:
+        return iso_timestamp(ts_ms, "z")
+    if form < 0.55:
+        return iso_timestamp(ts_ms, "offset")
+    if form < 0.62:
+        return iso_timestamp(ts_ms, "naive")
+    if form < 0.82:
+        return ts_ms if in_json else str(ts_ms)
+    seconds = f"{ts_ms / 1000:.3f}"
+    return float(seconds) if in_json else seconds
+
+
+def encode_entry(event: dict[str, str], shape: Shape, per_user_stream: bool, rng: random.Random,
+                 invalid_ratio: float = 0.0) -> tuple[dict[str, str], bool]:
+    """An event as stream entry fields in ``shape``; (fields, whether the contract accepts them)."""
+    if shape in ("flat", "flat-epoch"):
+        return encode(event, "flat", per_user_stream), True
+    if shape == "json":
+        return encode(event, "json", per_user_stream), True
+    if shape == "flat-iso":
+        return encode({**event, "timestamp": iso_timestamp(int(event["timestamp"]))}, "flat",
+                      per_user_stream), True
+    return _mixed_entry(event, per_user_stream, rng, invalid_ratio)
+
+
+def _mixed_entry(event: dict[str, str], per_user_stream: bool, rng: random.Random,
+                 invalid_ratio: float) -> tuple[dict[str, str], bool]:
+    body: dict[str, Any] = dict(event)
+    if per_user_stream and rng.random() < 0.8:
+        body.pop("user_id", None)
+    if not body.get("parent_id"):
+        body.pop("parent_id", None)
+    envelope = rng.choice(("", "", "data", "payload"))  # half flat, half a JSON envelope
+    body["timestamp"] = _varied_timestamp(rng, int(event["timestamp"]), in_json=bool(envelope))
+    if rng.random() < 0.3:
+        body["event_id"] = f"evt-{rng.getrandbits(64):016x}"
+    if envelope and "tokens" in body and rng.random() < 0.5:
+        body["tokens"] = int(body["tokens"])  # JSON keeps its types; stored as JSON text
+    if envelope and rng.random() < 0.2:
+        body["usage"] = {"prompt": rng.randint(1, 500), "cached": rng.random() < 0.5}
+    if invalid_ratio and rng.random() < invalid_ratio:
+        return _break(body, envelope, rng), False
+    if not envelope:
+        return {k: str(v) for k, v in body.items()}, True
+    return {envelope: orjson.dumps(body).decode()}, True
+
+
+def _break(body: dict[str, Any], envelope: str, rng: random.Random) -> dict[str, str]:
+    kind = rng.choice(INVALID_KINDS)
+    if kind == "no_session":
+        body.pop("session_id")
+    elif kind == "bad_timestamp":
+        body["timestamp"] = "yesterday at noon"
+    elif kind == "self_parent":
+        body["parent_id"] = body["node_id"]
+    elif kind == "blank_type":
+        body["event_type"] = "  "
+    elif kind == "bad_json":
+        return {"data": orjson.dumps(body).decode()[:-1]}
+    elif kind == "json_array":
+        return {"payload": orjson.dumps([body]).decode()}
+    if not envelope:
+        return {k: str(v) for k, v in body.items()}
+    return {envelope: orjson.dumps(body).decode()}
+
+
 async def produce(redis: aioredis.Redis, config: ProduceConfig, count: int | None = None,
                   rate_per_s: float | None = None, pipeline_size: int = 500,
                   on_progress: Callable[[int], None] | None = None,
                   stop: asyncio.Event | None = None,
-                  record_ids: list[tuple[str, str]] | None = None) -> int:
+                  record_ids: list[tuple[str, str]] | None = None,
+                  record_invalid: set[tuple[str, str]] | None = None) -> int:
     """XADD events until ``count`` (None = until stopped), at ``rate_per_s`` (None = as fast as possible).
 
-    ``record_ids``, when given, receives the (stream, entry id) of every entry written, in order.
+    ``record_ids``, when given, receives the (stream, entry id) of every entry written, in order;
+    ``record_invalid`` those written to break the contract (``config.invalid_ratio``).
     """
     rng = random.Random(config.seed)
     sent = 0
@@ -159,21 +255,24 @@ async def produce(redis: aioredis.Redis, config: ProduceConfig, count: int | Non
         if rate_per_s:
             chunk = max(1, min(chunk, int(rate_per_s / 20) or 1))
         keys: list[str] = []
+        valid: list[bool] = []
         async with redis.pipeline(transaction=False) as pipe:
             for _ in range(chunk):
                 flow, event = next(flows)
                 if rate_per_s:
                     # Live mode: stamp events with the wall clock so ingest lag is meaningful.
                     event = {**event, "timestamp": str(int(time.time() * 1000))}
-                shape: Literal["flat", "json"] = (
-                    rng.choice(("flat", "json")) if config.shape == "mixed" else config.shape)
-                fields = encode(event, shape, config.stream_per_user)
+                fields, ok = encode_entry(event, config.shape, config.stream_per_user, rng, config.invalid_ratio)
                 key = stream_for(config, flow.user_id)
                 keys.append(key)
+                valid.append(ok)
                 pipe.xadd(key, fields)  # type: ignore[arg-type]
             ids = await pipe.execute()
+        written = [(key, _text(entry_id)) for key, entry_id in zip(keys, ids, strict=True)]
         if record_ids is not None:
-            record_ids.extend((key, _text(entry_id)) for key, entry_id in zip(keys, ids, strict=True))
+            record_ids.extend(written)
+        if record_invalid is not None:
+            record_invalid.update(key for key, ok in zip(written, valid, strict=True) if not ok)
         sent += chunk
         if on_progress is not None:
             on_progress(sent)

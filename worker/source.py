@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -23,8 +24,21 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker.errors import SourceUnavailableError
 from worker.normalize import printable
 from worker.settings import Settings
+from worker.streamset import (
+    ClaimSweep,
+    PackedReads,
+    Rotation,
+    execute_packed,
+    execute_packed_many,
+    others_pending,
+    pipelined,
+)
 
 log = logging.getLogger(__name__)
+
+# A pattern re-scan (SCAN over the keyspace) may take this share of the time at most: with 50,000 streams a scan
+# takes ~0.1 s, so they are re-scanned every ~10 s rather than every FLOWTRACK_STREAM_RESCAN_S.
+SCAN_TIME_SHARE = 0.01
 
 T = TypeVar("T")
 Fields = dict[bytes, bytes] | None
@@ -141,6 +155,11 @@ class Source:
         self._pending_seen: dict[str, PendingSnapshot] = {}
         # Streams found gone (with a last snapshot of entries pending on others), for the pipeline to report.
         self.lost: list[LostStream] = []
+        self._scan_s = 0.0  # how long the last pattern scan took
+        self._rereading = False  # some cursor may be an explicit id (kept so a read need not look at all of them)
+        self._rotation = Rotation()  # new entries are read a slice of the streams at a time
+        self._packed = PackedReads(self.group, self.consumer)
+        self._claims = ClaimSweep()
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -149,20 +168,24 @@ class Source:
     async def discover(self, force: bool = False) -> list[str]:
         """Resolve names and patterns to stream keys and make sure each has the group."""
         now = time.monotonic()
-        if not force and self.streams and now - self._last_scan < self.settings.stream_rescan_s:
+        interval_s = max(self.settings.stream_rescan_s, self._scan_s / SCAN_TIME_SHARE)
+        if not force and self.streams and now - self._last_scan < interval_s:
             return []
-        self._last_scan = now
         found: list[str] = []
         for spec in self.settings.streams:
             if is_pattern(spec):
                 found.extend(await guarded(lambda spec=spec: self._scan(spec)))  # type: ignore[misc]
             else:
                 found.append(spec)
+        self._last_scan = time.monotonic()
+        self._scan_s = self._last_scan - now
         new = [s for s in dict.fromkeys(found) if s not in self._cursor]
+        await guarded(lambda: self._ensure_groups(new))
         for stream in new:
-            await guarded(lambda stream=stream: self._ensure_group(stream))  # type: ignore[misc]
             self._cursor[stream] = "0"  # start by re-reading our own pending entries
             self.streams.append(stream)
+            self._rereading = True
+        self._rotation.set_streams(self.streams)
         if new:
             log.info("consuming %d new stream(s), %d in all", len(new), len(self.streams))
         return new
@@ -173,13 +196,23 @@ class Source:
             keys.append(text(key))
         return sorted(keys)
 
-    async def _ensure_group(self, stream: str) -> None:
-        try:
-            await self.redis.xgroup_create(stream, self.group, id=self.settings.group_start_id, mkstream=True)
-            log.info("created group %s on %s", self.group, stream)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+    async def _ensure_groups(self, streams: list[str]) -> None:
+        """The group on every stream, pipelined (50,000 new streams at start-up: seconds, not minutes)."""
+        replies = await pipelined(self.redis, streams, "XGROUP CREATE", self.group, self.settings.group_start_id,
+                                  "MKSTREAM")
+        created = []
+        for stream, reply in zip(streams, replies, strict=True):
+            if isinstance(reply, ResponseError) and "BUSYGROUP" not in str(reply):
+                raise reply
+            if isinstance(reply, Exception) and not isinstance(reply, ResponseError):
+                raise reply  # a connection error: guarded() makes it SourceUnavailableError
+            if not isinstance(reply, Exception):
+                created.append(stream)
+        if len(created) <= 10:
+            for stream in created:
+                log.info("created group %s on %s", self.group, printable(stream))
+        else:
+            log.info("created group %s on %d streams", self.group, len(created))
 
     async def recover(self) -> None:
         """After Redis came back or a stream or group vanished: re-create missing groups, re-read our pending entries.
@@ -188,17 +221,25 @@ class Source:
         dropped from the list (the next scan picks it up again if it comes back). A stream that no longer
         exists took the entries pending on other consumers with it: recorded in ``lost``.
         """
-        for stream in list(self.streams):
-            exists = await guarded(lambda stream=stream: self.redis.exists(stream))  # type: ignore[misc]
+        streams = list(self.streams)
+        exist = await guarded(lambda: pipelined(self.redis, streams, "EXISTS"))  # pipelined: 50,000 streams
+        kept = []
+        for stream, exists in zip(streams, exist, strict=True):
+            if isinstance(exists, Exception):
+                raise exists
             if not exists:
                 self._record_loss(stream)
                 if not self._named(stream):
-                    self.streams.remove(stream)
                     self._cursor.pop(stream, None)
                     log.warning("stream %s disappeared; no longer consuming it", printable(stream))
                     continue
-            await guarded(lambda stream=stream: self._ensure_group(stream))  # type: ignore[misc]
+            kept.append(stream)
+        self.streams[:] = kept
+        await guarded(lambda: self._ensure_groups(kept))
+        for stream in kept:
             self._cursor[stream] = "0"
+        self._rereading = True
+        self._rotation.set_streams(self.streams)
 
     def _record_loss(self, stream: str) -> None:
         seen = self._pending_seen.pop(stream, None)
@@ -209,20 +250,31 @@ class Source:
         return stream in self.settings.streams
 
     # -- reading ---------------------------------------------------------------------------------
-    async def read(self, count: int, block_ms: int | None) -> list[tuple[str, list[Any]]]:
-        """One XREADGROUP over every stream; pending streams first, without blocking.
+    async def read(self, count: int, block_ms: int | None, max_streams: int | None = None
+                   ) -> list[tuple[str, list[Any]]]:
+        """One XREADGROUP over at most ``max_streams`` streams (all by default): our own pending entries first,
+        without blocking; then new entries, a slice of the streams per read, in turn (``Rotation``), blocking only
+        once a whole turn found nothing. COUNT x streams read is then never more than the caller allows.
 
         Returns the reply as Redis sent it, per stream: [(stream, [[entry id, [name, value, …] or None], …])].
         No per-entry objects: this is the hot path.
         """
         if not self.streams:
             return []
-        pending = {s: c for s, c in self._cursor.items() if c != ">"}
-        targets = pending or {s: ">" for s in self.streams}
-        block = None if pending else block_ms
+        size = len(self.streams) if max_streams is None else max(1, max_streams)
+        pending = (dict(itertools.islice(((s, c) for s, c in self._cursor.items() if c != ">"), size))
+                   if self.reading_pending else {})
+        if pending:
+            packed = self._packed.from_ids(pending, count)
+        else:
+            start, chosen = self._rotation.next_slice(size)
+            # One slice holding every stream blocks as a single read always did (a batch fills for its wait); of
+            # several slices, only once a whole turn found nothing (a slice's silence says nothing of the others).
+            whole = len(chosen) >= len(self.streams)
+            block = block_ms if whole or self._rotation.caught_up else None
+            packed = self._packed.new_entries((self._rotation.version, start, len(chosen)), chosen, count, block)
         try:
-            reply: Any = await guarded(lambda: self.redis.xreadgroup(
-                self.group, self.consumer, targets, count=count, block=block))  # type: ignore[arg-type]
+            reply: Any = await guarded(lambda: execute_packed(self.redis, packed))
         except ResponseError as exc:
             if vanished(exc):
                 log.warning("a stream or its group disappeared; re-creating: %s", exc)
@@ -232,6 +284,8 @@ class Source:
         groups = [(text(stream), items) for stream, items in reply or ()]
         if pending:
             self._advance_pending_cursors(pending, groups)
+        else:
+            self._rotation.note(len(chosen), any(items for _, items in groups))
         return groups
 
     def _advance_pending_cursors(self, pending: dict[str, str], groups: list[tuple[str, list[Any]]]) -> None:
@@ -241,7 +295,14 @@ class Source:
 
     @property
     def reading_pending(self) -> bool:
-        return any(c != ">" for c in self._cursor.values())
+        if self._rereading:  # look at every cursor only while some may still be an id: at start, after recover
+            self._rereading = any(c != ">" for c in self._cursor.values())
+        return self._rereading
+
+    @property
+    def caught_up(self) -> bool:
+        """Our pending entries re-read, and a whole turn over the streams found nothing new."""
+        return not self.reading_pending and self._rotation.caught_up
 
     # -- acknowledging ---------------------------------------------------------------------------
     async def ack(self, by_stream: dict[str, list[str]]) -> int:
@@ -250,11 +311,8 @@ class Source:
             return 0
 
         async def _ack() -> int:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for stream, ids in by_stream.items():
-                    for start in range(0, len(ids), 10000):
-                        pipe.xack(stream, self.group, *ids[start:start + 10000])
-                results = await pipe.execute(raise_on_error=False)
+            packed, commands = self._packed.acks(by_stream)
+            results = await execute_packed_many(self.redis, packed, commands)
             acked = 0
             for result in results:
                 if vanished(result):
@@ -279,9 +337,20 @@ class Source:
         ``deleted_ids`` so the loss is recorded, never silently forgotten.
         """
         result = ClaimResult()
-        for stream in list(self.streams):
-            if len(result.entries) >= count:
-                break
+        # Only streams whose XPENDING summary shows entries of other consumers are looked into, and only the
+        # summaries of a slice of the streams are read per round (``ClaimSweep``): O(streams with work) a round.
+        streams = self._claims.streams_for_round(self.streams)
+        summaries = await guarded(lambda: pipelined(self.redis, streams, "XPENDING", self.group))
+        gone = False
+        for stream, summary in zip(streams, summaries, strict=True):
+            if isinstance(summary, Exception):
+                if not vanished(summary):
+                    raise summary  # guarded() turns a connection error into SourceUnavailableError
+                gone = True
+                continue
+            others = self._note_pending(stream, summary)
+            if not others or len(result.entries) >= count:
+                continue
             try:
                 await self._claim_from(stream, min_idle_ms, count - len(result.entries), result)
             except ResponseError as exc:
@@ -289,10 +358,11 @@ class Source:
                     await self.recover()
                     continue
                 raise
+        if gone:
+            await self.recover()
         return result
 
     async def _claim_from(self, stream: str, min_idle_ms: int, limit: int, result: ClaimResult) -> None:
-        await self._snapshot_pending(stream)
         candidates = await self._idle_pending_of_others(stream, min_idle_ms, limit)
         if not candidates:
             return
@@ -313,14 +383,16 @@ class Source:
         if missing:
             result.deleted_ids.extend((stream, i) for i in await self._deleted(stream, missing))
 
-    async def _snapshot_pending(self, stream: str) -> None:
-        """XPENDING's summary (one call, per consumer counts): what a DEL of the stream would take along."""
-        summary: Any = await guarded(lambda: self.redis.xpending(stream, self.group))
-        others = sum(int(c["pending"]) for c in summary.get("consumers") or () if text(c["name"]) != self.consumer)
+    def _note_pending(self, stream: str, summary: Any) -> int:
+        """From XPENDING's summary (per consumer counts): what a DEL of the stream would take along, and whether
+        the claim sweep keeps looking at the stream every round. Returns the entries pending on others."""
+        others = others_pending(summary, self.consumer)
+        self._claims.note(stream, others)
         if others:
             self._pending_seen[stream] = PendingSnapshot(others, text(summary["min"]), text(summary["max"]))
         else:
             self._pending_seen.pop(stream, None)
+        return others
 
     async def _idle_pending_of_others(self, stream: str, min_idle_ms: int, limit: int) -> dict[str, int]:
         """Pending entries idle >= min_idle_ms owned by other consumers: entry id -> times delivered."""
@@ -394,14 +466,13 @@ class Source:
     async def own_pending_counts(self) -> dict[tuple[str, str], int]:
         """Delivery counts of this consumer's pending entries (read at start, before re-reading them)."""
         counts: dict[tuple[str, str], int] = {}
-        for stream in self.streams:
-            try:
-                rows = await guarded(lambda stream=stream: self.redis.xpending_range(  # type: ignore[misc]
-                    stream, self.group, min="-", max="+", count=100000, consumername=self.consumer))
-            except ResponseError as exc:
-                if not vanished(exc):
-                    raise
-                continue  # gone since it was found: the next read notices and recovers
+        replies = await guarded(lambda: pipelined(self.redis, self.streams, "XPENDING", self.group, "-", "+",
+                                                  100000, self.consumer, parse_detail=True))
+        for stream, rows in zip(self.streams, replies, strict=True):
+            if isinstance(rows, Exception):
+                if vanished(rows):
+                    continue  # gone since it was found: the next read notices and recovers
+                raise rows
             for row in rows:
                 counts[(stream, text(row["message_id"]))] = int(row["times_delivered"])
         return counts
@@ -409,15 +480,14 @@ class Source:
     async def group_pending_total(self) -> int:
         """Entries delivered to any consumer of the group and not yet acknowledged, over all streams."""
         total = 0
-        for stream in self.streams:
-            try:
-                info = await guarded(lambda stream=stream: self.redis.xpending(stream, self.group))  # type: ignore[misc]
-            except ResponseError as exc:
-                if vanished(exc):
-                    await self.recover()
-                    continue
-                raise
-            total += int(info["pending"])
+        replies = await guarded(lambda: pipelined(self.redis, self.streams, "XPENDING", self.group))
+        for reply in replies:
+            if vanished(reply):
+                await self.recover()
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            total += int(reply["pending"])
         return total
 
     async def unread_total(self) -> int:
@@ -427,18 +497,16 @@ class Source:
         answer comes from comparing the group's last-delivered id with the stream's newest entry.
         """
         total = 0
-        for stream in self.streams:
-            try:
-                groups = await guarded(lambda stream=stream: self.redis.xinfo_groups(stream))  # type: ignore[misc]
-            except ResponseError as exc:
-                if not vanished(exc):
-                    raise
+        all_groups = await guarded(lambda: pipelined(self.redis, self.streams, "XINFO GROUPS"))
+        newest_entries = await guarded(lambda: pipelined(self.redis, self.streams, "XREVRANGE", "+", "-", "COUNT", 1))
+        for groups, newest in zip(all_groups, newest_entries, strict=True):
+            for reply in (groups, newest):
+                if isinstance(reply, Exception) and not vanished(reply):
+                    raise reply
+            if isinstance(groups, Exception) or isinstance(newest, Exception):
                 continue  # nothing unread in a stream that is gone
             group = next((g for g in groups if text(g["name"]) == self.group), None)
-            if group is None:
-                continue
-            newest = await guarded(lambda stream=stream: self.redis.xrevrange(stream, count=1))  # type: ignore[misc]
-            if not newest:
+            if group is None or not newest:
                 continue
             if parse_id(text(group["last-delivered-id"])) >= parse_id(text(newest[0][0])):
                 continue

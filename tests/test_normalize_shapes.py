@@ -1,0 +1,113 @@
+"""Every shape `flowtrack bench --shape` writes (flat-epoch, flat-iso, json, mixed) normalizes through the fast
+path to exactly what the checked path gives: the same events, the same rejections with the same reasons
+(issue 11). The fast path is also taken for the common valid entries of every shape, not just flat epoch-ms."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import orjson
+import pytest
+
+from worker.normalize import FlowEvent, Normalizer, Rejection
+from worker.producer import ProduceConfig, encode_entry, generate_flows, interleave
+
+
+class CheckedOnly(Normalizer):
+    """The checked path alone: the fast path always defers."""
+
+    def _build_fast(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        return None
+
+
+class CountingFast(Normalizer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fast_hits = 0
+
+    def _build_fast(self, *args: Any, **kwargs: Any) -> FlowEvent | None:
+        event = super()._build_fast(*args, **kwargs)
+        self.fast_hits += event is not None
+        return event
+
+
+def _entries(shape: str, count: int, seed: int) -> list[tuple[str, str, list[bytes], bool]]:
+    config = ProduceConfig(users=50, shape=shape, seed=seed,  # type: ignore[arg-type]
+                           invalid_ratio=0.05 if shape == "mixed" else 0.0)
+    rng = random.Random(seed)
+    out = []
+    for n, (flow, event) in enumerate(interleave(config, generate_flows(config))):
+        if n == count:
+            break
+        fields, valid = encode_entry(event, config.shape, True, rng, config.invalid_ratio)
+        pairs = [part.encode() for item in fields.items() for part in item]
+        out.append((f"flow_events:{flow.user_id}", f"{1_700_000_000_000 + n}-{n % 3}", pairs, valid))
+    return out
+
+
+@pytest.mark.parametrize("shape", ["flat-epoch", "flat-iso", "json", "mixed"])
+def test_every_shape_normalizes_the_same_through_either_path(shape: str) -> None:
+    fast, checked = CountingFast(), CheckedOnly()
+    entries = _entries(shape, 4000, seed=len(shape))
+    for stream, entry_id, pairs, valid in entries:
+        got = fast.normalize_pairs(stream, entry_id, list(pairs))
+        expected = checked.normalize_pairs(stream, entry_id, list(pairs))
+        assert got == expected, (pairs, got, expected)
+        assert isinstance(got, FlowEvent) == valid, (pairs, got)
+    valid_count = sum(valid for *_, valid in entries)
+    assert fast.fast_hits >= 0.95 * valid_count  # ISO-8601 and JSON values no longer leave the fast path
+    if shape == "mixed":
+        assert valid_count < len(entries)  # the mixed shape does hold invalid entries
+
+
+STAMPS: list[Any] = [
+    "2026-11-24T10:31:05.123Z", "2026-11-24T10:31:05Z", "2026-11-24T10:31:05.123+02:00", "2026-11-24T10:31:05-05:00",
+    "2026-11-24T10:31:05.123456Z", "2026-11-24T10:31:05.1235Z", "2026-11-24 10:31:05", "2026-11-24",
+    "2026-11-24T10:31:05.123", "20261124T103105Z", " 2026-11-24T10:31:05Z ", "2026-11-24T10:31:05.123z",
+    "2026-13-01T00:00:00Z", "2026-11-24T25:00:00Z", "1969-12-31T23:59:59Z", "1970-01-01T00:00:00Z",
+    "2199-12-31T23:59:59.999Z", "2200-01-01T00:00:00Z", "2026-11-24T10:31:05+14:00", "1234-", "2026-",
+    "2026-11-24Tnoon", "1700000000.5", "1700000000.1234", "1e9", "-1", "inf", "nan", "1_700_000_000",
+    "\uff12\uff10\uff12\uff16-11-24", 1700000000, 1700000000123, 1.7e9, 1700000000.25, -5, 0, 7258118400000, True,
+    None, "", [1], {"a": 1},
+]
+
+
+@pytest.mark.parametrize("envelope", ["", "data", "payload"])
+def test_timestamp_forms_agree_and_reject_alike(envelope: str) -> None:
+    fast, checked = Normalizer(), CheckedOnly()
+    for n, stamp in enumerate(STAMPS):
+        body: dict[str, Any] = {"session_id": "s-1", "node_id": "n-1", "event_type": "llm_call", "timestamp": stamp}
+        if envelope:
+            fields = {envelope: orjson.dumps(body).decode()}
+        elif isinstance(stamp, str):
+            fields = body
+        else:
+            continue  # flat fields are text only
+        pairs = [part.encode() for item in fields.items() for part in item]
+        entry_id = f"1700000000000-{n}"
+        got = fast.normalize_pairs("flow_events:7", entry_id, list(pairs))
+        expected = checked.normalize_pairs("flow_events:7", entry_id, list(pairs))
+        assert got == expected, (stamp, got, expected)
+        if stamp in ("2026-11-24T10:31:05.123Z", "2026-11-24T10:31:05.123+02:00", "2026-11-24T10:31:05.123"):
+            assert isinstance(got, FlowEvent)
+            offset_ms = 2 * 3_600_000 if stamp.endswith("+02:00") else 0
+            assert got.ts_ms == 1_795_516_265_123 - offset_ms
+        if stamp in ("2026-13-01T00:00:00Z", "1969-12-31T23:59:59Z", "2200-01-01T00:00:00Z", "2026-11-24Tnoon"):
+            assert isinstance(got, Rejection) and "timestamp" in got.reason
+
+
+@pytest.mark.parametrize("pairs", [
+    [b"session_id", b"s\x00x", b"node_id", b"n", b"event_type", b"t"],           # a NUL inside a value
+    [b"session_id", b"s", b"no\x00de", b"n", b"node_id", b"n", b"event_type", b"t"],  # inside a name
+    [b"session_id", b"s", b"node_id", b"\xc3", b"event_type", b"\xa9t"],          # invalid across a boundary
+    [b"session_id", b"s", b"node_id", b"n", b"event_type", b"t\xff"],             # invalid value
+    [b"session_id", b"s", b"node_id", b"n", b"event_type", b"", b"k", b""],       # empty values
+    [b"data", b'{"session_id": "s", "node_id": "n", "event_type": "t", "z": "\\u0000"}'],
+])
+def test_the_joined_decode_gives_what_the_per_field_decode_gives(pairs: list[bytes]) -> None:
+    normalizer = Normalizer()
+    got = normalizer.normalize_pairs("flow_events:7", "1700000000000-0", list(pairs))
+    expected = normalizer.normalize("flow_events:7", "1700000000000-0", dict(zip(pairs[::2], pairs[1::2],
+                                                                                 strict=True)))
+    assert got == expected
