@@ -5,16 +5,16 @@ event ids to count them distinctly holds every id in memory. Instead the session
 are recomputed from ``events`` (their primary-key ranges, copies collapsed) and the result replaces their rows;
 schemas/clickhouse/008_rollups.sql says why the latest recompute is exact.
 
-Session ids are random, so one recompute's sessions sit in granules all over ``events``: the more sessions one
-query takes, the more of them share a granule and a read range, and the fewer rows are read per session. So
-touched sessions are collected and recomputed together: when the oldest waited ``max_delay_s`` (a daemon thread;
-live flows show up in flow_sessions within about a second), or — while the worker is busy (at least ``busy_pending_sessions`` pending when
-that second is up: a backlog draining) — ``busy_max_delay_s``; when ``max_pending_sessions`` are pending, when rows
-were purged, and when the pipeline finishes. Draining a backlog, the longer wait halves the rows the recompute
-reads and the time it holds the store (README, "ClickHouse relations", has the figures).
-The sessions are recomputed ``chunk_sessions`` at a time, so the engine's memory for one recompute query stays
-bounded however many are pending. Sessions of batches acknowledged but not yet recomputed when a worker died are
-recomputed at its next start (store.CATCH_UP_SESSIONS, run by migrate).
+Session ids are random, so one recompute's sessions sit in granules all over ``events``: the more sessions one query
+takes, the more of them share a granule and a read range, and the fewer rows are read per session. So touched
+sessions are collected and recomputed together: when the oldest waited ``max_delay_s`` (a daemon thread; live flows
+show up in flow_sessions within about a second), or — while the worker is busy (at least ``busy_pending_sessions``
+pending when that second is up: a backlog draining) — ``busy_max_delay_s``; when ``max_pending_sessions`` are
+pending, when rows were purged, and when the pipeline finishes. Draining a backlog, the longer wait halves the rows
+the recompute reads and the time it holds the store (README, "ClickHouse relations", has the figures). The sessions
+are recomputed ``chunk_sessions`` at a time, so the engine's memory for one recompute query stays bounded however
+many are pending. Sessions of batches acknowledged but not yet recomputed when a worker died are recomputed at its
+next start (store.CATCH_UP_SESSIONS, run by migrate).
 """
 
 from __future__ import annotations
