@@ -175,6 +175,47 @@ def test_pending_sessions_are_recomputed_when_quiet_or_when_enough_are_pending(s
     assert [flow_session(store, f"s-many-{n}")[0][5] for n in range(3)] == [1, 1, 1]
 
 
+def test_a_busy_worker_recomputes_less_often_and_still_within_the_busy_delay(store: Store) -> None:
+    """Many sessions pending when max_delay_s is up (a backlog draining): they wait up to busy_max_delay_s, then are
+    recomputed, exactly; few pending ones keep the short delay."""
+    sink = Sink(store)
+    sink.rollup.max_delay_s, sink.rollup.busy_pending_sessions, sink.rollup.busy_max_delay_s = 0.2, 3, 2.0
+    sessions = [f"s-busy-{n}" for n in range(3)]
+    before_stored = time.monotonic()  # the oldest pending session's wait starts after this
+    write(sink, [event(session, 1, ts_ms=NOW_MS) for session in sessions])
+    time.sleep(0.8)  # well past max_delay_s: a quiet worker would have recomputed by now
+    assert sink.rollup.pending == 3
+    assert all(flow_session(store, session) == [] for session in sessions)
+    deadline = time.monotonic() + 10
+    while sink.rollup.pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sink.rollup.pending == 0 and time.monotonic() - before_stored >= 2.0
+    while any(flow_session(store, s) == [] for s in sessions) and time.monotonic() < deadline:
+        time.sleep(0.05)  # pending is emptied as the recompute starts: wait for its rows
+    assert all(flow_session(store, session) == from_visible_events(store, session) for session in sessions)
+    write(sink, [event(f"s-calm-{n}", 1, ts_ms=NOW_MS) for n in range(2)])  # below the busy threshold
+    deadline = time.monotonic() + 10
+    while sink.rollup.pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sink.rollup.pending == 0
+
+
+def test_a_recompute_in_chunks_is_exact_for_every_session(store: Store) -> None:
+    """More sessions pending than one recompute query takes: every chunk's sessions are recomputed, copies and all."""
+    sink = Sink(store)
+    sink.rollup.chunk_sessions, sink.rollup.max_delay_s = 2, 3600  # recomputed by flush() alone
+    sessions = [f"s-chunk-{n}" for n in range(5)]
+    for session in sessions[:3]:
+        redelivered(sink, session)
+    for session in sessions[3:]:
+        duplicate_ids(sink, session)
+    assert sink.rollup.pending == 5
+    sink.rollup.flush()
+    for session in sessions:
+        expected = from_visible_events(store, session)
+        assert len(expected) == 1 and flow_session(store, session) == expected
+
+
 def test_sessions_left_pending_by_a_stopped_worker_are_caught_up_at_start(store: Store) -> None:
     sink = Sink(store)
     sink._insert_events([event("s-stopped", n, ts_ms=NOW_MS - 100 + n) for n in range(3)], int(time.time() * 1000))

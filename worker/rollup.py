@@ -5,12 +5,16 @@ event ids to count them distinctly holds every id in memory. Instead the session
 are recomputed from ``events`` (their primary-key ranges, copies collapsed) and the result replaces their rows;
 schemas/clickhouse/008_rollups.sql says why the latest recompute is exact.
 
-A recompute costs about the same for one batch's sessions as for ten batches' (a session's events span many
-batches, and each session costs a few small key ranges), so touched sessions are collected and recomputed together:
-when ``max_pending_sessions`` are pending, when the oldest waited ``max_delay_s`` (a daemon thread; live flows show
-up in flow_sessions within about a second), when rows were purged, and when the pipeline finishes. Sessions of
-batches acknowledged but not yet recomputed when a worker died are recomputed at its next start
-(store.CATCH_UP_SESSIONS, run by migrate).
+Session ids are random, so one recompute's sessions sit in granules all over ``events``: the more sessions one query
+takes, the more of them share a granule and a read range, and the fewer rows are read per session. So touched
+sessions are collected and recomputed together: when the oldest waited ``max_delay_s`` (a daemon thread; live flows
+show up in flow_sessions within about a second), or — while the worker is busy (at least ``busy_pending_sessions``
+pending when that second is up: a backlog draining) — ``busy_max_delay_s``; when ``max_pending_sessions`` are
+pending, when rows were purged, and when the pipeline finishes. Draining a backlog, the longer wait halves the rows
+the recompute reads and the time it holds the store (README, "ClickHouse relations", has the figures). The sessions
+are recomputed ``chunk_sessions`` at a time, so the engine's memory for one recompute query stays bounded however
+many are pending. Sessions of batches acknowledged but not yet recomputed when a worker died are recomputed at its
+next start (store.CATCH_UP_SESSIONS, run by migrate).
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from worker.errors import FlowtrackError
 from worker.store import Store, classify
 
 log = logging.getLogger(__name__)
+
+# At most this many sessions per recompute query: the query's memory grows with its sessions (~5 kB each).
+CHUNK_SESSIONS = 5000
 
 # The recompute's start time versions the rows: the latest recompute wins.
 _RECOMPUTE = (
@@ -43,17 +50,18 @@ _TOMBSTONES = (
 )
 
 
-def recompute(store: Store, sessions: Iterable[str], purged_pairs: Iterable[tuple[str, str]] = ()) -> None:
-    """Recompute the rollup rows of these sessions; ``purged_pairs``: (user, session) pairs some of whose events
-    were deleted, so they may have no event left. Raises the store's classified error."""
+def recompute(store: Store, sessions: Iterable[str], purged_pairs: Iterable[tuple[str, str]] = (),
+              chunk_sessions: int = CHUNK_SESSIONS) -> None:
+    """Recompute the rollup rows of these sessions, ``chunk_sessions`` per query; ``purged_pairs``: (user, session)
+    pairs some of whose events were deleted, so they may have no event left. Raises the store's classified error
+    (chunks already recomputed stay so: a recompute is idempotent)."""
     pairs = sorted(set(purged_pairs))
     ids = sorted(set(sessions) | {session for _, session in pairs})
-    if not ids:
-        return
     try:
         if pairs:
-            store.command(_TOMBSTONES, {"pairs": pairs, "sessions": ids})
-        store.command(_RECOMPUTE, {"sessions": ids})
+            store.command(_TOMBSTONES, {"pairs": pairs, "sessions": sorted({session for _, session in pairs})})
+        for start in range(0, len(ids), chunk_sessions):
+            store.command(_RECOMPUTE, {"sessions": ids[start:start + chunk_sessions]})
     except Exception as exc:
         raise classify(exc) from exc
 
@@ -62,12 +70,18 @@ class SessionRollup:
     """Keeps the rollup of the sessions one sink stored events for; ``stored`` is called after each stored batch.
 
     Thread-safe: the sink's writer thread adds sessions, a daemon thread recomputes what has waited longer than
-    ``max_delay_s``."""
+    ``max_delay_s`` (``busy_max_delay_s`` once ``busy_pending_sessions`` are pending)."""
 
-    def __init__(self, store: Store, max_pending_sessions: int = 5000, max_delay_s: float = 1.0) -> None:
+    def __init__(self, store: Store, max_pending_sessions: int = 20000, max_delay_s: float = 1.0,
+                 busy_pending_sessions: int = 2000, busy_max_delay_s: float = 3.0,
+                 chunk_sessions: int = CHUNK_SESSIONS) -> None:
         self.store = store
         self.max_pending_sessions = max_pending_sessions
         self.max_delay_s = max_delay_s
+        # A live worker touches tens to hundreds of sessions a second; thousands means a backlog is draining.
+        self.busy_pending_sessions = busy_pending_sessions
+        self.busy_max_delay_s = busy_max_delay_s
+        self.chunk_sessions = chunk_sessions
         self._pending: set[str] = set()
         self._pending_since = 0.0
         self._lock = threading.Lock()
@@ -93,7 +107,7 @@ class SessionRollup:
         with self._lock:
             pending, self._pending = self._pending, set()
         try:
-            recompute(self.store, pending, purged_pairs)
+            recompute(self.store, pending, purged_pairs, self.chunk_sessions)
         except Exception:
             with self._lock:
                 self._pending |= pending
@@ -121,13 +135,18 @@ class SessionRollup:
             self._timer = threading.Thread(target=self._flush_when_quiet, name="session-rollup", daemon=True)
             self._timer.start()
 
+    def _delay_s(self) -> float:
+        """How long the oldest pending session may wait (call under the lock)."""
+        busy = len(self._pending) >= self.busy_pending_sessions
+        return max(self.max_delay_s, self.busy_max_delay_s) if busy else self.max_delay_s
+
     def _flush_when_quiet(self) -> None:
         while not self._closing.is_set():
             with self._lock:
                 if not self._pending:
                     self._timer = None  # under the lock: a batch stored from now on starts a new timer
                     return
-                wait_s = self._pending_since + self.max_delay_s - time.monotonic()
+                wait_s = self._pending_since + self._delay_s() - time.monotonic()
             if wait_s > 0:
                 self._closing.wait(wait_s)
                 continue
