@@ -448,24 +448,31 @@ _ROLLUP_UNDER_A_FULL_DISK = textwrap.dedent("""
 """)
 
 
+_NEXT_START = textwrap.dedent("""
+    import json, sys
+    from worker.settings import Settings
+    from worker.store import Store
+    store = Store.open(Settings(clickhouse_url=sys.argv[1]))
+    broken = "SELECT count() FROM system.detached_parts WHERE database = 'flowtrack' AND startsWith(name, 'broken')"
+    before = int(store.scalar(broken))
+    store.migrate()
+    _, rows = store.query("SELECT session_id, event_count FROM flowtrack.flow_sessions "
+                          "WHERE session_id != 's-later' ORDER BY session_id")
+    print(json.dumps({"broken_before": before, "broken_after": int(store.scalar(broken)),
+                      "sessions": [[str(s), int(n)] for s, n in rows]}))
+""")
+
+
 def test_a_rollup_part_written_on_a_full_disk_is_rebuilt_at_the_next_start(tmp_path: Path) -> None:
     """chDB can finish the rollup's INSERT ... SELECT while its files cannot be written; the part is detached as
-    broken when the store is next opened. The next start (migrate) must rebuild the sessions it held."""
+    broken when the store is next opened. The next start (migrate) must rebuild the sessions it held.
+    Both steps run in processes of their own: chDB allows one store path per process."""
     url = f"chdb://{tmp_path / 'store'}"
-    proc = subprocess.run([sys.executable, "-c", _ROLLUP_UNDER_A_FULL_DISK, url], capture_output=True, text=True,
-                          timeout=180, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    store = Store.open(Settings(clickhouse_url=url))
-    try:
-        # Without a heal, the sessions would be missing now (the engine set the part aside as it opened).
-        broken = store.scalar("SELECT count() FROM system.detached_parts WHERE database = 'flowtrack' "
-                              "AND startsWith(name, 'broken')")
-        store.migrate()
-        _, rows = store.query("SELECT session_id, event_count FROM flowtrack.flow_sessions "
-                              "WHERE session_id != 's-later' ORDER BY session_id")
-        assert rows == [(f"s-{k}", 10) for k in range(7)]
-        assert int(store.scalar("SELECT count() FROM system.detached_parts WHERE database = 'flowtrack' "
-                                "AND startsWith(name, 'broken')")) == 0
-        assert int(broken) >= 1, "the engine no longer breaks this part: the fault this test injects did not occur"
-    finally:
-        store.close()
+    for script in (_ROLLUP_UNDER_A_FULL_DISK, _NEXT_START):
+        proc = subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, timeout=180,
+                              cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["sessions"] == [[f"s-{k}", 10] for k in range(7)]
+    assert seen["broken_after"] == 0
+    assert seen["broken_before"] >= 1, "the engine no longer breaks this part: the injected fault did not occur"
