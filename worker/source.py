@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 # A pattern re-scan (SCAN over the keyspace) may take this share of the time at most: with 50,000 streams a scan
 # takes ~0.1 s, so they are re-scanned every ~10 s rather than every FLOWTRACK_STREAM_RESCAN_S.
 SCAN_TIME_SHARE = 0.01
+# ... but only once the scan returns this many keys: a short scan's measured time is mostly event-loop wait (a busy
+# start-up measured 30 ms for 9 keys and deferred the next scan by 3 s, so new per-user streams went unread).
+SCAN_SHARE_MIN_KEYS = 1000
 
 T = TypeVar("T")
 Fields = dict[bytes, bytes] | None
@@ -178,7 +181,7 @@ class Source:
             else:
                 found.append(spec)
         self._last_scan = time.monotonic()
-        self._scan_s = self._last_scan - now
+        self._scan_s = self._last_scan - now if len(found) >= SCAN_SHARE_MIN_KEYS else 0.0
         new = [s for s in dict.fromkeys(found) if s not in self._cursor]
         await guarded(lambda: self._ensure_groups(new))
         for stream in new:

@@ -331,10 +331,12 @@ def group_state(client: redis.Redis, group: str = GROUP) -> GroupState:
             last_generated = client.xinfo_stream(key)["last-generated-id"]
         except redis.ResponseError:
             continue
-        for info in groups:
-            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-            if name != group:
-                continue
+        ours = [info for info in groups
+                if (info["name"].decode() if isinstance(info["name"], bytes) else info["name"]) == group]
+        if not ours:
+            # no worker has found this stream yet: every entry in it is unread (not "caught up" with lag 0)
+            state.lag += int(client.xlen(key))
+        for info in ours:
             state.pending += int(info["pending"])
             state.read += int(info.get("entries-read") or 0)
             lag = info.get("lag")
