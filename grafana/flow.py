@@ -102,7 +102,8 @@ def trace_waterfall() -> dash.Panel:
 
 
 def node_graph(session_expr: str, title: str) -> nodegraph.Panel:
-    """Nodes and edges of one session; ``session_expr`` is SQL (or a fragment name) giving its session_id."""
+    """Nodes and edges of one session; ``session_expr`` is SQL (or a fragment name) giving its session_id.
+    Edges read the session's nodes once (an edge needs its parent among them: a window over the same read)."""
     return (
         nodegraph.Panel()
         .title(title)
@@ -125,9 +126,13 @@ def node_graph(session_expr: str, title: str) -> nodegraph.Panel:
         .with_target(SQL("""
             SELECT concat(parent_id, '->', node_id) AS id, parent_id AS source, node_id AS target,
                    duration_ms AS mainstat
-            FROM flowtrack.flow_nodes
-            WHERE session_id = {session_expr} AND parent_id != ''
-              AND parent_id IN (SELECT node_id FROM flowtrack.flow_nodes WHERE session_id = {session_expr})
+            FROM
+            (
+                SELECT node_id, parent_id, duration_ms, groupArray(node_id) OVER () AS node_ids
+                FROM flowtrack.flow_nodes
+                WHERE session_id = {session_expr}
+            )
+            WHERE parent_id != '' AND has(node_ids, parent_id)
             """, session_expr=session_expr).ref_id("edges"))
     )
 
