@@ -53,16 +53,6 @@ FRAGMENTS: dict[str, str] = {
     # Narrowing by the (user_id, session_id) pairs of the range's events does not help: a day's sessions sit in
     # nearly every granule, and building the pair set costs more than the pass (measured: 4x slower at 10M).
     "started_in_range": "{user_filter} AND $__timeFilter(started_at)",
-    # Given events as flow_events shows them, read without FINAL: copies are collapsed on the identity (the last
-    # stored copy wins, FINAL's rule). The caller passes `identities`, a subquery of (session_id, event_id) pairs:
-    # a set on the whole sort key of events, so only the granules holding those events are read (reading their
-    # whole sessions instead costs every event of every session, measured 1.4M rows for a day's errors at 10M).
-    "visible_events_of": "(SELECT session_id, event_id, argMax(ts, ingested_at) AS ts, "
-                         "argMax(event_type, ingested_at) AS event_type, "
-                         "argMax(attributes, ingested_at) AS attributes, "
-                         "argMax(is_error, ingested_at) AS is_error, argMax(user_id, ingested_at) AS user_id "
-                         "FROM flowtrack.events WHERE (session_id, event_id) IN ({identities}) "
-                         "GROUP BY session_id, event_id)",
     # One session's events as flow_events shows them, and its nodes as flow_nodes defines them (003), for the
     # session given by the caller's `session_expr`. Copies are collapsed by grouping on the identity (the last
     # stored copy wins, FINAL's rule) instead of reading flow_events/flow_nodes (events FINAL): a session's key
