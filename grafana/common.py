@@ -44,6 +44,7 @@ USER = "${user_id:sqlstring}"
 SESSION = "${session_id:sqlstring}"
 FRAGMENTS: dict[str, str] = {
     # The user_id variable is a text box: empty means every user.
+    "user": USER,
     "user_filter": f"({USER} = '' OR user_id = {USER})",
     "session": SESSION,
     # Milliseconds from an event's own time to the moment it was stored.
@@ -71,6 +72,28 @@ FRAGMENTS: dict[str, str] = {
                      "dateDiff('millisecond', start_ts, end_ts) AS duration_ms, "
                      "if(countIf(is_error = 1) > 0, 'error', 'ok') AS status, any(user_id) AS user_id "
                      "FROM {session_events} GROUP BY session_id, node_id)",
+    # The range's events (as flow_events shows them) of the chosen user, or of every user. Every user: a key range
+    # of the time-ordered copy (FINAL is partition-local there). One user: the user's sessions from the rollup
+    # (its key prefix), their events by key from events, copies collapsed on the identity; the time-ordered copy
+    # has no user in its key, so a user's month there is a scan of the month. The branch not taken has a constant
+    # false filter and reads nothing.
+    "range_events": "(SELECT session_id, event_id, ts, event_type, node_id, parent_id, is_error, user_id "
+                    "FROM flowtrack.events_by_time FINAL WHERE {user} = '' AND $__timeFilter(ts) "
+                    "UNION ALL "
+                    "SELECT session_id, event_id, ts, event_type, node_id, parent_id, is_error, user_id FROM "
+                    "(SELECT session_id, event_id, argMax(ts, stored) AS ts, argMax(event_type, stored) AS event_type, "
+                    "argMax(node_id, stored) AS node_id, argMax(parent_id, stored) AS parent_id, "
+                    "argMax(is_error, stored) AS is_error, argMax(user_id, stored) AS user_id "
+                    "FROM (SELECT *, ingested_at AS stored FROM flowtrack.events WHERE {user} != '' "
+                    "AND session_id IN (SELECT session_id FROM flowtrack.sessions WHERE user_id = {user} "
+                    "AND last_event_at >= $__fromTime)) "
+                    "GROUP BY session_id, event_id) "
+                    "WHERE $__timeFilter(ts) AND user_id = {user})",
+    # Sessions with an error event in the range (a superset is fine: callers read their events in the range).
+    "error_sessions": "(SELECT session_id FROM flowtrack.events_by_time "
+                      "WHERE {user} = '' AND $__timeFilter(ts) AND is_error = 1 "
+                      "UNION ALL SELECT session_id FROM flowtrack.sessions WHERE user_id = {user} "
+                      "AND error_count > 0 AND last_event_at >= $__fromTime)",
     # The session of the latest event: a read of the end of the time-ordered copy.
     "latest_session": "(SELECT session_id FROM flowtrack.events_by_time WHERE {user_filter} "
                       "ORDER BY ts DESC LIMIT 1)",

@@ -120,8 +120,7 @@ def common_paths() -> table.Panel:
             FROM
             (
                 SELECT session_id, arrayMap(x -> toString(x.2), arraySort(groupArray((ts, event_type)))) AS path
-                FROM flowtrack.events_by_time FINAL
-                WHERE $__timeFilter(ts) AND {user_filter}
+                FROM {range_events}
                 GROUP BY session_id
             ) AS p
             INNER JOIN
@@ -159,10 +158,8 @@ def where_flows_fail() -> table.Panel:
                 (
                     SELECT session_id, node_id, anyIf(parent_id, parent_id != '') AS parent_id,
                            toString(argMin(event_type, ts)) AS name, max(is_error) AS failed
-                    FROM flowtrack.events_by_time FINAL
-                    WHERE $__timeFilter(ts) AND {user_filter}
-                      AND session_id IN (SELECT session_id FROM flowtrack.events_by_time
-                                         WHERE $__timeFilter(ts) AND is_error = 1 AND {user_filter})
+                    FROM {range_events}
+                    WHERE session_id IN {error_sessions}
                     GROUP BY session_id, node_id
                 )
                 GROUP BY session_id
