@@ -63,7 +63,8 @@ def session_summary() -> table.Panel:
 
 
 def trace_waterfall() -> dash.Panel:
-    """flow_nodes with the column names Grafana's trace view reads (times and durations in ms)."""
+    """flow_nodes with the column names Grafana's trace view reads (times and durations in ms); the session's
+    nodes and events are read grouped on the identity, not through FINAL (grafana/common.py says why)."""
     return (
         dash.Panel()
         .type("traces")
@@ -84,25 +85,24 @@ def trace_waterfall() -> dash.Panel:
                              a.tags) AS tags,
                 [map('key', 'user_id', 'value', n.user_id)] AS serviceTags,
                 if(n.status = 'error', 2, 0) AS statusCode
-            FROM flowtrack.flow_nodes AS n
+            FROM {session_nodes} AS n
             LEFT JOIN
             (
                 SELECT node_id,
                        arrayFlatten(groupArray(arrayMap(k -> map('key', concat(event_type, '.', k),
                                                                  'value', attributes[k]),
                                                         mapKeys(attributes)))) AS tags
-                FROM flowtrack.flow_events
-                WHERE session_id = {session}
+                FROM {session_events}
                 GROUP BY node_id
             ) AS a ON a.node_id = n.node_id
-            WHERE n.session_id = {session}
             ORDER BY n.start_ts
-            """, Format.TRACE).ref_id("A"))
+            """, Format.TRACE, session_expr="{session}").ref_id("A"))
     )
 
 
 def node_graph(session_expr: str, title: str) -> nodegraph.Panel:
-    """Nodes and edges of one session; ``session_expr`` is SQL (or a fragment name) giving its session_id."""
+    """Nodes and edges of one session; ``session_expr`` is SQL (or a fragment name) giving its session_id.
+    Edges read the session's nodes once (an edge needs its parent among them: a window over the same read)."""
     return (
         nodegraph.Panel()
         .title(title)
@@ -118,16 +118,18 @@ def node_graph(session_expr: str, title: str) -> nodegraph.Panel:
             SELECT node_id AS id, name AS title, node_id AS subtitle, duration_ms AS mainstat,
                    status AS secondarystat, if(status = 'error', 0, 1) AS arc__ok,
                    if(status = 'error', 1, 0) AS arc__error, toString(start_ts) AS detail__started
-            FROM flowtrack.flow_nodes
-            WHERE session_id = {session_expr}
+            FROM {session_nodes}
             ORDER BY start_ts
             """, session_expr=session_expr).ref_id("nodes"))
         .with_target(SQL("""
             SELECT concat(parent_id, '->', node_id) AS id, parent_id AS source, node_id AS target,
                    duration_ms AS mainstat
-            FROM flowtrack.flow_nodes
-            WHERE session_id = {session_expr} AND parent_id != ''
-              AND parent_id IN (SELECT node_id FROM flowtrack.flow_nodes WHERE session_id = {session_expr})
+            FROM
+            (
+                SELECT node_id, parent_id, duration_ms, groupArray(node_id) OVER () AS node_ids
+                FROM {session_nodes}
+            )
+            WHERE parent_id != '' AND has(node_ids, parent_id)
             """, session_expr=session_expr).ref_id("edges"))
     )
 
@@ -145,10 +147,9 @@ def events_in_order() -> table.Panel:
                    event_type, node_id, parent_id, toJSONString(attributes) AS attributes,
                    toUnixTimestamp64Milli(ingested_at) - toUnixTimestamp64Milli(ts) AS ingest_lag_ms,
                    event_id, source_stream, source_id
-            FROM flowtrack.flow_events
-            WHERE session_id = {session}
+            FROM {session_events}
             ORDER BY ts, event_id
-            """).ref_id("A"))
+            """, session_expr="{session}").ref_id("A"))
         .unit("short")
         .override_by_name("offset_ms", unit("ms"))
         .override_by_name("ingest_lag_ms", unit("ms"))

@@ -115,22 +115,12 @@ def common_paths() -> table.Panel:
         .span(14)
         .datasource(CLICKHOUSE)
         .with_target(SQL("""
-            SELECT path, count() AS sessions, countIf(s.status = 'failed') AS failed,
-                   round(avg(s.duration_ms)) AS avg_duration_ms
+            SELECT arrayStringConcat(p.path, ' → ') AS path, count() AS sessions,
+                   countIf(s.status = 'failed') AS failed, round(avg(s.duration_ms)) AS avg_duration_ms
             FROM
             (
-                SELECT session_id,
-                       arrayStringConcat(
-                           arrayMap(x -> x.3, arraySort(groupArray((at, event_id, toString(kind))))),
-                           ' → ') AS path
-                FROM
-                (
-                    SELECT session_id, event_id, argMax(ts, ingested_at) AS at,
-                           argMax(event_type, ingested_at) AS kind
-                    FROM flowtrack.events_by_time
-                    WHERE $__timeFilter(ts) AND {user_filter}
-                    GROUP BY session_id, event_id
-                )
+                SELECT session_id, arrayMap(x -> toString(x.2), arraySort(groupArray((ts, event_type)))) AS path
+                FROM {range_events}
                 GROUP BY session_id
             ) AS p
             INNER JOIN
@@ -139,7 +129,7 @@ def common_paths() -> table.Panel:
                 FROM flowtrack.flow_sessions
                 WHERE {started_in_range}
             ) AS s ON s.session_id = p.session_id
-            GROUP BY path
+            GROUP BY p.path
             ORDER BY sessions DESC, path
             LIMIT 20
             """).ref_id("A"))
@@ -159,21 +149,22 @@ def where_flows_fail() -> table.Panel:
         .span(10)
         .datasource(CLICKHOUSE)
         .with_target(SQL("""
-            WITH nodes AS
+            SELECT ifNull(nullIf(arrayFirst(p -> p.1 = n.2, nodes).3, ''), '(root)') AS failed_after,
+                   n.3 AS error_type, count() AS failures, uniqExact(session_id) AS sessions
+            FROM
             (
-                SELECT session_id, node_id, anyIf(parent_id, parent_id != '') AS parent_id,
-                       toString(argMin(event_type, ts)) AS name, max(is_error) AS failed
-                FROM flowtrack.events_by_time FINAL
-                WHERE $__timeFilter(ts) AND {user_filter}
-                  AND session_id IN (SELECT session_id FROM flowtrack.events_by_time
-                                     WHERE $__timeFilter(ts) AND is_error = 1 AND {user_filter})
-                GROUP BY session_id, node_id
+                SELECT session_id, groupArray((node_id, parent_id, name, failed)) AS nodes
+                FROM
+                (
+                    SELECT session_id, node_id, anyIf(parent_id, parent_id != '') AS parent_id,
+                           toString(argMin(event_type, ts)) AS name, max(is_error) AS failed
+                    FROM {range_events}
+                    WHERE session_id IN {error_sessions}
+                    GROUP BY session_id, node_id
+                )
+                GROUP BY session_id
             )
-            SELECT ifNull(nullIf(p.name, ''), '(root)') AS failed_after, n.name AS error_type,
-                   count() AS failures, uniqExact(n.session_id) AS sessions
-            FROM nodes AS n
-            LEFT JOIN nodes AS p ON p.session_id = n.session_id AND p.node_id = n.parent_id
-            WHERE n.failed = 1
+            ARRAY JOIN arrayFilter(x -> x.4 = 1, nodes) AS n
             GROUP BY failed_after, error_type
             ORDER BY failures DESC, failed_after
             LIMIT 20
@@ -183,6 +174,13 @@ def where_flows_fail() -> table.Panel:
 
 
 def error_messages() -> table.Panel:
+    """The range's error events (from the time-ordered copy) with their attributes looked up in events by key.
+
+    Copies are collapsed on the identity (the last stored copy wins); only copies in the range and of error type
+    are read: copies of one event_id are one event, so its type does not change; its time may differ when the
+    producer gave none, and then, as in events_by_time, it counts at its copies in the range. The time filter
+    prunes the table to the range's weeks: a key lookup otherwise costs a granule in every part, and attributes
+    are the widest column."""
     return (
         table.Panel()
         .title("Error messages")
@@ -194,12 +192,24 @@ def error_messages() -> table.Panel:
         .with_target(SQL("""
             SELECT toString(event_type) AS event_type, attributes['message'] AS message, attributes['code'] AS code,
                    count() AS events, uniqExact(session_id) AS sessions, max(ts) AS last_seen
-            FROM {visible_events_of}
-            WHERE is_error = 1 AND $__timeFilter(ts) AND {user_filter}
+            FROM
+            (
+                SELECT session_id, event_id, argMax(ts, stored) AS ts, argMax(event_type, stored) AS event_type,
+                       argMax(attributes, stored) AS attributes, argMax(user_id, stored) AS user_id
+                FROM
+                (
+                    SELECT *, ingested_at AS stored
+                    FROM flowtrack.events
+                    WHERE $__timeFilter(ts) AND is_error = 1
+                      AND (session_id, event_id) IN (SELECT session_id, event_id FROM flowtrack.events_by_time
+                                                     WHERE $__timeFilter(ts) AND is_error = 1 AND {user_filter})
+                )
+                GROUP BY session_id, event_id
+            )
+            WHERE $__timeFilter(ts) AND {user_filter}
             GROUP BY event_type, message, code
             ORDER BY events DESC, event_type, message
             LIMIT 50
-            """, sessions="SELECT session_id FROM flowtrack.events_by_time "
-                          "WHERE $__timeFilter(ts) AND is_error = 1 AND {user_filter}").ref_id("A"))
+            """).ref_id("A"))
         .unit("short")
     )

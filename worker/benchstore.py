@@ -15,6 +15,7 @@ a worker's do. 100M events take minutes, not hours: no per-event Python object i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -106,9 +107,15 @@ def read_marker(path: Path) -> StoreInfo | None:
         return None
 
 
+def migration_ids() -> list[str]:
+    """Each migration's name and a digest of its statements: a store built by an edited migration is not reused."""
+    return [f"{m.name}@{hashlib.blake2b(chr(0).join(m.statements).encode(), digest_size=6).hexdigest()}"
+            for m in load_migrations()]
+
+
 def prepare_directory(path: Path, events: int, seed: int) -> StoreInfo | None:
     """The cached store's info when it can be reused; else an empty directory (an old bench store is removed)."""
-    migrations = [m.name for m in load_migrations()]
+    migrations = migration_ids()
     info = read_marker(path)
     if info is not None and info.matches(events, seed, migrations):
         return info
@@ -310,7 +317,7 @@ def build_store(store: Store, path: Path, events: int, seed: int, progress: Prog
     load_s = time.perf_counter() - started
     merge_wait_s, parts = wait_for_merges(store, progress)
     info = StoreInfo(events, seed, anchor, users, sessions, settings.batch_max_rows,
-                     [m.name for m in load_migrations()], load_s=round(load_s, 1), merge_wait_s=round(merge_wait_s, 1),
+                     migration_ids(), load_s=round(load_s, 1), merge_wait_s=round(merge_wait_s, 1),
                      parts_after_load=parts, batches=len(batches), path=str(path))
     (path / MARKER).write_bytes(orjson.dumps(asdict(info), option=orjson.OPT_INDENT_2))
     return info

@@ -8,6 +8,8 @@
 --   recompute, so the winning row saw every stored copy: exact under redelivery, re-insertion and duplicate
 --   event ids, with no per-event-id state anywhere (merges replace rows; reads hold one row per session).
 --   is_deleted marks a session whose only events were purged (rows ClickHouse refused).
+--   index_granularity = 256 (also on session_spans): panels look up the few sessions of a time window or one
+--   session by key; with 8192-row granules a few dozen random sessions touch most granules of the table.
 -- session_spans: session → its users and [start, end] (the OTel exporter's trace_id_ts table): finds the user of a
 --   session (the rollup's key prefix) and the partitions of its events. Written by a materialized view from every
 --   rollup row (one per touched session and batch, not per event); older rows only narrow the range, so readers
@@ -38,7 +40,7 @@ CREATE TABLE IF NOT EXISTS flowtrack.sessions
 )
 ENGINE = ReplacingMergeTree(computed_at, is_deleted)
 ORDER BY (user_id, session_id)
-SETTINGS non_replicated_deduplication_window = 10000;
+SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 256;
 
 -- One definition of a session's figures, used by the worker's recompute and by this migration's backfill.
 -- Read it with a session_id filter: the filter reaches the primary key of events. Copies are collapsed by
@@ -73,7 +75,7 @@ CREATE TABLE IF NOT EXISTS flowtrack.session_spans
 ENGINE = MergeTree
 PARTITION BY toMonday(start_ts)
 ORDER BY (session_id, start_ts)
-SETTINGS non_replicated_deduplication_window = 10000, ttl_only_drop_parts = 1;
+SETTINGS non_replicated_deduplication_window = 10000, ttl_only_drop_parts = 1, index_granularity = 256;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS flowtrack.session_spans_mv TO flowtrack.session_spans AS
 SELECT session_id, user_id, started_at AS start_ts, last_event_at AS end_ts
