@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -44,8 +45,10 @@ class RedisServer:
     """A redis-server child process on 127.0.0.1; ``kill()`` and ``start()`` simulate crashes and restarts."""
 
     def __init__(self, port: int | None = None, data_dir: Path | None = None, appendonly: bool = False,
-                 executable: str | None = None, own_session: bool = False) -> None:
+                 executable: str | None = None, own_session: bool = False,
+                 extra_args: Sequence[str] = ()) -> None:
         self.executable = executable or find_redis_server()
+        self.extra_args = list(extra_args)
         self.port = port or free_port()
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="flowtrack-redis-"))
@@ -66,6 +69,7 @@ class RedisServer:
                 "--daemonize", "no", "--loglevel", "warning"]
         if self.appendonly:
             args += ["--appendfsync", "always"]
+        args += self.extra_args
         # The log goes to a file, not a pipe: a server left running must not depend on this process reading it.
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
