@@ -81,17 +81,17 @@ class LocalCluster:
             first = index * per_primary
             last = SLOTS - 1 if index == len(primaries) - 1 else first + per_primary - 1
             with self.client(node) as client:
-                client.execute_command("CLUSTER ADDSLOTS", *range(first, last + 1))
+                _command(client, "CLUSTER ADDSLOTS", *range(first, last + 1))
         with self.client(self.nodes[0]) as first_node:
             for node in self.nodes[1:]:
-                first_node.execute_command("CLUSTER MEET", "127.0.0.1", node.port)
+                _command(first_node, "CLUSTER MEET", "127.0.0.1", node.port)
         self._wait(lambda: all(self._known_nodes(n) == len(self.nodes) for n in self.nodes), timeout_s,
                    "nodes to meet")
         replicas = self.nodes[self.primaries_wanted:]
         for index, node in enumerate(replicas):
             primary = primaries[index % len(primaries)]
             with self.client(node) as client:
-                client.execute_command("CLUSTER REPLICATE", self.node_id(primary))
+                _command(client, "CLUSTER REPLICATE", self.node_id(primary))
         self.wait_ok(timeout_s)
 
     def wait_ok(self, timeout_s: float = 30.0) -> None:
@@ -107,7 +107,7 @@ class LocalCluster:
                 if self.cluster_info(node).get("cluster_state") != "ok":
                     return False
                 with self.client(node) as client:
-                    maps.append(sorted((s[0], s[1], s[2][1]) for s in client.execute_command("CLUSTER SLOTS")))
+                    maps.append(sorted((s[0], s[1], s[2][1]) for s in _command(client, "CLUSTER SLOTS")))
                     role = client.info("replication")
                     if role.get("role") == "slave" and role.get("master_link_status") != "up":
                         return False
@@ -155,14 +155,14 @@ class LocalCluster:
 
     def node_id(self, node: RedisServer) -> str:
         with self.client(node) as client:
-            return str(client.execute_command("CLUSTER MYID").decode())
+            return str(_command(client, "CLUSTER MYID").decode())
 
     def _known_nodes(self, node: RedisServer) -> int:
         return int(self.cluster_info(node).get("cluster_known_nodes", 0))
 
     def cluster_info(self, node: RedisServer) -> dict[str, str]:
         with self.client(node) as client:
-            raw = client.execute_command("CLUSTER INFO")  # redis-py parses it into a dict
+            raw = _command(client, "CLUSTER INFO")  # redis-py parses it into a dict
         return {str(k): v.decode() if isinstance(v, bytes) else str(v) for k, v in dict(raw).items()}
 
     def node_at(self, port: int) -> RedisServer:
@@ -177,7 +177,7 @@ class LocalCluster:
         for node in self.nodes:
             if node.process and node.process.poll() is None:
                 with contextlib.suppress(redis.RedisError), self.client(node) as client:
-                    return sorted((int(s[0]), int(s[1]), int(s[2][1])) for s in client.execute_command("CLUSTER SLOTS"))
+                    return sorted((int(s[0]), int(s[1]), int(s[2][1])) for s in _command(client, "CLUSTER SLOTS"))
         raise FlowtrackError("local Redis Cluster: no live node")
 
     def primary_for_slot(self, slot: int) -> RedisServer:
@@ -228,22 +228,22 @@ class LocalCluster:
         source_id, target_id = self.node_id(source), self.node_id(target)
         moved = 0
         with self.client(source) as src, self.client(target) as dst:
-            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
-            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+            _command(dst, "CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+            _command(src, "CLUSTER SETSLOT", slot, "MIGRATING", target_id)
             while True:
-                keys = src.execute_command("CLUSTER GETKEYSINSLOT", slot, keys_per_step)
+                keys = _command(src, "CLUSTER GETKEYSINSLOT", slot, keys_per_step)
                 if not keys:
                     break
-                src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+                _command(src, "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
                 moved += len(keys)
                 if between_steps_s:
                     time.sleep(between_steps_s)
-            dst.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
-            src.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+            _command(dst, "CLUSTER SETSLOT", slot, "NODE", target_id)
+            _command(src, "CLUSTER SETSLOT", slot, "NODE", target_id)
         for node in self.primaries():
             if node not in (source, target):
                 with contextlib.suppress(redis.RedisError), self.client(node) as client:
-                    client.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+                    _command(client, "CLUSTER SETSLOT", slot, "NODE", target_id)
         return moved
 
     def nodes_by_role(self) -> dict[str, list[int]]:
@@ -253,6 +253,10 @@ class LocalCluster:
                 with contextlib.suppress(redis.RedisError), self.client(node) as client:
                     roles.setdefault(str(client.info("replication").get("role")), []).append(node.port)
         return roles
+
+
+def _command(client: redis.Redis, *args: Any) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
 def cluster_port() -> int:
