@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from worker.clusterddl import valid_cluster_name
 from worker.errors import ConfigError
 
 DEFAULT_STREAMS = ("flow_events", "flow_events:*")
@@ -34,6 +35,9 @@ class Settings:
     redis_url: str = "redis://localhost:6379/0"
     # None = the embedded chDB store in ./.flowtrack/
     clickhouse_url: str | None = None
+    # A cluster of the server's remote_servers: `migrate` creates Replicated local tables and Distributed tables
+    # under the public names ON CLUSTER (README, "ClickHouse cluster"). None = a single server (or chDB).
+    clickhouse_cluster: str | None = None
     streams: tuple[str, ...] = DEFAULT_STREAMS
     group: str = "flowtrack"
     consumer: str = field(default_factory=default_consumer_name)
@@ -126,6 +130,17 @@ class Settings:
             raise ConfigError(
                 f"FLOWTRACK_CLICKHOUSE_URL must be chdb:///path, http(s)://user:pass@host:8123/db; got {url!r}"
             )
+        self._validate_cluster()
+
+    def _validate_cluster(self) -> None:
+        name = self.clickhouse_cluster
+        if name is None:
+            return
+        if not valid_cluster_name(name):
+            raise ConfigError(f"FLOWTRACK_CLICKHOUSE_CLUSTER={name!r} is not a cluster name (letters, digits, _ . -)")
+        if self.embedded_store_path is not None:
+            raise ConfigError("FLOWTRACK_CLICKHOUSE_CLUSTER needs a ClickHouse server: set FLOWTRACK_CLICKHOUSE_URL="
+                              "http(s)://user:pass@host:8123/flowtrack (the embedded store is one node)")
 
     @property
     def embedded_store_path(self) -> Path | None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import clickhouse_connect
 
+from worker.clusterddl import ClusterDDL, cluster_ddl_for, local_name
 from worker.errors import (
     ConfigError,
     FlowtrackError,
@@ -55,6 +56,12 @@ def schema_dir() -> Path:
 
 
 _GUARD_PREFIX = "-- only-if:"
+_SINGLE_NODE_BOOKKEEPING = (
+    f"CREATE DATABASE IF NOT EXISTS {DATABASE}",
+    f"CREATE TABLE IF NOT EXISTS {DATABASE}.schema_migrations "
+    "(version UInt32, name String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
+    "ENGINE = ReplacingMergeTree ORDER BY version",
+)
 
 
 @dataclass(frozen=True)
@@ -131,12 +138,18 @@ def retention_ttl(column: str, days: int) -> str:
 class Store:
     """A clickhouse-connect client plus what flowtrack needs of it; thread-safe for one caller at a time."""
 
-    def __init__(self, client: Any, description: str, embedded: bool, retention_days: int | None = None) -> None:
+    def __init__(self, client: Any, description: str, embedded: bool, retention_days: int | None = None,
+                 cluster: ClusterDDL | None = None) -> None:
         self.client = client
         self.description = description
         self.embedded = embedded
         # Applied as TTLs by migrate(); None keeps everything.
         self.retention_days = retention_days
+        # FLOWTRACK_CLICKHOUSE_CLUSTER: the rules that give migrations and run-time DDL their cluster form (an empty
+        # template: migrate() and the run-time statements replay the migrations on copies of it).
+        self.cluster = cluster
+        self._cluster_runtime: ClusterDDL | None = None
+        self._cluster_write_settings: dict[str, Any] | None = None
         self._lock = threading.Lock()
 
     # -- opening ---------------------------------------------------------------------------------
@@ -155,7 +168,10 @@ class Store:
             )
         except Exception as exc:  # clickhouse-connect raises several unrelated types for "down"
             raise StoreUnavailableError(f"cannot reach ClickHouse at {redact_url(url)}: {connect_reason(exc)}") from exc
-        return cls(client, f"ClickHouse {redact_url(url)}", embedded=False, retention_days=settings.retention_days)
+        cluster = ClusterDDL(settings.clickhouse_cluster) if settings.clickhouse_cluster else None
+        where = f" (cluster {settings.clickhouse_cluster})" if cluster else ""
+        return cls(client, f"ClickHouse {redact_url(url)}{where}", embedded=False,
+                   retention_days=settings.retention_days, cluster=cluster)
 
     def close(self) -> None:
         if not self.embedded:
@@ -180,28 +196,29 @@ class Store:
 
     def _migrate(self) -> list[str]:
         with self._lock:
-            self.client.command(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
-            self.client.command(
-                f"CREATE TABLE IF NOT EXISTS {DATABASE}.schema_migrations "
-                "(version UInt32, name String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
-                "ENGINE = ReplacingMergeTree ORDER BY version"
-            )
+            plan = self._fresh_cluster_ddl()
+            for statement in plan.bookkeeping() if plan else _SINGLE_NODE_BOOKKEEPING:
+                self.client.command(statement)
             done = {row[0] for row in self.client.query(
                 f"SELECT version FROM {DATABASE}.schema_migrations").result_rows}  # noqa: S608 (constant)
             applied = []
             for migration in load_migrations():
+                # A cluster plan sees every migration, applied or not: it tracks which tables are sharded.
+                statements = plan.transform_all(migration.statements) if plan else list(migration.statements)
                 if migration.version in done:
                     continue
-                if migration.only_if is None or int(self.client.command(migration.only_if)):
-                    for statement in migration.statements:
-                        self.client.command(statement)
+                guard = plan.guard(migration.only_if) if plan and migration.only_if else migration.only_if
+                if guard is None or int(self.client.command(guard)):
+                    for statement in statements:
+                        self.client.command(statement, settings=self._write_settings())
                 self.client.insert(f"{DATABASE}.schema_migrations", [[migration.version, migration.name]],
-                                   column_names=["version", "name"])
+                                   column_names=["version", "name"], settings=self._write_settings())
                 applied.append(migration.name)
                 log.info("applied migration %s", migration.name)
             self._apply_retention()
-            self.client.command(CATCH_UP_SESSIONS)
-            self._heal_broken_rollup()
+            self.client.command(CATCH_UP_SESSIONS, settings=self._write_settings())
+            if plan is None:  # replicas set broken parts aside and fetch them from another replica themselves
+                self._heal_broken_rollup()
             return applied
 
     def _heal_broken_rollup(self) -> None:
@@ -231,16 +248,17 @@ class Store:
             if current == wanted:
                 continue
             if wanted is None:
-                self.client.command(f"ALTER TABLE {DATABASE}.{table} REMOVE TTL")
+                self.client.command(self._for_cluster(f"ALTER TABLE {DATABASE}.{table} REMOVE TTL"))
             else:
-                self.client.command(f"ALTER TABLE {DATABASE}.{table} MODIFY TTL {wanted}")
+                self.client.command(self._for_cluster(f"ALTER TABLE {DATABASE}.{table} MODIFY TTL {wanted}"))
             log.info("retention of %s.%s: %s", DATABASE, table, wanted or "keep forever")
 
     def _current_ttl(self, table: str) -> str | None:
-        """The table's TTL expression as ClickHouse prints it, or None."""
+        """The table's TTL expression as ClickHouse prints it, or None (on a cluster: its local table's)."""
+        physical = local_name(table) if self.cluster else table
         engine = str(self.client.command(
             "SELECT engine_full FROM system.tables WHERE database = {db:String} AND name = {table:String}",
-            parameters={"db": DATABASE, "table": table}))
+            parameters={"db": DATABASE, "table": physical}))
         found = _TTL_IN_ENGINE.search(engine)
         return found.group(1).strip() if found else None
 
@@ -257,11 +275,12 @@ class Store:
 
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> None:
         with self._lock:
-            self.client.command(sql, parameters=parameters)
+            self.client.command(self._for_cluster(sql), parameters=parameters, settings=self._write_settings())
 
     def insert(self, table: str, columns: Sequence[Sequence[Any]], column_names: Sequence[str],
                settings: dict[str, Any] | None = None) -> None:
         with self._lock:
+            settings = {**self._write_settings(), **(settings or {})} if self.cluster else settings
             context = self.client.create_insert_context(table=table, column_names=list(column_names),
                                                         column_oriented=True, settings=settings)
             try:
@@ -272,6 +291,57 @@ class Store:
                 # it and the whole batch it holds would wait for a full GC pass instead of being freed now:
                 # tens of MB per batch, hundreds while draining a backlog. Break the cycle.
                 vars(context).clear()
+
+
+    # -- cluster (FLOWTRACK_CLICKHOUSE_CLUSTER) -----------------------------------------------------
+    def _fresh_cluster_ddl(self) -> ClusterDDL | None:
+        if self.cluster is None:
+            return None
+        return ClusterDDL(self.cluster.cluster, on_cluster=self.cluster.on_cluster,
+                          replicated=self.cluster.replicated)
+
+    def _for_cluster(self, sql: str) -> str:
+        """DELETE/ALTER/TRUNCATE of a sharded table: its local tables, on every node (README, "ClickHouse
+        cluster"); everything else unchanged."""
+        if self.cluster is None:
+            return sql
+        if self._cluster_runtime is None:
+            template = self.cluster
+            self._cluster_runtime = cluster_ddl_for(template.cluster, (m.statements for m in load_migrations()),
+                                                    on_cluster=template.on_cluster, replicated=template.replicated)
+        return self._cluster_runtime.runtime(sql)
+
+    def _write_settings(self) -> dict[str, Any]:
+        """On a cluster, every write waits until it is stored on every replica of its shard: synchronous
+        Distributed inserts, and a quorum of all replicas. The session rollup reads whichever replica the
+        Distributed table picks right after an insert (worker/rollup.py); with a smaller quorum that replica could
+        lack the part and the recompute would miss its events for good. IN/JOIN subqueries over Distributed tables
+        run once on the initiator (GLOBAL): correct whatever they are keyed by."""
+        if self.cluster is None:
+            return {}
+        if self._cluster_write_settings is None:
+            replicas = self._replicas_per_shard()
+            self._cluster_write_settings = {
+                "distributed_foreground_insert": 1,
+                "distributed_product_mode": "global",
+                **({"insert_quorum": replicas} if replicas > 1 else {}),
+            }
+        return self._cluster_write_settings
+
+    def _replicas_per_shard(self) -> int:
+        assert self.cluster is not None
+        rows = self.client.query(
+            "SELECT shard_num, count() FROM system.clusters WHERE cluster = {c:String} GROUP BY shard_num",
+            parameters={"c": self.cluster.cluster}).result_rows
+        counts = {int(count) for _, count in rows}
+        if not counts:
+            raise ConfigError(f"{self.description}: the server has no cluster named {self.cluster.cluster!r} "
+                              "(FLOWTRACK_CLICKHOUSE_CLUSTER must name a cluster of its remote_servers)")
+        if len(counts) > 1:
+            raise ConfigError(f"cluster {self.cluster.cluster!r} has shards with different numbers of replicas "
+                              f"({sorted(counts)}); flowtrack writes with a quorum of every replica of a shard, which "
+                              "needs the same number in every shard")
+        return counts.pop()
 
 
 class _DropDriverNoise(logging.Filter):
