@@ -94,7 +94,7 @@ def test_every_physical_name_is_a_distributed_table_over_its_local_table_sharded
         if found:
             last_distributed[found.group(1)] = found.groups()
     for table, create in tables.items():
-        name, on_cluster, as_table, cluster, local, key = last_distributed[table]
+        _, on_cluster, as_table, cluster, local, key = last_distributed[table]
         assert (on_cluster, cluster) == (CLUSTER, CLUSTER)
         assert as_table == local == table + LOCAL_SUFFIX
         has_session = re.search(r"\n\s*session_id\s+String", create) is not None
@@ -395,7 +395,7 @@ def test_the_pipeline_on_a_real_cluster_keeps_each_flow_on_one_shard_once(redis_
 @pytest.mark.server
 @needs_cluster
 def test_a_retried_batch_is_dropped_by_every_shard_it_reached() -> None:
-    from worker.normalize import Normalizer
+    from worker.normalize import FlowEvent, Normalizer
     from worker.sink import Sink
 
     store = _cluster_store()
@@ -405,9 +405,11 @@ def test_a_retried_batch_is_dropped_by_every_shard_it_reached() -> None:
     batch = [normalizer.normalize("flow_events", f"{int(time.time() * 1000)}-{i}",
                                   {"session_id": f"r{run}-{i % 20}", "node_id": "n", "event_type": "llm_call",
                                    "user_id": "u"}) for i in range(200)]
+    events = [event for event in batch if isinstance(event, FlowEvent)]
+    assert len(events) == 200
     sink = Sink(store)
-    sink.write(batch, [])  # type: ignore[arg-type]
-    sink.write(batch, [])  # type: ignore[arg-type]  # the retry after a lost acknowledgment: same token per shard
+    sink.write(events, [])
+    sink.write(events, [])  # the retry after a lost acknowledgment: the same token, split the same way per shard
     sink.rollup.close()
     physical = store.scalar("SELECT count() FROM flowtrack.events WHERE session_id LIKE {p:String}",
                             {"p": f"r{run}-%"})
