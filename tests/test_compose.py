@@ -34,7 +34,7 @@ def test_the_stack_has_its_services_each_with_a_healthcheck() -> None:
 
 def test_every_dependency_waits_on_a_condition() -> None:
     for name, service in SERVICES.items():
-        if name == "redis" or name == "clickhouse":
+        if name in ("redis", "clickhouse", "keeper"):
             assert "depends_on" not in service
             continue
         depends = service.get("depends_on")
@@ -202,3 +202,134 @@ def test_rendered_acl_file_is_accepted_and_enforced(acl_redis: int) -> None:
         anonymous.get("flow_events:1")
     for client in (producer, worker, anonymous):
         client.close()
+
+
+# -- profile `cluster`: 2 shards x 2 replicas with ClickHouse Keeper (deploy/clickhouse/cluster/) --------------------
+CLUSTER_DIR = ROOT / "deploy" / "clickhouse" / "cluster"
+CLUSTER_NODES = ("ch-s1r1", "ch-s1r2", "ch-s2r1", "ch-s2r2")
+
+
+def _mounted(service: dict[str, Any], container_path: str) -> Path:
+    """The repo file a service mounts at container_path."""
+    for volume in service["volumes"]:
+        source, _, rest = volume.partition(":")
+        if rest.split(":")[0] == container_path:
+            return ROOT / source
+    raise AssertionError(f"nothing mounted at {container_path}")
+
+
+def _xml(path: Path) -> ET.Element:
+    return ET.parse(path).getroot()
+
+
+def test_the_cluster_profile_has_keeper_four_nodes_a_worker_and_grafana() -> None:
+    in_profile = {name for name, service in SERVICES.items() if "cluster" in service.get("profiles", [])}
+    assert in_profile == {"keeper", *CLUSTER_NODES, "worker-cluster", "grafana-cluster"}
+    # The single-node stack is untouched: its services start without a profile, as before.
+    assert all("profiles" not in SERVICES[name] for name in ("redis", "clickhouse", "worker", "grafana", "prometheus"))
+    for node in CLUSTER_NODES:
+        service = SERVICES[node]
+        assert service["hostname"] == node
+        assert service["image"] == SERVICES["clickhouse"]["image"]
+        assert service["depends_on"] == {"keeper": {"condition": "service_healthy"}}
+    data = [next(v for v in SERVICES[node]["volumes"] if v.endswith(":/var/lib/clickhouse")) for node in CLUSTER_NODES]
+    assert len(set(data)) == len(CLUSTER_NODES)  # each replica its own disk
+    assert SERVICES["keeper"]["entrypoint"][-1] == "--config-file=/etc/clickhouse-keeper/keeper.xml"
+
+
+def test_remote_servers_list_two_shards_of_two_replicas_with_distinct_macros() -> None:
+    config = _xml(_mounted(SERVICES["ch-s1r1"], "/etc/clickhouse-server/config.d/flowtrack-cluster.xml"))
+    clusters = config.find("remote_servers")
+    assert clusters is not None and [c.tag for c in clusters] == ["flowtrack"]
+    shards = clusters.findall("flowtrack/shard")
+    assert len(shards) == 2
+    shard_of: dict[str, int] = {}
+    for number, shard in enumerate(shards, start=1):
+        assert shard.findtext("internal_replication") == "true"  # replication copies; Distributed writes one replica
+        replicas = shard.findall("replica")
+        assert len(replicas) == 2
+        for replica in replicas:
+            assert replica.findtext("port") == "9000"
+            shard_of[replica.findtext("host") or ""] = number
+    assert set(shard_of) == set(CLUSTER_NODES)
+    secret = clusters.find("flowtrack/secret")
+    assert secret is not None and secret.get("from_env") and not (secret.text or "").strip()
+    macros = set()
+    for node in CLUSTER_NODES:
+        service = SERVICES[node]
+        # Every node runs the same cluster config; only its macros file differs.
+        assert _mounted(service, "/etc/clickhouse-server/config.d/flowtrack-cluster.xml") \
+            == CLUSTER_DIR / "cluster.xml"
+        own = _xml(_mounted(service, "/etc/clickhouse-server/config.d/flowtrack-node.xml"))
+        shard, replica = own.findtext("macros/shard"), own.findtext("macros/replica")
+        assert shard is not None and int(shard) == shard_of[node], node
+        assert replica == node and own.findtext("interserver_http_host") == node
+        assert own.findtext("macros/cluster") == "flowtrack"
+        macros.add((shard, replica))
+        for variable in (secret.get("from_env"), "CLICKHOUSE_INTERSERVER_PASSWORD"):
+            assert service["environment"][variable].startswith(f"${{{variable}:?")
+    assert len(macros) == len(CLUSTER_NODES)
+    # The Keeper path of a table without engine arguments: per table (its UUID) and per shard.
+    path = config.findtext("default_replica_path") or ""
+    assert "{uuid}" in path and "{shard}" in path and config.findtext("default_replica_name") == "{replica}"
+    assert config.find("distributed_ddl/path") is not None  # ON CLUSTER needs the DDL queue
+    password = config.find("interserver_http_credentials/password")
+    assert password is not None and password.get("from_env") == "CLICKHOUSE_INTERSERVER_PASSWORD"
+
+
+def test_keeper_is_reachable_under_the_names_the_nodes_use() -> None:
+    config = _xml(CLUSTER_DIR / "cluster.xml")
+    nodes = config.findall("zookeeper/node")
+    keeper = _xml(_mounted(SERVICES["keeper"], "/etc/clickhouse-keeper/keeper.xml"))
+    server = keeper.find("keeper_server")
+    assert server is not None
+    assert [(n.findtext("host"), n.findtext("port")) for n in nodes] == [("keeper", server.findtext("tcp_port"))]
+    assert "keeper" in SERVICES
+    raft = server.findall("raft_configuration/server")
+    assert [(s.findtext("id"), s.findtext("hostname")) for s in raft] == [(server.findtext("server_id"), "keeper")]
+    assert keeper.findtext("listen_host") == "0.0.0.0"
+    assert f"/dev/tcp/127.0.0.1/{server.findtext('tcp_port')}" in " ".join(SERVICES["keeper"]["healthcheck"]["test"])
+    mounted = {v.split(":")[1] for v in SERVICES["keeper"]["volumes"]}
+    for storage in ("log_storage_path", "snapshot_storage_path"):
+        assert any((server.findtext(storage) or "").startswith(m) for m in mounted), storage
+
+
+def test_cluster_users_are_the_single_node_users_unchanged_in_privileges() -> None:
+    single = _mounted(SERVICES["clickhouse"], "/etc/clickhouse-server/users.d/flowtrack.xml")
+    base_profiles = {p.tag for p in _xml(single).find("profiles")}  # type: ignore[union-attr]
+    for node in CLUSTER_NODES:
+        service = SERVICES[node]
+        assert _mounted(service, "/etc/clickhouse-server/users.d/flowtrack.xml") == single
+        overlay = _xml(_mounted(service, "/etc/clickhouse-server/users.d/flowtrack-cluster.xml"))
+        # The overlay only sets a query setting in existing profiles: no user, grant, network, password or quota.
+        assert [child.tag for child in overlay] == ["profiles"]
+        for profile in overlay.find("profiles"):  # type: ignore[union-attr]
+            assert profile.tag in base_profiles
+            assert [(s.tag, s.text) for s in profile] == [("distributed_product_mode", "global")]
+        # The users' passwords come from the same variables as on the single node.
+        for variable in ("CLICKHOUSE_WRITER_PASSWORD", "CLICKHOUSE_GRAFANA_PASSWORD", "CLICKHOUSE_SQL_PASSWORD"):
+            assert service["environment"][variable] == SERVICES["clickhouse"]["environment"][variable]
+
+
+def test_the_cluster_worker_and_grafana_point_at_the_cluster() -> None:
+    worker = SERVICES["worker-cluster"]["environment"]
+    config = _xml(CLUSTER_DIR / "cluster.xml")
+    assert worker["FLOWTRACK_CLICKHOUSE_CLUSTER"] in {c.tag for c in config.find("remote_servers")}  # type: ignore[union-attr]
+    url = worker["FLOWTRACK_CLICKHOUSE_URL"]
+    assert url.startswith("http://flowtrack_writer:${CLICKHOUSE_WRITER_PASSWORD")
+    assert url.split("@", 1)[1].split(":")[0] in CLUSTER_NODES
+    # Its own consumer group: with both stacks up, each store gets every entry (one group would split them).
+    assert worker["FLOWTRACK_GROUP"] != SERVICES["worker"]["environment"].get("FLOWTRACK_GROUP", "flowtrack")
+    assert worker["FLOWTRACK_CONSUMER"] != SERVICES["worker"]["environment"]["FLOWTRACK_CONSUMER"]
+    assert set(SERVICES["worker-cluster"]["depends_on"]) == {"redis", *CLUSTER_NODES}
+    grafana = SERVICES["grafana-cluster"]
+    cluster_sources = yaml.safe_load(
+        _mounted(grafana, "/etc/grafana/provisioning/datasources/flowtrack.yaml").read_text())
+    sources = yaml.safe_load((ROOT / "grafana" / "provisioning" / "datasources" / "flowtrack.yaml").read_text())
+    clickhouse = cluster_sources["datasources"][0]
+    assert clickhouse["jsonData"]["host"] in CLUSTER_NODES
+    clickhouse["jsonData"]["host"] = "clickhouse"
+    assert cluster_sources == sources  # the same datasources but for the host
+    assert grafana["environment"] == SERVICES["grafana"]["environment"]
+    mounted = {v.split(":")[1] for v in grafana["volumes"]}
+    assert {"/etc/grafana/provisioning/dashboards", "/etc/grafana/provisioning/alerting"} <= mounted
