@@ -245,11 +245,20 @@ _PROBE = textwrap.dedent("""
     def rows(sql):
         return [list(map(str, row)) for row in store.query(sql)[1]]
 
+    unknown = "none"
+    if mode == "cluster":  # a cluster the server does not define: refused before any write
+        try:
+            Store(client, "x", embedded=True, cluster=ClusterDDL("not_defined", on_cluster=False,
+                                                                 replicated=False)).migrate()
+        except Exception as exc:
+            unknown = f"{type(exc).__name__}: {exc}"
+    write_settings = store._write_settings()
+
     relations = ["flow_events", "flow_sessions", "flow_nodes", "rejected_events", "events", "events_by_time",
                  "sessions", "session_spans", "rejected", "session_totals"]
     physical = "_local" if mode == "cluster" else ""
     print(json.dumps({
-        "first": first, "second": second,
+        "first": first, "second": second, "unknown_cluster": unknown, "write_settings": write_settings,
         "columns": {r: rows(f"DESCRIBE TABLE flowtrack.{r}") for r in relations},
         "engines": dict(rows("SELECT name, engine FROM system.tables WHERE database = 'flowtrack'")),
         "ttl": rows(f"SELECT name, position(engine_full, ' TTL ') > 0 FROM system.tables WHERE database = "
@@ -311,6 +320,12 @@ def test_the_cluster_form_runs_in_the_engine_with_the_single_node_columns_and_ro
     statuses = {row[1]: row[7] for row in cluster["flow_sessions"]}
     assert statuses == {"s0": "failed", "s1": "completed", "s2": "completed", "s3": "failed", "s4": "completed",
                         "s5": "active"}
+    assert cluster["unknown_cluster"].startswith("ConfigError: ") and "no cluster named 'not_defined'" in \
+        cluster["unknown_cluster"]
+    # One replica per shard here: no quorum to wait for (a server's cluster gets insert_quorum = its replicas).
+    assert cluster["write_settings"] == {"distributed_foreground_insert": 1, "distributed_product_mode": "global",
+                                         "optimize_skip_unused_shards": 1, "lightweight_deletes_sync": 2}
+    assert single["write_settings"] == {}
     # Retention reached the local tables, where the data is.
     assert cluster["ttl"] == [["events_local", "1"], ["rejected_local", "1"], ["sessions_local", "1"]]
     assert single["ttl"] == [["events", "1"], ["rejected", "1"], ["sessions", "1"]]

@@ -305,7 +305,8 @@ def test_cluster_users_are_the_single_node_users_unchanged_in_privileges() -> No
         assert [child.tag for child in overlay] == ["profiles"]
         for profile in overlay.find("profiles"):  # type: ignore[union-attr]
             assert profile.tag in base_profiles
-            assert [(s.tag, s.text) for s in profile] == [("distributed_product_mode", "global")]
+            assert [(s.tag, s.text) for s in profile] == [("distributed_product_mode", "global"),
+                                                          ("optimize_skip_unused_shards", "1")]
         # The users' passwords come from the same variables as on the single node.
         for variable in ("CLICKHOUSE_WRITER_PASSWORD", "CLICKHOUSE_GRAFANA_PASSWORD", "CLICKHOUSE_SQL_PASSWORD"):
             assert service["environment"][variable] == SERVICES["clickhouse"]["environment"][variable]

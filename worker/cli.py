@@ -50,7 +50,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 RedisUrl = Annotated[str | None, typer.Option("--redis-url", help="Redis URL [env FLOWTRACK_REDIS_URL]")]
 ClickhouseUrl = Annotated[str | None, typer.Option(
     "--clickhouse-url", help="chdb:///abs/path (embedded) or http(s)://user:pass@host:8123/flowtrack; "
-    "default: the embedded store in ./.flowtrack [env FLOWTRACK_CLICKHOUSE_URL]")]
+    "default: the embedded store in ./.flowtrack [env FLOWTRACK_CLICKHOUSE_URL; a server's cluster: "
+    "env FLOWTRACK_CLICKHOUSE_CLUSTER=<remote_servers name>]")]
 Streams = Annotated[str | None, typer.Option(
     "--streams", help="comma-separated stream names and glob patterns [env FLOWTRACK_STREAMS]")]
 Group = Annotated[str | None, typer.Option("--group", help="consumer group [env FLOWTRACK_GROUP]")]

@@ -197,6 +197,7 @@ class Store:
     def _migrate(self) -> list[str]:
         with self._lock:
             plan = self._fresh_cluster_ddl()
+            settings = self._write_settings()  # on a cluster: checks it exists before anything is created
             for statement in plan.bookkeeping() if plan else _SINGLE_NODE_BOOKKEEPING:
                 self.client.command(statement)
             done = {row[0] for row in self.client.query(
@@ -210,13 +211,13 @@ class Store:
                 guard = plan.guard(migration.only_if) if plan and migration.only_if else migration.only_if
                 if guard is None or int(self.client.command(guard)):
                     for statement in statements:
-                        self.client.command(statement, settings=self._write_settings())
+                        self.client.command(statement, settings=settings)
                 self.client.insert(f"{DATABASE}.schema_migrations", [[migration.version, migration.name]],
-                                   column_names=["version", "name"], settings=self._write_settings())
+                                   column_names=["version", "name"], settings=settings)
                 applied.append(migration.name)
                 log.info("applied migration %s", migration.name)
             self._apply_retention()
-            self.client.command(CATCH_UP_SESSIONS, settings=self._write_settings())
+            self.client.command(CATCH_UP_SESSIONS, settings=settings)
             if plan is None:  # replicas set broken parts aside and fetch them from another replica themselves
                 self._heal_broken_rollup()
             return applied
@@ -316,7 +317,9 @@ class Store:
         Distributed inserts, and a quorum of all replicas. The session rollup reads whichever replica the
         Distributed table picks right after an insert (worker/rollup.py); with a smaller quorum that replica could
         lack the part and the recompute would miss its events for good. IN/JOIN subqueries over Distributed tables
-        run once on the initiator (GLOBAL): correct whatever they are keyed by."""
+        run once on the initiator (GLOBAL): correct whatever they are keyed by. Applied to writes only: readers get
+        what they need from their profile (deploy/clickhouse/cluster/users-cluster.xml), and a readonly user may
+        not send settings."""
         if self.cluster is None:
             return {}
         if self._cluster_write_settings is None:
@@ -324,6 +327,10 @@ class Store:
             self._cluster_write_settings = {
                 "distributed_foreground_insert": 1,
                 "distributed_product_mode": "global",
+                # A recompute's `session_id IN […]` reads only the shards that hold those sessions.
+                "optimize_skip_unused_shards": 1,
+                # A purge (DELETE of refused rows) is done on every replica before the recompute that follows it.
+                "lightweight_deletes_sync": 2,
                 **({"insert_quorum": replicas} if replicas > 1 else {}),
             }
         return self._cluster_write_settings
