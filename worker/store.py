@@ -56,6 +56,7 @@ def schema_dir() -> Path:
 
 
 _GUARD_PREFIX = "-- only-if:"
+_CLUSTER_DOESNT_EXIST = 701
 _SINGLE_NODE_BOOKKEEPING = (
     f"CREATE DATABASE IF NOT EXISTS {DATABASE}",
     f"CREATE TABLE IF NOT EXISTS {DATABASE}.schema_migrations "
@@ -336,19 +337,23 @@ class Store:
         return self._cluster_write_settings
 
     def _replicas_per_shard(self) -> int:
+        """Asked of the nodes themselves (one row per replica, then per shard, from system.one, which every user may
+        read): the writer has no grant on system.clusters. Every replica must answer, as every write will need."""
         assert self.cluster is not None
-        rows = self.client.query(
-            "SELECT shard_num, count() FROM system.clusters WHERE cluster = {c:String} GROUP BY shard_num",
-            parameters={"c": self.cluster.cluster}).result_rows
-        counts = {int(count) for _, count in rows}
-        if not counts:
-            raise ConfigError(f"{self.description}: the server has no cluster named {self.cluster.cluster!r} "
-                              "(FLOWTRACK_CLICKHOUSE_CLUSTER must name a cluster of its remote_servers)")
-        if len(counts) > 1:
-            raise ConfigError(f"cluster {self.cluster.cluster!r} has shards with different numbers of replicas "
-                              f"({sorted(counts)}); flowtrack writes with a quorum of every replica of a shard, which "
-                              "needs the same number in every shard")
-        return counts.pop()
+        name = self.cluster.cluster  # a validated cluster name (letters, digits, _ . -): safe inside quotes
+        try:
+            replicas = int(self.client.command(
+                f"SELECT count() FROM clusterAllReplicas('{name}', system.one)"))  # noqa: S608
+            shards = int(self.client.command(f"SELECT count() FROM cluster('{name}', system.one)"))  # noqa: S608
+        except Exception as exc:
+            if error_code(exc) == _CLUSTER_DOESNT_EXIST:
+                raise ConfigError(f"{self.description}: the server has no cluster named {name!r} "
+                                  "(FLOWTRACK_CLICKHOUSE_CLUSTER must name a cluster of its remote_servers)") from exc
+            raise
+        if shards < 1 or replicas % shards:
+            raise ConfigError(f"cluster {name!r} has {replicas} replicas over {shards} shards; flowtrack writes with a "
+                              "quorum of every replica of a shard, which needs the same number in every shard")
+        return replicas // shards
 
 
 class _DropDriverNoise(logging.Filter):
