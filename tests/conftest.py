@@ -27,6 +27,10 @@ from worker.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_URL_ENV = "FLOWTRACK_TEST_CLICKHOUSE_URL"
+# With it, FLOWTRACK_TEST_CLICKHOUSE_URL names a node of this cluster (remote_servers name): the cluster tests
+# (tests/test_clickhouse_cluster.py) run against it, and the single-node server tests skip (it holds the cluster
+# layout).
+CLUSTER_ENV = "FLOWTRACK_TEST_CLICKHOUSE_CLUSTER"
 PUBLIC_TABLES = ("events", "rejected", "sessions", "session_spans", "events_by_time")
 
 
@@ -46,7 +50,8 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
 def _targets() -> list[Any]:
     targets: list[Any] = ["embedded"]
     targets.append(pytest.param("server", marks=pytest.mark.skipif(
-        not os.environ.get(SERVER_URL_ENV), reason=f"set {SERVER_URL_ENV} to run against a ClickHouse server")))
+        not os.environ.get(SERVER_URL_ENV) or bool(os.environ.get(CLUSTER_ENV)),
+        reason=f"set {SERVER_URL_ENV} (and not {CLUSTER_ENV}) to run against a single ClickHouse server")))
     return targets
 
 

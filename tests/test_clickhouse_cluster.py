@@ -28,13 +28,12 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, SERVER_URL_ENV, make_settings, xadd_all
+from tests.conftest import CLUSTER_ENV, ROOT, SERVER_URL_ENV, make_settings, xadd_all
 from worker.clusterddl import LOCAL_SUFFIX, SESSION_SHARDING_KEY, ClusterDDL, ClusterDDLError, cluster_ddl_for
 from worker.errors import ConfigError
 from worker.settings import Settings
 from worker.store import Store, load_migrations
 
-CLUSTER_ENV = "FLOWTRACK_TEST_CLICKHOUSE_CLUSTER"
 CLUSTER = "flowtrack_cluster"
 MERGE_TREE_ENGINE = re.compile(r"ENGINE\s*=\s*(\w*MergeTree)\b")
 DISTRIBUTED = re.compile(r"^CREATE (?:OR REPLACE )?TABLE (?:IF NOT EXISTS )?flowtrack\.(\w+) ON CLUSTER `(\S+)` "
