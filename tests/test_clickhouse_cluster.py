@@ -217,6 +217,18 @@ _PROBE = textwrap.dedent("""
                       cluster=ClusterDDL("flowtrack_test", on_cluster=False, replicated=False))
     else:
         store = Store.open(Settings(clickhouse_url=f"chdb://{path}"))
+    refused = "none"
+    if mode == "cluster":  # a migration with a statement the cluster rules do not cover: nothing runs at all
+        import worker.store as store_module
+        shipped = store_module.load_migrations
+        bad = store_module.Migration(999, "999_bad", ("OPTIMIZE TABLE flowtrack.events FINAL",))
+        store_module.load_migrations = lambda directory=None: [*shipped(directory), bad]
+        try:
+            store.migrate()
+        except Exception as exc:
+            databases = store.query("SELECT count() FROM system.databases WHERE name = 'flowtrack'")[1][0][0]
+            refused = f"{type(exc).__name__}, flowtrack databases: {databases}"
+        store_module.load_migrations = shipped
     first = store.migrate()
     normalizer = Normalizer()
 
@@ -257,7 +269,7 @@ _PROBE = textwrap.dedent("""
                  "sessions", "session_spans", "rejected", "session_totals"]
     physical = "_local" if mode == "cluster" else ""
     print(json.dumps({
-        "first": first, "second": second, "unknown_cluster": unknown, "write_settings": write_settings,
+        "first": first, "second": second, "unknown_cluster": unknown, "refused": refused, "write_settings": write_settings,
         "columns": {r: rows(f"DESCRIBE TABLE flowtrack.{r}") for r in relations},
         "engines": dict(rows("SELECT name, engine FROM system.tables WHERE database = 'flowtrack'")),
         "ttl": rows(f"SELECT name, position(engine_full, ' TTL ') > 0 FROM system.tables WHERE database = "
@@ -319,6 +331,7 @@ def test_the_cluster_form_runs_in_the_engine_with_the_single_node_columns_and_ro
     statuses = {row[1]: row[7] for row in cluster["flow_sessions"]}
     assert statuses == {"s0": "failed", "s1": "completed", "s2": "completed", "s3": "failed", "s4": "completed",
                         "s5": "active"}
+    assert cluster["refused"] == "ConfigError, flowtrack databases: 0"
     assert cluster["unknown_cluster"].startswith("ConfigError: ") and "no cluster named 'not_defined'" in \
         cluster["unknown_cluster"]
     # One replica per shard here: no quorum to wait for (a server's cluster gets insert_quorum = its replicas).

@@ -199,17 +199,19 @@ class Store:
         with self._lock:
             plan = self._fresh_cluster_ddl()
             settings = self._write_settings()  # on a cluster: checks it exists before anything is created
+            # Every migration is turned into its cluster form before any runs (a statement without a cluster rule
+            # stops migrate here); the plan sees the applied ones too: it tracks which tables are sharded.
+            planned = [(migration, plan.transform_all(migration.statements) if plan else list(migration.statements),
+                        plan.guard(migration.only_if) if plan and migration.only_if else migration.only_if)
+                       for migration in load_migrations()]
             for statement in plan.bookkeeping() if plan else _SINGLE_NODE_BOOKKEEPING:
                 self.client.command(statement)
             done = {row[0] for row in self.client.query(
                 f"SELECT version FROM {DATABASE}.schema_migrations").result_rows}  # noqa: S608 (constant)
             applied = []
-            for migration in load_migrations():
-                # A cluster plan sees every migration, applied or not: it tracks which tables are sharded.
-                statements = plan.transform_all(migration.statements) if plan else list(migration.statements)
+            for migration, statements, guard in planned:
                 if migration.version in done:
                     continue
-                guard = plan.guard(migration.only_if) if plan and migration.only_if else migration.only_if
                 if guard is None or int(self.client.command(guard)):
                     for statement in statements:
                         self.client.command(statement, settings=settings)
