@@ -269,7 +269,8 @@ _PROBE = textwrap.dedent("""
                  "sessions", "session_spans", "rejected", "session_totals"]
     physical = "_local" if mode == "cluster" else ""
     print(json.dumps({
-        "first": first, "second": second, "unknown_cluster": unknown, "refused": refused, "write_settings": write_settings,
+        "first": first, "second": second, "unknown_cluster": unknown, "refused": refused,
+        "write_settings": write_settings,
         "columns": {r: rows(f"DESCRIBE TABLE flowtrack.{r}") for r in relations},
         "engines": dict(rows("SELECT name, engine FROM system.tables WHERE database = 'flowtrack'")),
         "ttl": rows(f"SELECT name, position(engine_full, ' TTL ') > 0 FROM system.tables WHERE database = "
