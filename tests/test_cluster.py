@@ -365,6 +365,49 @@ def test_slots_migrated_while_the_worker_reads(cluster: LocalCluster, client: re
     assert_nothing_pending(client)
 
 
+def test_a_blocked_read_whose_slot_moves_is_not_a_lost_stream(cluster: LocalCluster, client: redis.RedisCluster,
+                                                               store: Store, clickhouse_url: str) -> None:
+    """Streams of one hash tag: the caught-up worker blocks on them (one slot, one blocking read); MIGRATE deletes
+    the keys on the source, which answers the blocked read UNBLOCKED. That is a move, not a deletion: the worker
+    finds the streams on their new primary, reports no loss and reads what arrives there."""
+    first = [(f"flow_events:{{blk}}:{u}", fields(f"blk-{u}", f"n{n}", T0 + n)) for u in range(3) for n in range(5)]
+    expected = add(client, first)
+    (slot,) = key_slots([s for s, _ in first])
+    settings = settings_for(cluster, clickhouse_url, streams=("flow_events:{blk}:*",), block_ms=3000)
+
+    async def go() -> Pipeline:
+        pipeline = Pipeline(settings)
+        run = asyncio.create_task(pipeline.run())
+        try:
+            await _until(lambda: store.scalar("SELECT count() FROM flowtrack.flow_events") == len(first))
+            await asyncio.sleep(0.5)  # caught up: the read now blocks for up to 3 s
+            await asyncio.to_thread(cluster.migrate_slot, slot, _other_primary(cluster, slot))
+            second = [(stream, fields(f"{stream}-after", f"a{n}", T0 + 50 + n)) for stream, _ in first[::5]
+                      for n in range(3)]
+            expected.update(add(client, second))
+            await _until(lambda: store.scalar("SELECT count() FROM flowtrack.flow_events") == len(expected))
+        finally:
+            pipeline.request_stop()
+            await run
+            await pipeline.close()
+        return pipeline
+
+    pipeline = asyncio.run(go())
+
+    assert_stored_once(store, expected)
+    assert pipeline.stats.lost_with_stream == 0
+    assert store.scalar("SELECT count() FROM flowtrack.rejected_events") == 0
+    assert sorted(pipeline.source.streams) == sorted({s for s, _ in first})  # none dropped as gone
+    assert_nothing_pending(client)
+
+
+async def _until(check: Any, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(check):
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
 # -- least privilege -------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -422,3 +465,46 @@ def test_the_acl_rules_are_enough_on_a_cluster(cluster: LocalCluster, client: re
     streams = [k.decode() for k in client.scan_iter(match="flow_events:*", _type="stream")]
     assert len(primaries_holding(cluster, streams)) == 3
     assert all(client.xpending(s, GROUP)["pending"] == 0 for s in streams)
+
+
+# -- failover (last: it changes which nodes are primaries; the killed node comes back as a replica) ----------------
+
+def test_a_primary_killed_mid_run_is_waited_out(cluster: LocalCluster, client: redis.RedisCluster, store: Store,
+                                                clickhouse_url: str) -> None:
+    """SIGKILL of a primary while the worker reads and acknowledges: its replica takes over (~2-4 s), the worker's
+    calls to it fail meanwhile (SourceUnavailableError, backoff, recover) and then go to the new primary. Every
+    entry (replicated before the kill, so Redis itself lost none) and every entry written after is stored once."""
+    entries = spread(plain=30, tags=3, per_tag=10, per_stream=20)
+    expected = add(client, entries)
+    victim = cluster.primary_for_slot(next(iter(key_slots([entries[0][0]]))))
+    for node in cluster.primaries():
+        with cluster.client(node) as plain:
+            assert plain.execute_command("WAIT", 1, 5000) == 1  # every entry is on the replica too
+    settings = settings_for(cluster, clickhouse_url, read_count=10, max_inflight_rows=100, retry_max_s=0.5)
+
+    async def go() -> Pipeline:
+        pipeline = Pipeline(settings)
+        run = asyncio.create_task(pipeline.run())
+        try:
+            await _until(lambda: store.scalar("SELECT count() FROM flowtrack.flow_events") > 0)
+            await asyncio.to_thread(cluster.kill_primary, victim)
+            with redis.RedisCluster.from_url(cluster.primaries()[0].url, protocol=2) as writer:
+                expected.update(add(writer, [(stream, fields(f"{stream}-after", "a", T0 + 99))
+                                             for stream, _ in entries[::20]]))
+            await _until(lambda: store.scalar("SELECT count() FROM flowtrack.flow_events") >= len(expected), 60)
+        finally:
+            pipeline.request_stop()
+            await run
+            await pipeline.close()
+        return pipeline
+
+    try:
+        pipeline = asyncio.run(go())
+    finally:
+        victim.start()  # rejoins as a replica of the node that took over
+        cluster.wait_ok()
+    assert pipeline.stats.source_failures > 0, "the worker never met the failover: the test tests nothing"
+    assert_stored_once(store, expected)
+    assert pipeline.stats.lost_with_stream == 0
+    with redis.RedisCluster.from_url(cluster.url, protocol=2) as fresh:
+        assert_nothing_pending(fresh)
