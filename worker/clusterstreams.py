@@ -141,6 +141,13 @@ class NodeCommands:
                 results.append(reply if callback is None else callback(reply, **options))
         return results
 
+    async def one(self, command: Sequence[Any], **options: Any) -> Any:
+        """One single-key command, routed like ``call``; an error reply raised."""
+        reply = (await self.call([command], **options))[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
     def _route(self, commands: Sequence[SlotCommand], todo: list[int],
                asking: dict[int, ClusterNode]) -> dict[ClusterNode, list[int]]:
         by_node: dict[ClusterNode, list[int]] = {}

@@ -222,10 +222,7 @@ class Source:
     async def _one(self, command: Sequence[Any], **options: Any) -> Any:
         """One single-key command on a cluster, routed like ``_pipelined``; an error reply raised."""
         assert self._nodes is not None
-        reply = (await self._nodes.call([command], **options))[0]
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
+        return await self._nodes.one(command, **options)
 
     @property
     def redirects(self) -> dict[str, int]:
