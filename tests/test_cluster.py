@@ -214,6 +214,30 @@ def test_drain_stores_every_entry_exactly_once(cluster: LocalCluster, client: re
     assert_nothing_pending(client)
 
 
+def test_stream_names_that_are_not_utf8(cluster: LocalCluster, client: redis.RedisCluster, store: Store,
+                                       clickhouse_url: str) -> None:
+    """Key names are bytes: names that are not UTF-8 are routed, read and acknowledged like any other, their entries
+    recorded as rejected (the contract's rule, as on one Redis) — nothing crashes — and the sync client (tail,
+    status) addresses them too."""
+    names = [b"flow_events:\xff\xfe", b"flow_events:{t\xff}:1", b"flow_events:{t\xff}:2"]
+    for name in names:
+        for n in range(3):
+            client.xadd(name, fields("s-bytes", f"n{n}", T0 + n))
+
+    pipeline = drain(settings_for(cluster, clickhouse_url))
+
+    assert pipeline.stats.read == pipeline.stats.acked == 9
+    _, rows = store.query("SELECT reason FROM flowtrack.rejected_events")
+    assert len(rows) == 9 and all(r[0].startswith("stream key is not valid UTF-8") for r in rows)
+    assert all(client.xpending(name, GROUP)["pending"] == 0 for name in names)
+    sync = connect_sync(Settings(redis_url=cluster.url))
+    try:
+        found = sorted(k.decode("utf-8", "surrogateescape") for k in sync.scan_iter(match="flow_events:*"))
+        assert [sync.xlen(name) for name in found] == [3, 3, 3]
+    finally:
+        sync.close()
+
+
 def test_own_pending_entries_are_read_again_after_a_restart(cluster: LocalCluster, client: redis.RedisCluster,
                                                             store: Store, clickhouse_url: str) -> None:
     entries = spread(plain=10, tags=3, per_tag=4, per_stream=3)
