@@ -11,6 +11,11 @@ then measures over that same backlog (a fresh consumer group per measurement, so
 - latency: a worker running while a producer writes at a steady rate; p50/p99 of ``ingested_at - ts``; then,
   caught up, the worker's CPU while idle and the time to store one event added to a random stream (probes);
 - memory: peak RSS (ru_maxrss) of every worker process.
+
+With ``--redis-cluster-shards N`` all of it runs against a private Redis Cluster of N primaries (no replicas: the
+throughput is the primaries', a replica only copies) instead of one redis-server; the workers get nothing but one
+node's URL. Streams are then hash-tagged (``bench_events:{sNN}:<user>``, as ``flowtrack produce`` names them on a
+cluster), and the floor reads slot by slot (one XREADGROUP may only name keys of one slot).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import functools
 import gc
 import io
 import itertools
@@ -36,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import redis
 import redis.asyncio as aioredis
 from rich.console import Console
 from rich.progress import (
@@ -50,7 +57,8 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from worker.errors import FlowtrackError
-from worker.producer import ProduceConfig, Shape, produce
+from worker.producer import CLUSTER_SHARD_TAGS, ProduceConfig, Shape, produce, stream_for
+from worker.rediscluster import LocalCluster
 from worker.redisserver import RedisServer, find_redis_server
 from worker.settings import Settings
 
@@ -96,6 +104,7 @@ class BenchConfig:
     max_p99_ms: float = 1000.0  # latency and probe p99 above this fail the verdict
     max_idle_cpu_pct: float = 5.0
     max_rss_mb: float = 500.0
+    redis_cluster_shards: int = 0  # > 0: a private Redis Cluster of this many primaries (no replicas)
 
 
 @dataclass
@@ -213,8 +222,41 @@ def _redis_version(path: str) -> str | None:
     return None
 
 
-def _connect(url: str) -> aioredis.Redis:
+BenchRedis = aioredis.Redis | aioredis.RedisCluster
+
+
+@functools.cache
+def _is_cluster(url: str) -> bool:
+    """The node says whether it belongs to a cluster (as the worker finds out: worker.redisclient)."""
+    with redis.Redis.from_url(url, protocol=2, socket_timeout=30) as probe:
+        return str(probe.info("cluster").get("cluster_enabled", 0)) == "1"
+
+
+def _connect(url: str) -> BenchRedis:
+    if _is_cluster(url):
+        return aioredis.RedisCluster.from_url(url, protocol=2, decode_responses=False, socket_timeout=30,
+                                              reinitialize_steps=0)
     return aioredis.Redis.from_url(url, protocol=2, decode_responses=False, socket_timeout=30)
+
+
+def _by_slot(targets: dict[str, str]) -> list[dict[str, str]]:
+    """One read's streams split by hash slot: what one XREADGROUP may name on a cluster."""
+    from worker.tail import slot_of
+
+    parts: dict[int, dict[str, str]] = {}
+    for stream, cursor in targets.items():
+        parts.setdefault(slot_of(stream), {})[stream] = cursor
+    return list(parts.values())
+
+
+async def _xreadgroup(redis: BenchRedis, group: str, consumer: str, targets: dict[str, str], count: int) -> Any:
+    """XREADGROUP over ``targets``; on a cluster sent straight to the node owning their (one) slot, without redis-py's
+    key look-up (COMMAND GETKEYS on every call)."""
+    if not isinstance(redis, aioredis.RedisCluster):
+        return await redis.xreadgroup(group, consumer, targets, count=count)  # type: ignore[arg-type]
+    node = redis.get_node_from_key(next(iter(targets)))
+    return await redis.execute_command("XREADGROUP", "GROUP", group, consumer, "COUNT", count, "STREAMS",
+                                       *targets, *targets.values(), target_nodes=node)
 
 
 def _worker_env(redis_url: str, store_url: str, streams: str, group: str, consumer: str) -> dict[str, str]:
@@ -272,7 +314,7 @@ def _sql_csv(store_url: str, sql: str) -> list[list[str]]:
     return rows[1:]  # header
 
 
-async def _group_progress(redis: aioredis.Redis, streams: Sequence[str], group: str) -> tuple[int, int]:
+async def _group_progress(redis: BenchRedis, streams: Sequence[str], group: str) -> tuple[int, int]:
     """(entries delivered to the group, entries still pending) over the streams."""
     replies: list[Any] = []
     for start in range(0, len(streams), GROUP_CHUNK):
@@ -291,7 +333,7 @@ async def _group_progress(redis: aioredis.Redis, streams: Sequence[str], group: 
     return delivered, pending
 
 
-async def _create_groups(redis: aioredis.Redis, streams: Sequence[str], group: str) -> None:
+async def _create_groups(redis: BenchRedis, streams: Sequence[str], group: str) -> None:
     """The group on every stream (created empty if missing), in pipelined chunks: 50,000 streams in seconds."""
     for start in range(0, len(streams), GROUP_CHUNK):
         async with redis.pipeline(transaction=False) as pipe:
@@ -317,9 +359,22 @@ class Bench:
         self.invalid: set[tuple[str, str]] = set()  # written to break the contract: rejected, not stored
         self.backlog_streams: list[str] = []  # every stream, with entries or not
         self.streams_with_entries = 0
+        # Per-user streams hash-tagged on a cluster, as `flowtrack produce` names them there
+        self.shard_tags = CLUSTER_SHARD_TAGS if config.redis_cluster_shards else 0
 
     def run(self) -> BenchResult:
         executable, version = pick_redis_server()
+        shards = self.config.redis_cluster_shards
+        if shards:
+            cluster = LocalCluster(primaries=shards, replicas=0, executable=executable)
+            try:
+                cluster.start()
+                return self._run(cluster.url, f"{version} ({executable}), a cluster of {shards} "
+                                              f"primar{'y' if shards == 1 else 'ies'}, no replicas")
+            finally:
+                cluster.cleanup()
+                if not self.config.keep:
+                    shutil.rmtree(self.workdir, ignore_errors=True)
         server = RedisServer(executable=executable, data_dir=self.workdir / "redis")
         (self.workdir / "redis").mkdir()
         try:
@@ -356,7 +411,8 @@ class Bench:
         try:
             config = ProduceConfig(users=cfg.streams, shape=cfg.shape, stream_per_user=True,
                                    stream_prefix=BACKLOG_PREFIX, seed=cfg.seed, users_in_turn=True,
-                                   invalid_ratio=cfg.invalid_ratio if cfg.shape == "mixed" else 0.0)
+                                   invalid_ratio=cfg.invalid_ratio if cfg.shape == "mixed" else 0.0,
+                                   shard_tags=self.shard_tags)
             started = time.perf_counter()
             sent = await produce(redis, config, count=cfg.events, pipeline_size=5000, record_ids=self.ids,
                                  record_invalid=self.invalid,
@@ -365,7 +421,7 @@ class Bench:
             self.streams_with_entries = len({stream for stream, _ in self.ids})
             # Every user's stream exists, like a platform's: sessions are longer than a few events, so with many
             # streams some hold none yet (they are created empty by the groups below, and still cost a worker).
-            self.backlog_streams = [f"{BACKLOG_PREFIX}:{user}" for user in range(1, cfg.streams + 1)]
+            self.backlog_streams = [stream_for(config, str(user)) for user in range(1, cfg.streams + 1)]
         finally:
             await redis.aclose()
         return PhaseResult(sent, round(seconds, 3), round(sent / seconds, 1))
@@ -379,6 +435,8 @@ class Bench:
         per_read = max(1, self.settings.max_inflight_rows // count)
         slices = [{stream: ">" for stream in self.backlog_streams[start:start + per_read]}
                   for start in range(0, len(self.backlog_streams), per_read)]
+        if isinstance(redis, aioredis.RedisCluster):
+            slices = [part for targets in slices for part in _by_slot(targets)]
         try:
             await _create_groups(redis, self.backlog_streams, group)
             done = 0
@@ -387,7 +445,7 @@ class Bench:
             for targets in itertools.cycle(slices):
                 if empty_in_a_row == len(slices):
                     break
-                reply: Any = await redis.xreadgroup(group, "floor", targets, count=count)  # type: ignore[arg-type]
+                reply: Any = await _xreadgroup(redis, group, "floor", targets, count)
                 if not reply:
                     empty_in_a_row += 1
                     continue
@@ -539,7 +597,8 @@ class Bench:
     def _latency(self, url: str) -> LatencyResult:
         cfg = self.config
         store = f"chdb://{self.workdir / 'store-latency'}"
-        streams = [f"{LIVE_PREFIX}:{user}" for user in range(1, cfg.streams + 1)]
+        live = ProduceConfig(stream_prefix=LIVE_PREFIX, shard_tags=self.shard_tags)
+        streams = [stream_for(live, str(user)) for user in range(1, cfg.streams + 1)]
 
         async def _prepare() -> None:
             redis = _connect(url)
@@ -630,7 +689,7 @@ class Bench:
             await asyncio.sleep(0.5)
             total = int(cfg.rate * cfg.latency_s)
             config = ProduceConfig(users=cfg.streams, shape=cfg.shape, stream_per_user=True,
-                                   stream_prefix=LIVE_PREFIX, seed=cfg.seed + 1)
+                                   stream_prefix=LIVE_PREFIX, seed=cfg.seed + 1, shard_tags=self.shard_tags)
             sent = await produce(redis, config, count=total, rate_per_s=cfg.rate,
                                  on_progress=lambda n: self.progress("latency", n, total))
             # Let the worker catch up: nothing undelivered, nothing pending (checked less often over many streams:
@@ -653,7 +712,7 @@ class _Idle:
     probes: int = 0
 
 
-async def _group_caught_up(redis: aioredis.Redis, stream: str) -> bool:
+async def _group_caught_up(redis: BenchRedis, stream: str) -> bool:
     """The latency group has been delivered the stream's newest entry."""
     groups: Any = await redis.xinfo_groups(stream)
     newest: Any = await redis.xrevrange(stream, count=1)
