@@ -14,8 +14,9 @@ then measures over that same backlog (a fresh consumer group per measurement, so
 
 With ``--redis-cluster-shards N`` all of it runs against a private Redis Cluster of N primaries (no replicas: the
 throughput is the primaries', a replica only copies) instead of one redis-server; the workers get nothing but one
-node's URL. Streams are then hash-tagged (``bench_events:{sNN}:<user>``, as ``flowtrack produce`` names them on a
-cluster), and the floor reads slot by slot (one XREADGROUP may only name keys of one slot).
+node's URL. On a cluster the streams are hash-tagged (``bench_events:{sNN}:<user>``, as ``flowtrack produce`` names
+them there) and the floor reads slot by slot (one XREADGROUP may only name keys of one slot). With ``--redis-url`` it
+runs on a Redis (or any node of a cluster) of the user's that holds no bench keys, and deletes its streams afterwards.
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from worker.errors import FlowtrackError
+from worker.normalize import printable
 from worker.producer import CLUSTER_SHARD_TAGS, ProduceConfig, Shape, produce, stream_for
 from worker.rediscluster import LocalCluster
 from worker.redisserver import RedisServer, find_redis_server
-from worker.settings import Settings
+from worker.settings import Settings, redact_url
 
 FLOOR_GROUP = "bench-floor"
 FLOOR_GC_OFF_GROUP = "bench-floor-gc-off"
@@ -71,6 +73,7 @@ BACKLOG_PREFIX = "bench_events"
 GROUP_CHUNK = 2000  # commands per pipeline when touching every stream
 PROGRESS_SAMPLE = 1000  # streams polled for the progress bar while a worker drains
 LIVE_PREFIX = "bench_live"
+BENCH_PREFIXES = (BACKLOG_PREFIX, LIVE_PREFIX)  # every key a run writes (on a Redis of the user's: deleted after)
 PROBE_PREFIX = "probe-"  # session ids of the probe events (the latency queries spell it out)
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -105,6 +108,7 @@ class BenchConfig:
     max_idle_cpu_pct: float = 5.0
     max_rss_mb: float = 500.0
     redis_cluster_shards: int = 0  # > 0: a private Redis Cluster of this many primaries (no replicas)
+    redis_url: str | None = None  # a Redis (or cluster node) of the user's instead of a private one
 
 
 @dataclass
@@ -359,10 +363,11 @@ class Bench:
         self.invalid: set[tuple[str, str]] = set()  # written to break the contract: rejected, not stored
         self.backlog_streams: list[str] = []  # every stream, with entries or not
         self.streams_with_entries = 0
-        # Per-user streams hash-tagged on a cluster, as `flowtrack produce` names them there
-        self.shard_tags = CLUSTER_SHARD_TAGS if config.redis_cluster_shards else 0
+        self.shard_tags = 0  # set from the server: per-user streams hash-tagged on a cluster (as `produce` names them)
 
     def run(self) -> BenchResult:
+        if self.config.redis_url:
+            return self._run_on(self.config.redis_url)
         executable, version = pick_redis_server()
         shards = self.config.redis_cluster_shards
         if shards:
@@ -385,8 +390,33 @@ class Bench:
             if not self.config.keep:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def _run_on(self, url: str) -> BenchResult:
+        """On a Redis of the user's (plain or cluster): it must hold no bench keys (they would be read and counted);
+        the bench's streams are deleted afterwards unless --keep."""
+        with redis.RedisCluster.from_url(url) if _is_cluster(url) else redis.Redis.from_url(url) as client:
+            found = [key for prefix in BENCH_PREFIXES for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+            if found:
+                raise FlowtrackError(f"{redact_url(url)} already holds {len(found)} bench key(s) (e.g. "
+                                     f"{printable(found[0].decode('utf-8', 'surrogateescape'))}): a run needs none")
+            version = str(client.info("server").get("redis_version", "?"))
+        kind = "a Redis Cluster" if _is_cluster(url) else "Redis"
+        try:
+            return self._run(url, f"{version}, {kind} at {redact_url(url)}")
+        finally:
+            if not self.config.keep:
+                self._delete_bench_keys(url)
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @staticmethod
+    def _delete_bench_keys(url: str) -> None:
+        with redis.RedisCluster.from_url(url) if _is_cluster(url) else redis.Redis.from_url(url) as client:
+            for prefix in BENCH_PREFIXES:
+                for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+                    client.unlink(key)
+
     def _run(self, url: str, redis_version: str) -> BenchResult:
         cfg = self.config
+        self.shard_tags = CLUSTER_SHARD_TAGS if _is_cluster(url) else 0
         produced = asyncio.run(self._produce_backlog(url))
         count = max(1, min(self.settings.read_count, self.settings.max_inflight_rows // max(1, cfg.streams)))
         floor = asyncio.run(self._floor(url, count))

@@ -649,6 +649,9 @@ def bench(
     redis_cluster_shards: Annotated[int, typer.Option(
         "--redis-cluster-shards", help="run on a private Redis Cluster of this many primaries (no replicas: "
         "throughput only) instead of one redis-server; the workers get one node's URL (0 = one redis-server)")] = 0,
+    redis_url: Annotated[str | None, typer.Option(
+        "--redis-url", help="run on this Redis or Redis Cluster node instead of a private one (it must hold no "
+        "bench_events:*/bench_live:* keys; the bench's are deleted afterwards unless --keep)")] = None,
 ) -> None:
     """Benchmark against the bare XREADGROUP+XACK floor and a naive consumer, in one run, on a private Redis:
     throughput, exactly-once check, event->stored latency at a steady rate, the caught-up worker's CPU and
@@ -663,13 +666,15 @@ def bench(
         raise fail("--events, --streams and --workers must be at least 1", 2)
     if not 0 <= redis_cluster_shards <= 16:
         raise fail("--redis-cluster-shards must be between 0 and 16", 2)
+    if redis_url and redis_cluster_shards:
+        raise fail("--redis-url and --redis-cluster-shards: one or the other (the latter starts a private cluster)", 2)
     if shape not in BENCH_SHAPES:
         raise fail(f"--shape must be one of {', '.join(BENCH_SHAPES)}", 2)
     config = BenchConfig(events=events, streams=streams, workers=workers, rate=rate, latency_s=latency_s,
                          naive_events=naive_events, naive_max_s=naive_max_s, min_ratio=min_ratio, keep=keep,
                          verdict_min_events=verdict_min_events, shape=shape,  # type: ignore[arg-type]
                          idle_s=idle_s, probes=probes, max_p99_ms=max_p99_ms, max_idle_cpu_pct=max_idle_cpu_pct,
-                         max_rss_mb=max_rss_mb, redis_cluster_shards=redis_cluster_shards)
+                         max_rss_mb=max_rss_mb, redis_cluster_shards=redis_cluster_shards, redis_url=redis_url)
     with progress_bar(err_console) as progress:
         result = run_bench(config, progress)
     if as_json:
