@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import redis
@@ -253,14 +254,19 @@ def _by_slot(targets: dict[str, str]) -> list[dict[str, str]]:
     return list(parts.values())
 
 
-async def _xreadgroup(redis: BenchRedis, group: str, consumer: str, targets: dict[str, str], count: int) -> Any:
-    """XREADGROUP over ``targets``; on a cluster sent straight to the node owning their (one) slot, without redis-py's
-    key look-up (COMMAND GETKEYS on every call)."""
-    if not isinstance(redis, aioredis.RedisCluster):
-        return await redis.xreadgroup(group, consumer, targets, count=count)  # type: ignore[arg-type]
-    node = redis.get_node_from_key(next(iter(targets)))
-    return await redis.execute_command("XREADGROUP", "GROUP", group, consumer, "COUNT", count, "STREAMS",
-                                       *targets, *targets.values(), target_nodes=node)
+def _owner(cluster: BenchRedis, stream: str) -> str:
+    """``host:port`` of the primary serving the stream's slot."""
+    node = cluster.get_node_from_key(stream) if isinstance(cluster, aioredis.RedisCluster) else None
+    if node is None:
+        raise FlowtrackError(f"no node of the cluster serves {stream}")
+    return str(node.name)
+
+
+def _node_url(url: str, node_name: str) -> str:
+    """``url`` (its credentials, scheme, TLS) pointed at one node of the cluster (``host:port``)."""
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{node_name}", path="/0"))
 
 
 def _worker_env(redis_url: str, store_url: str, streams: str, group: str, consumer: str) -> dict[str, str]:
@@ -458,6 +464,8 @@ class Bench:
 
     # -- (a) the floor -----------------------------------------------------------------------------
     async def _floor(self, url: str, count: int, group: str = FLOOR_GROUP, phase: str = "floor") -> PhaseResult:
+        if _is_cluster(url):
+            return await self._floor_cluster(url, count, group, phase)
         redis = _connect(url)
         total = len(self.ids)
         # One read holds at most max_inflight_rows entries, like the worker's: with many streams (COUNT 1 each),
@@ -465,8 +473,6 @@ class Bench:
         per_read = max(1, self.settings.max_inflight_rows // count)
         slices = [{stream: ">" for stream in self.backlog_streams[start:start + per_read]}
                   for start in range(0, len(self.backlog_streams), per_read)]
-        if isinstance(redis, aioredis.RedisCluster):
-            slices = [part for targets in slices for part in _by_slot(targets)]
         try:
             await _create_groups(redis, self.backlog_streams, group)
             done = 0
@@ -475,7 +481,7 @@ class Bench:
             for targets in itertools.cycle(slices):
                 if empty_in_a_row == len(slices):
                     break
-                reply: Any = await _xreadgroup(redis, group, "floor", targets, count)
+                reply: Any = await redis.xreadgroup(group, "floor", targets, count=count)  # type: ignore[arg-type]
                 if not reply:
                     empty_in_a_row += 1
                     continue
@@ -490,6 +496,56 @@ class Bench:
             seconds = time.perf_counter() - started
         finally:
             await redis.aclose()
+        return PhaseResult(done, round(seconds, 3), round(done / seconds, 1))
+
+    async def _floor_cluster(self, url: str, count: int, group: str, phase: str) -> PhaseResult:
+        """The floor on a cluster, the least a Python consumer of one does: each turn, a node's XREADGROUPs (one per
+        hash slot) in one pipeline to that node, then its XACKs likewise, the nodes in parallel; slices as above."""
+        cluster = _connect(url)
+        per_read = max(1, self.settings.max_inflight_rows // count)
+        try:
+            await _create_groups(cluster, self.backlog_streams, group)
+            turns: list[dict[str, list[dict[str, str]]]] = []  # per slice: node name -> that node's slot reads
+            for start in range(0, len(self.backlog_streams), per_read):
+                by_node: dict[str, list[dict[str, str]]] = {}
+                for part in _by_slot({stream: ">" for stream in self.backlog_streams[start:start + per_read]}):
+                    by_node.setdefault(_owner(cluster, next(iter(part))), []).append(part)
+                turns.append(by_node)
+        finally:
+            await cluster.aclose()
+        nodes = {name: aioredis.Redis.from_url(_node_url(url, name), protocol=2, decode_responses=False,
+                                               socket_timeout=30) for turn in turns for name in turn}
+
+        async def read_and_ack(node: aioredis.Redis, reads: list[dict[str, str]]) -> int:
+            async with node.pipeline(transaction=False) as pipe:
+                for targets in reads:
+                    pipe.xreadgroup(group, "floor", targets, count=count)  # type: ignore[arg-type]
+                replies = await pipe.execute()
+            acked = 0
+            async with node.pipeline(transaction=False) as pipe:
+                for reply in replies:
+                    for stream, items in reply or ():
+                        if items:
+                            acked += len(items)
+                            pipe.xack(stream, group, *[entry_id for entry_id, _ in items])
+                if acked:
+                    await pipe.execute()
+            return acked
+
+        try:
+            done = empty_in_a_row = 0
+            started = time.perf_counter()
+            for turn in itertools.cycle(turns):
+                if empty_in_a_row == len(turns):
+                    break
+                got = sum(await asyncio.gather(*(read_and_ack(nodes[name], reads) for name, reads in turn.items())))
+                empty_in_a_row = 0 if got else empty_in_a_row + 1
+                done += got
+                self.progress(phase, done, len(self.ids))
+            seconds = time.perf_counter() - started
+        finally:
+            for node in nodes.values():
+                await node.aclose()
         return PhaseResult(done, round(seconds, 3), round(done / seconds, 1))
 
     def _floor_without_gc(self, url: str, count: int) -> PhaseResult:
