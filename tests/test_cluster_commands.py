@@ -109,6 +109,52 @@ def test_tail_shows_entries_from_every_primary_and_never_joins_the_group(
         assert [(g["name"], g["consumers"], g["pending"]) for g in groups] == [(GROUP.encode(), 0, 0)]
 
 
+def test_tail_follows_a_stream_whose_slot_moves(cluster: LocalCluster, client: redis.RedisCluster) -> None:
+    """The slot of one followed stream is migrated to another primary mid-follow (MOVED, then ASK-free reads from the
+    new owner): the tail keeps showing its entries, none skipped, none twice."""
+    moving, steady = "flow_events:1", "flow_events:2"
+    assert owner_port(cluster, moving) != owner_port(cluster, steady)
+    (slot,) = key_slots([moving])
+    target = next(p for p in cluster.primaries() if p.port != owner_port(cluster, moving))
+    for stream in (moving, steady):
+        client.xadd(stream, event(0))
+    added: list[tuple[str, str]] = []
+    stop = threading.Event()
+
+    def keep_adding() -> None:
+        n = 1
+        while not stop.is_set():
+            for stream in (moving, steady):
+                added.append((stream, client.xadd(stream, event(n)).decode()))
+                n += 1
+            time.sleep(0.05)
+
+    want = 60
+    tail = subprocess.Popen([sys.executable, "-m", "worker.cli", "tail", "-f", "json", "--count", str(want)],
+                            env=cli_env(cluster.url, "chdb:///nonexistent-not-used"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    adder = threading.Thread(target=keep_adding, daemon=True)
+    adder.start()
+    try:
+        time.sleep(1.0)
+        cluster.migrate_slot(slot, target)
+        moved_at = len(added)
+        out, err = tail.communicate(timeout=60)
+    finally:
+        stop.set()
+        adder.join()
+    assert tail.returncode == 0, err[-2000:]
+    assert owner_port(cluster, moving) == target.port
+    live = [(r["source_stream"], r["source_id"]) for r in tail_records(out)]
+    assert len(set(live)) == len(live) == want and set(live) <= set(added)
+    for stream in (moving, steady):  # each stream's entries in order, without a gap, past the move
+        ids = [i for s, i in live if s == stream]
+        expected = [i for s, i in added if s == stream]
+        start = expected.index(ids[0])
+        assert ids == expected[start:start + len(ids)]
+    assert any(entry in live for entry in added[moved_at:] if entry[0] == moving)
+
+
 def streams_by_primary(cluster: LocalCluster) -> dict[int, dict[str, int]]:
     found: dict[int, dict[str, int]] = {}
     for primary in cluster.primaries():

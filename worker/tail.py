@@ -23,6 +23,7 @@ from typing import Any
 import redis
 from redis.cluster import ClusterNode
 from redis.crc import key_slot
+from redis.exceptions import AskError, ClusterDownError, TryAgainError
 
 from worker.flows import _text, epoch_ms, resolve_streams
 from worker.normalize import FlowEvent, Normalizer, Rejection
@@ -32,6 +33,8 @@ from worker.settings import Settings
 MAX_SEQ = 18446744073709551615
 PAGE = 1000
 CLUSTER_POLL_S = 0.2  # a caught-up tail over several slots looks again after this long
+# What a node answers while slots move or a replica takes over (redis-py strips the MOVED/ASK code from the text).
+REDIRECTS = (AskError, TryAgainError, ClusterDownError)  # MovedError is an AskError
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,7 @@ class Tail:
             for streams in node_reads:
                 pipe.xread(streams, count=PAGE, block=block_ms)  # type: ignore[arg-type]
             for result in pipe.execute(raise_on_error=False):
-                if isinstance(result, redis.ResponseError) and is_cluster_error(result):
+                if isinstance(result, REDIRECTS) or is_cluster_error(result):
                     stale_map = True
                 elif isinstance(result, Exception):
                     raise result
