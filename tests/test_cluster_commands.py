@@ -216,16 +216,18 @@ def test_status_sums_lag_and_pending_over_the_cluster(cluster: LocalCluster, cli
     assert len(json.loads(stale.stdout)["problems"]) == len(pending)  # idle pending entries on every primary
 
 
-def test_status_and_tail_with_a_primary_down_fail_in_one_line(tmp_path: Path) -> None:
+def test_status_tail_and_produce_with_a_primary_down_fail_in_one_line() -> None:
     with LocalCluster(primaries=2, replicas=0) as small:
         env = cli_env(small.url, "chdb:///nonexistent-not-used")
-        small.primaries()[-1].kill()  # not the URL's node: the client still finds the cluster, then a node is gone
+        down = small.nodes[1]  # not the URL's node: the client finds the cluster, then one primary is gone
+        down.kill()
         proc = run_cli(["status", "--no-store"], env, check=False, timeout_s=60)
         assert proc.returncode == 1, proc.stdout + proc.stderr
-        assert "Redis unreachable" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
-        tail = run_cli(["tail", "--since", "1h", "--no-follow"], env, check=False, timeout_s=60)
-        assert tail.returncode == 1 and "Traceback" not in tail.stderr
-        assert tail.stderr.count("\n") == 1 and "Redis unreachable" in tail.stderr
+        assert proc.stdout.startswith("UNHEALTHY: Redis unreachable") and f":{down.port}" in proc.stdout
+        for args in (["tail", "--since", "1h", "--no-follow"], ["produce", "--count", "100"]):
+            failed = run_cli(args, env, check=False, timeout_s=60)
+            assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+            assert failed.stderr.count("\n") == 1 and f":{down.port}" in failed.stderr, failed.stderr
 
 
 def test_demo_with_a_cluster_node_url_stores_events(cluster: LocalCluster, client: redis.RedisCluster,
