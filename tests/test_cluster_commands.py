@@ -258,3 +258,20 @@ def test_bench_on_a_cluster_verifies_exactly_once() -> None:
     assert verification["ok"] is True, verification
     assert verification["missing"] == verification["duplicated"] == verification["wrongly_rejected"] == 0
     assert verification["stored_rows"] + verification["rejected"] == 3000
+
+
+def test_bench_on_a_cluster_node_url_verifies_and_leaves_no_keys(cluster: LocalCluster,
+                                                                 client: redis.RedisCluster) -> None:
+    client.xadd("flow_events:1", event(1))  # the user's data: left alone
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWTRACK_")}
+    args = ["bench", "--redis-url", cluster.url, "--events", "2000", "--streams", "6", "--latency-s", "0",
+            "--naive-max-s", "0", "--idle-s", "0", "--json"]
+    result = json.loads(run_cli(args, env, timeout_s=300).stdout)
+    assert "a Redis Cluster at" in result["redis_server"] and result["verification"]["ok"] is True
+    assert result["pipeline"]["events"] == 2000
+    left = {name for streams in streams_by_primary(cluster).values() for name in streams}
+    assert left == {"flow_events:1"}
+    client.xadd("bench_events:{s01}:1", event(1))  # a run needs an empty bench keyspace: refused, in one line
+    refused = run_cli(args, env, check=False)
+    assert refused.returncode == 1 and "already holds 1 bench key(s)" in refused.stderr
+    assert len(refused.stderr.split()) > 5 and len(refused.stderr.strip().splitlines()) == 1
