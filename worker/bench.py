@@ -246,7 +246,7 @@ def _connect(url: str) -> BenchRedis:
 
 def _by_slot(targets: dict[str, str]) -> list[dict[str, str]]:
     """One read's streams split by hash slot: what one XREADGROUP may name on a cluster."""
-    from worker.tail import slot_of
+    from worker.clusterstreams import slot_of
 
     parts: dict[int, dict[str, str]] = {}
     for stream, cursor in targets.items():

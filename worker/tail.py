@@ -22,9 +22,9 @@ from typing import Any
 
 import redis
 from redis.cluster import ClusterNode
-from redis.crc import key_slot
 from redis.exceptions import AskError, ClusterDownError, TryAgainError
 
+from worker.clusterstreams import slot_of
 from worker.flows import _text, epoch_ms, resolve_streams
 from worker.normalize import FlowEvent, Normalizer, Rejection
 from worker.redisclient import SyncClient, is_cluster_error
@@ -195,8 +195,3 @@ class Tail:
         if stale_map:
             client.nodes_manager.initialize()
         return replies
-
-
-def slot_of(stream: str) -> int:
-    """The stream's hash slot (its name is surrogate-escaped text: encoded back to the exact key bytes)."""
-    return key_slot(stream.encode("utf-8", "surrogateescape"))
