@@ -275,3 +275,47 @@ def test_bench_on_a_cluster_node_url_verifies_and_leaves_no_keys(cluster: LocalC
     refused = run_cli(args, env, check=False)
     assert refused.returncode == 1 and "already holds 1 bench key(s)" in refused.stderr
     assert len(refused.stderr.split()) > 5 and len(refused.stderr.strip().splitlines()) == 1
+
+
+ODD_KEYS = [b"flow_events:\xff", b"flow_events:\xfe", b"flow_events:\xc3"]  # not UTF-8, one on each primary
+
+
+def test_tail_and_status_take_keys_that_are_not_utf8(cluster: LocalCluster, client: redis.RedisCluster) -> None:
+    ports = set()
+    for key in ODD_KEYS:  # set up through the owner's plain client (redis-py's cluster XREADGROUP loops on them)
+        (slot,) = key_slots([key])
+        owner = cluster.primary_for_slot(slot)
+        ports.add(owner.port)
+        with cluster.client(owner) as node:
+            node.xadd(key, event(0))  # type: ignore[arg-type]
+            node.xgroup_create(key, GROUP, id="0")
+            node.xreadgroup(GROUP, b"c\xff", {key: ">"})  # type: ignore[dict-item, arg-type]
+    assert ports == {p.port for p in cluster.primaries()}
+    shown = {rf"flow_events:\x{key[-1]:02x}" for key in ODD_KEYS}
+    env = cli_env(cluster.url, "chdb:///nonexistent-not-used")
+
+    backlog = tail_records(run_cli(["tail", "--since", "1h", "--no-follow", "-f", "json"], env).stdout)
+    assert {r["source_stream"] for r in backlog} == shown
+    assert all(r["reason"].startswith("stream key is not valid UTF-8") for r in backlog)
+
+    stop = threading.Event()
+
+    def keep_adding() -> None:  # the live read names the exact keys on every node
+        while not stop.is_set():
+            for key in ODD_KEYS:
+                client.xadd(key, event(1))  # type: ignore[arg-type]
+            time.sleep(0.1)
+
+    adder = threading.Thread(target=keep_adding, daemon=True)
+    adder.start()
+    try:
+        live = run_cli(["tail", "-f", "json", "--count", "9"], env, timeout_s=60)
+    finally:
+        stop.set()
+        adder.join()
+    assert {r["source_stream"] for r in tail_records(live.stdout)} == shown
+
+    report = json.loads(run_cli(["status", "--no-store", "--json"], env).stdout)
+    assert {s["name"] for s in report["streams"]} == shown
+    assert all(s["group"]["pending"] == 1 and s["group"]["consumers"][0]["name"] == "c\\xff"
+               for s in report["streams"])
