@@ -319,3 +319,26 @@ def test_tail_and_status_take_keys_that_are_not_utf8(cluster: LocalCluster, clie
     assert {s["name"] for s in report["streams"]} == shown
     assert all(s["group"]["pending"] == 1 and s["group"]["consumers"][0]["name"] == "c\\xff"
                for s in report["streams"])
+
+
+def test_rejected_lists_and_replays_entries_of_streams_on_every_primary(cluster: LocalCluster,
+                                                                        client: redis.RedisCluster,
+                                                                        tmp_path: Path) -> None:
+    store = f"chdb://{tmp_path / 'store'}"
+    env = cli_env(cluster.url, store)
+    one_per_primary = {owner_port(cluster, stream): stream for stream in SPREAD}
+    broken = {stream: client.xadd(stream, {"session_id": "s", "event_type": "x"}).decode()  # no node_id
+              for stream in one_per_primary.values()}
+    run_cli(["run", "--drain"], env)
+    listed = json.loads(run_cli(["rejected", "-f", "json"], env).stdout)
+    assert {(r["source_stream"], r["source_id"]) for r in listed} == set(broken.items())
+
+    replayed = json.loads(run_cli(["rejected", "--replay", "--all", "--force", "-f", "json"], env).stdout)
+    assert {(o["source_stream"], o["action"]) for o in replayed} == {(s, "replayed") for s in broken}
+    for outcome in replayed:  # re-added to its own stream, on the primary that owns it
+        assert client.xrange(outcome["source_stream"], min=outcome["new_id"], max=outcome["new_id"])
+        assert client.xlen(outcome["source_stream"]) == 2
+    queued = json.loads(run_cli(["rejected", "-f", "json"], env).stdout)
+    assert {r["replayed"] for r in queued} == {f"queued {o['new_id']}" for o in replayed}
+    again = json.loads(run_cli(["rejected", "--replay", "--all", "--force", "-f", "json"], env, check=False).stdout)
+    assert {o["action"] for o in again} == {"already replayed"}
