@@ -205,6 +205,9 @@ def test_status_sums_lag_and_pending_over_the_cluster(cluster: LocalCluster, cli
     assert report["healthy"] is True and report["redis"]["error"] is None
     assert {s["name"] for s in report["streams"]} == set(SPREAD)
     assert report["redis"]["total_lag"] == lag and report["redis"]["total_pending"] == sum(pending.values())
+    assert report["redis"]["cluster_primaries"] == 3
+    text = run_cli(["status", "--no-store", "--max-lag", "100"], env).stdout
+    assert f"12 stream(s) on a Redis Cluster of 3 primaries, total lag {lag}, pending {sum(pending.values())}" in text
     assert {s["name"]: s["group"]["pending"] for s in report["streams"] if s["group"]["pending"]} == pending
 
     over = run_cli(["status", "--no-store", "--json", "--max-lag", "11"], env, check=False)

@@ -338,6 +338,7 @@ class StatusReport:
     max_lag: int
     streams: list[StreamStatus] = field(default_factory=list)
     redis_error: str = ""
+    cluster_primaries: int = 0  # a Redis Cluster of this many primaries; 0: a plain Redis
     store: str = ""
     store_error: str = ""
     store_locked: bool = False
@@ -374,6 +375,7 @@ class StatusReport:
             "healthy": self.healthy, "verdict": self.verdict, "problems": self.problems, "warnings": self.warnings,
             "redis": {"url": redact_url(self.redis_url), "error": self.redis_error or None, "group": self.group,
                       "claim_idle_ms": self.claim_idle_ms, "max_lag": self.max_lag,
+                      "cluster_primaries": self.cluster_primaries,
                       "total_lag": self.total_lag, "total_pending": self.total_pending},
             "streams": [{
                 "name": s.name, "length": s.length, "last_id": s.last_id,
@@ -399,6 +401,8 @@ def redis_status(report: StatusReport, settings: Settings) -> None:
     client: SyncClient | None = None
     try:
         client = connect_any(settings)
+        if isinstance(client, redis.RedisCluster):
+            report.cluster_primaries = len(client.get_primaries())  # type: ignore[no-untyped-call]
         for key in resolve_streams(client, settings.streams):
             try:
                 report.streams.append(_stream_status(client, key, settings.group, report.claim_idle_ms,
