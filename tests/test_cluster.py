@@ -340,12 +340,11 @@ def test_trim_removes_what_the_group_acknowledged_on_every_primary(cluster: Loca
     streams = sorted({s for s, _ in entries})
 
     settings = settings_for(cluster, clickhouse_url, trim_enabled=True, trim_interval_s=0.0)
-    drain(settings)
-    assert all(client.xlen(stream) > 0 for stream in streams)  # acked after the run's last trim
-    pipeline = drain(settings)  # trims at its first step, before reading
+    assert len(primaries_holding(cluster, streams)) == 3
+    runs = [drain(settings), drain(settings)]  # the second trims at its first step what the first acked after its last
 
     assert_stored_once(store, expected)
-    assert pipeline.stats.trimmed == len(entries)
+    assert sum(run.stats.trimmed for run in runs) == len(entries)
     assert all(client.xlen(stream) == 0 for stream in streams)
 
 
@@ -610,7 +609,7 @@ def test_a_primary_killed_mid_run_is_waited_out(cluster: LocalCluster, client: r
     victim = cluster.primary_for_slot(next(iter(key_slots([entries[0][0]]))))
     for node in cluster.primaries():
         with cluster.client(node) as plain:
-            assert plain.execute_command("WAIT", 1, 5000) == 1  # every entry is on the replica too
+            assert plain.execute_command("WAIT", 1, 5000) >= 1  # every entry is on a replica too
     settings = settings_for(cluster, clickhouse_url, read_count=10, max_inflight_rows=100, retry_max_s=0.5)
 
     async def go() -> Pipeline:

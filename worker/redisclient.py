@@ -29,7 +29,7 @@ from redis._parsers import Encoder
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.connection import PythonRespSerializer
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import NoPermissionError
 from redis.retry import Retry as SyncRetry
 
 from worker.settings import Settings
@@ -157,7 +157,3 @@ def is_cluster(client: Any) -> bool:
     """True for redis-py's cluster clients (async or sync)."""
     return isinstance(client, aioredis.RedisCluster | redis.RedisCluster)
 
-
-def is_cluster_error(exc: BaseException) -> bool:
-    """A reply that only a cluster gives while its topology changes (redirects a client did not follow)."""
-    return isinstance(exc, ResponseError) and str(exc).startswith(("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"))
