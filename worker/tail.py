@@ -27,7 +27,7 @@ from redis.exceptions import AskError, ClusterDownError, TryAgainError
 from worker.clusterstreams import slot_of
 from worker.flows import _text, epoch_ms, resolve_streams
 from worker.normalize import FlowEvent, Normalizer, Rejection
-from worker.redisclient import SyncClient, is_cluster_error
+from worker.redisclient import SyncClient
 from worker.settings import Settings
 
 MAX_SEQ = 18446744073709551615
@@ -186,7 +186,7 @@ class Tail:
             for streams in node_reads:
                 pipe.xread(streams, count=PAGE, block=block_ms)  # type: ignore[arg-type]
             for result in pipe.execute(raise_on_error=False):
-                if isinstance(result, REDIRECTS) or is_cluster_error(result):
+                if isinstance(result, REDIRECTS):
                     stale_map = True
                 elif isinstance(result, Exception):
                     raise result
