@@ -11,6 +11,12 @@ then measures over that same backlog (a fresh consumer group per measurement, so
 - latency: a worker running while a producer writes at a steady rate; p50/p99 of ``ingested_at - ts``; then,
   caught up, the worker's CPU while idle and the time to store one event added to a random stream (probes);
 - memory: peak RSS (ru_maxrss) of every worker process.
+
+With ``--redis-cluster-shards N`` all of it runs against a private Redis Cluster of N primaries (no replicas: the
+throughput is the primaries', a replica only copies) instead of one redis-server; the workers get nothing but one
+node's URL. On a cluster the streams are hash-tagged (``bench_events:{sNN}:<user>``, as ``flowtrack produce`` names
+them there) and the floor reads slot by slot (one XREADGROUP may only name keys of one slot). With ``--redis-url`` it
+runs on a Redis (or any node of a cluster) of the user's that holds no bench keys, and deletes its streams afterwards.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import functools
 import gc
 import io
 import itertools
@@ -34,8 +41,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
+import redis
 import redis.asyncio as aioredis
 from rich.console import Console
 from rich.progress import (
@@ -50,9 +59,11 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from worker.errors import FlowtrackError
-from worker.producer import ProduceConfig, Shape, produce
+from worker.normalize import printable
+from worker.producer import CLUSTER_SHARD_TAGS, ProduceConfig, Shape, produce, stream_for
+from worker.rediscluster import LocalCluster
 from worker.redisserver import RedisServer, find_redis_server
-from worker.settings import Settings
+from worker.settings import Settings, redact_url
 
 FLOOR_GROUP = "bench-floor"
 FLOOR_GC_OFF_GROUP = "bench-floor-gc-off"
@@ -63,6 +74,7 @@ BACKLOG_PREFIX = "bench_events"
 GROUP_CHUNK = 2000  # commands per pipeline when touching every stream
 PROGRESS_SAMPLE = 1000  # streams polled for the progress bar while a worker drains
 LIVE_PREFIX = "bench_live"
+BENCH_PREFIXES = (BACKLOG_PREFIX, LIVE_PREFIX)  # every key a run writes (on a Redis of the user's: deleted after)
 PROBE_PREFIX = "probe-"  # session ids of the probe events (the latency queries spell it out)
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -96,6 +108,8 @@ class BenchConfig:
     max_p99_ms: float = 1000.0  # latency and probe p99 above this fail the verdict
     max_idle_cpu_pct: float = 5.0
     max_rss_mb: float = 500.0
+    redis_cluster_shards: int = 0  # > 0: a private Redis Cluster of this many primaries (no replicas)
+    redis_url: str | None = None  # a Redis (or cluster node) of the user's instead of a private one
 
 
 @dataclass
@@ -213,8 +227,46 @@ def _redis_version(path: str) -> str | None:
     return None
 
 
-def _connect(url: str) -> aioredis.Redis:
+BenchRedis = aioredis.Redis | aioredis.RedisCluster
+
+
+@functools.cache
+def _is_cluster(url: str) -> bool:
+    """The node says whether it belongs to a cluster (as the worker finds out: worker.redisclient)."""
+    with redis.Redis.from_url(url, protocol=2, socket_timeout=30) as probe:
+        return str(probe.info("cluster").get("cluster_enabled", 0)) == "1"
+
+
+def _connect(url: str) -> BenchRedis:
+    if _is_cluster(url):
+        return aioredis.RedisCluster.from_url(url, protocol=2, decode_responses=False, socket_timeout=30,
+                                              reinitialize_steps=0)
     return aioredis.Redis.from_url(url, protocol=2, decode_responses=False, socket_timeout=30)
+
+
+def _by_slot(targets: dict[str, str]) -> list[dict[str, str]]:
+    """One read's streams split by hash slot: what one XREADGROUP may name on a cluster."""
+    from worker.clusterstreams import slot_of
+
+    parts: dict[int, dict[str, str]] = {}
+    for stream, cursor in targets.items():
+        parts.setdefault(slot_of(stream), {})[stream] = cursor
+    return list(parts.values())
+
+
+def _owner(cluster: BenchRedis, stream: str) -> str:
+    """``host:port`` of the primary serving the stream's slot."""
+    node = cluster.get_node_from_key(stream) if isinstance(cluster, aioredis.RedisCluster) else None
+    if node is None:
+        raise FlowtrackError(f"no node of the cluster serves {stream}")
+    return str(node.name)
+
+
+def _node_url(url: str, node_name: str) -> str:
+    """``url`` (its credentials, scheme, TLS) pointed at one node of the cluster (``host:port``)."""
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{node_name}", path="/0"))
 
 
 def _worker_env(redis_url: str, store_url: str, streams: str, group: str, consumer: str) -> dict[str, str]:
@@ -272,7 +324,7 @@ def _sql_csv(store_url: str, sql: str) -> list[list[str]]:
     return rows[1:]  # header
 
 
-async def _group_progress(redis: aioredis.Redis, streams: Sequence[str], group: str) -> tuple[int, int]:
+async def _group_progress(redis: BenchRedis, streams: Sequence[str], group: str) -> tuple[int, int]:
     """(entries delivered to the group, entries still pending) over the streams."""
     replies: list[Any] = []
     for start in range(0, len(streams), GROUP_CHUNK):
@@ -291,7 +343,7 @@ async def _group_progress(redis: aioredis.Redis, streams: Sequence[str], group: 
     return delivered, pending
 
 
-async def _create_groups(redis: aioredis.Redis, streams: Sequence[str], group: str) -> None:
+async def _create_groups(redis: BenchRedis, streams: Sequence[str], group: str) -> None:
     """The group on every stream (created empty if missing), in pipelined chunks: 50,000 streams in seconds."""
     for start in range(0, len(streams), GROUP_CHUNK):
         async with redis.pipeline(transaction=False) as pipe:
@@ -317,9 +369,23 @@ class Bench:
         self.invalid: set[tuple[str, str]] = set()  # written to break the contract: rejected, not stored
         self.backlog_streams: list[str] = []  # every stream, with entries or not
         self.streams_with_entries = 0
+        self.shard_tags = 0  # set from the server: per-user streams hash-tagged on a cluster (as `produce` names them)
 
     def run(self) -> BenchResult:
+        if self.config.redis_url:
+            return self._run_on(self.config.redis_url)
         executable, version = pick_redis_server()
+        shards = self.config.redis_cluster_shards
+        if shards:
+            cluster = LocalCluster(primaries=shards, replicas=0, executable=executable)
+            try:
+                cluster.start()
+                return self._run(cluster.url, f"{version} ({executable}), a cluster of {shards} "
+                                              f"primar{'y' if shards == 1 else 'ies'}, no replicas")
+            finally:
+                cluster.cleanup()
+                if not self.config.keep:
+                    shutil.rmtree(self.workdir, ignore_errors=True)
         server = RedisServer(executable=executable, data_dir=self.workdir / "redis")
         (self.workdir / "redis").mkdir()
         try:
@@ -330,8 +396,33 @@ class Bench:
             if not self.config.keep:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def _run_on(self, url: str) -> BenchResult:
+        """On a Redis of the user's (plain or cluster): it must hold no bench keys (they would be read and counted);
+        the bench's streams are deleted afterwards unless --keep."""
+        with redis.RedisCluster.from_url(url) if _is_cluster(url) else redis.Redis.from_url(url) as client:
+            found = [key for prefix in BENCH_PREFIXES for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+            if found:
+                raise FlowtrackError(f"{redact_url(url)} already holds {len(found)} bench key(s) (e.g. "
+                                     f"{printable(found[0].decode('utf-8', 'surrogateescape'))}): a run needs none")
+            version = str(client.info("server").get("redis_version", "?"))
+        kind = "a Redis Cluster" if _is_cluster(url) else "Redis"
+        try:
+            return self._run(url, f"{version}, {kind} at {redact_url(url)}")
+        finally:
+            if not self.config.keep:
+                self._delete_bench_keys(url)
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @staticmethod
+    def _delete_bench_keys(url: str) -> None:
+        with redis.RedisCluster.from_url(url) if _is_cluster(url) else redis.Redis.from_url(url) as client:
+            for prefix in BENCH_PREFIXES:
+                for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+                    client.unlink(key)
+
     def _run(self, url: str, redis_version: str) -> BenchResult:
         cfg = self.config
+        self.shard_tags = CLUSTER_SHARD_TAGS if _is_cluster(url) else 0
         produced = asyncio.run(self._produce_backlog(url))
         count = max(1, min(self.settings.read_count, self.settings.max_inflight_rows // max(1, cfg.streams)))
         floor = asyncio.run(self._floor(url, count))
@@ -356,7 +447,8 @@ class Bench:
         try:
             config = ProduceConfig(users=cfg.streams, shape=cfg.shape, stream_per_user=True,
                                    stream_prefix=BACKLOG_PREFIX, seed=cfg.seed, users_in_turn=True,
-                                   invalid_ratio=cfg.invalid_ratio if cfg.shape == "mixed" else 0.0)
+                                   invalid_ratio=cfg.invalid_ratio if cfg.shape == "mixed" else 0.0,
+                                   shard_tags=self.shard_tags)
             started = time.perf_counter()
             sent = await produce(redis, config, count=cfg.events, pipeline_size=5000, record_ids=self.ids,
                                  record_invalid=self.invalid,
@@ -365,13 +457,15 @@ class Bench:
             self.streams_with_entries = len({stream for stream, _ in self.ids})
             # Every user's stream exists, like a platform's: sessions are longer than a few events, so with many
             # streams some hold none yet (they are created empty by the groups below, and still cost a worker).
-            self.backlog_streams = [f"{BACKLOG_PREFIX}:{user}" for user in range(1, cfg.streams + 1)]
+            self.backlog_streams = [stream_for(config, str(user)) for user in range(1, cfg.streams + 1)]
         finally:
             await redis.aclose()
         return PhaseResult(sent, round(seconds, 3), round(sent / seconds, 1))
 
     # -- (a) the floor -----------------------------------------------------------------------------
     async def _floor(self, url: str, count: int, group: str = FLOOR_GROUP, phase: str = "floor") -> PhaseResult:
+        if _is_cluster(url):
+            return await self._floor_cluster(url, count, group, phase)
         redis = _connect(url)
         total = len(self.ids)
         # One read holds at most max_inflight_rows entries, like the worker's: with many streams (COUNT 1 each),
@@ -402,6 +496,56 @@ class Bench:
             seconds = time.perf_counter() - started
         finally:
             await redis.aclose()
+        return PhaseResult(done, round(seconds, 3), round(done / seconds, 1))
+
+    async def _floor_cluster(self, url: str, count: int, group: str, phase: str) -> PhaseResult:
+        """The floor on a cluster, the least a Python consumer of one does: each turn, a node's XREADGROUPs (one per
+        hash slot) in one pipeline to that node, then its XACKs likewise, the nodes in parallel; slices as above."""
+        cluster = _connect(url)
+        per_read = max(1, self.settings.max_inflight_rows // count)
+        try:
+            await _create_groups(cluster, self.backlog_streams, group)
+            turns: list[dict[str, list[dict[str, str]]]] = []  # per slice: node name -> that node's slot reads
+            for start in range(0, len(self.backlog_streams), per_read):
+                by_node: dict[str, list[dict[str, str]]] = {}
+                for part in _by_slot({stream: ">" for stream in self.backlog_streams[start:start + per_read]}):
+                    by_node.setdefault(_owner(cluster, next(iter(part))), []).append(part)
+                turns.append(by_node)
+        finally:
+            await cluster.aclose()
+        nodes = {name: aioredis.Redis.from_url(_node_url(url, name), protocol=2, decode_responses=False,
+                                               socket_timeout=30) for turn in turns for name in turn}
+
+        async def read_and_ack(node: aioredis.Redis, reads: list[dict[str, str]]) -> int:
+            async with node.pipeline(transaction=False) as pipe:
+                for targets in reads:
+                    pipe.xreadgroup(group, "floor", targets, count=count)  # type: ignore[arg-type]
+                replies = await pipe.execute()
+            acked = 0
+            async with node.pipeline(transaction=False) as pipe:
+                for reply in replies:
+                    for stream, items in reply or ():
+                        if items:
+                            acked += len(items)
+                            pipe.xack(stream, group, *[entry_id for entry_id, _ in items])
+                if acked:
+                    await pipe.execute()
+            return acked
+
+        try:
+            done = empty_in_a_row = 0
+            started = time.perf_counter()
+            for turn in itertools.cycle(turns):
+                if empty_in_a_row == len(turns):
+                    break
+                got = sum(await asyncio.gather(*(read_and_ack(nodes[name], reads) for name, reads in turn.items())))
+                empty_in_a_row = 0 if got else empty_in_a_row + 1
+                done += got
+                self.progress(phase, done, len(self.ids))
+            seconds = time.perf_counter() - started
+        finally:
+            for node in nodes.values():
+                await node.aclose()
         return PhaseResult(done, round(seconds, 3), round(done / seconds, 1))
 
     def _floor_without_gc(self, url: str, count: int) -> PhaseResult:
@@ -539,7 +683,8 @@ class Bench:
     def _latency(self, url: str) -> LatencyResult:
         cfg = self.config
         store = f"chdb://{self.workdir / 'store-latency'}"
-        streams = [f"{LIVE_PREFIX}:{user}" for user in range(1, cfg.streams + 1)]
+        live = ProduceConfig(stream_prefix=LIVE_PREFIX, shard_tags=self.shard_tags)
+        streams = [stream_for(live, str(user)) for user in range(1, cfg.streams + 1)]
 
         async def _prepare() -> None:
             redis = _connect(url)
@@ -630,7 +775,7 @@ class Bench:
             await asyncio.sleep(0.5)
             total = int(cfg.rate * cfg.latency_s)
             config = ProduceConfig(users=cfg.streams, shape=cfg.shape, stream_per_user=True,
-                                   stream_prefix=LIVE_PREFIX, seed=cfg.seed + 1)
+                                   stream_prefix=LIVE_PREFIX, seed=cfg.seed + 1, shard_tags=self.shard_tags)
             sent = await produce(redis, config, count=total, rate_per_s=cfg.rate,
                                  on_progress=lambda n: self.progress("latency", n, total))
             # Let the worker catch up: nothing undelivered, nothing pending (checked less often over many streams:
@@ -653,7 +798,7 @@ class _Idle:
     probes: int = 0
 
 
-async def _group_caught_up(redis: aioredis.Redis, stream: str) -> bool:
+async def _group_caught_up(redis: BenchRedis, stream: str) -> bool:
     """The latency group has been delivered the stream's newest entry."""
     groups: Any = await redis.xinfo_groups(stream)
     newest: Any = await redis.xrevrange(stream, count=1)

@@ -164,16 +164,26 @@ def produce(
         "instead of one stream per user")] = False,
     error_ratio: Annotated[float, typer.Option(help="share of sessions that end in an error")] = 0.08,
     seed: Annotated[int | None, typer.Option(help="random seed, for reproducible flows")] = None,
+    shard_tags: Annotated[int | None, typer.Option(
+        "--shard-tags", help="name per-user streams flow_events:{sNN}:<user> over this many hash tags, so a worker "
+        "reads many users' streams per command on a Redis Cluster (default: 64 on a cluster, 0 = "
+        "flow_events:<user> on a plain Redis)")] = None,
     redis_url: RedisUrl = None,
 ) -> None:
-    """Write realistic synthetic agent flows (users, sessions, trees of LLM/tool steps) to Redis Streams."""
+    """Write realistic synthetic agent flows (users, sessions, trees of LLM/tool steps) to Redis Streams.
+
+    FLOWTRACK_REDIS_URL may name a plain Redis or any node of a Redis Cluster (found out from the server)."""
     if shape not in ("flat", "json", "mixed"):
         raise fail("--shape must be flat, json or mixed", 2)
-    from redis.exceptions import RedisError
+    if shard_tags is not None and not 0 <= shard_tags <= 100:
+        raise fail("--shard-tags must be between 0 and 100", 2)
+    from dataclasses import replace
 
-    from worker.producer import ProduceConfig, ProgressLine, refusal
+    from redis.exceptions import RedisClusterException, RedisError
+
+    from worker.producer import CLUSTER_SHARD_TAGS, ProduceConfig, ProgressLine, refusal
     from worker.producer import produce as produce_events
-    from worker.redisclient import connect
+    from worker.redisclient import connect, is_cluster
     from worker.source import guarded
 
     settings = load_settings(redis_url=redis_url)
@@ -181,13 +191,21 @@ def produce(
                            error_ratio=error_ratio, seed=seed)
 
     progress = ProgressLine(sys.stderr)
+    where = redact_url(settings.redis_url)
 
     async def _go() -> int:
+        nonlocal config, where
         redis = await guarded(lambda: connect(settings))  # a plain Redis or a cluster, as the server says
+        if is_cluster(redis):
+            tags = CLUSTER_SHARD_TAGS if shard_tags is None else shard_tags
+            where = f"the Redis Cluster at {where}" + (f" (streams flow_events:{{sNN}}:<user>, {tags} tags)"
+                                                      if tags and config.stream_per_user else "")
+        else:
+            tags = shard_tags or 0
+        config = replace(config, shard_tags=tags)
         try:
-            # produce() only pipelines XADDs, which a cluster client routes per key (its annotation: producer.py)
-            return await guarded(lambda: produce_events(redis, config, count=count,  # type: ignore[arg-type]
-                                                        rate_per_s=rate, on_progress=progress))
+            return await guarded(lambda: produce_events(redis, config, count=count, rate_per_s=rate,
+                                                        on_progress=progress))
         finally:
             await redis.aclose()
 
@@ -195,11 +213,11 @@ def produce(
         sent = asyncio.run(_go())
     except KeyboardInterrupt:
         sent = -1
-    except RedisError as exc:  # refused (ACL, wrong type, OOM…): one line, not a traceback
+    except (RedisError, RedisClusterException) as exc:  # refused (ACL, wrong type, OOM…): one line, not a traceback
         raise fail(f"Redis refused the entries: {refusal(exc)}") from None
     finally:
         progress.finish()
-    console.print(f"produced {sent if sent >= 0 else 'events until interrupted'} to {redact_url(settings.redis_url)}")
+    console.print(f"produced {sent if sent >= 0 else 'events until interrupted'} to {where}", soft_wrap=True)
 
 
 @app.command()
@@ -334,7 +352,8 @@ def tail(
     entries, nothing taken from the worker. Follows until Ctrl-C; --since, --count
     and --no-follow bound it for scripts: flowtrack tail --since 10m --no-follow -f json
     """
-    from worker.flows import connect_sync, parse_when
+    from worker.flows import REDIS_UNREACHABLE, parse_when
+    from worker.redisclient import connect_sync
     from worker.tail import Tail, TailFilter
     from worker.views import tail_line, tail_record
 
@@ -343,7 +362,10 @@ def tail(
     settings = load_settings(redis_url=redis_url, streams=streams)
     since_at = parse_when(since) if since else None
     keep_following = follow if follow is not None else since_at is None
-    client = connect_sync(settings)
+    try:  # a plain Redis or any node of a cluster: the server says which
+        client = connect_sync(settings)
+    except REDIS_UNREACHABLE as exc:
+        raise fail(f"Redis unreachable at {redact_url(settings.redis_url)}: {exc}") from None
     reader = Tail(client, settings, TailFilter(user, session, frozenset(event_type or ())))
     shown = 0
 
@@ -359,8 +381,6 @@ def tail(
         shown += 1
         return count is not None and shown >= count
 
-    import redis as redis_lib
-
     try:
         if since_at is not None:
             for item in reader.backlog(since_at):
@@ -375,7 +395,7 @@ def tail(
                     return
     except KeyboardInterrupt:
         pass
-    except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
+    except REDIS_UNREACHABLE as exc:
         raise fail(f"Redis unreachable at {redact_url(settings.redis_url)}: {exc}") from None
     finally:
         client.close()
@@ -541,16 +561,20 @@ def rejected(
     store = Store.open(settings)
     rows = flows.list_rejected(store, stream, ids, reason, flows.parse_when(since) if since else None,
                                max(limit, len(ids)))
-    import redis as redis_lib
+    from worker.redisclient import connect_sync
 
-    client = flows.connect_sync(settings)
+    where = redact_url(settings.redis_url)
+    client = None
     try:
-        if not replay:
-            try:
+        try:
+            client = connect_sync(settings)  # a plain Redis or any node of a cluster: the server says which
+            if not replay:
                 flows.mark_queued_replays(client, rows)
-            except (redis_lib.ConnectionError, redis_lib.TimeoutError):
-                where = redact_url(settings.redis_url)
-                err_console.print(f"[dim]Redis unreachable at {where}: queued replays not shown[/]")
+        except flows.REDIS_UNREACHABLE as exc:
+            if replay:
+                raise fail(f"Redis unreachable at {where}: {exc}") from None
+            err_console.print(f"[dim]Redis unreachable at {where}: queued replays not shown[/]")
+        if not replay:
             records = [[r.received_at, r.source_stream, r.source_id, r.reason, r.raw, r.replayed] for r in rows]
             if _emit_records([*flows.REJECTED_COLUMNS, "replayed"], records, output):
                 return
@@ -558,13 +582,15 @@ def rejected(
             console.print(f"[dim]{len(rows)} entr{'y' if len(rows) == 1 else 'ies'}"
                           + (f" (--limit {limit} reached)" if len(rows) >= limit else "") + "[/]")
             return
+        assert client is not None  # connected, or the replay failed above
         found = {r.source_id for r in rows}
         try:
             outcomes = flows.replay(store, client, settings, rows, force=force, again=again)
-        except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
-            raise fail(f"Redis unreachable at {redact_url(settings.redis_url)}: {exc}") from None
+        except flows.REDIS_UNREACHABLE as exc:
+            raise fail(f"Redis unreachable at {where}: {exc}") from None
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     outcomes += [flows.ReplayOutcome(stream or "", i, "not found", "no such rejected entry")
                  for i in ids if i not in found]
     columns = ["source_stream", "source_id", "action", "new_id", "event_id", "detail"]
@@ -621,6 +647,12 @@ def bench(
     max_p99_ms: Annotated[float, typer.Option(help="FAIL when the latency or probe p99 is above this")] = 1000.0,
     max_idle_cpu_pct: Annotated[float, typer.Option(help="FAIL when the caught-up worker uses more CPU (%)")] = 5.0,
     max_rss_mb: Annotated[float, typer.Option(help="FAIL when a draining worker's peak RSS is above this")] = 500.0,
+    redis_cluster_shards: Annotated[int, typer.Option(
+        "--redis-cluster-shards", help="run on a private Redis Cluster of this many primaries (no replicas: "
+        "throughput only) instead of one redis-server; the workers get one node's URL (0 = one redis-server)")] = 0,
+    redis_url: Annotated[str | None, typer.Option(
+        "--redis-url", help="run on this Redis or Redis Cluster node instead of a private one (it must hold no "
+        "bench_events:*/bench_live:* keys; the bench's are deleted afterwards unless --keep)")] = None,
 ) -> None:
     """Benchmark against the bare XREADGROUP+XACK floor and a naive consumer, in one run, on a private Redis:
     throughput, exactly-once check, event->stored latency at a steady rate, the caught-up worker's CPU and
@@ -633,13 +665,17 @@ def bench(
 
     if events < 1 or streams < 1 or workers < 1:
         raise fail("--events, --streams and --workers must be at least 1", 2)
+    if not 0 <= redis_cluster_shards <= 16:
+        raise fail("--redis-cluster-shards must be between 0 and 16", 2)
+    if redis_url and redis_cluster_shards:
+        raise fail("--redis-url and --redis-cluster-shards: one or the other (the latter starts a private cluster)", 2)
     if shape not in BENCH_SHAPES:
         raise fail(f"--shape must be one of {', '.join(BENCH_SHAPES)}", 2)
     config = BenchConfig(events=events, streams=streams, workers=workers, rate=rate, latency_s=latency_s,
                          naive_events=naive_events, naive_max_s=naive_max_s, min_ratio=min_ratio, keep=keep,
                          verdict_min_events=verdict_min_events, shape=shape,  # type: ignore[arg-type]
                          idle_s=idle_s, probes=probes, max_p99_ms=max_p99_ms, max_idle_cpu_pct=max_idle_cpu_pct,
-                         max_rss_mb=max_rss_mb)
+                         max_rss_mb=max_rss_mb, redis_cluster_shards=redis_cluster_shards, redis_url=redis_url)
     with progress_bar(err_console) as progress:
         result = run_bench(config, progress)
     if as_json:

@@ -31,8 +31,8 @@ from rich.text import Text
 from worker import flows
 from worker.errors import FlowtrackError
 from worker.pipeline import Pipeline
-from worker.producer import ProduceConfig, produce
-from worker.redisclient import connect
+from worker.producer import CLUSTER_SHARD_TAGS, ProduceConfig, produce, stream_for
+from worker.redisclient import connect, is_cluster
 from worker.redisserver import RedisServer
 from worker.settings import Settings, redact_url
 from worker.source import guarded
@@ -129,10 +129,10 @@ async def _demo(settings: Settings, store: Store, duration_s: float | None, rate
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     counters = Counters()
-    config = ProduceConfig(users=users, shape="mixed")
-    # produce() only pipelines XADDs, which a cluster client routes per key (its annotation: producer.py)
+    # On a cluster, hash-tagged per-user streams (see producer.CLUSTER_SHARD_TAGS): what the README recommends.
+    config = ProduceConfig(users=users, shape="mixed", shard_tags=CLUSTER_SHARD_TAGS if is_cluster(redis) else 0)
     producer = asyncio.create_task(produce(
-        redis, config, rate_per_s=rate_per_s, stop=stop,  # type: ignore[arg-type]
+        redis, config, rate_per_s=rate_per_s, stop=stop,
         on_progress=lambda n: setattr(counters, "produced", n)))
     saboteur = asyncio.create_task(_bad_entries(redis, config, stop, counters))
     worker = asyncio.create_task(pipeline.run())
@@ -186,7 +186,7 @@ async def _bad_entries(redis: Any, config: ProduceConfig, stop: asyncio.Event, c
             await asyncio.wait_for(stop.wait(), timeout=BAD_EVERY_S)
         if stop.is_set():
             return
-        await redis.xadd(f"{config.stream_prefix}:{index % config.users + 1}", BAD_ENTRIES[index % len(BAD_ENTRIES)])
+        await redis.xadd(stream_for(config, str(index % config.users + 1)), BAD_ENTRIES[index % len(BAD_ENTRIES)])
         counters.bad += 1
         index += 1
 

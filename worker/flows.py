@@ -19,6 +19,7 @@ import orjson
 import redis
 from redis._parsers import Encoder
 from redis.connection import PythonRespSerializer
+from redis.exceptions import ClusterError, RedisClusterException
 
 from worker.errors import ConfigError, StoreLockedError, StoreUnavailableError
 from worker.normalize import (
@@ -32,6 +33,7 @@ from worker.normalize import (
     parse_raw,
     printable,
 )
+from worker.redisclient import SyncClient
 from worker.settings import Settings, redact_url
 from worker.source import NO_CLIENT_INFO, is_pattern, vanished
 from worker.store import Store
@@ -278,8 +280,14 @@ def connect_sync(settings: Settings) -> redis.Redis:
                                 **NO_CLIENT_INFO)
 
 
-def resolve_streams(client: redis.Redis, specs: Iterable[str]) -> list[str]:
-    """Existing stream keys named or matched by the specs; never creates anything (unlike the worker's Source)."""
+# "Redis cannot be reached", from a plain Redis or a cluster (a node down, slots not served, a failover under way):
+# commands say it in one line and exit 1, never with a traceback. (Not OSError: a closed stdout is one too.)
+REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, RedisClusterException, ClusterError)
+
+
+def resolve_streams(client: SyncClient, specs: Iterable[str]) -> list[str]:
+    """Existing stream keys named or matched by the specs; never creates anything (unlike the worker's Source).
+    On a cluster SCAN runs on every primary (redis-py's cluster ``scan_iter``), names are looked up where they live."""
     found: list[str] = []
     for spec in specs:
         if is_pattern(spec):
@@ -330,6 +338,7 @@ class StatusReport:
     max_lag: int
     streams: list[StreamStatus] = field(default_factory=list)
     redis_error: str = ""
+    cluster_primaries: int = 0  # a Redis Cluster of this many primaries; 0: a plain Redis
     store: str = ""
     store_error: str = ""
     store_locked: bool = False
@@ -366,6 +375,7 @@ class StatusReport:
             "healthy": self.healthy, "verdict": self.verdict, "problems": self.problems, "warnings": self.warnings,
             "redis": {"url": redact_url(self.redis_url), "error": self.redis_error or None, "group": self.group,
                       "claim_idle_ms": self.claim_idle_ms, "max_lag": self.max_lag,
+                      "cluster_primaries": self.cluster_primaries,
                       "total_lag": self.total_lag, "total_pending": self.total_pending},
             "streams": [{
                 "name": s.name, "length": s.length, "last_id": s.last_id,
@@ -384,9 +394,15 @@ class StatusReport:
 
 
 def redis_status(report: StatusReport, settings: Settings) -> None:
-    """Fill the Redis half of the report; only reads (XINFO, XPENDING, XRANGE)."""
-    client = connect_sync(settings)
+    """Fill the Redis half of the report; only reads (XINFO, XPENDING, XRANGE). On a cluster every command goes to
+    the node that owns the stream, so the totals (lag, pending) are summed over the whole cluster."""
+    from worker.redisclient import connect_sync as connect_any
+
+    client: SyncClient | None = None
     try:
+        client = connect_any(settings)
+        if isinstance(client, redis.RedisCluster):
+            report.cluster_primaries = len(client.get_primaries())  # type: ignore[no-untyped-call]
         for key in resolve_streams(client, settings.streams):
             try:
                 report.streams.append(_stream_status(client, key, settings.group, report.claim_idle_ms,
@@ -395,13 +411,14 @@ def redis_status(report: StatusReport, settings: Settings) -> None:
                 if not vanished(exc):
                     raise
                 # deleted (or its group destroyed) between the scan and now: nothing to report about it
-    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        report.redis_error = f"Redis unreachable at {redact_url(settings.redis_url)}: {exc}"
+    except (*REDIS_UNREACHABLE, OSError) as exc:
+        report.redis_error = f"Redis unreachable at {redact_url(settings.redis_url)}: {' '.join(str(exc).split())}"
     finally:
-        client.close()
+        if client is not None:
+            client.close()
 
 
-def _stream_status(client: redis.Redis, name: str, group_name: str, claim_idle_ms: int,
+def _stream_status(client: SyncClient, name: str, group_name: str, claim_idle_ms: int,
                    max_lag: int) -> StreamStatus:
     """``name`` is the exact key (surrogate-escaped); the report holds it ``printable``: text for terminals and
     JSON, whatever bytes the key holds."""
@@ -562,7 +579,7 @@ def list_rejected(store: Store, stream: str | None = None, ids: Sequence[str] = 
     return found
 
 
-def mark_queued_replays(client: redis.Redis, rows: Sequence[RejectedRow]) -> None:
+def mark_queued_replays(client: SyncClient, rows: Sequence[RejectedRow]) -> None:
     """Fill 'queued <id>' for rows replayed to the stream but not (yet) stored."""
     todo = [r for r in rows if not r.replayed]
     if not todo:
@@ -617,7 +634,7 @@ def _as_entry(fields: dict[str, str]) -> dict[bytes, bytes]:
     return {as_bytes(k): as_bytes(v) for k, v in fields.items()}
 
 
-def replay(store: Store, client: redis.Redis, settings: Settings, rows: Sequence[RejectedRow],
+def replay(store: Store, client: SyncClient, settings: Settings, rows: Sequence[RejectedRow],
            force: bool = False, again: bool = False) -> list[ReplayOutcome]:
     """Re-XADD chosen rejected entries to their source stream, to be read by the worker like any entry.
 

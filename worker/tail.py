@@ -3,6 +3,12 @@
 Reads with XRANGE (the backlog since a point in time) and XREAD (live), never XREADGROUP: the tail
 creates no pending entries and steals nothing from the worker. Entries are normalized with the
 worker's own (pure) rules, so what the tail shows is what the worker stores, or why it rejects it.
+
+On a Redis Cluster one XREAD may only name streams of one hash slot: the live read is split by slot, sent per node
+in one pipeline (no BLOCK: a blocked command would hold up the node's other reads; when nothing came, the tail waits
+``CLUSTER_POLL_S`` before the next round), and blocks as on a plain Redis when every stream shares one slot.
+A redirect (the slot moved, failed over, or is being migrated) refreshes the slot map and the slot is read again in
+the next round from the same cursor: nothing is skipped or shown twice.
 """
 
 from __future__ import annotations
@@ -15,13 +21,20 @@ from datetime import datetime
 from typing import Any
 
 import redis
+from redis.cluster import ClusterNode
+from redis.exceptions import AskError, ClusterDownError, TryAgainError
 
+from worker.clusterstreams import slot_of
 from worker.flows import _text, epoch_ms, resolve_streams
 from worker.normalize import FlowEvent, Normalizer, Rejection
+from worker.redisclient import SyncClient
 from worker.settings import Settings
 
 MAX_SEQ = 18446744073709551615
 PAGE = 1000
+CLUSTER_POLL_S = 0.2  # a caught-up tail over several slots looks again after this long
+# What a node answers while slots move or a replica takes over (redis-py strips the MOVED/ASK code from the text).
+REDIRECTS = (AskError, TryAgainError, ClusterDownError)  # MovedError is an AskError
 
 
 @dataclass(frozen=True)
@@ -54,7 +67,7 @@ def start_id(since: datetime | None, server_ms: int) -> str:
 
 
 class Tail:
-    def __init__(self, client: redis.Redis, settings: Settings, flt: TailFilter, block_ms: int = 500,
+    def __init__(self, client: SyncClient, settings: Settings, flt: TailFilter, block_ms: int = 500,
                  rescan_s: float = 2.0) -> None:
         self.client = client
         self.specs = settings.streams
@@ -125,7 +138,7 @@ class Tail:
                 time.sleep(self.block_ms / 1000)
                 yield None
                 continue
-            reply: Any = self.client.xread(self.cursors, count=PAGE, block=self.block_ms)  # type: ignore[arg-type]
+            reply = self._read_live()
             batch: list[tuple[tuple[int, int], str, str, Mapping[bytes, bytes]]] = []
             for raw_stream, rows in reply or ():
                 stream = _text(raw_stream)
@@ -141,3 +154,44 @@ class Tail:
                 item = self._item(stream, entry_id, fields)
                 if self.filter.accepts(item):
                     yield item
+
+    def _read_live(self) -> Any:
+        """XREAD from every cursor: one blocking call on a plain Redis, split by hash slot on a cluster."""
+        if not isinstance(self.client, redis.RedisCluster):
+            return self.client.xread(self.cursors, count=PAGE, block=self.block_ms)  # type: ignore[arg-type]
+        by_slot: dict[int, dict[str, str]] = {}
+        for stream, cursor in self.cursors.items():
+            by_slot.setdefault(slot_of(stream), {})[stream] = cursor
+        if len(by_slot) == 1:  # one slot: one blocking read, as on a plain Redis
+            return self._read_slots(self.client, list(by_slot.values()), self.block_ms)
+        reply = self._read_slots(self.client, list(by_slot.values()), None)
+        if not reply:
+            time.sleep(min(self.block_ms / 1000, CLUSTER_POLL_S))
+        return reply
+
+    @staticmethod
+    def _read_slots(client: redis.RedisCluster, reads: list[dict[str, str]], block_ms: int | None) -> list[Any]:
+        """One XREAD per slot, pipelined per node through the node's own client (no key look-up per command).
+        Reads answered with a redirect are dropped this round, after the slot map is refreshed."""
+        per_node: dict[str, list[dict[str, str]]] = {}
+        nodes: dict[str, ClusterNode] = {}
+        for streams in reads:
+            node = client.nodes_manager.get_node_from_slot(slot_of(next(iter(streams))))
+            nodes[node.name] = node
+            per_node.setdefault(node.name, []).append(streams)
+        replies: list[Any] = []
+        stale_map = False
+        for name, node_reads in per_node.items():
+            pipe = client.get_redis_connection(nodes[name]).pipeline(transaction=False)
+            for streams in node_reads:
+                pipe.xread(streams, count=PAGE, block=block_ms)  # type: ignore[arg-type]
+            for result in pipe.execute(raise_on_error=False):
+                if isinstance(result, REDIRECTS):
+                    stale_map = True
+                elif isinstance(result, Exception):
+                    raise result
+                elif result:
+                    replies.extend(result)
+        if stale_map:
+            client.nodes_manager.initialize()
+        return replies

@@ -234,7 +234,9 @@ def status_view(report: StatusReport) -> Group:
                         data(consumers))
     if not report.redis_error:  # else the error is said once, in the verdict below
         parts.append(streams)
-        parts.append(Text(f"{len(report.streams)} stream(s), total lag {report.total_lag}, "
+        cluster = (f" on a Redis Cluster of {report.cluster_primaries} primar"
+                   f"{'y' if report.cluster_primaries == 1 else 'ies'}" if report.cluster_primaries else "")
+        parts.append(Text(f"{len(report.streams)} stream(s){cluster}, total lag {report.total_lag}, "
                           f"pending {report.total_pending}", style="dim"))
     if report.store and not report.store_error:  # an error is said once: in the verdict, or on stderr (locked)
         store = Table(title=data(f"store: {report.store}"), title_justify="left", show_header=False)
