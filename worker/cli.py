@@ -172,7 +172,8 @@ def produce(
 
     from worker.producer import ProduceConfig, ProgressLine, refusal
     from worker.producer import produce as produce_events
-    from worker.source import connect, guarded
+    from worker.redisclient import connect
+    from worker.source import guarded
 
     settings = load_settings(redis_url=redis_url)
     config = ProduceConfig(users=users, shape=shape, stream_per_user=not single_stream,  # type: ignore[arg-type]
@@ -181,10 +182,11 @@ def produce(
     progress = ProgressLine(sys.stderr)
 
     async def _go() -> int:
-        redis = connect(settings)
+        redis = await guarded(lambda: connect(settings))  # a plain Redis or a cluster, as the server says
         try:
-            return await guarded(lambda: produce_events(redis, config, count=count, rate_per_s=rate,
-                                                        on_progress=progress))
+            # produce() only pipelines XADDs, which a cluster client routes per key (its annotation: producer.py)
+            return await guarded(lambda: produce_events(redis, config, count=count,  # type: ignore[arg-type]
+                                                        rate_per_s=rate, on_progress=progress))
         finally:
             await redis.aclose()
 

@@ -29,12 +29,13 @@ from rich.table import Table
 from rich.text import Text
 
 from worker import flows
-from worker.errors import FlowtrackError, SourceUnavailableError
+from worker.errors import FlowtrackError
 from worker.pipeline import Pipeline
 from worker.producer import ProduceConfig, produce
+from worker.redisclient import connect
 from worker.redisserver import RedisServer
 from worker.settings import Settings, redact_url
-from worker.source import connect, guarded
+from worker.source import guarded
 from worker.store import Store
 from worker.views import TYPE_STYLES, data, flow_header, format_time, tree_lines
 
@@ -120,12 +121,8 @@ def _run(settings: Settings, store: Store, duration_s: float | None, rate_per_s:
 
 async def _demo(settings: Settings, store: Store, duration_s: float | None, rate_per_s: float, users: int,
                 console: Console) -> tuple[Pipeline, Counters]:
-    redis = connect(settings)
-    try:
-        await guarded(redis.ping)  # a dead --redis-url fails here, plainly, instead of producing nothing
-    except SourceUnavailableError:
-        await redis.aclose()
-        raise
+    # a dead --redis-url fails here, plainly, instead of producing nothing
+    redis = await guarded(lambda: connect(settings))
     pipeline = Pipeline(settings, store=store)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -133,8 +130,9 @@ async def _demo(settings: Settings, store: Store, duration_s: float | None, rate
         loop.add_signal_handler(sig, stop.set)
     counters = Counters()
     config = ProduceConfig(users=users, shape="mixed")
+    # produce() only pipelines XADDs, which a cluster client routes per key (its annotation: producer.py)
     producer = asyncio.create_task(produce(
-        redis, config, rate_per_s=rate_per_s, stop=stop,
+        redis, config, rate_per_s=rate_per_s, stop=stop,  # type: ignore[arg-type]
         on_progress=lambda n: setattr(counters, "produced", n)))
     saboteur = asyncio.create_task(_bad_entries(redis, config, stop, counters))
     worker = asyncio.create_task(pipeline.run())

@@ -8,7 +8,6 @@ entries, then reads new ones with ``>``. Connection failures surface as SourceUn
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import itertools
 import logging
 import time
@@ -23,6 +22,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.errors import SourceUnavailableError
 from worker.normalize import printable
+from worker.redisclient import NO_CLIENT_INFO as NO_CLIENT_INFO  # re-exported: worker.flows imports it from here
+from worker.redisclient import AsyncClient, plain_client
+from worker.redisclient import connect as connect_any
 from worker.settings import Settings
 from worker.streamset import (
     ClaimSweep,
@@ -79,30 +81,9 @@ def is_pattern(name: str) -> bool:
     return any(ch in name for ch in "*?[")
 
 
-def _no_client_info() -> dict[str, Any]:
-    """Client options that skip CLIENT SETINFO on connect: the worker and producer ACLs leave it out (Redis < 7.2
-    does not know it; on >= 7.2 every refused call would add an ACL LOG entry). redis-py 8 takes ``driver_info``,
-    5-7 ``lib_name``/``lib_version``."""
-    if "driver_info" in inspect.signature(aioredis.Redis.__init__).parameters:
-        return {"driver_info": None}
-    return {"lib_name": None, "lib_version": None}
-
-
-NO_CLIENT_INFO = _no_client_info()
-
-
 def connect(settings: Settings) -> aioredis.Redis:
-    # RESP2 pinned: redis-py 8 defaults to RESP3, whose stream replies have another shape.
-    tls: dict[str, Any] = {}
-    if settings.redis_url.startswith("rediss://") and settings.tls_ca_file:
-        tls["ssl_ca_certs"] = settings.tls_ca_file
-    # Keys and names from Redis are bytes and need not be UTF-8: they are decoded with surrogateescape (``text``)
-    # and encoded back the same way here, so every command addresses the exact key the reply named.
-    return aioredis.Redis.from_url(
-        settings.redis_url, protocol=2, decode_responses=False, encoding_errors="surrogateescape",
-        socket_timeout=settings.socket_timeout_s, socket_connect_timeout=min(5.0, settings.socket_timeout_s),
-        health_check_interval=30, **tls, **NO_CLIENT_INFO,
-    )
+    """The plain (single-node) client, without asking the server what it is: ``worker.redisclient.connect`` asks."""
+    return plain_client(settings)
 
 
 async def guarded(call: Callable[[], Awaitable[T]]) -> T:
@@ -143,12 +124,13 @@ class LostStream:
 
 
 class Source:
-    def __init__(self, settings: Settings, redis: aioredis.Redis | None = None) -> None:
+    def __init__(self, settings: Settings, redis: AsyncClient | None = None) -> None:
         self.settings = settings
-        self.redis = redis or connect(settings)
-        # XREADGROUP replies are used as Redis sends them ([[stream, [[id, [name, value, …]], …]], …]): redis-py's
-        # default parsing builds a tuple and a bytes dict per entry that the normalizer would only throw away.
-        self.redis.set_response_callback("XREADGROUP", _raw_reply)
+        # Opened on first use (``open``): whether the URL names a cluster is the server's answer, and asking it is
+        # a Redis call that may fail like any other (SourceUnavailableError, retried by the pipeline's backoff).
+        self._redis: AsyncClient | None = None
+        if redis is not None:
+            self._use(redis)
         self.group = settings.group
         self.consumer = settings.consumer
         self.streams: list[str] = []
@@ -164,12 +146,38 @@ class Source:
         self._packed = PackedReads(self.group, self.consumer)
         self._claims = ClaimSweep()
 
+    def _use(self, redis: AsyncClient) -> None:
+        # XREADGROUP replies are used as Redis sends them ([[stream, [[id, [name, value, …]], …]], …]): redis-py's
+        # default parsing builds a tuple and a bytes dict per entry that the normalizer would only throw away.
+        redis.set_response_callback("XREADGROUP", _raw_reply)
+        self._redis = redis
+
+    async def open(self) -> AsyncClient:
+        """Connect (once): a plain or a cluster client, as the server says. Every Redis-facing method calls it."""
+        if self._redis is None:
+            self._use(await guarded(lambda: connect_any(self.settings)))
+        return self.redis
+
+    @property
+    def redis(self) -> AsyncClient:
+        if self._redis is None:
+            raise SourceUnavailableError("Redis not connected yet")
+        return self._redis
+
+    def _plain(self) -> aioredis.Redis:
+        redis = self.redis
+        if not isinstance(redis, aioredis.Redis):
+            raise NotImplementedError("cluster reads: not yet")
+        return redis
+
     async def close(self) -> None:
-        await self.redis.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
 
     # -- discovery -------------------------------------------------------------------------------
     async def discover(self, force: bool = False) -> list[str]:
         """Resolve names and patterns to stream keys and make sure each has the group."""
+        await self.open()
         now = time.monotonic()
         interval_s = max(self.settings.stream_rescan_s, self._scan_s / SCAN_TIME_SHARE)
         if not force and self.streams and now - self._last_scan < interval_s:
@@ -224,6 +232,7 @@ class Source:
         dropped from the list (the next scan picks it up again if it comes back). A stream that no longer
         exists took the entries pending on other consumers with it: recorded in ``lost``.
         """
+        await self.open()
         streams = list(self.streams)
         exist = await guarded(lambda: pipelined(self.redis, streams, "EXISTS"))  # pipelined: 50,000 streams
         kept = []
@@ -262,6 +271,7 @@ class Source:
         Returns the reply as Redis sent it, per stream: [(stream, [[entry id, [name, value, …] or None], …])].
         No per-entry objects: this is the hot path.
         """
+        await self.open()
         if not self.streams:
             return []
         size = len(self.streams) if max_streams is None else max(1, max_streams)
@@ -277,7 +287,7 @@ class Source:
             block = block_ms if whole or self._rotation.caught_up else None
             packed = self._packed.new_entries((self._rotation.version, start, len(chosen)), chosen, count, block)
         try:
-            reply: Any = await guarded(lambda: execute_packed(self.redis, packed))
+            reply: Any = await guarded(lambda: execute_packed(self._plain(), packed))
         except ResponseError as exc:
             if vanished(exc):
                 log.warning("a stream or its group disappeared; re-creating: %s", exc)
@@ -310,12 +320,13 @@ class Source:
     # -- acknowledging ---------------------------------------------------------------------------
     async def ack(self, by_stream: dict[str, list[str]]) -> int:
         """XACK entry ids grouped per stream, in one pipeline."""
+        await self.open()
         if not by_stream:
             return 0
 
         async def _ack() -> int:
             packed, commands = self._packed.acks(by_stream)
-            results = await execute_packed_many(self.redis, packed, commands)
+            results = await execute_packed_many(self._plain(), packed, commands)
             acked = 0
             for result in results:
                 if vanished(result):
@@ -339,6 +350,7 @@ class Source:
         not return with data were deleted from the stream while pending: they are reported in
         ``deleted_ids`` so the loss is recorded, never silently forgotten.
         """
+        await self.open()
         result = ClaimResult()
         # Only streams whose XPENDING summary shows entries of other consumers are looked into, and only the
         # summaries of a slice of the streams are read per round (``ClaimSweep``): O(streams with work) a round.
@@ -434,6 +446,7 @@ class Source:
     async def touch(self, by_stream: dict[str, list[str]]) -> None:
         """Reset the idle time of entries we still hold, grouped per stream like ``ack`` (XCLAIM ... JUSTID, no
         delivery-count bump), so live peers do not take them over during a long insert or a store outage."""
+        await self.open()
         if not by_stream:
             return
 
@@ -452,6 +465,7 @@ class Source:
         delivery count to what it was before this delivery (XCLAIM ... RETRYCOUNT n JUSTID). An outage then never
         counts towards FLOWTRACK_MAX_DELIVERIES, however often the worker is restarted during it; a delivery
         that ends in a crash (no store failure seen) still counts, which is how poison is recognised."""
+        await self.open()
         if not by_count:
             return
 
@@ -468,6 +482,7 @@ class Source:
 
     async def own_pending_counts(self) -> dict[tuple[str, str], int]:
         """Delivery counts of this consumer's pending entries (read at start, before re-reading them)."""
+        await self.open()
         counts: dict[tuple[str, str], int] = {}
         replies = await guarded(lambda: pipelined(self.redis, self.streams, "XPENDING", self.group, "-", "+",
                                                   100000, self.consumer, parse_detail=True))
@@ -482,6 +497,7 @@ class Source:
 
     async def group_pending_total(self) -> int:
         """Entries delivered to any consumer of the group and not yet acknowledged, over all streams."""
+        await self.open()
         total = 0
         replies = await guarded(lambda: pipelined(self.redis, self.streams, "XPENDING", self.group))
         for reply in replies:
@@ -499,6 +515,7 @@ class Source:
         XINFO GROUPS' ``lag`` is nil in common cases (a group created at "0", deletions), so the
         answer comes from comparing the group's last-delivered id with the stream's newest entry.
         """
+        await self.open()
         total = 0
         all_groups = await guarded(lambda: pipelined(self.redis, self.streams, "XINFO GROUPS"))
         newest_entries = await guarded(lambda: pipelined(self.redis, self.streams, "XREVRANGE", "+", "-", "COUNT", 1))

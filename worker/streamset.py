@@ -188,7 +188,7 @@ async def execute_packed_many(redis: aioredis.Redis, packed: bytes, commands: in
         await pool.release(conn)
 
 
-async def pipelined(redis: aioredis.Redis, streams: Sequence[str], command: str, *args: Any,
+async def pipelined(redis: aioredis.Redis | aioredis.RedisCluster, streams: Sequence[str], command: str, *args: Any,
                     **options: Any) -> list[Any]:
     """``command <stream> *args`` for every stream, in pipelines of PIPELINE_CHUNK; errors returned, not raised.
     ``options`` go to redis-py's reply parser (e.g. ``parse_detail=True`` for XPENDING's extended form)."""

@@ -24,7 +24,7 @@ def next_id(entry_id: str) -> str:
     return f"{ms}-{seq + 1}"
 
 
-async def safe_min_id(redis: aioredis.Redis, stream: str) -> str | None:
+async def safe_min_id(redis: aioredis.Redis | aioredis.RedisCluster, stream: str) -> str | None:
     """The highest MINID that keeps every pending or undelivered entry; None if the stream has no group."""
     groups = await redis.xinfo_groups(stream)
     if not groups:
@@ -39,13 +39,18 @@ async def safe_min_id(redis: aioredis.Redis, stream: str) -> str | None:
     return min(bounds, key=parse_id)
 
 
-async def supports_acked(redis: aioredis.Redis) -> bool:
-    info = await redis.info("server")
+async def supports_acked(redis: aioredis.Redis | aioredis.RedisCluster) -> bool:
+    # A cluster client sends INFO to every node and answers per node: one node's version stands for all (a cluster
+    # mixing versions mid-upgrade gets ACKED only once the node asked has it: trimming stays safe without ACKED).
+    if isinstance(redis, aioredis.RedisCluster):
+        info = await redis.info("server", target_nodes=aioredis.RedisCluster.RANDOM)
+    else:
+        info = await redis.info("server")
     major, minor, *_ = (int(p) for p in str(info.get("redis_version", "0.0.0")).split(".")[:3])
     return (major, minor) >= (8, 2)
 
 
-async def trim_stream(redis: aioredis.Redis, stream: str, acked: bool = False) -> int:
+async def trim_stream(redis: aioredis.Redis | aioredis.RedisCluster, stream: str, acked: bool = False) -> int:
     """Trim what every group has acknowledged; returns the number of entries removed."""
     min_id = await safe_min_id(redis, stream)
     if min_id is None or min_id == "0-1":
@@ -53,7 +58,7 @@ async def trim_stream(redis: aioredis.Redis, stream: str, acked: bool = False) -
     args: list[Any] = ["XTRIM", stream, "MINID", min_id]
     if acked:
         args.append("ACKED")
-    removed = int(await redis.execute_command(*args))  # type: ignore[no-untyped-call]
+    removed = int(await redis.execute_command(*args))
     if removed:
         log.info("trimmed %d acknowledged entries from %s (MINID %s)", removed, stream, min_id)
     return removed
