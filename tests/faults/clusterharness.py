@@ -55,12 +55,14 @@ from .harness import (
     pick_redis_server,
     reset_server_store,
     tally,
+    wait_for,
 )
 
 # Hash tags whose slots fall in different thirds of the slot space (13006, 8943, 4748), i.e. on each of the 3
 # primaries as formed; users 1+7, 3+9, 5+11 share one.
 TAGS = ("t0", "t1", "t2")
 RESEND_DEADLINE_S = 60.0
+USER, PASSWORD = "flowtrack-faults", "faults-only"
 
 
 def tag_slot(tag: str) -> int:
@@ -167,7 +169,8 @@ class Resolution:
     """The expected outcome once the streams were read back: which entries must be stored / rejected."""
 
     expected: Workload
-    redis_lost: int = 0
+    redis_dropped: int = 0      # acknowledged entries a failover took away (stored before or not)
+    redis_lost: int = 0         # ...of which valid events never stored: Redis's loss
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -209,19 +212,24 @@ def resolve(wl: ClusterWorkload, present: Mapping[Key, str], visible: set[str], 
     # 2. acknowledged entries absent from every stream: Redis's loss only where a failover explains it
     missing = recorded - present.keys()
     dropped = redis_dropped(missing, present.keys(), kills)
+    res.redis_dropped = len(dropped)
     by_key = {key: event_id for event_id, key in wl.expected.items()}
+    stored_before = 0
     for key in dropped:
         event_id = by_key.get(key)
-        if event_id is not None and event_id not in visible:
+        if event_id is None:  # malformed or poison: its reject may or may not have been written before the loss
+            if key not in rejected:
+                out.malformed.discard(key)
+                out.poison.discard(key)
+        elif event_id in visible:
+            stored_before += 1
+        else:
             del out.expected[event_id]
             res.redis_lost += 1
-        elif key not in rejected:
-            out.malformed.discard(key)
-            out.poison.discard(key)
     res.notes.append(f"{wl.failed_attempts} XADD errors re-sent, {unconfirmed} unconfirmed XADDs found applied")
     if kills:
-        res.notes.append(f"Redis dropped {len(dropped)} acknowledged entries in the failover "
-                         f"({len(dropped) - res.redis_lost} of them already stored)")
+        res.notes.append(f"Redis dropped {len(dropped)} acknowledged entries in the failover; "
+                         f"{stored_before} valid ones among them had been stored already")
     if missing - dropped:
         res.notes.append(f"{len(missing - dropped)} acknowledged entries absent that no failover explains")
     return res
@@ -236,9 +244,11 @@ class ClusterFaultRun(FaultRun):
         self.dir = base
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cluster = LocalCluster(primaries, replicas, executable=pick_redis_server()).start()
-        self.client = RedisCluster.from_url(self.cluster.url, protocol=2, socket_timeout=5)
+        self._add_user()
+        self.client = RedisCluster.from_url(self.redis_url, protocol=2, socket_timeout=5)
         self.workload = self.cluster_workload = ClusterWorkload(seed=seed)
         self.kills: list[Kill] = []
+        self.resolution: Resolution | None = None
         self.workers = []
         self.server_url = os.environ.get(SERVER_URL_ENV) or None
         if self.server_url:
@@ -250,7 +260,32 @@ class ClusterFaultRun(FaultRun):
 
     @property
     def redis_url(self) -> str:
-        return self.cluster.url
+        """One node, with the suite's user (see _add_user)."""
+        return self.cluster.url.replace("redis://", f"redis://{USER}:{PASSWORD}@", 1)
+
+    def _add_user(self) -> None:
+        """Workers and producer log in as a user of their own, so that a node can shut the default user out (the
+        one its replica replicates as: cut_replication) while they keep working."""
+        for node in self.cluster.nodes:
+            with self.cluster.client(node) as client:
+                client.execute_command("ACL", "SETUSER", USER, "on", f">{PASSWORD}", "~*", "&*", "+@all")
+
+    def cut_replication(self, primary: RedisServer, timeout_s: float = 10) -> None:
+        """From now on ``primary`` replicates nothing (its replicas' link is down; they cannot log back in) but
+        serves clients as before: what it acknowledges until it dies is exactly what a failover loses."""
+        replicas = self.cluster.replicas_of(primary)
+        with self.cluster.client(primary) as client:
+            client.execute_command("ACL", "SETUSER", "default", "off")
+            client.execute_command("CLIENT", "KILL", "TYPE", "replica")
+
+        def link_down() -> bool:
+            for replica in replicas:
+                with self.cluster.client(replica) as client:
+                    if client.info("replication").get("master_link_status") == "up":
+                        return False
+            return True
+
+        wait_for(link_down, timeout_s, "the replication link to go down")
 
     def _check_spread(self) -> None:
         """The workload must touch every primary, with both kinds of stream, or the scenarios prove less."""
@@ -272,7 +307,7 @@ class ClusterFaultRun(FaultRun):
         present = stream_census(self.client, self.cluster_workload.all_streams())
         visible = {e for snap in snapshots for e in snap["event_ids"]}
         rejected = {(r[0], r[1]) for snap in snapshots for r in snap["rejected"]}
-        res = resolve(self.cluster_workload, present, visible, rejected, self.kills)
+        res = self.resolution = resolve(self.cluster_workload, present, visible, rejected, self.kills)
         result = tally(self.scenario, res.expected, snapshots, self.client)
         result.redis_lost = res.redis_lost
         self.notes += res.notes
