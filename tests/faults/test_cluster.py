@@ -11,7 +11,9 @@ import time
 import pytest
 from redis.crc import key_slot
 
-from .clusterharness import ClusterFaultRun, Kill, entry_ms, redis_dropped
+from worker.normalize import derive_event_id, mapping_digest
+
+from .clusterharness import ClusterFaultRun, ClusterWorkload, Kill, entry_ms, redis_dropped, resolve
 from .conftest import MakeClusterRun
 from .harness import Worker, assert_clean, read_store, wait_for
 
@@ -201,3 +203,28 @@ def test_cluster_accounting_excuses_only_a_suffix() -> None:
                ("flow_events:a", "1200-0")]
     assert redis_dropped(missing, present, [kill]) == {("flow_events:a", "950-0")}
     assert redis_dropped(missing, present, []) == set()
+
+
+def test_cluster_resolution_rules() -> None:
+    """The expected set once the streams were read back: an entry applied without its reply must be stored too, an
+    entry nobody planned is a failure, an acknowledged entry deleted from the middle of a stream stays expected
+    (flowtrack's loss unless stored), one Redis dropped in a failover is Redis's loss unless stored."""
+    wl = ClusterWorkload(seed=9)
+    fields = [{"session_id": f"s{i}", "node_id": "n", "event_type": "llm_call"} for i in range(4)]
+    stream = "flow_events:a"
+    digests = [mapping_digest(f) for f in fields]
+    for digest in digests:
+        wl.planned[(stream, digest)] = ("valid", None)
+    for i, entry_id in ((0, "100-0"), (1, "200-0"), (3, "950-0")):  # acknowledged; 2's reply never came
+        wl.expected[derive_event_id(stream, entry_id, digests[i])] = (stream, entry_id)
+    present = {(stream, "200-0"): digests[1], (stream, "300-0"): digests[2], (stream, "400-0"): "not-planned"}
+    kill = Kill(frozenset({key_slot(stream.encode())}), at_ms=1000, port=1)
+    res = resolve(wl, present, visible=set(), rejected=set(), kills=[kill])
+    expected = set(res.expected.expected.values())
+    assert (stream, "300-0") in expected                      # applied, reply lost: must be stored
+    assert (stream, "100-0") in expected                      # deleted mid-stream (older than a survivor)
+    assert (stream, "950-0") not in expected and res.redis_lost == 1 and res.redis_dropped == 1
+    assert res.failures == ["1 entries in the streams match nothing the producer wrote"]
+    stored = resolve(wl, present, visible={derive_event_id(stream, "950-0", digests[3])}, rejected=set(),
+                     kills=[kill])
+    assert stored.redis_lost == 0 and stored.redis_dropped == 1
