@@ -137,7 +137,7 @@ def stream_census(client: AnyRedis, streams: Iterable[str], page: int = 5000) ->
     for stream in sorted(names):
         start = "-"
         while True:
-            rows = client.xrange(stream, min=start, max="+", count=page)
+            rows: list[Any] = client.xrange(stream, min=start, max="+", count=page)  # type: ignore[assignment]
             for raw_id, fields in rows:
                 found[(stream, raw_id.decode())] = mapping_digest(fields)
             if len(rows) < page:

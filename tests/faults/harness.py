@@ -469,7 +469,7 @@ class Tally:
                 out.write(json.dumps(row) + "\n")
 
 
-def tally(scenario: str, workload: Workload, snapshots: list[dict[str, Any]], client: redis.Redis | None,
+def tally(scenario: str, workload: Workload, snapshots: list[dict[str, Any]], client: AnyRedis | None,
           group: str = GROUP) -> Tally:
     """Compare what the stores hold (one snapshot per store) with what was written."""
     visible: Counter[str] = Counter()
