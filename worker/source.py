@@ -170,6 +170,9 @@ class Source:
         self.lost: list[LostStream] = []
         self._scan_s = 0.0  # how long the last pattern scan took
         self._rereading = False  # some cursor may be an explicit id (kept so a read need not look at all of them)
+        # An ack or keep-alive failed for want of Redis: whatever answers next may hold older group state (a
+        # restarted server, a promoted replica that never got our last acks), so the pipeline recovers first.
+        self.recovery_owed = False
         self._rotation = Rotation()  # new entries are read a slice of the streams at a time
         self._packed = PackedReads(self.group, self.consumer)
         self._claims = ClaimSweep()
@@ -431,7 +434,14 @@ class Source:
                     acked += int(result)
             return acked
 
-        return await guarded(_ack)
+        return await self._owing_recovery_on_failure(guarded(_ack))
+
+    async def _owing_recovery_on_failure(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except SourceUnavailableError:
+            self.recovery_owed = True
+            raise
 
     # -- reclaiming ------------------------------------------------------------------------------
     async def claim_idle(self, min_idle_ms: int, count: int) -> ClaimResult:
@@ -570,7 +580,7 @@ class Source:
                                     justid=True)
                 await pipe.execute(raise_on_error=False)
 
-        await guarded(_touch)
+        await self._owing_recovery_on_failure(guarded(_touch))
 
     async def uncount_delivery(self, by_count: dict[int, dict[str, list[str]]]) -> None:
         """Take back the delivery of entries that could not be stored because the store was down: set each one's
