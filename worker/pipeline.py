@@ -212,6 +212,7 @@ class Pipeline:
         if self._store_failing:
             await self._wait_out_outage()
             return False
+        self.source.note_slot_moves()
         if self.source.recovery_owed:
             await self._recover()
         await self.source.discover()

@@ -303,6 +303,24 @@ class ClusterFaultRun(FaultRun):
         self.kills.append(Kill(slots, self.cluster.killed_at_ms[-1], primary.port))
         return promoted
 
+    def takeover(self, primary: RedisServer, timeout_s: float = 30) -> RedisServer:
+        """``CLUSTER FAILOVER TAKEOVER`` on a replica of ``primary``: it takes the slots without the primary's
+        agreement or a final sync; the old primary turns replica and drops what the new one never got. Clients see
+        no error, only MOVED. Call it with no XADD in flight (the old primary's writes until it learns of the
+        takeover would not be a suffix). Recorded like a kill."""
+        replica = self.cluster.replicas_of(primary)[0]
+        slots = frozenset(s for first, last, port in self.cluster.slot_ranges() if port == primary.port
+                          for s in range(first, last + 1))
+        with self.cluster.client(replica) as client:
+            client.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+        wait_for(lambda: self.cluster.primary_for_slot(min(slots)) is replica, timeout_s, "the takeover")
+        with redis.Redis(port=primary.port, username=USER, password=PASSWORD, protocol=2) as old:
+            wait_for(lambda: old.info("replication").get("role") == "slave", timeout_s, "the old primary to step down")
+            old.execute_command("ACL", "SETUSER", "default", "on")  # undo cut_replication: the harness logs in so
+        self.cluster.wait_ok(timeout_s)
+        self.kills.append(Kill(slots, time.time_ns() // 1_000_000, primary.port))
+        return replica
+
     def count(self, snapshots: list[dict[str, Any]]) -> Tally:
         present = stream_census(self.client, self.cluster_workload.all_streams())
         visible = {e for snap in snapshots for e in snap["event_ids"]}
