@@ -31,6 +31,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
+from redis.cluster import PRIMARY
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, ResponseError
 
@@ -140,6 +141,13 @@ class NodeCommands:
                 results.append(reply if callback is None else callback(reply, **options))
         return results
 
+    async def one(self, command: Sequence[Any], **options: Any) -> Any:
+        """One single-key command, routed like ``call``; an error reply raised."""
+        reply = (await self.call([command], **options))[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
     def _route(self, commands: Sequence[SlotCommand], todo: list[int],
                asking: dict[int, ClusterNode]) -> dict[ClusterNode, list[int]]:
         by_node: dict[ClusterNode, list[int]] = {}
@@ -157,12 +165,19 @@ class NodeCommands:
             return True
         if isinstance(result, AskError):
             self.redirects["ASK"] += 1
-            target = self.client.nodes_manager.get_node(host=result.host, port=result.port)
-            if target is None:
-                return False  # a node the map does not know yet: returned as the error; a refresh follows
-            asking[index] = target
+            asking[index] = self._node_at(result.host, result.port)
             return True
         return False
+
+    def _node_at(self, host: str, port: int) -> ClusterNode:
+        """The node at host:port; one the map does not know yet is added (an ASK may point at a primary that owns no
+        slot so far, as when slots move to a newly added node: CLUSTER SLOTS did not list it)."""
+        manager = self.client.nodes_manager
+        node = manager.get_node(host=host, port=port)
+        if node is None:
+            node = ClusterNode(host, port, PRIMARY, **manager.connection_kwargs)
+            manager.set_nodes(manager.nodes_cache, {node.name: node})
+        return node
 
     async def _forget_topology(self, node: ClusterNode) -> None:
         """After a node failed: drop its connections and have the client rebuild its slot map at the next call

@@ -25,8 +25,10 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis._parsers import Encoder
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.connection import PythonRespSerializer
 from redis.exceptions import NoPermissionError, ResponseError
 from redis.retry import Retry as SyncRetry
 
@@ -124,12 +126,31 @@ def connect_sync(settings: Settings) -> SyncClient:
         raise
     if not _says_cluster(info):
         return plain
-    # The plain client's options (its surrogateescape command packer included) carry over to every node.
+    # The plain client's options carry over to every node. Its command packer does not (redis-py's cluster client
+    # passes only known connection options on): it comes with the connection class instead.
     options = {k: v for k, v in plain.get_connection_kwargs().items()
-               if k not in ("host", "port", "db", "connection_class", "retry")}
+               if k not in ("host", "port", "db", "connection_class", "retry", "command_packer")}
+    # (With rediss:// the URL's SSLConnection overrides it: non-UTF-8 names then fail to pack in sync commands.)
     plain.close()
-    return redis.RedisCluster.from_url(settings.redis_url, **options,
+    return redis.RedisCluster.from_url(settings.redis_url, **options, connection_class=_SurrogateConnection,
                                       **_cluster_options(SyncRetry(_backoff(), CLUSTER_RETRY_ATTEMPTS)))
+
+
+def _surrogate_packer() -> Any:
+    """redis-py's hiredis packer encodes str strictly (ignoring encoding_errors): names from Redis that are not
+    UTF-8 (decoded with surrogateescape) are packed by its Python packer with the client's encoder instead, as
+    ``worker.flows.connect_sync`` does for a plain Redis."""
+    from worker.flows import SYNC_PACKER_BUFFER_CUTOFF
+
+    encoder = Encoder("utf-8", "surrogateescape", decode_responses=False)  # type: ignore[no-untyped-call]
+    return PythonRespSerializer(SYNC_PACKER_BUFFER_CUTOFF, encoder.encode)
+
+
+class _SurrogateConnection(redis.Connection):
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("command_packer", _surrogate_packer())
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
+
 
 
 def is_cluster(client: Any) -> bool:

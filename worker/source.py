@@ -3,6 +3,17 @@
 Streams are given by name and by glob pattern; patterns are re-scanned so new per-user streams are
 picked up. On start (and after Redis comes back) the consumer first re-reads its own pending
 entries, then reads new ones with ``>``. Connection failures surface as SourceUnavailableError.
+
+Redis Cluster: the client is whatever ``worker.redisclient.connect`` finds behind FLOWTRACK_REDIS_URL, so Source
+connects on first use (``open``; every Redis-facing method calls it) rather than in ``__init__``: asking the server
+is a Redis call that may fail and be retried like any other. On a cluster the same methods take another route —
+reads and acks per hash slot through ``worker.clusterstreams.NodeCommands``, every other per-stream command routed by
+key through ``NodeCommands.call`` — while the single-node route stays as it was, branch for branch (no cost there
+beyond one ``is None`` test). Why each cluster choice was made: ``worker.clusterstreams``. What a cluster answers
+while it changes (CLUSTERDOWN, TRYAGAIN, MOVED/ASK left over, no node reachable) is SourceUnavailableError, waited
+out by the pipeline's backoff and followed by ``recover``; a read blocked on a stream whose slot moved away answers
+UNBLOCKED like a deleted one, and ``recover`` finds it on its new primary (EXISTS routed by key), so no loss is
+reported for a move.
 """
 
 from __future__ import annotations
@@ -215,10 +226,7 @@ class Source:
     async def _one(self, command: Sequence[Any], **options: Any) -> Any:
         """One single-key command on a cluster, routed like ``_pipelined``; an error reply raised."""
         assert self._nodes is not None
-        reply = (await self._nodes.call([command], **options))[0]
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
+        return await self._nodes.one(command, **options)
 
     @property
     def redirects(self) -> dict[str, int]:

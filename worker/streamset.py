@@ -11,6 +11,10 @@ the cost of a loop step bounded by the streams with work rather than by all stre
   its blocking read every block interval).
 - ``ClaimSweep``: a claim round looks at the streams last seen with entries pending on other consumers, and at
   the next slice of a slow sweep over all streams (XPENDING summaries, pipelined), not at every stream.
+
+On a Redis Cluster one XREADGROUP may only name keys of one hash slot, so ``PackedReads`` also builds a slice's read
+as one command per slot (``SlotReads``; hash-tagged per-user streams share a slot and stay one command), kept like
+the single-node bytes; ``worker.clusterstreams`` sends them per node.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """Trim: retention that never removes an entry still pending or unread by any consumer group.
 
+On a Redis Cluster the commands go through ``worker.clusterstreams.NodeCommands`` (routed by key, ASK followed with
+ASKING on the command's own connection), not redis-py's own routing, which loops to "TTL exhausted" on a slot being
+migrated; the version check asks one node (a cluster client's INFO answers per node).
+
 XTRIM/MAXLEN delete entries whether or not they are pending, so the bound is computed from the
 groups themselves: MINID = the lowest of, over every group on the stream, its oldest pending entry
 and the entry right after its last-delivered id. Entries at or above MINID are kept. Where the
@@ -14,6 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from worker.clusterstreams import NodeCommands
 from worker.source import parse_id, text
 
 log = logging.getLogger(__name__)
@@ -26,14 +31,15 @@ def next_id(entry_id: str) -> str:
 
 async def safe_min_id(redis: aioredis.Redis | aioredis.RedisCluster, stream: str) -> str | None:
     """The highest MINID that keeps every pending or undelivered entry; None if the stream has no group."""
-    groups = await redis.xinfo_groups(stream)
+    routed = NodeCommands(redis) if isinstance(redis, aioredis.RedisCluster) else None
+    groups = await (routed.one(("XINFO GROUPS", stream)) if routed else redis.xinfo_groups(stream))
     if not groups:
         return None  # nobody has consumed it: trimming could only lose data
     bounds: list[str] = []
     for group in groups:
         name = text(group["name"])
         bounds.append(next_id(text(group["last-delivered-id"])))
-        summary = await redis.xpending(stream, name)
+        summary = await (routed.one(("XPENDING", stream, name)) if routed else redis.xpending(stream, name))
         if int(summary["pending"]) > 0 and summary.get("min"):
             bounds.append(text(summary["min"]))
     return min(bounds, key=parse_id)
@@ -58,7 +64,10 @@ async def trim_stream(redis: aioredis.Redis | aioredis.RedisCluster, stream: str
     args: list[Any] = ["XTRIM", stream, "MINID", min_id]
     if acked:
         args.append("ACKED")
-    removed = int(await redis.execute_command(*args))
+    if isinstance(redis, aioredis.RedisCluster):
+        removed = int(await NodeCommands(redis).one(args))
+    else:
+        removed = int(await redis.execute_command(*args))  # type: ignore[no-untyped-call]
     if removed:
         log.info("trimmed %d acknowledged entries from %s (MINID %s)", removed, stream, min_id)
     return removed
