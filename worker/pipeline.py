@@ -187,11 +187,19 @@ class Pipeline:
                 await self._sleep_unless_stopped(delay)
 
     async def _recover_source(self) -> None:
-        try:
-            await self.source.recover()
-            self._prior_deliveries = await self.source.own_pending_counts()
-        except SourceUnavailableError:
-            pass  # the next step fails again and backs off again
+        # on failure the next step tries again before it reads anything (and backs off again if it fails)
+        with contextlib.suppress(SourceUnavailableError):
+            await self._recover()
+
+    async def _recover(self) -> None:
+        """Owed until it succeeds (``source.recovery_owed``), and also after an ack failed while no read did: a step
+        whose read succeeds anyway (Redis back between the failed recovery and the step; reads paused on a full
+        in-flight window while only acks failed; in a cluster, a promoted replica answering) must not skip it, or
+        our own pending entries there (acks the promoted replica never got) stay pending for good."""
+        self.source.recovery_owed = True
+        await self.source.recover()
+        self._prior_deliveries = await self.source.own_pending_counts()
+        self.source.recovery_owed = False
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -204,6 +212,9 @@ class Pipeline:
         if self._store_failing:
             await self._wait_out_outage()
             return False
+        self.source.note_slot_moves()
+        if self.source.recovery_owed:
+            await self._recover()
         await self.source.discover()
         now = time.monotonic()
         if now - self._last_claim >= self.settings.claim_interval_s:

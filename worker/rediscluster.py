@@ -44,6 +44,7 @@ class LocalCluster:
         self.node_timeout_ms = node_timeout_ms
         self.data_dir = Path(tempfile.mkdtemp(prefix="flowtrack-cluster-"))
         self.nodes: list[RedisServer] = []
+        self.killed_at_ms: list[int] = []  # wall-clock ms of each kill_primary's SIGKILL (after the process died)
         for index in range(primaries * (1 + replicas)):
             node_dir = self.data_dir / f"node{index}"
             args = ["--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
@@ -205,6 +206,7 @@ class LocalCluster:
         if not replicas:
             raise FlowtrackError("local Redis Cluster: the primary has no replica to fail over to")
         primary.kill()
+        self.killed_at_ms.append(time.time_ns() // 1_000_000)
         ports = {r.port for r in replicas}
         self._wait(lambda: any(port in ports for _, _, port in self._slot_ranges_or_empty()), timeout_s,
                    "a replica to take over")

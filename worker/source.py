@@ -181,6 +181,10 @@ class Source:
         self.lost: list[LostStream] = []
         self._scan_s = 0.0  # how long the last pattern scan took
         self._rereading = False  # some cursor may be an explicit id (kept so a read need not look at all of them)
+        # An ack or keep-alive failed for want of Redis: whatever answers next may hold older group state (a
+        # restarted server, a promoted replica that never got our last acks), so the pipeline recovers first.
+        self.recovery_owed = False
+        self._moved_seen = 0  # MOVED replies met so far, as of the last note_slot_moves
         self._rotation = Rotation()  # new entries are read a slice of the streams at a time
         self._packed = PackedReads(self.group, self.consumer)
         self._claims = ClaimSweep()
@@ -228,6 +232,17 @@ class Source:
     def redirects(self) -> dict[str, int]:
         """On a cluster: the MOVED, ASK and TRYAGAIN replies the reads and acks met (slots moving); else empty."""
         return dict(self._nodes.redirects) if self._nodes is not None else {}
+
+    def note_slot_moves(self) -> None:
+        """On a cluster, a MOVED met since the last call means a slot changed owner: a migration (the stream moved
+        with its groups and pending lists intact) or a failover or takeover, where the new owner's group state can
+        be older than what we saw — our last acks missing, so entries we stored stay pending on it for good, and
+        no connection failed to tell us. Either way a recovery (own pending entries re-read) is owed; after a
+        migration it finds nothing to do."""
+        moved = self._nodes.redirects["MOVED"] if self._nodes is not None else 0
+        if moved != self._moved_seen:
+            self._moved_seen = moved
+            self.recovery_owed = True
 
     async def close(self) -> None:
         if self._redis is not None:
@@ -439,7 +454,14 @@ class Source:
                     acked += int(result)
             return acked
 
-        return await guarded(_ack)
+        return await self._owing_recovery_on_failure(guarded(_ack))
+
+    async def _owing_recovery_on_failure(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except SourceUnavailableError:
+            self.recovery_owed = True
+            raise
 
     # -- reclaiming ------------------------------------------------------------------------------
     async def claim_idle(self, min_idle_ms: int, count: int) -> ClaimResult:
@@ -578,7 +600,7 @@ class Source:
                                     justid=True)
                 await pipe.execute(raise_on_error=False)
 
-        await guarded(_touch)
+        await self._owing_recovery_on_failure(guarded(_touch))
 
     async def uncount_delivery(self, by_count: dict[int, dict[str, list[str]]]) -> None:
         """Take back the delivery of entries that could not be stored because the store was down: set each one's

@@ -54,6 +54,9 @@ REPORT_ENV = "FLOWTRACK_FAULTS_REPORT"
 GROUP = "flowtrack"
 STREAM_PREFIX = "flow_events"
 Key = tuple[str, str]
+# an entry to write: stream, fields, kind ("valid", "malformed", "poison"), explicit event id
+Planned = tuple[str, dict[str, str], str, str | None]
+AnyRedis = redis.Redis | redis.RedisCluster
 
 # Fast failure detection for the suite: reclaim after 1 s idle, short backoff, small batches (many batches,
 # many kill points), short blocks.
@@ -130,7 +133,7 @@ class Workload:
     def expected_rejected(self) -> set[Key]:
         return self.malformed | self.poison
 
-    def produce(self, client: redis.Redis, count: int, malformed_every: int = 0, poison_every: int = 0,
+    def produce(self, client: AnyRedis, count: int, malformed_every: int = 0, poison_every: int = 0,
                 chunk: int = 1000, rate_per_s: float | None = None,
                 stop: threading.Event | None = None) -> int:
         """XADD ``count`` entries (valid events, every n-th malformed / poison), recording each one.
@@ -149,45 +152,8 @@ class Workload:
         done = 0
         while done < count and not (stop is not None and stop.is_set()):
             n = min(chunk, count - done)
-            plan: list[tuple[str, dict[str, str], str, str | None]] = []
-            with self._lock:
-                for _ in range(n):
-                    self.written += 1
-                    seq = self.written
-                    flow, event = next(self._events)
-                    stream = f"{STREAM_PREFIX}:{flow.user_id}"
-                    if malformed_every and seq % malformed_every == 0:
-                        plan.append((stream, dict(MALFORMED[seq % len(MALFORMED)]), "malformed", None))
-                        continue
-                    shape = "json" if self._rng.random() < 0.5 else "flat"
-                    fields = encode(event, shape, True)  # type: ignore[arg-type]
-                    if poison_every and seq % poison_every == 0:
-                        event_id = f"poison-{self.seed}-{seq}"
-                        fields = encode({**event, "event_id": event_id, "poison": "1"}, "flat", True)
-                        plan.append((stream, fields, "poison", event_id))
-                    elif seq % 3 == 0:
-                        event_id = f"ev-{self.seed}-{seq}"
-                        plan.append((stream, encode({**event, "event_id": event_id}, shape, True),  # type: ignore[arg-type]
-                                     "valid", event_id))
-                    else:
-                        plan.append((stream, fields, "valid", None))
-            pipe = client.pipeline(transaction=False)
-            for stream, fields, _, _ in plan:
-                pipe.xadd(stream, fields)  # type: ignore[arg-type]
-            ids = pipe.execute()
-            with self._lock:
-                for (stream, fields, kind, event_id), raw_id in zip(plan, ids, strict=True):
-                    entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-                    key = (stream, entry_id)
-                    self.streams.add(stream)
-                    if kind == "malformed":
-                        self.malformed.add(key)
-                    elif kind == "poison":
-                        self.poison.add(key)
-                        self.poison_ids.add(event_id or "")
-                    else:
-                        derived = derive_event_id(stream, entry_id, mapping_digest(fields))  # type: ignore[arg-type]
-                        self.expected[event_id or derived] = key
+            plan = self._plan(n, malformed_every, poison_every)
+            self._record(self._send(client, plan))
             done += n
             if rate_per_s:
                 ahead_s = done / rate_per_s - (time.monotonic() - started)
@@ -195,7 +161,59 @@ class Workload:
                     time.sleep(ahead_s)
         return done
 
-    def produce_in_background(self, client: redis.Redis, count: int, rate_per_s: float,
+    def stream_for(self, user_id: str) -> str:
+        return f"{STREAM_PREFIX}:{user_id}"
+
+    def _plan(self, n: int, malformed_every: int, poison_every: int) -> list[Planned]:
+        """The next ``n`` entries to write: (stream, fields, kind, explicit event id)."""
+        assert self._events is not None and self._rng is not None
+        plan: list[Planned] = []
+        with self._lock:
+            for _ in range(n):
+                self.written += 1
+                seq = self.written
+                flow, event = next(self._events)
+                stream = self.stream_for(flow.user_id)
+                if malformed_every and seq % malformed_every == 0:
+                    plan.append((stream, dict(MALFORMED[seq % len(MALFORMED)]), "malformed", None))
+                    continue
+                shape = "json" if self._rng.random() < 0.5 else "flat"
+                fields = encode(event, shape, True)  # type: ignore[arg-type]
+                if poison_every and seq % poison_every == 0:
+                    event_id = f"poison-{self.seed}-{seq}"
+                    fields = encode({**event, "event_id": event_id, "poison": "1"}, "flat", True)
+                    plan.append((stream, fields, "poison", event_id))
+                elif seq % 3 == 0:
+                    event_id = f"ev-{self.seed}-{seq}"
+                    plan.append((stream, encode({**event, "event_id": event_id}, shape, True),  # type: ignore[arg-type]
+                                 "valid", event_id))
+                else:
+                    plan.append((stream, fields, "valid", None))
+        return plan
+
+    def _send(self, client: AnyRedis, plan: list[Planned]) -> list[tuple[Planned, Any]]:
+        """XADD the plan in one pipeline; (entry, the id the server acknowledged) for each."""
+        pipe = client.pipeline(transaction=False)
+        for stream, fields, _, _ in plan:
+            pipe.xadd(stream, fields)  # type: ignore[arg-type]
+        return list(zip(plan, pipe.execute(), strict=True))
+
+    def _record(self, acknowledged: list[tuple[Planned, Any]]) -> None:
+        with self._lock:
+            for (stream, fields, kind, event_id), raw_id in acknowledged:
+                entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+                key = (stream, entry_id)
+                self.streams.add(stream)
+                if kind == "malformed":
+                    self.malformed.add(key)
+                elif kind == "poison":
+                    self.poison.add(key)
+                    self.poison_ids.add(event_id or "")
+                else:
+                    derived = derive_event_id(stream, entry_id, mapping_digest(fields))  # type: ignore[arg-type]
+                    self.expected[event_id or derived] = key
+
+    def produce_in_background(self, client: AnyRedis, count: int, rate_per_s: float,
                               **kwargs: Any) -> tuple[threading.Thread, threading.Event]:
         stop = threading.Event()
         thread = threading.Thread(target=self.produce, args=(client, count),
@@ -321,7 +339,7 @@ class GroupState:
         return self.read - self.pending
 
 
-def group_state(client: redis.Redis, group: str = GROUP) -> GroupState:
+def group_state(client: AnyRedis, group: str = GROUP) -> GroupState:
     state = GroupState()
     for key in client.scan_iter(match=f"{STREAM_PREFIX}*", count=1000, _type="stream"):
         state.streams += 1
@@ -407,6 +425,7 @@ class Tally:
     physical_copies: int = 0
     pending: int = 0
     unread: int = 0
+    redis_lost: int = 0            # acknowledged XADDs Redis itself lost (asynchronous failover), never stored
     recovery_s: float = 0.0
     duration_s: float = 0.0
     expect: str = "clean"          # "clean", or "duplicates" for the negative control
@@ -450,7 +469,7 @@ class Tally:
                 out.write(json.dumps(row) + "\n")
 
 
-def tally(scenario: str, workload: Workload, snapshots: list[dict[str, Any]], client: redis.Redis | None,
+def tally(scenario: str, workload: Workload, snapshots: list[dict[str, Any]], client: AnyRedis | None,
           group: str = GROUP) -> Tally:
     """Compare what the stores hold (one snapshot per store) with what was written."""
     visible: Counter[str] = Counter()
@@ -502,8 +521,8 @@ class FaultRun:
         self.scenario = scenario
         self.dir = base
         self.redis = redis_server(base / "redis", appendonly=appendonly).start()
-        self.client = redis.Redis.from_url(self.redis.url, protocol=2, socket_timeout=10)
-        self.workload = Workload(seed=seed)
+        self.client: AnyRedis = redis.Redis.from_url(self.redis.url, protocol=2, socket_timeout=10)
+        self.workload: Workload = Workload(seed=seed)
         self.workers: list[Worker] = []
         self.server_url = os.environ.get(SERVER_URL_ENV) or None
         if self.server_url:
@@ -512,13 +531,18 @@ class FaultRun:
         self.notes: list[str] = []
         self.failures: list[str] = []
 
+    @property
+    def redis_url(self) -> str:
+        """What the workers get as FLOWTRACK_REDIS_URL."""
+        return self.redis.url
+
     def store_url(self, name: str = "store") -> str:
         """An embedded store path of its own, or the shared server when one is configured."""
         return self.server_url or f"chdb://{(self.dir / name).resolve()}"
 
     def worker(self, consumer: str, store: str = "store", drain: bool = False, disk_full: bool = False,
                **env: str) -> Worker:
-        w = Worker(consumer, worker_env(self.redis.url, self.store_url(store), consumer, **env), self.dir,
+        w = Worker(consumer, worker_env(self.redis_url, self.store_url(store), consumer, **env), self.dir,
                    drain=drain, disk_full=disk_full)
         self.workers.append(w)
         return w.start()
@@ -559,7 +583,7 @@ class FaultRun:
                 raise AssertionError(f"worker {w.name} still running at the end\n{w.tail()}")
         urls = list(dict.fromkeys(self.store_url(s) for s in stores))
         snapshots = [read_store(u, events_relation) for u in urls]
-        result = tally(self.scenario, self.workload, snapshots, self.client)
+        result = self.count(snapshots)
         result.expect = expect
         result.duration_s = round(time.monotonic() - self.started, 1)
         if recovery_from is not None:
@@ -568,6 +592,10 @@ class FaultRun:
         result.notes = "; ".join(self.notes)
         result.failures = list(self.failures)
         return result
+
+    def count(self, snapshots: list[dict[str, Any]]) -> Tally:
+        """What the stores hold against what was written."""
+        return tally(self.scenario, self.workload, snapshots, self.client)
 
     def close(self) -> None:
         for w in self.workers:
