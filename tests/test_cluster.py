@@ -27,7 +27,7 @@ from worker.redisclient import connect, connect_sync, is_cluster
 from worker.rediscluster import LocalCluster, cluster_port, key_slots
 from worker.redisserver import RedisServer
 from worker.settings import Settings
-from worker.source import PRODUCER_ACL_RULES, WORKER_ACL_RULES, Source
+from worker.source import PRODUCER_CLUSTER_ACL_RULES, WORKER_CLUSTER_ACL_RULES, Source
 from worker.store import Store
 
 GROUP = "flowtrack"
@@ -546,9 +546,9 @@ def acl_users(cluster: LocalCluster) -> Iterator[None]:
     for node in cluster.nodes:
         with cluster.client(node) as admin:
             admin.execute_command("ACL", "SETUSER", "worker", "reset", "on", ">worker-secret",
-                                  *WORKER_ACL_RULES.split())
+                                  *WORKER_CLUSTER_ACL_RULES.split())
             admin.execute_command("ACL", "SETUSER", "producer", "reset", "on", ">producer-secret",
-                                  *PRODUCER_ACL_RULES.split())
+                                  *PRODUCER_CLUSTER_ACL_RULES.split())
     try:
         yield
     finally:

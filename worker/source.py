@@ -95,10 +95,13 @@ CLUSTER_ACL_RULES = "+info +cluster|slots +command +asking"
 WORKER_ACL_RULES = (
     "resetkeys ~flow_events ~flow_events:* resetchannels -@all "
     "+xreadgroup +xack +xclaim +xpending +xinfo|groups +xgroup|create +xrange +xrevrange +xtrim "
-    "+scan +exists +ping " + CLUSTER_ACL_RULES
+    "+scan +exists +info +ping"
 )
-# A producer may only append to the flow streams (and find out whether it talks to a cluster).
-PRODUCER_ACL_RULES = "resetkeys ~flow_events ~flow_events:* resetchannels -@all +xadd +ping " + CLUSTER_ACL_RULES
+# A producer may only append to the flow streams. Without INFO it is taken for a plain Redis (worker.redisclient).
+PRODUCER_ACL_RULES = "resetkeys ~flow_events ~flow_events:* resetchannels -@all +xadd +ping"
+# On a cluster, the same plus what a cluster client needs (a plain Redis does not get these: least privilege).
+WORKER_CLUSTER_ACL_RULES = WORKER_ACL_RULES.replace(" +info", "") + " " + CLUSTER_ACL_RULES
+PRODUCER_CLUSTER_ACL_RULES = PRODUCER_ACL_RULES + " " + CLUSTER_ACL_RULES
 
 
 def is_pattern(name: str) -> bool:
