@@ -148,6 +148,20 @@ def test_clickhouse_users() -> None:
         assert user.find("password").get("from_env") in env  # type: ignore[union-attr]
 
 
+def test_the_benchmark_runs_dashboard_queries_under_grafanas_profile() -> None:
+    """flowtrack bench queries applies GRAFANA_QUERY_SETTINGS to every dashboard and alert query: they must be what
+    Grafana's ClickHouse user gets, or the figures describe another server."""
+    from worker.grafana_sql import GRAFANA_QUERY_SETTINGS
+
+    root = ET.parse(ROOT / "deploy" / "clickhouse" / "users.xml").getroot()
+    profile = root.find(f"profiles/{root.findtext('users/grafana/profile')}")
+    assert profile is not None
+    query_settings = {child.tag: int(child.text or "") for child in profile
+                      if child.tag not in ("readonly", "constraints", "max_execution_time", "max_result_rows",
+                                           "result_overflow_mode")}
+    assert query_settings == GRAFANA_QUERY_SETTINGS
+
+
 def test_redis_keeps_data_and_uses_the_tested_acl_rules() -> None:
     service = SERVICES["redis"]
     start = (ROOT / "deploy" / "redis" / "start.sh").read_text()
