@@ -418,6 +418,28 @@ def test_batches_are_bounded_by_rows(redis_server: RedisServer, redis_client: re
         f"{len(entries)} entries stored in {pipeline.stats.batches} batch(es) with batch_max_rows={max_rows}")
 
 
+@pytest.mark.parametrize(("entries_n", "streams_n"), [(25, 1), (40, 1), (30, 3)])
+def test_drain_does_not_wait_for_entries_it_would_not_take(entries_n: int, streams_n: int,
+                                                             redis_server: RedisServer, redis_client: redis.Redis,
+                                                             clickhouse_url: str, store: Store) -> None:
+    """A drain takes what the streams hold: once a read finds nothing it finishes, whatever the batch wait and
+    the read's block time (a part-filled last batch, an exactly full one, several streams)."""
+    streams = [f"drain_now:{i}" for i in range(streams_n)]
+    entries = [(streams[i % streams_n], event(f"s-now-{i % 4}", f"n{i}", "llm_call", T0 + i))
+               for i in range(entries_n)]
+    xadd_all(redis_client, entries)
+    wait_s = 30.0
+
+    started = time.monotonic()
+    drain(settings_for(redis_server, clickhouse_url, streams="drain_now:*", batch_max_rows=20,
+                       batch_max_wait_s=wait_s, block_ms=int(wait_s * 1000)), timeout_s=3 * wait_s)
+    elapsed_s = time.monotonic() - started
+
+    assert elapsed_s < wait_s / 2, f"the drain waited {elapsed_s:.1f}s for entries after taking all of them"
+    assert len(events_by_id(store)) == entries_n
+    assert_fully_consumed(redis_client, streams)
+
+
 def test_entries_deleted_while_pending_are_rejected_not_stuck(redis_server: RedisServer,
                                                               redis_client: redis.Redis, clickhouse_url: str,
                                                               store: Store) -> None:

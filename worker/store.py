@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import clickhouse_connect
+from clickhouse_connect.driver import options as _driver_options
 
 from worker.errors import (
     ConfigError,
@@ -43,6 +44,20 @@ _LOCK_HINT = (
 # the lock that serializes it: the engine's connection is not to be used from two threads at once).
 _embedded_stores: dict[str, Store] = {}
 _embedded_lock = threading.Lock()
+
+
+def _without_pandas() -> None:
+    """Tell clickhouse-connect that pandas is absent, unless something in this process resolved it already.
+
+    flowtrack inserts plain column lists and reads rows, never DataFrames, but clickhouse-connect's insert asks
+    whether the data is a pandas DataFrame, which imports pandas wherever it is installed (chDB's dependencies
+    install it): ~0.15 s of a worker's start-up, in the migration's first insert, and ~35 MB of its RSS, for
+    nothing (README, "Benchmark"; tests/test_store_footprint.py)."""
+    if "pd" not in vars(_driver_options):
+        _driver_options.pd = None
+
+
+_without_pandas()
 
 
 def schema_dir() -> Path:
