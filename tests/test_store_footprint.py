@@ -7,9 +7,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from worker import store as store_module
+from worker.normalize import FlowEvent
+from worker.sink import Sink
+from worker.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,3 +55,61 @@ def test_talking_to_the_store_does_not_import_pandas(step: str, tmp_path: Path) 
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "False", f"pandas was imported by: {step}"
+
+
+def _counting_purges(store: Store) -> list[str]:
+    """Record the purge commands the store sends through its own (real) client."""
+    sent: list[str] = []
+    command = store.client.command
+
+    def counting(sql: str, *args: Any, **kwargs: Any) -> Any:
+        if "JEMALLOC PURGE" in sql:
+            sent.append(sql)
+        return command(sql, *args, **kwargs)
+
+    store.client.command = counting
+    return sent
+
+
+def test_embedded_engine_returns_freed_memory_at_most_every_interval(store: Store,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    if not store.embedded:
+        pytest.skip("a server's memory is the server's business (checked below)")
+    sent = _counting_purges(store)
+    monkeypatch.setattr(store_module, "RETURN_FREED_MEMORY_INTERVAL_S", 0.3)
+    store._memory_returned_at = 0.0
+    try:
+        for _ in range(5):
+            store.return_freed_memory()
+        assert len(sent) == 1, "purged more than once within the interval"
+        time.sleep(0.35)
+        store.return_freed_memory()
+        assert len(sent) == 2, "did not purge again once the interval was over"
+        assert store._can_return_memory, "the embedded engine refused SYSTEM JEMALLOC PURGE"
+    finally:
+        del store.client.command  # the instance attribute: back to the client's own method
+
+
+def test_a_stored_batch_returns_freed_memory(store: Store) -> None:
+    if not store.embedded:
+        pytest.skip("embedded engine only")
+    sent = _counting_purges(store)
+    store._memory_returned_at = 0.0
+    try:
+        event = FlowEvent("e1", "u1", "s-purge", "n1", "", "llm_call", 1_735_689_600_000, {}, "flow_events", "1-0", 0,
+                          0)
+        Sink(store).write([event], [])
+        assert sent, "a stored batch did not give the engine's freed memory back"
+    finally:
+        del store.client.command
+
+
+def test_a_server_store_never_purges(store: Store) -> None:
+    # The same real client, described as a server: the purge would be a server-wide SYSTEM command.
+    as_server = Store(store.client, "server", embedded=False)
+    sent = _counting_purges(as_server)
+    try:
+        as_server.return_freed_memory()
+        assert sent == []
+    finally:
+        del store.client.command
