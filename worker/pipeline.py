@@ -20,7 +20,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -54,23 +53,6 @@ log = logging.getLogger(__name__)
 INITIAL_ENTRY_BYTES_ESTIMATE = MAX_ENTRY_BYTES
 ENTRY_BYTES_ESTIMATE_DECAY = 4
 MIN_ENTRY_BYTES_ESTIMATE = 128
-# Event-loop turns given to a read sent ahead so that its command is on the wire before the CPU-bound normalization
-# of the previous read starts (taking a pooled connection and writing the command take a few turns).
-READ_AHEAD_SEND_TURNS = 4
-
-Groups = list[tuple[str, list[Any]]]  # an XREADGROUP reply as Source.read returns it
-
-
-@dataclass
-class _ReadAhead:
-    """A read sent before the entries of the previous one are normalized: Redis serves it (finds the entries,
-    writes the reply) while this process normalizes, instead of after. Counted in flight at the most it may bring
-    (COUNT x streams, and their bytes at the current estimate) until it is taken."""
-
-    task: asyncio.Task[Groups]
-    reading_pending: bool
-    max_rows: int
-    max_bytes: int
 
 
 class Pipeline:
@@ -93,7 +75,6 @@ class Pipeline:
         self._drained = False
         self._committer: Committer | None = None
         self._store_ready: asyncio.Task[bool]
-        self._read_ahead: _ReadAhead | None = None
         # Bytes of the largest entry lately read: sizes the next read's COUNT so that a read of entries this large
         # fits the in-flight byte budget. Starts cautious, then shrinks per read unless larger entries come.
         self._entry_bytes_estimate = INITIAL_ENTRY_BYTES_ESTIMATE
@@ -220,12 +201,7 @@ class Pipeline:
     async def _step(self, drain: bool) -> bool:
         if self._store_ready.done():
             self._store_ready.result()  # a store that cannot be used at all (locked, refused migration) stops us
-        # The read sent ahead is taken before anything else uses the source: discovery, claims and trims never run
-        # beside a read.
-        ahead = await self._take_read_ahead()
         if self._store_failing:
-            if ahead is not None:
-                await self._add_read(*ahead, drain=drain, send_ahead=False)  # delivered: held like the rest
             await self._wait_out_outage()
             return False
         await self.source.discover()
@@ -239,9 +215,7 @@ class Pipeline:
         got = 0
         room = self.settings.max_inflight_rows - self._inflight_rows()
         room_bytes = self.settings.max_inflight_bytes - self._inflight_bytes()
-        if ahead is not None:
-            got = await self._add_read(*ahead, drain=drain)
-        elif room > 0 and room_bytes > 0:
+        if room > 0 and room_bytes > 0:
             got = await self._read(room, room_bytes, drain)
         elif self._writing is not None:
             await asyncio.wait({self._writing}, timeout=self.settings.block_ms / 1000)
@@ -301,12 +275,10 @@ class Pipeline:
         return [self._batch, *self._ready, *writing]
 
     def _inflight_rows(self) -> int:
-        ahead = self._read_ahead.max_rows if self._read_ahead is not None else 0
-        return ahead + sum(len(b) for b in self._held_batches())
+        return sum(len(b) for b in self._held_batches())
 
     def _inflight_bytes(self) -> int:
-        ahead = self._read_ahead.max_bytes if self._read_ahead is not None else 0
-        return ahead + sum(b.bytes for b in self._held_batches())
+        return sum(b.bytes for b in self._held_batches())
 
     def _held_ids_by_stream(self) -> dict[str, list[str]]:
         """Entry ids read and not yet acknowledged, per stream (built on demand: keepalive, re-reads)."""
@@ -317,64 +289,24 @@ class Pipeline:
         return held
 
     async def _read(self, room: int, room_bytes: int, drain: bool = False) -> int:
-        """Read now (nothing was sent ahead) and add what came; returns the number of entries."""
-        reading_pending = self.source.reading_pending
-        groups = await self._send_read(room, room_bytes, drain)[0]
-        return await self._add_read(groups, reading_pending, drain=drain)
-
-    def _send_read(self, room: int, room_bytes: int, drain: bool) -> tuple[asyncio.Task[Groups], int, int]:
-        """Start one read within ``room`` rows and ``room_bytes``; returns it with the rows and bytes it may bring.
-
-        Half the room per read: the other half is for the read sent ahead while this one's entries are normalized.
-        """
         streams = max(1, len(self.source.streams))
-        room, room_bytes = max(1, room // 2), max(1, room_bytes // 2)
         by_bytes = room_bytes // (self._entry_bytes_estimate * streams)
         count = max(1, min(self.settings.read_count, room // streams, by_bytes))
         wait_s = min(self.settings.block_ms / 1000, self._batch.seconds_left())
         # Draining takes what the streams hold now: a read that finds nothing ends the drain at once instead of
         # blocking for entries it would not wait for (the batch's wait, ~0.25 s, at the end of every drain).
         block_ms = None if drain else max(1, int(wait_s * 1000))
+        reading_pending = self.source.reading_pending
         # COUNT is at least 1 per stream: with more streams than the rows or bytes in flight allow, read a slice of
         # them (in turn), so one read stays within both bounds.
         max_streams = max(1, min(room // count, room_bytes // (self._entry_bytes_estimate * count)))
-        task = asyncio.ensure_future(self.source.read(count, block_ms, max_streams=max_streams))
-        rows = count * min(streams, max_streams)
-        return task, rows, rows * self._entry_bytes_estimate
-
-    def _send_read_ahead(self, drain: bool, unadded_rows: int, unadded_bytes: int) -> None:
-        """Send the next read now, if the entries just read (not yet in a batch) leave room for one."""
-        room = self.settings.max_inflight_rows - self._inflight_rows() - unadded_rows
-        room_bytes = self.settings.max_inflight_bytes - self._inflight_bytes() - unadded_bytes
-        streams = max(1, len(self.source.streams))
-        if room < 2 * streams or room_bytes < 2 * self._entry_bytes_estimate:
-            return  # not even one entry per stream: read once these are written
-        reading_pending = self.source.reading_pending
-        task, rows, size = self._send_read(room, room_bytes, drain)
-        self._read_ahead = _ReadAhead(task, reading_pending, rows, size)
-
-    async def _take_read_ahead(self) -> tuple[Groups, bool] | None:
-        """The entries of the read sent ahead (waiting for it), or None if none was sent. Its errors are raised
-        here, as a read's are."""
-        ahead, self._read_ahead = self._read_ahead, None
-        if ahead is None:
-            return None
-        return await ahead.task, ahead.reading_pending
-
-    async def _add_read(self, groups: Groups, reading_pending: bool, drain: bool, send_ahead: bool = True) -> int:
-        """Add a read's entries to the batch, first sending the next read ahead when there is room for it."""
-        if not groups:
-            return 0
-        got = sum(len(items) for _, items in groups)
-        if send_ahead and not self.stopping:
-            self._send_read_ahead(drain, got, got * self._entry_bytes_estimate)
-            for _ in range(READ_AHEAD_SEND_TURNS):
-                await asyncio.sleep(0)
+        groups = await self.source.read(count, block_ms, max_streams=max_streams)
         largest = self._add_pending(groups) if reading_pending else self._add_new(groups)
-        self._reads_with_entries += 1
-        self._entry_bytes_estimate = max(largest, self._entry_bytes_estimate // ENTRY_BYTES_ESTIMATE_DECAY,
-                                         MIN_ENTRY_BYTES_ESTIMATE)
-        return got
+        if groups:
+            self._reads_with_entries += 1
+            self._entry_bytes_estimate = max(largest, self._entry_bytes_estimate // ENTRY_BYTES_ESTIMATE_DECAY,
+                                             MIN_ENTRY_BYTES_ESTIMATE)
+        return sum(len(items) for _, items in groups)
 
     def _add_new(self, groups: list[tuple[str, list[Any]]]) -> int:
         """The hot path: entries delivered for the first time, straight from the reply into the batch.
@@ -548,12 +480,6 @@ class Pipeline:
         return False
 
     async def _finish(self) -> None:
-        # A read sent ahead delivered its entries (or will): they go to the store with the rest, or stay pending
-        # in the group if Redis is gone.
-        with contextlib.suppress(SourceUnavailableError):
-            ahead = await self._take_read_ahead()
-            if ahead is not None:
-                await self._add_read(*ahead, drain=False, send_ahead=False)
         if not self._drained or self._batch.rows or self._ready:
             await self._flush()
         if self._writing is not None:
