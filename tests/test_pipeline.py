@@ -441,11 +441,11 @@ def test_drain_does_not_wait_for_entries_it_would_not_take(entries_n: int, strea
 
 
 @pytest.mark.parametrize(("streams_n", "write_delay_s"), [(1, 0.0), (8, 0.0), (8, 0.05), (30, 0.05)])
-def test_entries_in_flight_never_exceed_the_limit_with_reads_sent_ahead(
+def test_entries_in_flight_never_exceed_the_limit(
         streams_n: int, write_delay_s: float, redis_server: RedisServer, redis_client: redis.Redis,
         clickhouse_url: str, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """Delivered and not yet acknowledged (the group's pending count, as Redis keeps it) stays within
-    max_inflight_rows at every read, the read sent ahead included, with a fast and with a slow store."""
+    max_inflight_rows at every read, with a fast and with a slow store, over one and over many streams."""
     streams = [f"inflight:{i}" for i in range(streams_n)]
     entries = [(streams[i % streams_n], event(f"s-in-{i % 7}", f"n{i}", "llm_call", T0 + i)) for i in range(1200)]
     xadd_all(redis_client, entries)
