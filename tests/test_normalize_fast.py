@@ -22,7 +22,15 @@ TYPE_VALUES: list[Any] = [None, "", " ", "llm_call", "flow_completed", "error", 
 TS_VALUES: list[Any] = [None, "", "0", "1700000000", "1700000000123", "99999999999", "100000000000",
                         "7258118399999", "7258118400000", "0001700000000", "\uff11\uff17\uff10\uff10",
                         "12345678901234567", " 1700000000 ", "-5", "1.5", "2024-01-02T03:04:05Z", "nan",
-                        1700000000, 1.7e12, True]
+                        1700000000, 1.7e12, True,
+                        # the common forms' shortcut (_common_timestamp_ms) and what it must leave to the checked
+                        # parse: whitespace only one of float()/strip() knows, exponents with a '-' at index 4,
+                        # underscores, non-finite and overflowing numbers, out-of-range values, bad calendar dates
+                        "2026-11-24T10:31:05.123Z", "2026-11-24T10:31:05.123+02:00", "2026-11-24T10:31:05",
+                        "2026-11-24T10:31:05Z ", " 2026-11-24T10:31:05Z", "2026-13-01T00:00:00Z", "1700000000.5",
+                        " 1.5\x1c", "123e-5", "1_000.5", "inf", "-inf", "1e400", "-1.5", "7258118399.9995",
+                        "1969-12-31T23:59:59Z", "2200-01-01T00:00:00Z", 2 ** 63, -1.5, 1e300, 7258118400.0,
+                        float("nan"), 1700000000.1234567]
 
 
 PLAIN: dict[str, list[Any]] = {"session_id": ["s-1", "é😀"], "node_id": ["n-1", "llm-1.tool-2"],

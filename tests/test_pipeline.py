@@ -418,6 +418,64 @@ def test_batches_are_bounded_by_rows(redis_server: RedisServer, redis_client: re
         f"{len(entries)} entries stored in {pipeline.stats.batches} batch(es) with batch_max_rows={max_rows}")
 
 
+@pytest.mark.parametrize(("entries_n", "streams_n"), [(25, 1), (40, 1), (30, 3)])
+def test_drain_does_not_wait_for_entries_it_would_not_take(entries_n: int, streams_n: int,
+                                                             redis_server: RedisServer, redis_client: redis.Redis,
+                                                             clickhouse_url: str, store: Store) -> None:
+    """A drain takes what the streams hold: once a read finds nothing it finishes, whatever the batch wait and
+    the read's block time (a part-filled last batch, an exactly full one, several streams)."""
+    streams = [f"drain_now:{i}" for i in range(streams_n)]
+    entries = [(streams[i % streams_n], event(f"s-now-{i % 4}", f"n{i}", "llm_call", T0 + i))
+               for i in range(entries_n)]
+    xadd_all(redis_client, entries)
+    wait_s = 30.0
+
+    started = time.monotonic()
+    drain(settings_for(redis_server, clickhouse_url, streams="drain_now:*", batch_max_rows=20,
+                       batch_max_wait_s=wait_s, block_ms=int(wait_s * 1000)), timeout_s=3 * wait_s)
+    elapsed_s = time.monotonic() - started
+
+    assert elapsed_s < wait_s / 2, f"the drain waited {elapsed_s:.1f}s for entries after taking all of them"
+    assert len(events_by_id(store)) == entries_n
+    assert_fully_consumed(redis_client, streams)
+
+
+@pytest.mark.parametrize(("streams_n", "write_delay_s"), [(1, 0.0), (8, 0.0), (8, 0.05), (30, 0.05)])
+def test_entries_in_flight_never_exceed_the_limit(
+        streams_n: int, write_delay_s: float, redis_server: RedisServer, redis_client: redis.Redis,
+        clickhouse_url: str, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Delivered and not yet acknowledged (the group's pending count, as Redis keeps it) stays within
+    max_inflight_rows at every read, with a fast and with a slow store, over one and over many streams."""
+    streams = [f"inflight:{i}" for i in range(streams_n)]
+    entries = [(streams[i % streams_n], event(f"s-in-{i % 7}", f"n{i}", "llm_call", T0 + i)) for i in range(1200)]
+    xadd_all(redis_client, entries)
+    limit = 300
+    from worker.source import Source
+    original_read = Source.read
+    original_write = Sink.write
+    seen: list[int] = []
+
+    async def watched_read(self: Source, count: int, block_ms: int | None,
+                           max_streams: int | None = None) -> list[tuple[str, list[Any]]]:
+        groups = await original_read(self, count, block_ms, max_streams)
+        seen.append(sum(int(redis_client.xpending(s, GROUP)["pending"]) for s in streams if redis_client.exists(s)))
+        return groups
+
+    def slow_write(self: Sink, events: Sequence[FlowEvent], rejections: Sequence[Rejection]) -> Any:
+        time.sleep(write_delay_s)
+        return original_write(self, events, rejections)
+
+    monkeypatch.setattr(Source, "read", watched_read)
+    monkeypatch.setattr(Sink, "write", slow_write)
+    drain(settings_for(redis_server, clickhouse_url, streams="inflight:*", group=GROUP, batch_max_rows=100,
+                       max_inflight_rows=limit, read_count=1000))
+
+    assert len(seen) > 1200 // limit, "too few reads to judge"
+    assert max(seen) <= limit, f"{max(seen)} entries in flight with max_inflight_rows={limit}"
+    assert len(events_by_id(store)) == len(entries)
+    assert_fully_consumed(redis_client, streams)
+
+
 def test_entries_deleted_while_pending_are_rejected_not_stuck(redis_server: RedisServer,
                                                               redis_client: redis.Redis, clickhouse_url: str,
                                                               store: Store) -> None:

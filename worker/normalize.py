@@ -276,13 +276,17 @@ class Normalizer:
             if ts_ms >= MAX_TS_MS:
                 return None
         else:
-            # ISO-8601 text, epoch seconds with a fraction, JSON numbers: the checked parse itself (one call, no
-            # per-field helpers around it), so both paths agree by construction; its rejection is the checked
-            # path's to give.
-            try:
-                ts_ms = _timestamp_ms(stamp, entry_id)
-            except _Reject:
-                return None
+            # ISO-8601 text, epoch seconds with a fraction, JSON numbers: the same computation as the checked parse
+            # without the checks around it (half its cost); anything else, and every rejection, is the checked
+            # parse's to give.
+            common_ms = _common_timestamp_ms(stamp)
+            if common_ms is not None:
+                ts_ms = common_ms
+            else:
+                try:
+                    ts_ms = _timestamp_ms(stamp, entry_id)
+                except _Reject:
+                    return None
         event_id = get("event_id")
         if event_id is None or event_id == "" or (type(event_id) is str and event_id.isspace()):
             # derive_event_id and content_digest, inlined on the hot path
@@ -290,10 +294,11 @@ class Normalizer:
         elif type(event_id) is not str or len(event_id) > MAX_ID_CHARS:
             return None
         attributes = _attributes(record)
-        return FlowEvent(
+        # tuple.__new__ directly: the NamedTuple's own __new__ is a Python function (half the cost of the call)
+        return _new_tuple(FlowEvent, (
             event_id, user_id, session_id, node_id, parent_id, event_type, ts_ms, attributes,
             stream, entry_id, int(event_type in self.end_types), int(event_type in self.error_types),
-        )
+        ))
 
     def _build_checked(self, stream: str, entry_id: str, record: dict[str, Any],
                        content: bytes) -> FlowEvent:
@@ -314,6 +319,9 @@ class Normalizer:
 
 
 _decode_bytes = bytes.decode  # strict UTF-8; TypeError for anything but bytes
+_new_tuple = tuple.__new__
+_fromisoformat = datetime.fromisoformat
+_FLOAT_INFINITIES = (float("inf"), float("-inf"))
 
 
 def _decode_entry(fields: Mapping[Any, Any]) -> dict[str, Any]:
@@ -447,6 +455,42 @@ def _timestamp_ms(value: Any, entry_id: str) -> int:
     if not 0 <= ms < MAX_TS_MS:
         raise _Reject(f"timestamp {value!r} is outside 1970-01-01..2200-01-01")
     return ms
+
+
+def _common_timestamp_ms(stamp: Any) -> int | None:
+    """``_timestamp_ms`` for the common forms, computed the same way (the same ``float()``, ``fromisoformat``,
+    rounding and bounds), or None: anything else, or anything it would reject, is left to it.
+
+    ISO-8601 text is parsed as given: ``fromisoformat`` refuses surrounding whitespace, so whenever it accepts the
+    text, the checked parse (which strips first) parses the very same string. ``float()`` ignores surrounding
+    whitespace, as the checked parse does by stripping it (a character only one of them treats as whitespace makes
+    this one give up)."""
+    kind = type(stamp)
+    if kind is str:
+        if stamp[4:5] == "-" and stamp[:4].isdigit():  # the checked parse skips float() for these, so does this
+            try:
+                parsed = _fromisoformat(stamp)
+            except ValueError:
+                return None
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)  # naive timestamps are UTC by contract
+            ms = round(parsed.timestamp() * 1000)
+            return ms if 0 <= ms < MAX_TS_MS else None
+        try:
+            number = float(stamp)
+        except ValueError:
+            return None
+    elif kind is int or kind is float:  # not bool: the checked parse rejects booleans
+        try:
+            number = float(stamp)
+        except OverflowError:
+            return None
+    else:
+        return None
+    if number != number or number in _FLOAT_INFINITIES:
+        return None
+    ms = round(number * 1000) if abs(number) < SECONDS_MS_BOUNDARY else round(number)
+    return ms if 0 <= ms < MAX_TS_MS else None
 
 
 def _epoch_to_ms(number: float) -> int:

@@ -112,6 +112,7 @@ class SessionRollup:
             with self._lock:
                 self._pending |= pending
             raise
+        self.store.return_freed_memory()  # the recompute's reads are the largest allocations of a drain
 
     def close(self) -> None:
         """Stop the timer thread (waiting out a recompute it runs: the engine must not shut down under it), then

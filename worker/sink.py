@@ -96,6 +96,7 @@ class Sink:
         # After the events are stored and refused ones purged (see worker/rollup.py for when it recomputes).
         self.rollup.stored(map(_SESSION_ID, events), [(event.user_id, event.session_id) for event, _ in refused])
         result.rejected = all_rejections
+        self.store.return_freed_memory()  # what this batch's insert freed (rate-limited; embedded engine only)
         return result
 
     def _write_events(self, events: list[FlowEvent], now_ms: int, result: WriteResult,

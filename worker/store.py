@@ -13,6 +13,7 @@ import re
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import clickhouse_connect
+from clickhouse_connect.driver import options as _driver_options
 
 from worker.clusterddl import ClusterDDL, cluster_ddl_for, local_name
 from worker.errors import (
@@ -44,6 +46,20 @@ _LOCK_HINT = (
 # the lock that serializes it: the engine's connection is not to be used from two threads at once).
 _embedded_stores: dict[str, Store] = {}
 _embedded_lock = threading.Lock()
+
+
+def _without_pandas() -> None:
+    """Tell clickhouse-connect that pandas is absent, unless something in this process resolved it already.
+
+    flowtrack inserts plain column lists and reads rows, never DataFrames, but clickhouse-connect's insert asks
+    whether the data is a pandas DataFrame, which imports pandas wherever it is installed (chDB's dependencies
+    install it): ~0.15 s of a worker's start-up, in the migration's first insert, and ~35 MB of its RSS, for
+    nothing (README, "Benchmark"; tests/test_store_footprint.py)."""
+    if "pd" not in vars(_driver_options):
+        _driver_options.pd = None
+
+
+_without_pandas()
 
 
 def schema_dir() -> Path:
@@ -124,6 +140,10 @@ _REBUILD_SESSIONS = (
 )
 
 
+# How often a worker's embedded engine is asked to return the memory it freed (Store.return_freed_memory).
+RETURN_FREED_MEMORY_INTERVAL_S = 0.5
+
+
 def _quoted(text: str) -> str:
     """A ClickHouse string literal (for the part names the engine itself listed; DDL takes no parameters)."""
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -152,6 +172,8 @@ class Store:
         self._cluster_runtime: ClusterDDL | None = None
         self._cluster_write_settings: dict[str, Any] | None = None
         self._lock = threading.Lock()
+        self._memory_returned_at = 0.0  # monotonic time of the last return_freed_memory() that ran
+        self._can_return_memory = embedded
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -283,6 +305,28 @@ class Store:
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> None:
         with self._lock:
             self.client.command(self._for_cluster(sql), parameters=parameters, settings=self._write_settings())
+
+    def return_freed_memory(self) -> None:
+        """Give the memory the embedded engine freed back to the operating system, at most every
+        RETURN_FREED_MEMORY_INTERVAL_S.
+
+        chDB's allocator (jemalloc, as ClickHouse configures it) keeps freed pages for seconds before returning
+        them; a worker draining a backlog frees tens of MB per batch (insert blocks, merges, the rollup's
+        recompute), so the retained pages pile up into its peak RSS (~35 MB of ~510 draining 1M entries,
+        README "Benchmark"). A purge costs a few ms. Not for a server: purging is a server-wide SYSTEM command,
+        the server's own business; nor for an engine that refuses it (built without jemalloc)."""
+        if not self._can_return_memory:
+            return
+        now = time.monotonic()
+        if now - self._memory_returned_at < RETURN_FREED_MEMORY_INTERVAL_S:
+            return
+        self._memory_returned_at = now
+        try:
+            with self._lock:
+                self.client.command("SYSTEM JEMALLOC PURGE")
+        except Exception as exc:  # not worth failing a batch for: stop trying
+            self._can_return_memory = False
+            log.debug("the embedded engine does not return freed memory on request: %s", exc)
 
     def insert(self, table: str, columns: Sequence[Sequence[Any]], column_names: Sequence[str],
                settings: dict[str, Any] | None = None) -> None:
