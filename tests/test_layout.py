@@ -297,6 +297,18 @@ def test_retention_setting_is_read_from_the_environment() -> None:
 # Runs in its own process: chDB allows one store path per process. It fills the store with the real pipeline at
 # the old schema (migrations 001-005 only; the rollup did not exist then), with redelivered copies, explicit
 # duplicate ids and rejections, records what the public relations show, then runs today's `flowtrack migrate`.
+# What the public relations show, read before and after the migration (the same queries both times).
+PUBLIC_VIEW_QUERIES = {
+    "events": "SELECT event_id, user_id, session_id, node_id, parent_id, event_type, toString(ts), "
+              "toString(attributes) FROM flowtrack.flow_events ORDER BY event_id",
+    "sessions": "SELECT user_id, session_id, toString(started_at), toString(last_event_at), toString(ended_at), "
+                "event_count, error_count, status, duration_ms FROM flowtrack.flow_sessions "
+                "ORDER BY user_id, session_id",
+    "nodes": "SELECT * FROM flowtrack.flow_nodes ORDER BY session_id, node_id",
+    "rejected": "SELECT source_stream, source_id, reason, raw FROM flowtrack.rejected_events "
+                "ORDER BY source_stream, source_id",
+}
+EVENTS_SORTING_KEY = "SELECT sorting_key FROM system.tables WHERE database = 'flowtrack' AND name = 'events'"
 OLD_STORE_SCRIPT = textwrap.dedent("""
     import asyncio, json, sys
     from worker import store as store_module, rollup
@@ -321,18 +333,7 @@ OLD_STORE_SCRIPT = textwrap.dedent("""
     asyncio.run(fill())
     st = store_module.Store.open(settings)
     st.client.command("INSERT INTO flowtrack.events SELECT * FROM flowtrack.events WHERE node_id = 'n1'")
-    queries = {
-        "events": "SELECT event_id, user_id, session_id, node_id, parent_id, event_type, toString(ts), "
-                  "toString(attributes) FROM flowtrack.flow_events ORDER BY event_id",
-        "sessions": "SELECT user_id, session_id, toString(started_at), toString(last_event_at), toString(ended_at), "
-                    "event_count, error_count, status, duration_ms FROM flowtrack.flow_sessions "
-                    "ORDER BY user_id, session_id",
-        "nodes": "SELECT * FROM flowtrack.flow_nodes ORDER BY session_id, node_id",
-        "rejected": "SELECT source_stream, source_id, reason, raw FROM flowtrack.rejected_events "
-                    "ORDER BY source_stream, source_id",
-        "physical": "SELECT count() FROM flowtrack.events",
-        "sorting_key": "SELECT sorting_key FROM system.tables WHERE database = 'flowtrack' AND name = 'events'",
-    }
+    queries = json.loads(open(out).read())
     seen = {k: [[str(v) for v in row] for row in st.query(q)[1]] for k, q in queries.items()}
     json.dump(seen, open(out, "w"))
 """)
@@ -368,6 +369,8 @@ def test_a_store_filled_at_the_old_schema_migrates_with_everything_visible_once(
     xadd_all(redis_client, entries)
 
     before = tmp_path / "before.json"
+    before.write_text(json.dumps({**PUBLIC_VIEW_QUERIES, "sorting_key": EVENTS_SORTING_KEY,
+                                  "physical": "SELECT count() FROM flowtrack.events"}))
     subprocess.run([sys.executable, "-c", OLD_STORE_SCRIPT, redis_server.url, url, str(before)], cwd=ROOT,
                    check=True, timeout=180, env=_env())
     old = json.loads(before.read_text())
@@ -377,18 +380,8 @@ def test_a_store_filled_at_the_old_schema_migrates_with_everything_visible_once(
 
     subprocess.run([sys.executable, "-m", "worker.cli", "migrate", "--clickhouse-url", url], cwd=ROOT, check=True,
                    timeout=180, env=_env(), capture_output=True)
-    queries = {
-        "events": "SELECT event_id, user_id, session_id, node_id, parent_id, event_type, toString(ts), "
-                  "toString(attributes) FROM flowtrack.flow_events ORDER BY event_id",
-        "sessions": "SELECT user_id, session_id, toString(started_at), toString(last_event_at), toString(ended_at), "
-                    "event_count, error_count, status, duration_ms FROM flowtrack.flow_sessions "
-                    "ORDER BY user_id, session_id",
-        "nodes": "SELECT * FROM flowtrack.flow_nodes ORDER BY session_id, node_id",
-        "rejected": "SELECT source_stream, source_id, reason, raw FROM flowtrack.rejected_events "
-                    "ORDER BY source_stream, source_id",
-        "sorting_key": "SELECT sorting_key FROM system.tables WHERE database = 'flowtrack' AND name = 'events'",
-        "by_time": "SELECT count() FROM flowtrack.events_by_time FINAL",
-    }
+    queries = {**PUBLIC_VIEW_QUERIES, "sorting_key": EVENTS_SORTING_KEY,
+               "by_time": "SELECT count() FROM flowtrack.events_by_time FINAL"}
     after_path = tmp_path / "after.json"
     after_path.write_text(json.dumps(queries))
     subprocess.run([sys.executable, "-c", AFTER_SCRIPT, url, str(after_path)], cwd=ROOT, check=True, timeout=120,
