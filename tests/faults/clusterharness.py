@@ -239,6 +239,8 @@ def resolve(wl: ClusterWorkload, present: Mapping[Key, str], visible: set[str], 
 class ClusterFaultRun(FaultRun):
     """A private 3x1 Redis Cluster, the cluster workload, store paths and workers of one scenario."""
 
+    poll_interval_s = 0.1  # the group state is read from every primary
+
     def __init__(self, scenario: str, base: Path, seed: int = 1, primaries: int = 3, replicas: int = 1) -> None:
         self.scenario = scenario
         self.dir = base

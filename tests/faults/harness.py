@@ -517,6 +517,8 @@ def assert_clean(result: Tally, workers: tuple[Worker, ...] = ()) -> None:
 class FaultRun:
     """A private redis-server, a workload, store paths and the workers of one scenario; cleans up after."""
 
+    poll_interval_s = 0.05  # how often the group state is read while waiting
+
     def __init__(self, scenario: str, base: Path, appendonly: bool = False, seed: int = 1) -> None:
         self.scenario = scenario
         self.dir = base
@@ -557,6 +559,20 @@ class FaultRun:
 
     def state(self) -> GroupState:
         return group_state(self.client)
+
+    def wait_caught_up(self, timeout_s: float, *workers: Worker) -> float:
+        """Until the group has read something and has nothing unread or pending; returns the seconds waited."""
+        return wait_for(lambda: (s := self.state()).lag == 0 and s.pending == 0 and s.read > 0, timeout_s,
+                        "the group to catch up", interval_s=self.poll_interval_s, workers=workers)
+
+    def stop_workers(self, *workers: Worker, timeout_s: float = 30) -> None:
+        """SIGTERM them all, then wait: a worker that does not exit 0 is a failure of the scenario."""
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            rc = w.wait(timeout_s)
+            if rc != 0:
+                self.failures.append(f"worker {w.name} exited {rc} on SIGTERM")
 
     def wait_consuming(self, w: Worker, timeout_s: float = 60) -> None:
         """Until the worker has opened and migrated its store and joined the group (it logs both; the store is

@@ -20,20 +20,6 @@ from .harness import Worker, assert_clean, read_store, wait_for
 pytestmark = pytest.mark.faults
 
 
-def caught_up(run: ClusterFaultRun, timeout_s: float, *workers: Worker) -> float:
-    return wait_for(lambda: (s := run.state()).lag == 0 and s.pending == 0 and s.read > 0, timeout_s,
-                    "the group to catch up", interval_s=0.1, workers=workers)
-
-
-def stop(run: ClusterFaultRun, *workers: Worker, timeout_s: float = 30) -> None:
-    for w in workers:
-        w.terminate()
-    for w in workers:
-        rc = w.wait(timeout_s)
-        if rc != 0:
-            run.failures.append(f"worker {w.name} exited {rc} on SIGTERM")
-
-
 def wait_acked(run: ClusterFaultRun, more_than: int, *workers: Worker) -> None:
     wait_for(lambda: run.state().acked > more_than, 60, f"more than {more_than} acknowledged", interval_s=0.05,
              workers=workers)
@@ -67,10 +53,8 @@ def test_cluster_kill_primary_mid_run(cluster_run: MakeClusterRun, cut_s: float)
     run.notes.append(f"primary :{victim.port} ({streams} streams) killed at {wl.written} written, replica "
                      f":{promoted.port} promoted in {failover_s:.1f}s")
     producer.join(60)
-    back = time.monotonic()
-    caught_up(run, 120, w)
-    recovery = time.monotonic() - back
-    stop(run, w)
+    recovery = run.wait_caught_up(120, w)
+    run.stop_workers(w)
     result = run.finish()
     result.recovery_s = round(failover_s + recovery, 2)
     if cut_s:
@@ -97,10 +81,8 @@ def test_cluster_takeover_by_stale_replica(cluster_run: MakeClusterRun) -> None:
     promoted = run.takeover(victim)
     run.notes.append(f"replica :{promoted.port} took over from :{victim.port} in {time.monotonic() - started:.1f}s")
     wl.produce(run.client, 8000, rate_per_s=4000, malformed_every=97, chunk=50)
-    back = time.monotonic()
-    caught_up(run, 60, w)
-    recovery = time.monotonic() - back
-    stop(run, w)
+    recovery = run.wait_caught_up(60, w)
+    run.stop_workers(w)
     result = run.finish()
     result.recovery_s = round(recovery, 2)
     assert run.resolution is not None and run.resolution.redis_dropped > 0, "the takeover lost nothing: proves less"
@@ -140,10 +122,8 @@ def test_cluster_reshard_while_running(cluster_run: MakeClusterRun) -> None:
                      f"{time.monotonic() - started:.1f}s")
     assert keys > 0 and moved > 0, "the reshard moved no stream: it proves nothing"
     producer.join(60)
-    back = time.monotonic()
-    caught_up(run, 120, w)
-    recovery = time.monotonic() - back
-    stop(run, w)
+    recovery = run.wait_caught_up(120, w)
+    run.stop_workers(w)
     result = run.finish()
     result.recovery_s = round(recovery, 2)
     assert_clean(result, (w,))
@@ -165,10 +145,8 @@ def test_cluster_kill9_worker_another_takes_over(cluster_run: MakeClusterRun) ->
     time.sleep(2.5)  # past the claim idle time: w2 takes w1's pending entries over
     w1 = run.worker("w1", "store1")
     producer.join(60)
-    back = time.monotonic()
-    caught_up(run, 120, w1, w2)
-    recovery = time.monotonic() - back
-    stop(run, w1, w2)
+    recovery = run.wait_caught_up(120, w1, w2)
+    run.stop_workers(w1, w2)
     claims = [line.strip().split("INFO worker.pipeline: ")[-1] for line in w2.lines if "reclaimed" in line]
     run.notes.append(f"w2: {'; '.join(claims) or 'no reclaim'}")
     assert claims, "w2 never took over the killed worker's entries: the scenario proves less"
@@ -187,8 +165,8 @@ def test_cluster_two_workers_competing(cluster_run: MakeClusterRun) -> None:
         run.wait_consuming(w)
     producer, _ = wl.produce_in_background(run.client, 24_000, rate_per_s=6000, malformed_every=89)
     producer.join(60)
-    caught_up(run, 120, *ws)
-    stop(run, *ws)
+    run.wait_caught_up(120, *ws)
+    run.stop_workers(*ws)
     if not run.server_url:
         shares = [len(read_store(run.store_url(f"store{i}"))["event_ids"]) for i in range(2)]
         run.notes.append("events per worker: " + ", ".join(map(str, shares)))

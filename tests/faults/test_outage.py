@@ -9,21 +9,9 @@ import time
 import pytest
 
 from .conftest import MakeRun
-from .harness import FaultRun, Tally, Worker, assert_clean, store_exec, wait_for
+from .harness import Tally, assert_clean, store_exec, wait_for
 
 pytestmark = pytest.mark.faults
-
-
-def caught_up(run: FaultRun, timeout_s: float, *workers: Worker) -> float:
-    return wait_for(lambda: (s := run.state()).lag == 0 and s.pending == 0 and s.read > 0, timeout_s,
-                    "the group to catch up", interval_s=0.05, workers=workers)
-
-
-def stop(run: FaultRun, w: Worker, timeout_s: float = 30) -> None:
-    w.terminate()
-    rc = w.wait(timeout_s)
-    if rc != 0:
-        run.failures.append(f"worker {w.name} exited {rc} on SIGTERM")
 
 
 def test_store_write_fails_then_recovers(fault_run: MakeRun) -> None:
@@ -35,7 +23,7 @@ def test_store_write_fails_then_recovers(fault_run: MakeRun) -> None:
     w = run.worker("w1")
     run.wait_consuming(w)
     wl.produce(run.client, 2000)
-    caught_up(run, 60, w)
+    run.wait_caught_up(60, w)
     w.set_disk_full(True)
     acked_before = run.state().acked
     producer, _ = wl.produce_in_background(run.client, 20_000, rate_per_s=10_000, malformed_every=53)
@@ -49,9 +37,9 @@ def test_store_write_fails_then_recovers(fault_run: MakeRun) -> None:
     w.set_disk_full(False)
     back = time.monotonic()
     producer.join(60)
-    caught_up(run, 120, w)
+    run.wait_caught_up(120, w)
     recovery = time.monotonic() - back
-    stop(run, w)
+    run.stop_workers(w)
     # chDB can finish the rollup's INSERT ... SELECT while the file-size limit makes its files unwritable; that part
     # is set aside as broken when the store is next opened, and the next start rebuilds it (Store._heal_broken_rollup,
     # tests/test_layout.py). Check the store as that next start leaves it.
@@ -77,10 +65,8 @@ def test_store_unwritable_at_start_then_recovers(fault_run: MakeRun) -> None:
         run.failures.append(f"worker exited {w.process.poll() if w.process else '?'} during the outage "
                             "instead of waiting it out")
         w = run.worker("w1-restarted")
-    back = time.monotonic()
-    caught_up(run, 120, w)
-    recovery = time.monotonic() - back
-    stop(run, w)
+    recovery = run.wait_caught_up(120, w)
+    run.stop_workers(w)
     result = run.finish()
     result.recovery_s = round(recovery, 2)
     assert_clean(result, tuple(run.workers))
@@ -147,11 +133,11 @@ def test_redis_killed_and_restarted_with_aof(fault_run: MakeRun) -> None:
     s = run.state()
     run.notes.append(f"after restart: pending {s.pending}, lag {s.lag}")
     wl.produce(run.client, 5_000, malformed_every=61)
-    caught_up(run, 120, w)
+    run.wait_caught_up(120, w)
     recovery = time.monotonic() - back
     if not w.alive:
         run.failures.append("the worker died during the Redis outage")
-    stop(run, w)
+    run.stop_workers(w)
     result = run.finish()
     result.recovery_s = round(recovery, 2)
     assert_clean(result, (w,))
@@ -170,11 +156,11 @@ def test_group_destroyed_mid_run(fault_run: MakeRun) -> None:
         run.client.xgroup_destroy(stream, "flowtrack")
     gone = time.monotonic()
     wl.produce(run.client, 5_000, malformed_every=67)
-    caught_up(run, 120, w)
+    run.wait_caught_up(120, w)
     recovery = time.monotonic() - gone
     if not w.alive:
         run.failures.append("the worker died when the group disappeared")
-    stop(run, w)
+    run.stop_workers(w)
     result = run.finish()
     result.recovery_s = round(recovery, 2)
     assert_clean(result, (w,))

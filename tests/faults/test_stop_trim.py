@@ -7,14 +7,9 @@ import time
 import pytest
 
 from .conftest import MakeRun
-from .harness import FaultRun, Worker, assert_clean, wait_for
+from .harness import assert_clean, wait_for
 
 pytestmark = pytest.mark.faults
-
-
-def caught_up(run: FaultRun, timeout_s: float, *workers: Worker) -> None:
-    wait_for(lambda: (s := run.state()).lag == 0 and s.pending == 0 and s.read > 0, timeout_s,
-             "the group to catch up", interval_s=0.05, workers=workers)
 
 
 def test_sigterm_under_load(fault_run: MakeRun) -> None:
@@ -68,7 +63,7 @@ def test_safe_trimming(fault_run: MakeRun) -> None:
         reply = run.client.xreadgroup("laggard", "slow", {stream: ">"}, count=50)
         laggard_pending[stream] = reply[0][1][0][0].decode()
     w2 = run.worker("w2", **trim)
-    caught_up(run, 120, w2)
+    run.wait_caught_up(120, w2)
     time.sleep(1.0)  # a few more trim rounds after the last ack
     w2.terminate()
     if w2.wait(30) != 0:
