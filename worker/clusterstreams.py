@@ -55,15 +55,17 @@ def slot_of_key(key: Any) -> int:
     return int(key_slot(key)) if isinstance(key, bytes) else slot_of(str(key))
 
 
-def _bulk(value: Any) -> bytes:
-    data = value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")
+def resp_bulk(value: str | bytes) -> bytes:
+    """One RESP bulk string (the argument encoding of a Redis command)."""
+    data = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 def pack(command: Sequence[Any]) -> bytes:
     """One command as RESP bytes; the name may hold its subcommand ("XINFO GROUPS")."""
     parts = [*str(command[0]).split(), *command[1:]]
-    return b"*%d\r\n%s" % (len(parts), b"".join(_bulk(part) for part in parts))
+    return b"*%d\r\n%s" % (len(parts), b"".join(resp_bulk(part if isinstance(part, bytes | str) else str(part))
+                                                 for part in parts))
 
 
 class SlotMap:

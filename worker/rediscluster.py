@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 
+from worker.clusterstreams import slot_of_key
 from worker.errors import FlowtrackError
 from worker.redisserver import RedisServer, find_redis_server
 
@@ -292,10 +293,7 @@ def _free(port: int) -> bool:
 
 def key_slots(keys: Sequence[str | bytes]) -> dict[int, list[str | bytes]]:
     """Keys grouped by hash slot (CRC16 of the hash tag or key, as Redis computes it)."""
-    from redis.crc import key_slot
-
     grouped: dict[int, list[str | bytes]] = {}
     for key in keys:
-        grouped.setdefault(key_slot(key if isinstance(key, bytes) else key.encode("utf-8", "surrogateescape")),
-                           []).append(key)
+        grouped.setdefault(slot_of_key(key), []).append(key)
     return grouped

@@ -27,7 +27,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from worker.clusterstreams import SlotCommand, SlotMap
+from worker.clusterstreams import SlotCommand, SlotMap, resp_bulk
 
 # Commands per pipeline when a command goes to many streams (group creation, summaries, totals).
 PIPELINE_CHUNK = 1000
@@ -81,12 +81,6 @@ class Rotation:
     @property
     def caught_up(self) -> bool:
         return self._empty_streams_read >= len(self._streams)
-
-
-def resp_bulk(value: str | bytes) -> bytes:
-    """One RESP bulk string (the argument encoding of a Redis command)."""
-    data = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
-    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 _NEW_ONLY = resp_bulk(">")
