@@ -58,6 +58,7 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
+from worker.clusterstreams import cursors_by_slot
 from worker.errors import FlowtrackError
 from worker.normalize import printable
 from worker.producer import CLUSTER_SHARD_TAGS, ProduceConfig, Shape, produce, stream_for
@@ -242,16 +243,6 @@ def _connect(url: str) -> BenchRedis:
         return aioredis.RedisCluster.from_url(url, protocol=2, decode_responses=False, socket_timeout=30,
                                               reinitialize_steps=0)
     return aioredis.Redis.from_url(url, protocol=2, decode_responses=False, socket_timeout=30)
-
-
-def _by_slot(targets: dict[str, str]) -> list[dict[str, str]]:
-    """One read's streams split by hash slot: what one XREADGROUP may name on a cluster."""
-    from worker.clusterstreams import slot_of
-
-    parts: dict[int, dict[str, str]] = {}
-    for stream, cursor in targets.items():
-        parts.setdefault(slot_of(stream), {})[stream] = cursor
-    return list(parts.values())
 
 
 def _owner(cluster: BenchRedis, stream: str) -> str:
@@ -508,7 +499,7 @@ class Bench:
             turns: list[dict[str, list[dict[str, str]]]] = []  # per slice: node name -> that node's slot reads
             for start in range(0, len(self.backlog_streams), per_read):
                 by_node: dict[str, list[dict[str, str]]] = {}
-                for part in _by_slot({stream: ">" for stream in self.backlog_streams[start:start + per_read]}):
+                for part in cursors_by_slot({stream: ">" for stream in self.backlog_streams[start:start + per_read]}):
                     by_node.setdefault(_owner(cluster, next(iter(part))), []).append(part)
                 turns.append(by_node)
         finally:

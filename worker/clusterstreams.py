@@ -55,6 +55,14 @@ def slot_of_key(key: Any) -> int:
     return int(key_slot(key)) if isinstance(key, bytes) else slot_of(str(key))
 
 
+def cursors_by_slot(cursors: dict[str, str]) -> list[dict[str, str]]:
+    """Stream -> read-from id, split by hash slot: what one XREAD or XREADGROUP may name on a cluster."""
+    parts: dict[int, dict[str, str]] = {}
+    for stream, cursor in cursors.items():
+        parts.setdefault(slot_of(stream), {})[stream] = cursor
+    return list(parts.values())
+
+
 def resp_bulk(value: str | bytes) -> bytes:
     """One RESP bulk string (the argument encoding of a Redis command)."""
     data = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")

@@ -24,7 +24,7 @@ import redis
 from redis.cluster import ClusterNode
 from redis.exceptions import AskError, ClusterDownError, TryAgainError
 
-from worker.clusterstreams import slot_of
+from worker.clusterstreams import cursors_by_slot, slot_of
 from worker.flows import _text, epoch_ms, resolve_streams
 from worker.normalize import FlowEvent, Normalizer, Rejection
 from worker.redisclient import SyncClient
@@ -159,12 +159,10 @@ class Tail:
         """XREAD from every cursor: one blocking call on a plain Redis, split by hash slot on a cluster."""
         if not isinstance(self.client, redis.RedisCluster):
             return self.client.xread(self.cursors, count=PAGE, block=self.block_ms)  # type: ignore[arg-type]
-        by_slot: dict[int, dict[str, str]] = {}
-        for stream, cursor in self.cursors.items():
-            by_slot.setdefault(slot_of(stream), {})[stream] = cursor
-        if len(by_slot) == 1:  # one slot: one blocking read, as on a plain Redis
-            return self._read_slots(self.client, list(by_slot.values()), self.block_ms)
-        reply = self._read_slots(self.client, list(by_slot.values()), None)
+        reads = cursors_by_slot(self.cursors)
+        if len(reads) == 1:  # one slot: one blocking read, as on a plain Redis
+            return self._read_slots(self.client, reads, self.block_ms)
+        reply = self._read_slots(self.client, reads, None)
         if not reply:
             time.sleep(min(self.block_ms / 1000, CLUSTER_POLL_S))
         return reply
