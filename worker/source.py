@@ -53,7 +53,7 @@ from worker.streamset import (
     execute_packed,
     execute_packed_many,
     others_pending,
-    pipelined,
+    pipelined_commands,
 )
 
 log = logging.getLogger(__name__)
@@ -220,15 +220,21 @@ class Source:
         return redis
 
     async def _pipelined(self, streams: list[str], command: str, *args: Any, **options: Any) -> list[Any]:
-        """``command <stream> *args`` for every stream, errors returned, not raised (``streamset.pipelined``); on a
-        cluster each routed to the stream's primary (``NodeCommands.call``)."""
+        """``command <stream> *args`` for every stream, errors returned, not raised."""
+        return await self._commands([(command, stream, *args) for stream in streams], **options)
+
+    async def _commands(self, commands: Sequence[Sequence[Any]], **options: Any) -> list[Any]:
+        """Single-key commands (name, key, *arguments), errors returned, not raised: pipelined on a plain Redis
+        (``streamset.pipelined_commands``), each routed to its key's primary on a cluster (``NodeCommands.call``).
+        ``options`` go to redis-py's reply parser (``parse_detail``, ``parse_justid``)."""
         if self._nodes is None:
-            return await pipelined(self.redis, streams, command, *args, **options)
-        return await self._nodes.call([(command, stream, *args) for stream in streams], **options)
+            return await pipelined_commands(self.redis, commands, **options)
+        return await self._nodes.call(commands, **options)
 
     async def _one(self, command: Sequence[Any], **options: Any) -> Any:
-        """One single-key command on a cluster, routed like ``_pipelined``; an error reply raised."""
-        assert self._nodes is not None
+        """One single-key command, routed like ``_commands``; an error reply raised."""
+        if self._nodes is None:
+            return await self.redis.execute_command(*command, **options)
         return await self._nodes.one(command, **options)
 
     @property
@@ -507,19 +513,15 @@ class Source:
         candidates = await self._idle_pending_of_others(stream, min_idle_ms, limit)
         if not candidates:
             return
-        if self._nodes is None:
-            claimed = await guarded(lambda: self.redis.xclaim(
-                stream, self.group, self.consumer, min_idle_ms, list[Any](candidates)))
-        else:
-            claimed = await guarded(lambda: self._one(
-                ("XCLAIM", stream, self.group, self.consumer, min_idle_ms, *candidates)))
+        claimed = await guarded(lambda: self._one(("XCLAIM", stream, self.group, self.consumer, min_idle_ms,
+                                                   *candidates)))
         returned: set[str] = set()
         for item in claimed or ():
             if item is None or item[0] is None:
                 continue  # Redis 6.2 answers (nil, nil) for a deleted entry; found as missing below
             entry_id = text(item[0])
             returned.add(entry_id)
-            fields: Fields = item[1] or None  # type: ignore[assignment]
+            fields: Fields = item[1] or None
             if fields is None:
                 result.deleted_ids.append((stream, entry_id))
                 continue
@@ -545,12 +547,8 @@ class Source:
         start = "-"
         page = max(100, min(limit * 2, 10000))
         while len(found) < limit:
-            if self._nodes is None:
-                rows = await guarded(lambda start=start: self.redis.xpending_range(  # type: ignore[misc]
-                    stream, self.group, min=start, max="+", count=page, idle=min_idle_ms))
-            else:
-                rows = await guarded(lambda start=start: self._one(  # type: ignore[misc]
-                    ("XPENDING", stream, self.group, "IDLE", min_idle_ms, start, "+", page), parse_detail=True))
+            rows = await guarded(lambda start=start: self._one(  # type: ignore[misc]
+                ("XPENDING", stream, self.group, "IDLE", min_idle_ms, start, "+", page), parse_detail=True))
             for row in rows:
                 if text(row["consumer"]) != self.consumer:
                     found[text(row["message_id"])] = int(row["times_delivered"])
@@ -563,24 +561,15 @@ class Source:
     async def _deleted(self, stream: str, ids: list[str]) -> list[str]:
         """Which of these pending ids no longer exist in the stream (and drop them from the PEL)."""
 
-        async def _exists() -> list[Any]:
-            if self._nodes is not None:
-                return [await self._one(("XRANGE", stream, entry_id, entry_id, "COUNT", 1)) for entry_id in ids]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for entry_id in ids:
-                    pipe.xrange(stream, entry_id, entry_id, count=1)
-                return list(await pipe.execute())
-
-        found = await guarded(_exists)
+        found = await guarded(lambda: self._commands([("XRANGE", stream, i, i, "COUNT", 1) for i in ids]))
+        for rows in found:
+            if isinstance(rows, Exception):
+                raise rows
         gone = [entry_id for entry_id, rows in zip(ids, found, strict=True) if not rows]
         if gone:
             # Take them into our PEL (JUSTID: no delivery bump) so the batch's XACK removes them.
-            if self._nodes is not None:
-                await guarded(lambda: self._one(("XCLAIM", stream, self.group, self.consumer, 0, *gone, "JUSTID"),
-                                                  parse_justid=True))
-            else:
-                await guarded(lambda: self.redis.xclaim(
-                    stream, self.group, self.consumer, 0, list[Any](gone), justid=True))
+            await guarded(lambda: self._one(("XCLAIM", stream, self.group, self.consumer, 0, *gone, "JUSTID"),
+                                            parse_justid=True))
         return gone
 
     async def touch(self, by_stream: dict[str, list[str]]) -> None:
@@ -590,20 +579,9 @@ class Source:
         if not by_stream:
             return
 
-        async def _touch() -> None:
-            if self._nodes is not None:
-                await self._nodes.call([("XCLAIM", stream, self.group, self.consumer, 0, *ids[start:start + 1000],
-                                         "JUSTID") for stream, ids in by_stream.items()
-                                        for start in range(0, len(ids), 1000)], parse_justid=True)
-                return
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for stream, ids in by_stream.items():
-                    for start in range(0, len(ids), 1000):
-                        pipe.xclaim(stream, self.group, self.consumer, 0, list[Any](ids[start:start + 1000]),
-                                    justid=True)
-                await pipe.execute(raise_on_error=False)
-
-        await self._owing_recovery_on_failure(guarded(_touch))
+        touches = [("XCLAIM", stream, self.group, self.consumer, 0, *ids[start:start + 1000], "JUSTID")
+                   for stream, ids in by_stream.items() for start in range(0, len(ids), 1000)]
+        await self._owing_recovery_on_failure(guarded(lambda: self._commands(touches, parse_justid=True)))
 
     async def uncount_delivery(self, by_count: dict[int, dict[str, list[str]]]) -> None:
         """Take back the delivery of entries that could not be stored because the store was down: set each one's
@@ -614,22 +592,12 @@ class Source:
         if not by_count:
             return
 
-        async def _reset() -> None:
-            if self._nodes is not None:
-                await self._nodes.call([("XCLAIM", stream, self.group, self.consumer, 0, *ids[start:start + 1000],
-                                         "RETRYCOUNT", max(0, count - 1), "JUSTID")
-                                        for count, by_stream in by_count.items() for stream, ids in by_stream.items()
-                                        for start in range(0, len(ids), 1000)], parse_justid=True)
-                return
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for count, by_stream in by_count.items():
-                    for stream, ids in by_stream.items():
-                        for start in range(0, len(ids), 1000):
-                            pipe.xclaim(stream, self.group, self.consumer, 0, list[Any](ids[start:start + 1000]),
-                                        retrycount=max(0, count - 1), justid=True)
-                await pipe.execute(raise_on_error=False)  # a stream gone meanwhile has nothing to reset
-
-        await guarded(_reset)
+        resets = [("XCLAIM", stream, self.group, self.consumer, 0, *ids[start:start + 1000],
+                   "RETRYCOUNT", max(0, count - 1), "JUSTID")
+                  for count, by_stream in by_count.items() for stream, ids in by_stream.items()
+                  for start in range(0, len(ids), 1000)]
+        # Errors are returned, not raised: a stream gone meanwhile has nothing to reset.
+        await guarded(lambda: self._commands(resets, parse_justid=True))
 
     async def own_pending_counts(self) -> dict[tuple[str, str], int]:
         """Delivery counts of this consumer's pending entries (read at start, before re-reading them)."""

@@ -247,11 +247,17 @@ async def pipelined(redis: aioredis.Redis | aioredis.RedisCluster, streams: Sequ
                     **options: Any) -> list[Any]:
     """``command <stream> *args`` for every stream, in pipelines of PIPELINE_CHUNK; errors returned, not raised.
     ``options`` go to redis-py's reply parser (e.g. ``parse_detail=True`` for XPENDING's extended form)."""
+    return await pipelined_commands(redis, [(command, stream, *args) for stream in streams], **options)
+
+
+async def pipelined_commands(redis: aioredis.Redis | aioredis.RedisCluster, commands: Sequence[Sequence[Any]],
+                             **options: Any) -> list[Any]:
+    """Each command (name, *arguments), in pipelines of PIPELINE_CHUNK; errors returned, not raised."""
     replies: list[Any] = []
-    for start in range(0, len(streams), PIPELINE_CHUNK):
+    for start in range(0, len(commands), PIPELINE_CHUNK):
         async with redis.pipeline(transaction=False) as pipe:
-            for stream in streams[start:start + PIPELINE_CHUNK]:
-                pipe.execute_command(command, stream, *args, **options)
+            for command in commands[start:start + PIPELINE_CHUNK]:
+                pipe.execute_command(*command, **options)
             replies.extend(await pipe.execute(raise_on_error=False))
     return replies
 
