@@ -631,3 +631,28 @@ def test_producer_flows_land_with_expected_counts_and_status(shape: str, redis_s
         row = got[(flow.user_id, flow.session_id)]
         assert (row["event_count"], row["status"]) == (len(flow.events), flow.status), flow.session_id
     assert len(events_by_id(store)) == len(entries)
+
+
+def test_a_batch_over_centuries_of_weeks_is_stored_with_its_sessions(redis_server: RedisServer,
+                                                                     redis_client: redis.Redis, clickhouse_url: str,
+                                                                     store: Store) -> None:
+    """The contract takes timestamps from 1970 to 2200 and the tables are partitioned by week: one batch of events
+    in hundreds of weeks (a replayed archive, a client with a broken clock) must be stored, its sessions rolled up,
+    not refused by the engine's partitions-per-insert limit and retried for ever."""
+    week_ms = 7 * 86_400_000
+    rng = random.Random(3)
+    weeks = rng.sample(range(200, 11_900), 300)  # 300 distinct weeks of 1973..2197 (ms values: not epoch seconds)
+    entries = [("flow_events:5", event(f"s-{n % 4}", f"n{n}", "llm_call", w * week_ms + n))
+               for n, w in enumerate(weeks)]
+    entries.append(("flow_events:5", event("s-0", "end", "flow_completed", max(weeks) * week_ms + 10_000)))
+    xadd_all(redis_client, entries)
+
+    drain(settings_for(redis_server, clickhouse_url))
+
+    stored = events_by_id(store)
+    assert sorted(r["ts_ms"] for r in stored.values()) == sorted(int(f["timestamp"]) for _, f in entries)
+    got = sessions(store)
+    assert {s: got[("7", s)]["event_count"] for s in ("s-0", "s-1", "s-2", "s-3")} == {
+        "s-0": 76, "s-1": 75, "s-2": 75, "s-3": 75}
+    assert got[("7", "s-0")]["status"] == "completed"
+    assert_fully_consumed(redis_client, ["flow_events:5"])

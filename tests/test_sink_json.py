@@ -1,0 +1,87 @@
+"""The events insert goes to the engine as JSON (worker/sink.json_columns): every value must land exactly as the
+normalizer built it, whatever its characters or timestamp; a value JSON cannot carry takes the Native format."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from worker.normalize import FlowEvent
+from worker.sink import Sink, json_columns
+from worker.store import Store
+
+MAX_TS_MS = 7258118400000  # 2200-01-01, the contract's bound (exclusive)
+
+HARD_TEXT = [
+    "", " ", "plain", 'quote " and \\ backslash', "\x00nul\x00", "".join(map(chr, range(1, 32))) + "\x7f",
+    "tab\tnewline\nreturn\r", "ünïcödé", "日本語のテキスト", "emoji 🧠🔧", "rtl \u202e override", "\u2028\u2029",
+    "{\"json\": [1, 2]}", "x" * 70_000, "\ufeffbom", "\U0010ffff",
+]
+
+
+def stored_row(store: Store, event_id: str) -> list[Any]:
+    _, rows = store.query(
+        "SELECT event_id, user_id, session_id, node_id, parent_id, event_type, toUnixTimestamp64Milli(ts), attributes, "
+        "source_stream, source_id, is_end, is_error FROM flowtrack.events WHERE event_id = {e:String}",
+        {"e": event_id})
+    assert len(rows) == 1, (event_id, rows)
+    return list(rows[0])
+
+
+def hard_events() -> list[FlowEvent]:
+    rng = random.Random(7)
+    stamps = [0, 1, 999, 1000, 1001, 59_999, 86_400_000, 1_732_528_265_123, MAX_TS_MS - 1,
+              *(rng.randrange(0, MAX_TS_MS) for _ in range(300))]
+    events = []
+    for n, ts_ms in enumerate(stamps):
+        text = HARD_TEXT[n % len(HARD_TEXT)]
+        attributes = {text[:100] or "k": text, f"a{n}": str(ts_ms), "nested": '{"a": {"b": null}}'} if n % 3 else {}
+        events.append(FlowEvent(f"e{n}-{text[:20]}", f"u{text[:50]}", f"s{n % 7}", f"n{n}{text[:30]}",
+                                "" if n % 4 == 0 else f"p{text[:10]}", "llm_call" if n % 2 else f"t{text[:30]}",
+                                ts_ms, attributes, f"flow_events:{n % 3}", f"{1000 + n}-{n}", n % 2, n % 5 == 0))
+    return events
+
+
+def test_json_insert_stores_every_value_exactly(store: Store) -> None:
+    events = hard_events()
+    assert json_columns([[getattr(e, f) for e in events] for f in FlowEvent._fields]) is not None  # the JSON path
+    result = Sink(store).write(events, [])
+    assert result.stored == len(events) and not result.rejected
+    for event in events:
+        assert stored_row(store, event.event_id) == [*event[:10], *(int(v) for v in event[10:])], event.event_id
+
+
+def test_every_millisecond_of_a_second_survives_the_seconds_form(store: Store) -> None:
+    """The body carries ms / 1000: each of the 1,000 millisecond values of a second must come back as itself."""
+    base = 1_764_000_000_000
+    events = [FlowEvent(f"ms-{ms}", "u", "s-ms", f"n{ms}", "", "step", base + ms, {}, "flow_events", f"1-{ms}", 0, 0)
+              for ms in range(1000)]
+    Sink(store).write(events, [])
+    _, rows = store.query("SELECT toUnixTimestamp64Milli(ts) - {b:Int64} FROM flowtrack.events "
+                          "WHERE session_id = 's-ms' ORDER BY 1", {"b": base})
+    assert [r[0] for r in rows] == list(range(1000))
+
+
+def test_a_value_json_cannot_carry_takes_the_native_format(store: Store) -> None:
+    """A lone surrogate is not valid JSON text (orjson refuses it): the batch still goes in, the Native way."""
+    events = [FlowEvent("sur-1", "u", "s-sur", "n1", "", "step", 1_764_000_000_000, {"k": "ok"}, "flow_events",
+                        "1-1", 0, 0),
+              FlowEvent("sur-2", "u", "s-sur", "n2", "", "step", 1_764_000_000_001, {"k": "bad \udce9"},
+                        "flow_events", "1-2", 0, 0)]
+    assert json_columns([[getattr(e, f) for e in events] for f in FlowEvent._fields]) is None
+    result = Sink(store).write(events, [])
+    assert result.stored + len(result.rejected) == 2
+    assert stored_row(store, "sur-1")[7] == {"k": "ok"}
+
+
+def test_a_reinserted_json_batch_is_dropped_and_another_composition_is_not(store: Store) -> None:
+    events = hard_events()[:20]
+    sink = Sink(store)
+    sink.write(events, [])
+    sink.write(events, [])  # same rows, same token: dropped by the engine
+    count = "SELECT count() FROM flowtrack.events WHERE event_id IN {ids:Array(String)}"
+    ids = {"ids": [e.event_id for e in events]}
+    assert store.scalar(count, ids) == 20
+    sink.write(events[:10], [])  # another entry set: a new insert (copies FINAL hides)
+    assert store.scalar(count, ids) == 30
+    assert store.scalar("SELECT count() FROM flowtrack.flow_events WHERE event_id IN {ids:Array(String)}", ids) == 20
