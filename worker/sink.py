@@ -61,20 +61,7 @@ def batch_token(columns: Sequence[Sequence[object]]) -> str:
     return hashlib.blake2b(data, digest_size=20).hexdigest()
 
 
-_TS_COLUMN = FlowEvent._fields.index("ts_ms")
 _INSERT_SETTINGS = {"deduplicate_blocks_in_dependent_materialized_views": 1}
-
-
-def json_columns(columns: list[list[Any]]) -> bytes | None:
-    """The event columns as one JSONCompactColumns body (the timestamps as seconds: the engine reads a JSON number
-    into DateTime64 as seconds, and the shortest decimal of ms/1000 is exactly the millisecond value), or None when
-    a value cannot be written as JSON (a lone surrogate; the normalizer stores none)."""
-    as_json = list(columns)
-    as_json[_TS_COLUMN] = [ms / 1000 for ms in columns[_TS_COLUMN]]
-    try:
-        return orjson.dumps(as_json)
-    except orjson.JSONEncodeError:
-        return None
 
 
 _DELETE_EVENTS = ("DELETE FROM flowtrack.events "
@@ -153,20 +140,9 @@ class Sink:
         # and those allocations trigger GC passes over every live event. FlowEvent field order equals
         # EVENT_COLUMNS minus ingested_at.
         columns: list[list[Any]] = [list(map(getter, events)) for getter in _EVENT_GETTERS]
-        body = json_columns(columns)
-        if body is None:  # a value JSON cannot carry (none expected from the normalizer): the Native format
-            token = batch_token(columns)
-            columns.append([now_ms] * len(events))
-            self._insert(f"{DATABASE}.events", columns, EVENT_COLUMNS, f"e:{token}")
-            return
-        # The token is taken before ingested_at is added: a re-insert of the same rows gets the same token.
-        token = hashlib.blake2b(body, digest_size=20).hexdigest()
-        body = body[:-1] + b"," + orjson.dumps([now_ms / 1000] * len(events)) + b"]"
-        settings = {**_INSERT_SETTINGS, "insert_deduplication_token": f"j:{token}"}
-        try:
-            self.store.insert_json_columns(f"{DATABASE}.events", body, EVENT_COLUMNS, settings=settings)
-        except Exception as exc:
-            raise classify(exc) from exc
+        token = batch_token(columns)  # before ingested_at: a re-insert of the same rows gets the same token
+        columns.append([now_ms] * len(events))
+        self._insert(f"{DATABASE}.events", columns, EVENT_COLUMNS, f"e:{token}")
 
     def _insert_rejections(self, rejections: Sequence[Rejection], now_ms: int) -> None:
         content = [list(col) for col in zip(*rejections, strict=True)]

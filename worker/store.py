@@ -338,15 +338,6 @@ class Store:
             self._can_return_memory = False
             log.debug("the embedded engine does not return freed memory on request: %s", exc)
 
-    def insert_json_columns(self, table: str, body: bytes, column_names: Sequence[str],
-                            settings: dict[str, Any] | None = None) -> None:
-        """Insert a JSONCompactColumns body (one JSON array per column). The engine parses it, in C++ and off the
-        GIL: building the Native format in Python costs the writer thread ~3 us per event of interpreter time
-        that the normalizing thread would otherwise get (README, "Benchmark")."""
-        with self._lock:
-            settings = {**self._write_settings(), **(settings or {})}
-            self.client.raw_insert(table, list(column_names), body, settings=settings, fmt="JSONCompactColumns")
-
     def insert(self, table: str, columns: Sequence[Sequence[Any]], column_names: Sequence[str],
                settings: dict[str, Any] | None = None) -> None:
         with self._lock:
