@@ -633,7 +633,7 @@ def bench(
         "--check", help="exit 1 on FAIL (a target missed: ratio, p99, idle CPU, RSS; or not exactly once), 3 on NO "
         "VERDICT (exactly once held, but too few events to judge throughput)")] = False,
     verdict_min_events: Annotated[int, typer.Option(
-        help="fewer events: throughput is not judged, start-up would dominate (0 = always judge)")] = 400_000,
+        help="fewer events: throughput is not judged, fixed costs would dominate (0 = always judge)")] = 400_000,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")] = False,
     keep: Annotated[bool, typer.Option("--keep", help="keep the temporary stores and logs")] = False,
     shape: Annotated[str, typer.Option(
