@@ -12,7 +12,7 @@ migration). The rules:
   Keeper path right, which a ``{table}`` macro would not), and ``X`` becomes a ``Distributed`` table over it, sharded
   by ``cityHash64(session_id)`` (one flow on one shard: its copies meet there, ReplacingMergeTree collapses them, and
   per-session reads touch one shard) or, for a table without sessions, by its sorting key (its identity);
-- views keep their text and read the Distributed names, so ``flow_events``, ``flow_sessions``, ``flow_nodes``,
+- views (``CREATE [OR REPLACE] VIEW``) keep their text and read the Distributed names, so ``flow_events``, ``flow_sessions``, ``flow_nodes``,
   ``rejected_events`` and every physical name a dashboard reads are unchanged;
 - a materialized view moves to the local tables (it fires on the replica that takes an insert; its result is a part
   of a replicated table like any other);
@@ -43,7 +43,8 @@ _CREATE_DATABASE = re.compile(rf"^CREATE\s+DATABASE\s+(IF\s+NOT\s+EXISTS\s+)?{DA
 _CREATE_TABLE = re.compile(
     rf"^CREATE\s+TABLE\s+(IF\s+NOT\s+EXISTS\s+)?{DATABASE}\.({_NAME})\s*(\(.*\))\s*"
     rf"ENGINE\s*=\s*({_NAME})(\s*\([^)]*\))?(.*)$", re.I | re.S)
-_CREATE_VIEW = re.compile(rf"^CREATE\s+VIEW\s+(IF\s+NOT\s+EXISTS\s+)?{DATABASE}\.({_NAME})\s+(AS\s.*)$", re.I | re.S)
+_CREATE_VIEW = re.compile(rf"^CREATE\s+(OR\s+REPLACE\s+)?VIEW\s+(IF\s+NOT\s+EXISTS\s+)?{DATABASE}\.({_NAME})\s+(AS\s.*)$",
+                          re.I | re.S)
 _CREATE_MV = re.compile(
     rf"^CREATE\s+MATERIALIZED\s+VIEW\s+(IF\s+NOT\s+EXISTS\s+)?{DATABASE}\.({_NAME})\s+"
     rf"TO\s+{DATABASE}\.({_NAME})\s+(AS\s.*)$", re.I | re.S)
@@ -180,8 +181,9 @@ class ClusterDDL:
         found = _CREATE_VIEW.match(text)
         if not found:
             return None
-        if_not_exists, view, body = found.groups()
-        return [f"CREATE VIEW {if_not_exists or ''}{DATABASE}.{view}{self._on()} {body}"]
+        or_replace, if_not_exists, view, body = found.groups()
+        replace = "OR REPLACE " if or_replace else ""
+        return [f"CREATE {replace}VIEW {if_not_exists or ''}{DATABASE}.{view}{self._on()} {body}"]
 
     def _create_mv(self, text: str) -> list[str] | None:
         found = _CREATE_MV.match(text)

@@ -1,0 +1,68 @@
+-- Each session's path in the rollup, so "Most common paths" is one GROUP BY over one row per session (no events
+-- scan, no join: over 30 days at 100M events the per-session aggregation of the events plus its join with the
+-- sessions went over Grafana's 1 GB memory budget).
+--
+-- path: the session's event types in time order joined by ' → ' (ties in time broken by event_id, so the path is a
+--   function of the deduplicated events alone: copies, redeliveries and re-inserted batches change nothing). At most
+--   50 steps: a longer session keeps its first 50 and ends in ' → …', so one runaway session cannot bloat the rollup
+--   (at most ~50 x the longest type name per row) or the recompute (groupArraySorted keeps 50 steps per session, not
+--   all of them). Like every rollup figure it is per (user_id, session_id): a session whose events name two users
+--   has two rows, each with its user's events. Tombstones and rows written before this migration ran have ''
+--   until recomputed; the backfill below recomputes every session that has events.
+ALTER TABLE flowtrack.sessions ADD COLUMN IF NOT EXISTS path String;
+
+-- session_totals as in 008, plus event_type in the collapsed events and the path over them.
+CREATE OR REPLACE VIEW flowtrack.session_totals AS
+SELECT
+    user_id,
+    session_id,
+    min(ts) AS started_at,
+    max(ts) AS last_event_at,
+    maxIf(ts, is_end = 1 OR is_error = 1) AS closed_at,
+    count() AS event_count,
+    countIf(is_error = 1) AS error_count,
+    countIf(is_end = 1) AS end_count,
+    concat(arrayStringConcat(arrayMap(step -> toString(step.3), groupArraySorted(50)((ts, event_id, event_type))),
+                             ' → '),
+           if(count() > 50, ' → …', '')) AS path
+FROM
+(
+    SELECT session_id, event_id, argMax(user_id, ingested_at) AS user_id, argMax(ts, ingested_at) AS ts,
+           argMax(is_end, ingested_at) AS is_end, argMax(is_error, ingested_at) AS is_error,
+           argMax(event_type, ingested_at) AS event_type
+    FROM flowtrack.events
+    GROUP BY session_id, event_id
+)
+GROUP BY user_id, session_id;
+
+-- Backfill: recompute every session that has events (as the worker's recompute does; the new rows replace the old
+-- ones). One pass over events with bounded memory: events are sorted by (session_id, event_id), so the collapse of
+-- copies aggregates in key order (streaming, no hash table of every event id), and the per-session aggregation
+-- spills to disk past 200 MB instead of holding every session's steps (5.1M sessions at 100M events).
+INSERT INTO flowtrack.sessions (user_id, session_id, started_at, last_event_at, closed_at, event_count, error_count,
+                                end_count, path, computed_at, is_deleted)
+SELECT user_id, session_id, started_at, last_event_at, closed_at, event_count, error_count, end_count, path,
+       now64(6), 0
+FROM flowtrack.session_totals
+SETTINGS optimize_aggregation_in_order = 1, max_bytes_before_external_group_by = 200000000,
+         max_bytes_before_external_sort = 200000000, min_insert_block_size_bytes = 67108864;
+
+-- Public: flow_sessions' columns plus the path (flow_sessions keeps its contract columns; same rows, same rules).
+CREATE OR REPLACE VIEW flowtrack.flow_session_paths AS
+SELECT
+    user_id,
+    session_id,
+    started_at,
+    last_event_at,
+    if(status = 'active', NULL, closed_at) AS ended_at,
+    event_count,
+    error_count,
+    status,
+    dateDiff('millisecond', started_at, if(status = 'active', last_event_at, closed_at)) AS duration_ms,
+    path
+FROM
+(
+    SELECT user_id, session_id, started_at, last_event_at, closed_at, event_count, error_count, path,
+           multiIf(error_count > 0, 'failed', end_count > 0, 'completed', 'active') AS status
+    FROM flowtrack.sessions FINAL
+);
