@@ -12,8 +12,8 @@ migration). The rules:
   Keeper path right, which a ``{table}`` macro would not), and ``X`` becomes a ``Distributed`` table over it, sharded
   by ``cityHash64(session_id)`` (one flow on one shard: its copies meet there, ReplacingMergeTree collapses them, and
   per-session reads touch one shard) or, for a table without sessions, by its sorting key (its identity);
-- views (``CREATE [OR REPLACE] VIEW``) keep their text and read the Distributed names, so ``flow_events``, ``flow_sessions``, ``flow_nodes``,
-  ``rejected_events`` and every physical name a dashboard reads are unchanged;
+- views (``CREATE [OR REPLACE] VIEW``) keep their text and read the Distributed names, so ``flow_events``,
+  ``flow_sessions``, ``flow_nodes``, ``rejected_events`` and every physical name a dashboard reads are unchanged;
 - a materialized view moves to the local tables (it fires on the replica that takes an insert; its result is a part
   of a replicated table like any other);
 - ``TRUNCATE``/``EXCHANGE``/``ALTER``/``DELETE`` act on the local tables ``ON CLUSTER`` (after an ``EXCHANGE`` the two
@@ -43,8 +43,8 @@ _CREATE_DATABASE = re.compile(rf"^CREATE\s+DATABASE\s+(IF\s+NOT\s+EXISTS\s+)?{DA
 _CREATE_TABLE = re.compile(
     rf"^CREATE\s+TABLE\s+(IF\s+NOT\s+EXISTS\s+)?{DATABASE}\.({_NAME})\s*(\(.*\))\s*"
     rf"ENGINE\s*=\s*({_NAME})(\s*\([^)]*\))?(.*)$", re.I | re.S)
-_CREATE_VIEW = re.compile(rf"^CREATE\s+(OR\s+REPLACE\s+)?VIEW\s+(IF\s+NOT\s+EXISTS\s+)?{DATABASE}\.({_NAME})\s+(AS\s.*)$",
-                          re.I | re.S)
+_CREATE_VIEW = re.compile(
+    rf"^CREATE\s+(OR\s+REPLACE\s+)?VIEW\s+(IF\s+NOT\s+EXISTS\s+)?{DATABASE}\.({_NAME})\s+(AS\s.*)$", re.I | re.S)
 _CREATE_MV = re.compile(
     rf"^CREATE\s+MATERIALIZED\s+VIEW\s+(IF\s+NOT\s+EXISTS\s+)?{DATABASE}\.({_NAME})\s+"
     rf"TO\s+{DATABASE}\.({_NAME})\s+(AS\s.*)$", re.I | re.S)
