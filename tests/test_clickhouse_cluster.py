@@ -146,21 +146,23 @@ def test_run_time_statements_go_to_the_local_tables_of_every_node() -> None:
 
 
 def test_the_session_paths_migration_has_a_cluster_form() -> None:
-    """009: a column on the rollup's local and Distributed tables, views replaced in place on every node, the backfill
-    through the Distributed tables (with its settings)."""
+    """009: a column on the rollup's local and Distributed tables, views replaced in place on every node, the backfill's
+    slices through the Distributed tables (with their settings)."""
     ddl = cluster_ddl_for(CLUSTER, (m.statements for m in load_migrations() if m.version < 9))
     paths = next(m for m in load_migrations() if m.version == 9)
     out = [" ".join(s.split()) for s in ddl.transform_all(paths.statements)]
     on = f"ON CLUSTER `{CLUSTER}`"
-    assert out[:2] == [f"ALTER TABLE flowtrack.sessions_local {on} ADD COLUMN IF NOT EXISTS path String",
-                       f"ALTER TABLE flowtrack.sessions {on} ADD COLUMN IF NOT EXISTS path String"]
+    column = "ADD COLUMN IF NOT EXISTS path LowCardinality(String)"
+    assert out[:2] == [f"ALTER TABLE flowtrack.sessions_local {on} {column}",
+                       f"ALTER TABLE flowtrack.sessions {on} {column}"]
     views = [s for s in out if s.startswith("CREATE OR REPLACE VIEW")]
     assert [s.split()[4:7] for s in views] == [["flowtrack.session_totals", "ON", "CLUSTER"],
                                                ["flowtrack.flow_session_paths", "ON", "CLUSTER"]]
     assert all("_local" not in s for s in views)
     inserts = [s for s in out if s.startswith("INSERT INTO flowtrack.sessions ")]
-    assert len(inserts) == 1 and " ON CLUSTER " not in inserts[0] and "optimize_aggregation_in_order = 1" in inserts[0]
-    assert len(out) == 5
+    assert len(inserts) == 8  # the backfill's slices
+    assert all(" ON CLUSTER " not in s and "optimize_aggregation_in_order = 1" in s for s in inserts)
+    assert len(out) == 2 + 1 + 8 + 1
 
 
 @pytest.mark.parametrize("statement", [
