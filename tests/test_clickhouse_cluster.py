@@ -159,14 +159,16 @@ def test_the_session_paths_migration_has_a_cluster_form() -> None:
     assert [s.split()[4:7] for s in views] == [["flowtrack.session_totals", "ON", "CLUSTER"],
                                                ["flowtrack.flow_session_paths", "ON", "CLUSTER"]]
     assert all("_local" not in s for s in views)
+    assert f"OPTIMIZE TABLE flowtrack.sessions_local {on} FINAL" in out  # the backfill's versions collapsed
     inserts = [s for s in out if s.startswith("INSERT INTO flowtrack.sessions ")]
     assert len(inserts) == 8  # the backfill's slices
     assert all(" ON CLUSTER " not in s and "optimize_aggregation_in_order = 1" in s for s in inserts)
-    assert len(out) == 2 + 1 + 8 + 1
+    assert len(out) == 2 + 1 + 8 + 1 + 1
 
 
 @pytest.mark.parametrize("statement", [
-    "OPTIMIZE TABLE flowtrack.events FINAL",
+    "OPTIMIZE TABLE flowtrack.events FINAL DEDUPLICATE",
+    "OPTIMIZE TABLE flowtrack.unknown FINAL",
     "CREATE TABLE IF NOT EXISTS flowtrack.cache (k String) ENGINE = Memory",
     "CREATE MATERIALIZED VIEW flowtrack.mv AS SELECT 1",  # no TO table: its inner table would not be sharded
     "RENAME TABLE flowtrack.events TO flowtrack.events_old",
@@ -241,7 +243,7 @@ _PROBE = textwrap.dedent("""
     if mode == "cluster":  # a migration with a statement the cluster rules do not cover: nothing runs at all
         import worker.store as store_module
         shipped = store_module.load_migrations
-        bad = store_module.Migration(999, "999_bad", ("OPTIMIZE TABLE flowtrack.events FINAL",))
+        bad = store_module.Migration(999, "999_bad", ("RENAME TABLE flowtrack.events TO flowtrack.events_old",))
         store_module.load_migrations = lambda directory=None: [*shipped(directory), bad]
         try:
             store.migrate()

@@ -16,7 +16,7 @@ migration). The rules:
   ``flow_sessions``, ``flow_nodes``, ``rejected_events`` and every physical name a dashboard reads are unchanged;
 - a materialized view moves to the local tables (it fires on the replica that takes an insert; its result is a part
   of a replicated table like any other);
-- ``TRUNCATE``/``EXCHANGE``/``ALTER``/``DELETE`` act on the local tables ``ON CLUSTER`` (after an ``EXCHANGE`` the two
+- ``TRUNCATE``/``EXCHANGE``/``ALTER``/``DELETE``/``OPTIMIZE`` act on the local tables ``ON CLUSTER`` (after an ``EXCHANGE`` the two
   Distributed tables are recreated over the swapped local tables' columns); ``INSERT … SELECT`` goes through the
   Distributed tables (the store sends it with ``distributed_foreground_insert = 1``);
 - the insert-dedup window of a table (``non_replicated_deduplication_window``) becomes
@@ -52,6 +52,7 @@ _DROP = re.compile(rf"^DROP\s+(TABLE|VIEW)\s+(IF\s+EXISTS\s+)?{DATABASE}\.({_NAM
 _TRUNCATE = re.compile(rf"^TRUNCATE\s+TABLE\s+(IF\s+EXISTS\s+)?{DATABASE}\.({_NAME})\s*$", re.I)
 _EXCHANGE = re.compile(rf"^EXCHANGE\s+TABLES\s+{DATABASE}\.({_NAME})\s+AND\s+{DATABASE}\.({_NAME})\s*$", re.I)
 _ALTER = re.compile(rf"^ALTER\s+TABLE\s+{DATABASE}\.({_NAME})\s+(.*)$", re.I | re.S)
+_OPTIMIZE = re.compile(rf"^OPTIMIZE\s+TABLE\s+{DATABASE}\.({_NAME})(\s+FINAL)?\s*$", re.I)
 _DELETE = re.compile(rf"^DELETE\s+FROM\s+{DATABASE}\.({_NAME})\s+(WHERE\s.*)$", re.I | re.S)
 _INSERT = re.compile(rf"^INSERT\s+INTO\s+{DATABASE}\.({_NAME})\b", re.I)
 _ORDER_BY = re.compile(r"\bORDER\s+BY\s+(.*?)\s*(?:\bSETTINGS\b|\bTTL\b|\bSAMPLE\b|\bPRIMARY\b|$)", re.I | re.S)
@@ -108,7 +109,7 @@ class ClusterDDL:
         """The cluster statements for one single-node statement; updates which tables are sharded."""
         text = statement.strip().rstrip(";").strip()
         for rule in (self._create_database, self._create_table, self._create_view, self._create_mv, self._drop,
-                     self._truncate, self._exchange, self._alter, self._delete, self._insert):
+                     self._truncate, self._exchange, self._alter, self._optimize, self._delete, self._insert):
             out = rule(text)
             if out is not None:
                 return out
@@ -243,6 +244,14 @@ class ClusterDDL:
         if _COLUMN_COMMAND.search(commands):  # the Distributed table carries the columns too
             out.append(f"ALTER TABLE {DATABASE}.{table}{self._on()} {commands}")
         return out
+
+    def _optimize(self, text: str) -> list[str] | None:
+        found = _OPTIMIZE.match(text)
+        if not found:
+            return None
+        table, final = found.groups()
+        self._require_sharded(table, "OPTIMIZE")
+        return [f"OPTIMIZE TABLE {DATABASE}.{local_name(table)}{self._on()}{' FINAL' if final else ''}"]
 
     def _delete(self, text: str) -> list[str] | None:
         found = _DELETE.match(text)
