@@ -516,7 +516,8 @@ def _env() -> dict[str, str]:
 
 
 def test_migrate_twice_and_a_rerun_after_a_crash_mid_swap_change_nothing(store: Store) -> None:
-    """Guarded migrations run only while the old layout is in place: re-running 006/007 is a no-op."""
+    """Guarded migrations run only while the old layout is in place: re-running 006/007 is a no-op, and 008 (whose
+    positional backfill does not fit the rollup once 009 added the path) is skipped after 009; 009 re-runs."""
     from worker.store import load_migrations
 
     sink = Sink(store)
@@ -524,12 +525,17 @@ def test_migrate_twice_and_a_rerun_after_a_crash_mid_swap_change_nothing(store: 
     sink.rollup.flush()
     before = flow_session(store, "s-rerun")
     relayouts = [m for m in load_migrations() if m.only_if]
-    assert {m.version for m in relayouts} == {6, 7}
+    assert {m.version for m in relayouts} == {6, 7, 8}
     for migration in relayouts:
         assert int(store.client.command(migration.only_if)) == 0
     store.command("ALTER TABLE flowtrack.schema_migrations DELETE WHERE version >= 6 SETTINGS mutations_sync = 1")
     store.migrate()
     assert flow_session(store, "s-rerun") == before and visible_rows(store, "s-rerun") == 4
+    path = ["user_message → llm_call → error → flow_completed"]
+    assert session_path(store, "s-rerun") == path
+    store.command("ALTER TABLE flowtrack.schema_migrations DELETE WHERE version = 8 SETTINGS mutations_sync = 1")
+    store.migrate()  # 008 alone again: skipped, the paths stay
+    assert session_path(store, "s-rerun") == path and flow_session(store, "s-rerun") == before
 
 
 

@@ -16,9 +16,9 @@ migration). The rules:
   ``flow_sessions``, ``flow_nodes``, ``rejected_events`` and every physical name a dashboard reads are unchanged;
 - a materialized view moves to the local tables (it fires on the replica that takes an insert; its result is a part
   of a replicated table like any other);
-- ``TRUNCATE``/``EXCHANGE``/``ALTER``/``DELETE``/``OPTIMIZE`` act on the local tables ``ON CLUSTER`` (after an ``EXCHANGE`` the two
-  Distributed tables are recreated over the swapped local tables' columns); ``INSERT … SELECT`` goes through the
-  Distributed tables (the store sends it with ``distributed_foreground_insert = 1``);
+- ``TRUNCATE``/``EXCHANGE``/``ALTER``/``DELETE``/``OPTIMIZE`` act on the local tables ``ON CLUSTER`` (after an
+  ``EXCHANGE`` the two Distributed tables are recreated over the swapped local tables' columns); ``INSERT … SELECT``
+  goes through the Distributed tables (the store sends it with ``distributed_foreground_insert = 1``);
 - the insert-dedup window of a table (``non_replicated_deduplication_window``) becomes
   ``replicated_deduplication_window`` of the same size.
 
