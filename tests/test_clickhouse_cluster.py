@@ -145,8 +145,30 @@ def test_run_time_statements_go_to_the_local_tables_of_every_node() -> None:
         "SELECT count() FROM system.tables WHERE name = 'events_local' AND sorting_key = 'event_id'"
 
 
+def test_the_session_paths_migration_has_a_cluster_form() -> None:
+    """009: a column on the rollup's local and Distributed tables, views replaced in place on every node, the backfill's
+    slices through the Distributed tables (with their settings)."""
+    ddl = cluster_ddl_for(CLUSTER, (m.statements for m in load_migrations() if m.version < 9))
+    paths = next(m for m in load_migrations() if m.version == 9)
+    out = [" ".join(s.split()) for s in ddl.transform_all(paths.statements)]
+    on = f"ON CLUSTER `{CLUSTER}`"
+    column = "ADD COLUMN IF NOT EXISTS path LowCardinality(String)"
+    assert out[:2] == [f"ALTER TABLE flowtrack.sessions_local {on} {column}",
+                       f"ALTER TABLE flowtrack.sessions {on} {column}"]
+    views = [s for s in out if s.startswith("CREATE OR REPLACE VIEW")]
+    assert [s.split()[4:7] for s in views] == [["flowtrack.session_totals", "ON", "CLUSTER"],
+                                               ["flowtrack.flow_session_paths", "ON", "CLUSTER"]]
+    assert all("_local" not in s for s in views)
+    assert f"OPTIMIZE TABLE flowtrack.sessions_local {on} FINAL" in out  # the backfill's versions collapsed
+    inserts = [s for s in out if s.startswith("INSERT INTO flowtrack.sessions ")]
+    assert len(inserts) == 8  # the backfill's slices
+    assert all(" ON CLUSTER " not in s and "optimize_aggregation_in_order = 1" in s for s in inserts)
+    assert len(out) == 2 + 1 + 8 + 1 + 1
+
+
 @pytest.mark.parametrize("statement", [
-    "OPTIMIZE TABLE flowtrack.events FINAL",
+    "OPTIMIZE TABLE flowtrack.events FINAL DEDUPLICATE",
+    "OPTIMIZE TABLE flowtrack.unknown FINAL",
     "CREATE TABLE IF NOT EXISTS flowtrack.cache (k String) ENGINE = Memory",
     "CREATE MATERIALIZED VIEW flowtrack.mv AS SELECT 1",  # no TO table: its inner table would not be sharded
     "RENAME TABLE flowtrack.events TO flowtrack.events_old",
@@ -221,7 +243,7 @@ _PROBE = textwrap.dedent("""
     if mode == "cluster":  # a migration with a statement the cluster rules do not cover: nothing runs at all
         import worker.store as store_module
         shipped = store_module.load_migrations
-        bad = store_module.Migration(999, "999_bad", ("OPTIMIZE TABLE flowtrack.events FINAL",))
+        bad = store_module.Migration(999, "999_bad", ("RENAME TABLE flowtrack.events TO flowtrack.events_old",))
         store_module.load_migrations = lambda directory=None: [*shipped(directory), bad]
         try:
             store.migrate()
@@ -265,8 +287,8 @@ _PROBE = textwrap.dedent("""
             unknown = f"{type(exc).__name__}: {exc}"
     write_settings = store._write_settings()
 
-    relations = ["flow_events", "flow_sessions", "flow_nodes", "rejected_events", "events", "events_by_time",
-                 "sessions", "session_spans", "rejected", "session_totals"]
+    relations = ["flow_events", "flow_sessions", "flow_nodes", "rejected_events", "flow_session_paths", "events",
+                 "events_by_time", "sessions", "session_spans", "rejected", "session_totals"]
     physical = "_local" if mode == "cluster" else ""
     print(json.dumps({
         "first": first, "second": second, "unknown_cluster": unknown, "refused": refused,
@@ -279,6 +301,7 @@ _PROBE = textwrap.dedent("""
         "flow_events": rows("SELECT event_id, user_id, session_id, node_id, parent_id, event_type, ts, attributes, "
                             "source_stream, source_id FROM flowtrack.flow_events ORDER BY event_id"),
         "flow_sessions": rows("SELECT * FROM flowtrack.flow_sessions ORDER BY session_id"),
+        "flow_session_paths": rows("SELECT * FROM flowtrack.flow_session_paths ORDER BY session_id"),
         "flow_nodes": rows("SELECT * FROM flowtrack.flow_nodes ORDER BY session_id, node_id"),
         "rejected_events": rows("SELECT source_stream, source_id, reason, raw FROM flowtrack.rejected_events"),
         "stored_copies": rows("SELECT count() FROM flowtrack.events"),
@@ -318,12 +341,14 @@ def test_the_cluster_form_runs_in_the_engine_with_the_single_node_columns_and_ro
     for table in ("events", "events_by_time", "sessions", "session_spans", "rejected"):
         assert engines[table] == "Distributed"
         assert engines[table + LOCAL_SUFFIX] == single["engines"][table]
-    for view in ("flow_events", "flow_sessions", "flow_nodes", "rejected_events", "session_totals"):
+    for view in ("flow_events", "flow_sessions", "flow_nodes", "rejected_events", "session_totals",
+                 "flow_session_paths"):
         assert engines[view] == single["engines"][view] == "View"
     assert engines["events_by_time_mv"] == engines["session_spans_mv"] == "MaterializedView"
     assert {name for name in engines if name.endswith("_006") or name.endswith("_007")} == set()
     # Same data in, same rows out: the re-inserted batch dropped, redelivered copies collapsed, the purged event gone.
-    for relation in ("flow_events", "flow_sessions", "flow_nodes", "rejected_events", "stored_copies", "spans"):
+    for relation in ("flow_events", "flow_sessions", "flow_nodes", "rejected_events", "flow_session_paths",
+                     "stored_copies", "spans"):
         assert cluster[relation] == single[relation], relation
     assert len(cluster["flow_events"]) == 6 * 4 + 1 - 1
     # Physical copies: the 24 first stored, 5 redelivered in a new batch and the new event, minus both copies of the
@@ -332,6 +357,11 @@ def test_the_cluster_form_runs_in_the_engine_with_the_single_node_columns_and_ro
     statuses = {row[1]: row[7] for row in cluster["flow_sessions"]}
     assert statuses == {"s0": "failed", "s1": "completed", "s2": "completed", "s3": "failed", "s4": "completed",
                         "s5": "active"}
+    # The path (009) of every session, through the Distributed rollup: the purged llm_call of s0 left it.
+    paths = {row[1]: row[-1] for row in cluster["flow_session_paths"]}
+    assert paths["s0"] == "user_message → error → flow_completed"
+    assert paths["s1"] == "user_message → llm_call → tool_call → llm_response → flow_completed"
+    assert [row[:-1] for row in cluster["flow_session_paths"]] == cluster["flow_sessions"]
     assert cluster["refused"] == "ConfigError, flowtrack databases: 0"
     assert cluster["unknown_cluster"].startswith("ConfigError: ") and "no cluster named 'not_defined'" in \
         cluster["unknown_cluster"]

@@ -469,3 +469,50 @@ def test_every_panel_has_a_unit() -> None:
             if not unit_set:
                 missing.append(f"{name} / {panel.get('title')}")
     assert not missing, missing
+
+
+# -- Most common paths: one GROUP BY over the rollup's paths (migration 009) ----------------------------
+def test_most_common_paths_groups_the_sessions_started_in_the_range_by_their_whole_path(store: Store) -> None:
+    from worker.normalize import FlowEvent, Normalizer
+    from worker.sink import Sink
+
+    normalizer = Normalizer()
+    from_s = int(time.time()) - 7200
+    to_s = from_s + 3600
+    entries = iter(range(1, 10_000))
+
+    def flow(session: str, user: str, steps: list[tuple[str, int]]) -> list[FlowEvent]:
+        """(event type, ms after the range's start) per step."""
+        out = []
+        for n, (kind, offset_ms) in enumerate(steps):
+            item = normalizer.normalize("flow_events", f"{from_s * 1000}-{next(entries)}", {
+                "session_id": session, "node_id": f"n{n}", "event_type": kind, "user_id": user,
+                "timestamp": str(from_s * 1000 + offset_ms)})
+            assert isinstance(item, FlowEvent)
+            out.append(item)
+        return out
+
+    completed = [flow(f"s-ok-{k}", user, [("user_message", 1000), ("llm_call", 1500), ("flow_completed", 1000 + d)])
+                 for k, (user, d) in enumerate((("u1", 1000), ("u1", 2000), ("u2", 3000)))]
+    failed = flow("s-failed", "u2", [("user_message", 5000), ("llm_call", 5100), ("error", 5500)])
+    # Starts a second before the range ends and goes on after it: its whole path counts.
+    late = flow("s-late", "u2", [("user_message", 3_599_000), ("llm_call", 3_599_500), ("tool_call", 3_660_000),
+                                 ("flow_completed", 3_661_000)])
+    # Started before the range: not counted, though it has events inside.
+    early = flow("s-early", "u1", [("user_message", -60_000), ("llm_call", 1000), ("flow_completed", 2000)])
+    sink = Sink(store)
+    sink.write([e for f in completed for e in f] + failed + late + early, [])
+    sink.write(failed[1:] + completed[0][:1], [])  # redelivered copies in another batch
+    sink.rollup.close()
+
+    sql = _panel_sql("flows-history.json", "Most common paths")
+    corpus = Corpus(store, QueryContext(from_s=from_s, to_s=to_s, interval_s=10), "", "", 0)
+    columns, rows = _run(corpus, sql, {"user_id": ""})
+    assert columns == ["path", "sessions", "failed", "avg_duration_ms"]
+    assert [tuple(r) for r in rows] == [
+        ("user_message → llm_call → flow_completed", 3, 0, 2000),
+        ("user_message → llm_call → error", 1, 1, 500),
+        ("user_message → llm_call → tool_call → flow_completed", 1, 0, 62000),
+    ]
+    _, rows = _run(corpus, sql, {"user_id": "u1"})
+    assert [tuple(r) for r in rows] == [("user_message → llm_call → flow_completed", 2, 0, 1500)]

@@ -124,6 +124,103 @@ def test_sessions_are_exact_whatever_copies_were_stored(store: Store, make_copie
     assert flow_session(store, session) == expected
 
 
+# -- the session's path in the rollup (migration 009) ------------------------------------------------------
+def session_path(store: Store, session: str) -> list[str]:
+    """The path of each (user, session) row of flow_session_paths."""
+    _, rows = store.query("SELECT path FROM flowtrack.flow_session_paths WHERE session_id = {s:String} "
+                          "ORDER BY user_id", {"s": session})
+    return [str(r[0]) for r in rows]
+
+
+def path_from_visible_events(store: Store, session: str) -> list[str]:
+    """The path the obvious way: flow_events (events FINAL) in (ts, event_id) order."""
+    _, rows = store.query("SELECT arrayStringConcat(arrayMap(e -> e.3, arraySort(groupArray((ts, event_id, "
+                          "event_type)))), ' → ') FROM flowtrack.flow_events WHERE session_id = {s:String} "
+                          "GROUP BY user_id ORDER BY user_id", {"s": session})
+    return [str(r[0]) for r in rows]
+
+
+@pytest.mark.parametrize(("make_copies", "expected"), [
+    (redelivered, "user_message → llm_call → error → flow_completed"),
+    (reinserted, "user_message → llm_call → error → flow_completed"),
+    # e-2's last stored copy is the earliest event; its two copies are one step.
+    (duplicate_ids, "llm_call → user_message → flow_completed"),
+])
+def test_a_sessions_path_is_exact_whatever_copies_were_stored(store: Store, make_copies: Any, expected: str) -> None:
+    session = f"s-path-{make_copies.__name__}"
+    sink = Sink(store)
+    make_copies(sink, session)
+    sink.rollup.flush()
+    assert session_path(store, session) == path_from_visible_events(store, session) == [expected]
+    for table in ("events", "sessions", "events_by_time"):
+        store.command(f"OPTIMIZE TABLE flowtrack.{table} FINAL")
+    assert session_path(store, session) == [expected]
+    # flow_sessions keeps its contract columns; flow_session_paths is its rows plus the path.
+    _, columns = store.query("SELECT name FROM system.columns WHERE database = 'flowtrack' AND table = 'flow_sessions' "
+                             "ORDER BY position")
+    assert ", ".join(str(c[0]) for c in columns) == SESSION_COLUMNS
+    _, rows = store.query(f"SELECT {SESSION_COLUMNS} FROM flowtrack.flow_session_paths WHERE session_id = {{s:String}}",
+                          {"s": session})
+    assert [list(r) for r in rows] == flow_session(store, session)
+
+
+def test_steps_at_the_same_time_are_in_event_id_order_however_they_arrived(store: Store) -> None:
+    """Ties in time are broken by event_id, so the path depends on the events alone, not on arrival or merges."""
+    sink = Sink(store)
+    same_ms = NOW_MS - 2000
+    steps = {"e-a": "llm_call", "e-b": "tool_call", "e-c": "error"}
+
+    def tied(session: str, order: str) -> list[FlowEvent]:
+        return [event(session, n, steps[f"e-{k}"], same_ms, f"e-{k}", entry=f"2-{n}") for n, k in enumerate(order)]
+
+    write(sink, tied("s-tie-1", "bca"))  # one batch, arriving out of id order
+    for single in tied("s-tie-2", "cab"):  # one batch per event, in another order
+        write(sink, [single])
+    write(sink, tied("s-tie-3", "abc"))
+    write(sink, tied("s-tie-3", "cba"))  # redelivered, reversed
+    sink.rollup.flush()
+    expected = ["llm_call → tool_call → error"]
+    for session in ("s-tie-1", "s-tie-2", "s-tie-3"):
+        assert session_path(store, session) == expected, session
+    store.command("OPTIMIZE TABLE flowtrack.events FINAL")
+    sink.rollup.stored(["s-tie-1", "s-tie-2", "s-tie-3"])
+    sink.rollup.flush()  # recomputed from the merged parts: same paths
+    assert [session_path(store, s) for s in ("s-tie-1", "s-tie-2", "s-tie-3")] == [expected] * 3
+
+
+@pytest.mark.parametrize(("steps", "marked"), [(50, False), (51, True), (300, True)])
+def test_a_long_sessions_path_keeps_its_first_50_steps_and_a_marker(store: Store, steps: int, marked: bool) -> None:
+    session = f"s-long-{steps}"
+    sink = Sink(store)
+    kinds = ["user_message"] + [("llm_call", "tool_call")[n % 2] for n in range(1, steps)]
+    write(sink, [event(session, n, kind, NOW_MS - 100_000 + n, f"e-{n:04d}", entry=f"3-{n}")
+                 for n, kind in enumerate(kinds)])
+    sink.rollup.flush()
+    path = session_path(store, session)[0]
+    assert path == " → ".join(kinds[:50]) + (" → …" if marked else "")
+    assert flow_session(store, session)[0][5] == steps  # the counts are not capped
+
+
+def test_a_purged_step_leaves_the_path_and_a_fully_purged_session_leaves_no_row(store: Store) -> None:
+    sink = Sink(store)
+    # Entries of their own: a purge deletes by (stream, entry id).
+    partly, wholly = [[event(session, n, kind, NOW_MS - 5000 + n, entry=f"{stream}-{n}")
+                       for n, kind in enumerate(("user_message", "llm_call", "error", "flow_completed"))]
+                      for session, stream in (("s-purge-part", 4), ("s-purge-all", 5))]
+    write(sink, partly + wholly)
+    sink.rollup.flush()
+    assert session_path(store, "s-purge-part") == ["user_message → llm_call → error → flow_completed"]
+    now_ms = int(time.time() * 1000)
+    sink._purge([partly[2], *wholly], now_ms)  # as for rows ClickHouse refused
+    sink.rollup.flush([(e.user_id, e.session_id) for e in (partly[2], *wholly)])
+    assert session_path(store, "s-purge-part") == ["user_message → llm_call → flow_completed"]
+    assert session_path(store, "s-purge-all") == [] and flow_session(store, "s-purge-all") == []
+    # The tombstone is the latest row of the purged session: no path, is_deleted.
+    _, rows = store.query("SELECT path, is_deleted FROM flowtrack.sessions WHERE session_id = 's-purge-all' "
+                          "ORDER BY computed_at DESC LIMIT 1")
+    assert rows == [("", 1)]
+
+
 def test_a_duplicate_id_with_another_timestamp_is_one_event_at_its_last_stored_time(store: Store) -> None:
     """Identity is (session_id, event_id): the copy stored last is the event (the contract's refinement)."""
     session = "s-retimed"
@@ -222,6 +319,7 @@ def test_sessions_left_pending_by_a_stopped_worker_are_caught_up_at_start(store:
     assert flow_session(store, "s-stopped") == []  # stored and (say) acknowledged, then the worker died
     store.migrate()  # what `run` does at start
     assert flow_session(store, "s-stopped") == from_visible_events(store, "s-stopped")
+    assert session_path(store, "s-stopped") == ["llm_call → llm_call → llm_call"]  # the catch-up fills the path too
 
 
 def test_rejections_are_visible_once(store: Store) -> None:
@@ -293,10 +391,11 @@ def test_retention_setting_is_read_from_the_environment() -> None:
             Settings.from_env({"FLOWTRACK_RETENTION_DAYS": bad})
 
 
-# -- migration of a store at the old schema (001-005) -------------------------------------------------
+# -- migration of a store at an old schema (001-005, 001-008) ------------------------------------------
 # Runs in its own process: chDB allows one store path per process. It fills the store with the real pipeline at
-# the old schema (migrations 001-005 only; the rollup did not exist then), with redelivered copies, explicit
-# duplicate ids and rejections, records what the public relations show, then runs today's `flowtrack migrate`.
+# an old schema (migrations 001-005: the rollup did not exist then; 001-008: the rollup as the 008 worker wrote it,
+# without paths), with redelivered copies, explicit duplicate ids and rejections, records what the public
+# relations show, then runs today's `flowtrack migrate`.
 # What the public relations show, read before and after the migration (the same queries both times).
 PUBLIC_VIEW_QUERIES = {
     "events": "SELECT event_id, user_id, session_id, node_id, parent_id, event_type, toString(ts), "
@@ -315,11 +414,11 @@ OLD_STORE_SCRIPT = textwrap.dedent("""
     from worker.pipeline import Pipeline
     from worker.settings import Settings
 
-    redis_url, url, out = sys.argv[1:4]
+    redis_url, url, out, old_version = *sys.argv[1:4], int(sys.argv[4])
     settings = Settings(redis_url=redis_url, clickhouse_url=url, consumer="old", batch_max_rows=7,
                         batch_max_wait_s=0.05, block_ms=50)
     everything = store_module.load_migrations
-    store_module.load_migrations = lambda directory=None: [m for m in everything(directory) if m.version <= 5]
+    store_module.load_migrations = lambda directory=None: [m for m in everything(directory) if m.version <= old_version]
     store_module.Store._apply_retention = lambda self: None
     store_module.CATCH_UP_SESSIONS = "SELECT 1"
     rollup.SessionRollup.stored = lambda self, *args, **kwargs: None
@@ -333,6 +432,11 @@ OLD_STORE_SCRIPT = textwrap.dedent("""
     asyncio.run(fill())
     st = store_module.Store.open(settings)
     st.client.command("INSERT INTO flowtrack.events SELECT * FROM flowtrack.events WHERE node_id = 'n1'")
+    if old_version >= 8:  # the 008 worker's recompute of every session (the rollup had no path column then)
+        st.client.command("INSERT INTO flowtrack.sessions (user_id, session_id, started_at, last_event_at, closed_at, "
+                          "event_count, error_count, end_count, computed_at, is_deleted) SELECT user_id, session_id, "
+                          "started_at, last_event_at, closed_at, event_count, error_count, end_count, now64(6), 0 "
+                          "FROM flowtrack.session_totals")
     queries = json.loads(open(out).read())
     seen = {k: [[str(v) for v in row] for row in st.query(q)[1]] for k, q in queries.items()}
     json.dump(seen, open(out, "w"))
@@ -349,8 +453,9 @@ AFTER_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("old_version", [5, 8])
 def test_a_store_filled_at_the_old_schema_migrates_with_everything_visible_once(
-        redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path) -> None:
+        redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path, old_version: int) -> None:
     url = f"chdb://{tmp_path / 'old-store'}"
     entries: list[tuple[str, dict[str, str]]] = []
     for s in range(6):
@@ -371,17 +476,22 @@ def test_a_store_filled_at_the_old_schema_migrates_with_everything_visible_once(
     before = tmp_path / "before.json"
     before.write_text(json.dumps({**PUBLIC_VIEW_QUERIES, "sorting_key": EVENTS_SORTING_KEY,
                                   "physical": "SELECT count() FROM flowtrack.events"}))
-    subprocess.run([sys.executable, "-c", OLD_STORE_SCRIPT, redis_server.url, url, str(before)], cwd=ROOT,
-                   check=True, timeout=180, env=_env())
+    subprocess.run([sys.executable, "-c", OLD_STORE_SCRIPT, redis_server.url, url, str(before), str(old_version)],
+                   cwd=ROOT, check=True, timeout=180, env=_env())
     old = json.loads(before.read_text())
-    assert old["sorting_key"] == [["event_id"]]
+    assert old["sorting_key"] == [["event_id" if old_version < 6 else "session_id, event_id"]]
     assert int(old["physical"][0][0]) > len(old["events"])  # copies in the old table
     assert len(old["events"]) == 6 * 4 + 1 and len(old["rejected"]) == 1
 
     subprocess.run([sys.executable, "-m", "worker.cli", "migrate", "--clickhouse-url", url], cwd=ROOT, check=True,
                    timeout=180, env=_env(), capture_output=True)
     queries = {**PUBLIC_VIEW_QUERIES, "sorting_key": EVENTS_SORTING_KEY,
-               "by_time": "SELECT count() FROM flowtrack.events_by_time FINAL"}
+               "by_time": "SELECT count() FROM flowtrack.events_by_time FINAL",
+               "paths": "SELECT user_id, session_id, path FROM flowtrack.flow_session_paths "
+                        "ORDER BY user_id, session_id",
+               "expected_paths": "SELECT user_id, session_id, arrayStringConcat(arrayMap(e -> e.3, "
+                                 "arraySort(groupArray((ts, event_id, event_type)))), ' → ') "
+                                 "FROM flowtrack.flow_events GROUP BY user_id, session_id ORDER BY user_id, session_id"}
     after_path = tmp_path / "after.json"
     after_path.write_text(json.dumps(queries))
     subprocess.run([sys.executable, "-c", AFTER_SCRIPT, url, str(after_path)], cwd=ROOT, check=True, timeout=120,
@@ -390,7 +500,13 @@ def test_a_store_filled_at_the_old_schema_migrates_with_everything_visible_once(
     assert new["sorting_key"] == [["session_id, event_id"]]
     for relation in ("events", "sessions", "nodes", "rejected"):
         assert new[relation] == old[relation], relation
-    assert new["by_time"] == [[str(len(old["events"]))]]
+    # 008 fills events_by_time from the events once each; a worker at 008 wrote it through its view, where the
+    # explicit id re-sent without a timestamp sits at both of its times (008_rollups.sql).
+    assert new["by_time"] == [[str(len(old["events"]) + (1 if old_version >= 8 else 0))]]
+    # Every old session has its path (009's backfill), the one its visible events give.
+    assert len(new["paths"]) == len(old["sessions"]) == 6
+    assert new["paths"] == new["expected_paths"]
+    assert all(path.startswith("llm_call → llm_call → llm_call → ") for _, _, path in new["paths"])
 
 
 def _env() -> dict[str, str]:
@@ -400,7 +516,8 @@ def _env() -> dict[str, str]:
 
 
 def test_migrate_twice_and_a_rerun_after_a_crash_mid_swap_change_nothing(store: Store) -> None:
-    """Guarded migrations run only while the old layout is in place: re-running 006/007 is a no-op."""
+    """Guarded migrations run only while the old layout is in place: re-running 006/007 is a no-op, and 008 (whose
+    positional backfill does not fit the rollup once 009 added the path) is skipped after 009; 009 re-runs."""
     from worker.store import load_migrations
 
     sink = Sink(store)
@@ -408,12 +525,17 @@ def test_migrate_twice_and_a_rerun_after_a_crash_mid_swap_change_nothing(store: 
     sink.rollup.flush()
     before = flow_session(store, "s-rerun")
     relayouts = [m for m in load_migrations() if m.only_if]
-    assert {m.version for m in relayouts} == {6, 7}
+    assert {m.version for m in relayouts} == {6, 7, 8}
     for migration in relayouts:
         assert int(store.client.command(migration.only_if)) == 0
     store.command("ALTER TABLE flowtrack.schema_migrations DELETE WHERE version >= 6 SETTINGS mutations_sync = 1")
     store.migrate()
     assert flow_session(store, "s-rerun") == before and visible_rows(store, "s-rerun") == 4
+    path = ["user_message → llm_call → error → flow_completed"]
+    assert session_path(store, "s-rerun") == path
+    store.command("ALTER TABLE flowtrack.schema_migrations DELETE WHERE version = 8 SETTINGS mutations_sync = 1")
+    store.migrate()  # 008 alone again: skipped, the paths stay
+    assert session_path(store, "s-rerun") == path and flow_session(store, "s-rerun") == before
 
 
 

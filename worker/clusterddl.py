@@ -12,13 +12,13 @@ migration). The rules:
   Keeper path right, which a ``{table}`` macro would not), and ``X`` becomes a ``Distributed`` table over it, sharded
   by ``cityHash64(session_id)`` (one flow on one shard: its copies meet there, ReplacingMergeTree collapses them, and
   per-session reads touch one shard) or, for a table without sessions, by its sorting key (its identity);
-- views keep their text and read the Distributed names, so ``flow_events``, ``flow_sessions``, ``flow_nodes``,
-  ``rejected_events`` and every physical name a dashboard reads are unchanged;
+- views (``CREATE [OR REPLACE] VIEW``) keep their text and read the Distributed names, so ``flow_events``,
+  ``flow_sessions``, ``flow_nodes``, ``rejected_events`` and every physical name a dashboard reads are unchanged;
 - a materialized view moves to the local tables (it fires on the replica that takes an insert; its result is a part
   of a replicated table like any other);
-- ``TRUNCATE``/``EXCHANGE``/``ALTER``/``DELETE`` act on the local tables ``ON CLUSTER`` (after an ``EXCHANGE`` the two
-  Distributed tables are recreated over the swapped local tables' columns); ``INSERT … SELECT`` goes through the
-  Distributed tables (the store sends it with ``distributed_foreground_insert = 1``);
+- ``TRUNCATE``/``EXCHANGE``/``ALTER``/``DELETE``/``OPTIMIZE`` act on the local tables ``ON CLUSTER`` (after an
+  ``EXCHANGE`` the two Distributed tables are recreated over the swapped local tables' columns); ``INSERT … SELECT``
+  goes through the Distributed tables (the store sends it with ``distributed_foreground_insert = 1``);
 - the insert-dedup window of a table (``non_replicated_deduplication_window``) becomes
   ``replicated_deduplication_window`` of the same size.
 
@@ -43,7 +43,8 @@ _CREATE_DATABASE = re.compile(rf"^CREATE\s+DATABASE\s+(IF\s+NOT\s+EXISTS\s+)?{DA
 _CREATE_TABLE = re.compile(
     rf"^CREATE\s+TABLE\s+(IF\s+NOT\s+EXISTS\s+)?{DATABASE}\.({_NAME})\s*(\(.*\))\s*"
     rf"ENGINE\s*=\s*({_NAME})(\s*\([^)]*\))?(.*)$", re.I | re.S)
-_CREATE_VIEW = re.compile(rf"^CREATE\s+VIEW\s+(IF\s+NOT\s+EXISTS\s+)?{DATABASE}\.({_NAME})\s+(AS\s.*)$", re.I | re.S)
+_CREATE_VIEW = re.compile(
+    rf"^CREATE\s+(OR\s+REPLACE\s+)?VIEW\s+(IF\s+NOT\s+EXISTS\s+)?{DATABASE}\.({_NAME})\s+(AS\s.*)$", re.I | re.S)
 _CREATE_MV = re.compile(
     rf"^CREATE\s+MATERIALIZED\s+VIEW\s+(IF\s+NOT\s+EXISTS\s+)?{DATABASE}\.({_NAME})\s+"
     rf"TO\s+{DATABASE}\.({_NAME})\s+(AS\s.*)$", re.I | re.S)
@@ -51,6 +52,7 @@ _DROP = re.compile(rf"^DROP\s+(TABLE|VIEW)\s+(IF\s+EXISTS\s+)?{DATABASE}\.({_NAM
 _TRUNCATE = re.compile(rf"^TRUNCATE\s+TABLE\s+(IF\s+EXISTS\s+)?{DATABASE}\.({_NAME})\s*$", re.I)
 _EXCHANGE = re.compile(rf"^EXCHANGE\s+TABLES\s+{DATABASE}\.({_NAME})\s+AND\s+{DATABASE}\.({_NAME})\s*$", re.I)
 _ALTER = re.compile(rf"^ALTER\s+TABLE\s+{DATABASE}\.({_NAME})\s+(.*)$", re.I | re.S)
+_OPTIMIZE = re.compile(rf"^OPTIMIZE\s+TABLE\s+{DATABASE}\.({_NAME})(\s+FINAL)?\s*$", re.I)
 _DELETE = re.compile(rf"^DELETE\s+FROM\s+{DATABASE}\.({_NAME})\s+(WHERE\s.*)$", re.I | re.S)
 _INSERT = re.compile(rf"^INSERT\s+INTO\s+{DATABASE}\.({_NAME})\b", re.I)
 _ORDER_BY = re.compile(r"\bORDER\s+BY\s+(.*?)\s*(?:\bSETTINGS\b|\bTTL\b|\bSAMPLE\b|\bPRIMARY\b|$)", re.I | re.S)
@@ -107,7 +109,7 @@ class ClusterDDL:
         """The cluster statements for one single-node statement; updates which tables are sharded."""
         text = statement.strip().rstrip(";").strip()
         for rule in (self._create_database, self._create_table, self._create_view, self._create_mv, self._drop,
-                     self._truncate, self._exchange, self._alter, self._delete, self._insert):
+                     self._truncate, self._exchange, self._alter, self._optimize, self._delete, self._insert):
             out = rule(text)
             if out is not None:
                 return out
@@ -180,8 +182,9 @@ class ClusterDDL:
         found = _CREATE_VIEW.match(text)
         if not found:
             return None
-        if_not_exists, view, body = found.groups()
-        return [f"CREATE VIEW {if_not_exists or ''}{DATABASE}.{view}{self._on()} {body}"]
+        or_replace, if_not_exists, view, body = found.groups()
+        replace = "OR REPLACE " if or_replace else ""
+        return [f"CREATE {replace}VIEW {if_not_exists or ''}{DATABASE}.{view}{self._on()} {body}"]
 
     def _create_mv(self, text: str) -> list[str] | None:
         found = _CREATE_MV.match(text)
@@ -241,6 +244,14 @@ class ClusterDDL:
         if _COLUMN_COMMAND.search(commands):  # the Distributed table carries the columns too
             out.append(f"ALTER TABLE {DATABASE}.{table}{self._on()} {commands}")
         return out
+
+    def _optimize(self, text: str) -> list[str] | None:
+        found = _OPTIMIZE.match(text)
+        if not found:
+            return None
+        table, final = found.groups()
+        self._require_sharded(table, "OPTIMIZE")
+        return [f"OPTIMIZE TABLE {DATABASE}.{local_name(table)}{self._on()}{' FINAL' if final else ''}"]
 
     def _delete(self, text: str) -> list[str] | None:
         found = _DELETE.match(text)

@@ -28,8 +28,9 @@ ALERT_FILE = GRAFANA_DIR / "provisioning" / "alerting" / "flowtrack.yaml"
 # the two equal): every dashboard and alert query runs under them, so the benchmark runs them under them too.
 # - max_memory_usage: a query over the budget fails rather than starve the server.
 # - use_skip_indexes_if_final: off by default on 25.3; lets skip indexes prune reads under FINAL.
-# - max_bytes_before_external_group_by / _sort: a GROUP BY over every session of a long range (Most common paths,
-#   30 days, all users: 1.0 GB at 10M events, 4.6 GB at 50M) spills to disk instead of failing at the budget.
+# - max_bytes_before_external_group_by / _sort: a GROUP BY over every session of a long range (Most common paths
+#   before migration 009, 30 days, all users: 1.0 GB at 10M events, 4.6 GB at 50M) spills to disk instead of failing
+#   at the budget.
 GRAFANA_QUERY_SETTINGS: dict[str, int] = {
     "max_memory_usage": 1_000_000_000,
     "use_skip_indexes_if_final": 1,

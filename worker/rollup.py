@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable
 
 from worker.errors import FlowtrackError
-from worker.store import Store, classify
+from worker.store import RECOMPUTE_SESSIONS_WHERE, Store, classify
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,7 @@ log = logging.getLogger(__name__)
 CHUNK_SESSIONS = 5000
 
 # The recompute's start time versions the rows: the latest recompute wins.
-_RECOMPUTE = (
-    "INSERT INTO flowtrack.sessions (user_id, session_id, started_at, last_event_at, closed_at, event_count, "
-    "error_count, end_count, computed_at, is_deleted) "
-    "SELECT user_id, session_id, started_at, last_event_at, closed_at, event_count, error_count, end_count, "
-    "now64(6), 0 FROM flowtrack.session_totals WHERE session_id IN {sessions:Array(String)}"
-)
+_RECOMPUTE = RECOMPUTE_SESSIONS_WHERE + "session_id IN {sessions:Array(String)}"
 # (user, session) pairs left without any event (their rows were purged) get a tombstone that hides their row.
 # Its last_event_at is the deletion time, so retention removes it after the row it hides.
 _TOMBSTONES = (

@@ -121,14 +121,20 @@ RETENTION_COLUMNS = {
     "sessions": "last_event_at",
     "rejected": "received_at",
 }
+# The rollup rows of the sessions a condition on session_totals picks, versioned by the recompute's start time (the
+# latest recompute wins): the worker's recompute (worker/rollup.py), the start-up catch-up and the heal below. One
+# statement, so every writer fills every rollup column (a column left out would be reset to its default).
+RECOMPUTE_SESSIONS_WHERE = (
+    "INSERT INTO flowtrack.sessions (user_id, session_id, started_at, last_event_at, closed_at, event_count, "
+    "error_count, end_count, path, computed_at, is_deleted) "
+    "SELECT user_id, session_id, started_at, last_event_at, closed_at, event_count, error_count, end_count, path, "
+    "now64(6), 0 FROM flowtrack.session_totals WHERE "
+)
 # A worker recomputes the sessions of acknowledged batches shortly after (worker/rollup.py); what a stopped worker
 # left pending is recomputed at the next start: every session with events stored since 10 minutes before the
 # latest recompute (an insert that began before a recompute can finish after it; inserts time out well within).
-CATCH_UP_SESSIONS = (
-    "INSERT INTO flowtrack.sessions (user_id, session_id, started_at, last_event_at, closed_at, event_count, "
-    "error_count, end_count, computed_at, is_deleted) "
-    "SELECT user_id, session_id, started_at, last_event_at, closed_at, event_count, error_count, end_count, "
-    "now64(6), 0 FROM flowtrack.session_totals WHERE session_id IN (SELECT session_id FROM flowtrack.events_by_time "
+CATCH_UP_SESSIONS = RECOMPUTE_SESSIONS_WHERE + (  # noqa: S608 (constants only)
+    "session_id IN (SELECT session_id FROM flowtrack.events_by_time "
     "WHERE ingested_at >= (SELECT max(computed_at) FROM flowtrack.sessions) - INTERVAL 10 MINUTE)"
 )
 _BROKEN_ROLLUP_PARTS = (
@@ -136,12 +142,8 @@ _BROKEN_ROLLUP_PARTS = (
     "AND table IN ('sessions', 'session_spans') AND startsWith(name, 'broken') ORDER BY table, name"
 )
 _REBUILD_SLICES = 16
-_REBUILD_SESSIONS = (
-    "INSERT INTO flowtrack.sessions (user_id, session_id, started_at, last_event_at, closed_at, event_count, "
-    "error_count, end_count, computed_at, is_deleted) "
-    "SELECT user_id, session_id, started_at, last_event_at, closed_at, event_count, error_count, end_count, "
-    "now64(6), 0 FROM flowtrack.session_totals "
-    "WHERE session_id IN (SELECT DISTINCT session_id FROM flowtrack.events "
+_REBUILD_SESSIONS = RECOMPUTE_SESSIONS_WHERE + (  # noqa: S608 (constants only)
+    "session_id IN (SELECT DISTINCT session_id FROM flowtrack.events "
     "WHERE cityHash64(session_id) % {slices:UInt32} = {part:UInt32})"
 )
 

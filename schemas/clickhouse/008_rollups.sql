@@ -1,3 +1,6 @@
+-- only-if: SELECT count() = 0 FROM system.columns WHERE database = 'flowtrack' AND table = 'sessions' AND name = 'path'
+-- (Skipped once 009 has added the path: its positional backfill below no longer fits the rollup, and 009 recomputes
+-- every session itself; without the guard a re-run of 008 after 009 fails, or would blank the paths.)
 -- Relations for the access paths besides one flow (006): a user's sessions, a session's time range, a time window.
 --
 -- sessions: the per-session rollup, one current row per (user_id, session_id), sorted for "one user's sessions".
