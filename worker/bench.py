@@ -341,7 +341,9 @@ async def _group_progress(redis: BenchRedis, streams: Sequence[str], group: str)
 
 
 async def _xreadgroup_calls(redis: BenchRedis) -> int:
-    """XREADGROUP commands served so far (every primary of a cluster): the first one of a worker ends its start-up."""
+    """XREADGROUP commands served so far (every primary of a cluster): the first one of a worker ends its start-up.
+    On a Redis of the user's (--redis-url) other consumers' reads count too: the window then starts earlier (at
+    worst at spawn, as it did before), never later."""
     if isinstance(redis, aioredis.RedisCluster):
         per_node: Any = await redis.info("commandstats", target_nodes=aioredis.RedisCluster.PRIMARIES)
         stats = list(per_node.values())
