@@ -524,8 +524,9 @@ def test_migrate_twice_and_a_rerun_after_a_crash_mid_swap_change_nothing(store: 
     write(sink, base_flow("s-rerun"))
     sink.rollup.flush()
     before = flow_session(store, "s-rerun")
-    relayouts = [m for m in load_migrations() if m.only_if]
-    assert {m.version for m in relayouts} == {6, 7, 8}
+    guarded = [m for m in load_migrations() if m.only_if]
+    assert {m.version for m in guarded} == {6, 7, 8, 10}
+    relayouts = [m for m in guarded if m.version != 10]  # 010's guard asks what the engine can do, not the layout
     for migration in relayouts:
         assert int(store.client.command(migration.only_if)) == 0
     store.command("ALTER TABLE flowtrack.schema_migrations DELETE WHERE version >= 6 SETTINGS mutations_sync = 1")
@@ -537,6 +538,21 @@ def test_migrate_twice_and_a_rerun_after_a_crash_mid_swap_change_nothing(store: 
     store.migrate()  # 008 alone again: skipped, the paths stay
     assert session_path(store, "s-rerun") == path and flow_session(store, "s-rerun") == before
 
+
+
+def test_events_merge_wider_where_the_engine_has_the_setting(store: Store) -> None:
+    """010: `events` merges ~20 parts of a size at once (fewer rewrites per event); the other tables keep the
+    default. Guarded by the setting's presence, so a server without it records 010 and changes nothing."""
+    from worker.store import load_migrations
+
+    (widen,) = [m for m in load_migrations() if m.version == 10]
+    assert widen.only_if is not None and int(store.client.command(widen.only_if)) == 1  # chDB has the setting
+    ddl = {table: str(store.scalar("SELECT create_table_query FROM system.tables WHERE database = 'flowtrack' "
+                                   "AND name = {t:String}", {"t": table}))
+           for table in ("events", "events_by_time", "sessions", "session_spans")}
+    assert "merge_selector_base = 20" in ddl["events"]
+    assert not any("merge_selector_base" in ddl[t] for t in ("events_by_time", "sessions", "session_spans"))
+    assert int(store.client.command(widen.only_if.replace("'merge_selector_base'", "'no_such_setting'"))) == 0
 
 
 # -- a rollup part the engine wrote without being able to ------------------------------------------------
