@@ -61,9 +61,6 @@ def batch_token(columns: Sequence[Sequence[object]]) -> str:
     return hashlib.blake2b(data, digest_size=20).hexdigest()
 
 
-_INSERT_SETTINGS = {"deduplicate_blocks_in_dependent_materialized_views": 1}
-
-
 _DELETE_EVENTS = ("DELETE FROM flowtrack.events "
                   "WHERE (source_stream, source_id) IN {keys:Array(Tuple(String, String))}")
 # The time-ordered copy has no entry ids: its row of a refused entry is the one with this batch's ingested_at.
@@ -155,7 +152,7 @@ class Sink:
             raise StoreUnavailableError(f"cannot store rejections: {exc}") from exc
 
     def _insert(self, table: str, columns: Sequence[Sequence[object]], names: Sequence[str], token: str) -> None:
-        settings = {**_INSERT_SETTINGS, "insert_deduplication_token": token}
+        settings = {"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1}
         try:
             self.store.insert(table, columns, names, settings=settings)
         except Exception as exc:
