@@ -276,7 +276,8 @@ class Store:
         log.warning("%d session-rollup part(s) were found broken at start (%s); rebuilding the rollup from the "
                     "events", len(broken), ", ".join(f"{table}/{name}" for table, name in broken))
         for part in range(_REBUILD_SLICES):
-            self.client.command(_REBUILD_SESSIONS, parameters={"slices": _REBUILD_SLICES, "part": part})
+            self.client.command(_REBUILD_SESSIONS, parameters={"slices": _REBUILD_SLICES, "part": part},
+                                settings=self._write_settings())
         for table, name in broken:
             self.client.command(f"ALTER TABLE {DATABASE}.{table} DROP DETACHED PART {_quoted(name)}",
                                 settings={"allow_drop_detached": 1})
@@ -378,13 +379,13 @@ class Store:
         return self._cluster_runtime.runtime(sql)
 
     def _write_settings(self) -> dict[str, Any]:
-        """On a cluster, every write waits until it is stored on every replica of its shard: synchronous
-        Distributed inserts, and a quorum of all replicas. The session rollup reads whichever replica the
-        Distributed table picks right after an insert (worker/rollup.py); with a smaller quorum that replica could
-        lack the part and the recompute would miss its events for good. IN/JOIN subqueries over Distributed tables
-        run once on the initiator (GLOBAL): correct whatever they are keyed by. Applied to writes only: readers get
-        what they need from their profile (deploy/clickhouse/cluster/users-cluster.xml), and a readonly user may
-        not send settings."""
+        """WRITE_SETTINGS for every write; on a cluster also these: every write waits until it is stored on every
+        replica of its shard: synchronous Distributed inserts, and a quorum of all replicas. The session rollup reads
+        whichever replica the Distributed table picks right after an insert (worker/rollup.py); with a smaller quorum
+        that replica could lack the part and the recompute would miss its events for good. IN/JOIN subqueries over
+        Distributed tables run once on the initiator (GLOBAL): correct whatever they are keyed by. Applied to writes
+        only: readers get what they need from their profile (deploy/clickhouse/cluster/users-cluster.xml), and a
+        readonly user may not send settings."""
         if self.cluster is None:
             return dict(WRITE_SETTINGS)
         if self._cluster_write_settings is None:
