@@ -1,9 +1,11 @@
-"""What a worker process loads: nothing flowtrack never uses (pandas costs ~0.15 s of start-up and ~35 MB of RSS).
+"""What a worker process loads: nothing flowtrack never uses (pandas costs ~0.15 s of start-up and ~35 MB of RSS;
+pyarrow and numpy, which chDB and clickhouse-connect import when installed, ~40 MB more of a 500 MB budget).
 
 Each check runs in a fresh interpreter (chDB allows one store per process; a module once imported stays)."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -48,13 +50,35 @@ store.query("SELECT * FROM flowtrack.flow_sessions")
 }
 
 
-@pytest.mark.parametrize("step", list(_STEPS))
-def test_talking_to_the_store_does_not_import_pandas(step: str, tmp_path: Path) -> None:
-    script = _PRELUDE + textwrap.dedent(_STEPS[step]) + "\nprint('pandas' in sys.modules)\n"
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "store")], cwd=REPO, capture_output=True,
+_UNUSED_LIBRARIES = ("pandas", "numpy", "pyarrow")
+
+
+def _run_script(script: str, store_dir: Path) -> str:
+    done = subprocess.run([sys.executable, "-c", script, str(store_dir)], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "False", f"pandas was imported by: {step}"
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("step", list(_STEPS))
+def test_talking_to_the_store_imports_no_dataframe_library(step: str, tmp_path: Path) -> None:
+    for library in _UNUSED_LIBRARIES:  # the check below would pass vacuously where one is not installed
+        assert importlib.util.find_spec(library) is not None, f"{library} is not installed here"
+    script = (_PRELUDE + textwrap.dedent(_STEPS[step])
+              + f"\nprint(sorted(m for m in {_UNUSED_LIBRARIES!r} if sys.modules.get(m) is not None))\n")
+    assert _run_script(script, tmp_path / "store") == "[]", f"imported by: {step}"
+
+
+def test_pyarrow_stays_importable_after_the_store_is_opened(tmp_path: Path) -> None:
+    # The store keeps chDB from importing pyarrow while it connects, and only then.
+    script = _PRELUDE + "import pyarrow\nprint(pyarrow.array([1, 2]).to_pylist())\n"
+    assert _run_script(script, tmp_path / "store") == "[1, 2]"
+
+
+def test_a_process_that_already_uses_pyarrow_keeps_it(tmp_path: Path) -> None:
+    script = "import pyarrow\n" + _PRELUDE + textwrap.dedent(_STEPS["write a batch"]) + (
+        "import chdb.state.sqlitelike as lite\nprint(lite.pa is pyarrow)\n")
+    assert _run_script(script, tmp_path / "store") == "True"
 
 
 def _counting_purges(store: Store) -> list[str]:

@@ -54,18 +54,39 @@ _embedded_lock = threading.Lock()
 WRITE_SETTINGS: dict[str, Any] = {"max_partitions_per_insert_block": 0}
 
 
-def _without_pandas() -> None:
-    """Tell clickhouse-connect that pandas is absent, unless something in this process resolved it already.
+def _without_dataframe_libraries() -> None:
+    """Tell clickhouse-connect that pandas and numpy are absent, unless something in this process resolved them.
 
-    flowtrack inserts plain column lists and reads rows, never DataFrames, but clickhouse-connect's insert asks
-    whether the data is a pandas DataFrame, which imports pandas wherever it is installed (chDB's dependencies
-    install it): ~0.15 s of a worker's start-up, in the migration's first insert, and ~35 MB of its RSS, for
-    nothing (README, "Benchmark"; tests/test_store_footprint.py)."""
-    if "pd" not in vars(_driver_options):
-        _driver_options.pd = None
+    flowtrack inserts plain column lists and reads rows, never DataFrames or arrays, but clickhouse-connect's insert
+    asks whether the data is a pandas DataFrame or a numpy array, which imports them wherever they are installed
+    (chDB's dependencies install both): pandas is ~0.15 s of a worker's start-up and ~35 MB of its RSS, numpy
+    ~15 MB, for nothing (README, "Benchmark"; tests/test_store_footprint.py)."""
+    for name in ("pd", "np"):
+        if name not in vars(_driver_options):
+            setattr(_driver_options, name, None)
 
 
-_without_pandas()
+_without_dataframe_libraries()
+
+
+@contextmanager
+def _without_pyarrow() -> Iterator[None]:
+    """Open the embedded engine without importing pyarrow (and numpy with it), unless this process has already.
+
+    chDB's connection module imports pyarrow whenever it is installed (chDB's dependencies install it), for
+    Arrow APIs flowtrack never calls, and degrades to "no Arrow" when the import fails. That import is ~40 MB of
+    a worker's peak RSS, a tenth of the 500 MB budget (README, "Benchmark"; tests/test_store_footprint.py).
+    A ``None`` in ``sys.modules`` makes the import fail; the entry is removed afterwards, so pyarrow stays
+    importable for anything else in the process (chDB's own Arrow APIs stay off in this process)."""
+    if "pyarrow" in sys.modules:
+        yield
+        return
+    sys.modules["pyarrow"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if sys.modules.get("pyarrow", False) is None:
+            del sys.modules["pyarrow"]
 
 
 def schema_dir() -> Path:
@@ -457,7 +478,7 @@ def _open_embedded(path: Path) -> Store:
             raise StoreLockedError(_LOCK_HINT.format(path=path, pid=holder))
         engine_said: list[str] = []
         try:
-            with _stderr_captured(engine_said):
+            with _stderr_captured(engine_said), _without_pyarrow():
                 client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
         except Exception as exc:
             holder = embedded_store_holder(path)
