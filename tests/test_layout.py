@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -263,13 +264,47 @@ def test_pending_sessions_are_recomputed_when_quiet_or_when_enough_are_pending(s
     while sink.rollup.pending and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sink.rollup.pending == 0
+    while flow_session(store, "s-quiet") == [] and time.monotonic() < deadline:
+        time.sleep(0.05)  # pending is emptied as the recompute starts (on its own connection): wait for its rows
     assert flow_session(store, "s-quiet") == from_visible_events(store, "s-quiet")
     sink.rollup.max_delay_s, sink.rollup.max_pending_sessions = 3600, 3
     write(sink, [event(f"s-many-{n}", 1, ts_ms=NOW_MS) for n in range(2)])
     assert sink.rollup.pending == 2
-    write(sink, [event("s-many-2", 1, ts_ms=NOW_MS)])  # the third pending session: recompute now
+    write(sink, [event("s-many-2", 1, ts_ms=NOW_MS)])  # the third pending session: the timer thread recomputes now
+    deadline = time.monotonic() + 10  # far below max_delay_s
+    while any(flow_session(store, f"s-many-{n}") == [] for n in range(3)) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert sink.rollup.pending == 0
     assert [flow_session(store, f"s-many-{n}")[0][5] for n in range(3)] == [1, 1, 1]
+
+
+def test_a_recompute_that_fell_behind_holds_up_the_sink(store: Store) -> None:
+    """Twice max_pending_sessions pending (the recompute cannot keep up with the inserts): the batch that gets there
+    is recomputed in the sink's own thread before write() returns, which bounds what can be pending."""
+    sink = Sink(store)
+    sink.rollup.max_delay_s, sink.rollup.max_pending_sessions = 3600, 3
+    write(sink, [event(f"s-behind-{n}", 1, ts_ms=NOW_MS) for n in range(6)])
+    assert sink.rollup.pending == 0
+    assert [flow_session(store, f"s-behind-{n}")[0][5] for n in range(6)] == [1] * 6
+
+
+def test_the_rollup_recomputes_beside_the_inserts_not_between_them(store: Store) -> None:
+    """The recompute runs on a connection of its own: while one holds it, the next batch is still stored."""
+    sink = Sink(store)
+    assert sink.rollup.store is not sink.store
+    written = threading.Event()
+
+    def write_a_batch() -> None:
+        write(sink, [event("s-beside", 1, ts_ms=NOW_MS)])
+        written.set()
+
+    with sink.rollup.store._lock:  # what a long recompute holds
+        writer = threading.Thread(target=write_a_batch, daemon=True)
+        writer.start()
+        assert written.wait(30), "the sink waited for the rollup's connection"
+    writer.join(30)
+    sink.rollup.flush()
+    assert flow_session(store, "s-beside") == from_visible_events(store, "s-beside")
 
 
 def test_a_busy_worker_recomputes_less_often_and_still_within_the_busy_delay(store: Store) -> None:

@@ -7,11 +7,13 @@ schemas/clickhouse/008_rollups.sql says why the latest recompute is exact.
 
 Session ids are random, so one recompute's sessions sit in granules all over ``events``: the more sessions one query
 takes, the more of them share a granule and a read range, and the fewer rows are read per session. So touched
-sessions are collected and recomputed together: when the oldest waited ``max_delay_s`` (a daemon thread; live flows
-show up in flow_sessions within about a second), or — while the worker is busy (at least ``busy_pending_sessions``
-pending when that second is up: a backlog draining) — ``busy_max_delay_s``; when ``max_pending_sessions`` are
-pending, when rows were purged, and when the pipeline finishes. Draining a backlog, the longer wait halves the rows
-the recompute reads and the time it holds the store (README, "ClickHouse relations", has the figures). The sessions
+sessions are collected and recomputed together, by a daemon thread on a connection of its own (the sink's inserts go
+on meanwhile; live flows show up in flow_sessions within about a second): when the oldest waited ``max_delay_s``, or
+— while the worker is busy (at least ``busy_pending_sessions`` pending when that second is up: a backlog draining) —
+``busy_max_delay_s``; at once when ``max_pending_sessions`` are pending; and in the caller's thread when rows were
+purged (before the next batch), when twice ``max_pending_sessions`` are pending (the recompute fell behind the
+inserts: the sink waits for it, which bounds what is pending), and when the pipeline finishes. Draining a backlog,
+the longer wait halves the rows the recompute reads (README, "ClickHouse relations", has the figures). The sessions
 are recomputed ``chunk_sessions`` at a time, so the engine's memory for one recompute query stays bounded however
 many are pending. Sessions of batches acknowledged but not yet recomputed when a worker died are recomputed at its
 next start (store.CATCH_UP_SESSIONS, run by migrate).
@@ -65,7 +67,9 @@ class SessionRollup:
     """Keeps the rollup of the sessions one sink stored events for; ``stored`` is called after each stored batch.
 
     Thread-safe: the sink's writer thread adds sessions, a daemon thread recomputes what has waited longer than
-    ``max_delay_s`` (``busy_max_delay_s`` once ``busy_pending_sessions`` are pending)."""
+    ``max_delay_s`` (``busy_max_delay_s`` once ``busy_pending_sessions`` are pending) or as soon as
+    ``max_pending_sessions`` are pending. Give it a store of its own (``Store.companion``) for its recomputes to run
+    beside the sink's inserts instead of between them."""
 
     def __init__(self, store: Store, max_pending_sessions: int = 20000, max_delay_s: float = 1.0,
                  busy_pending_sessions: int = 2000, busy_max_delay_s: float = 3.0,
@@ -82,20 +86,24 @@ class SessionRollup:
         self._lock = threading.Lock()
         self._timer: threading.Thread | None = None
         self._closing = threading.Event()
+        self._wake = threading.Event()  # the timer thread re-checks what is pending (the state decides, not the event)
 
     def stored(self, sessions: Iterable[str],
                purged_pairs: Iterable[tuple[str, str]] = ()) -> None:
-        """Note a stored batch; recompute now when enough is pending or rows were purged, else within max_delay_s."""
+        """Note a stored batch: recompute in this thread when rows were purged or the recompute fell behind, else
+        in the timer thread (at once when enough is pending, else within max_delay_s)."""
         purged = list(purged_pairs)
         with self._lock:
             if not self._pending:
                 self._pending_since = time.monotonic()
             self._pending.update(sessions)
-            due = bool(purged) or len(self._pending) >= self.max_pending_sessions
-        if due:
+            pending = len(self._pending)
+        if purged or pending >= 2 * self.max_pending_sessions:
             self.flush(purged)
-        else:
-            self._start_timer()
+            return
+        self._start_timer()
+        if pending >= self.max_pending_sessions:
+            self._wake.set()
 
     def flush(self, purged_pairs: Iterable[tuple[str, str]] = ()) -> None:
         """Recompute every pending session; on failure they stay pending (and the error is raised)."""
@@ -113,6 +121,7 @@ class SessionRollup:
         """Stop the timer thread (waiting out a recompute it runs: the engine must not shut down under it), then
         recompute what is still pending. Raises the store's error if that fails (the next start catches up)."""
         self._closing.set()
+        self._wake.set()
         timer = self._timer
         if timer is not None:
             timer.join()
@@ -142,9 +151,13 @@ class SessionRollup:
                 if not self._pending:
                     self._timer = None  # under the lock: a batch stored from now on starts a new timer
                     return
-                wait_s = self._pending_since + self._delay_s() - time.monotonic()
+                if len(self._pending) >= self.max_pending_sessions:
+                    wait_s = 0.0
+                else:
+                    wait_s = self._pending_since + self._delay_s() - time.monotonic()
             if wait_s > 0:
-                self._closing.wait(wait_s)
+                self._wake.wait(wait_s)
+                self._wake.clear()
                 continue
             try:
                 self.flush()

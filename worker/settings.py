@@ -52,13 +52,13 @@ class Settings:
     stream_rescan_s: float = 2.0
 
     # Batching: a batch is flushed at max_rows or when its oldest entry waited max_wait_s.
-    # 10k rows keep chDB inserts efficient (~2.5 us/row) while the next batch fills during the insert;
-    # see README, "Benchmark" for the measurements behind these defaults.
-    batch_max_rows: int = 10000
+    # 20k rows: each insert creates a part in every table, merged again later, so halving the inserts of a backlog
+    # takes ~15 % off its drain (README, "Benchmark"); a live worker's batches are smaller (max_wait_s ends them).
+    batch_max_rows: int = 20000
     batch_max_wait_s: float = 0.25
     # Backpressure: at most this many entries read but not yet acknowledged. Two batches: one being
     # written while the next one fills; more only adds memory (and GC work) without adding overlap.
-    max_inflight_rows: int = 20000
+    max_inflight_rows: int = 40000
     # ... and at most this many bytes of entries (names + values as read): entries can be large (a 10 MB one
     # costs as much as 50k small ones). A batch flushes at half of it; reads shrink their COUNT after large
     # entries (README, "Reliability").

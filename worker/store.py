@@ -14,9 +14,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -189,8 +190,10 @@ class Store:
     """A clickhouse-connect client plus what flowtrack needs of it; thread-safe for one caller at a time."""
 
     def __init__(self, client: Any, description: str, embedded: bool, retention_days: int | None = None,
-                 cluster: ClusterDDL | None = None) -> None:
+                 cluster: ClusterDDL | None = None, connect: Callable[[], Any] | None = None) -> None:
         self.client = client
+        # Opens another client to the same store (companion()); None: this store has only the client it was given.
+        self._connect = connect
         self.description = description
         self.embedded = embedded
         # Applied as TTLs by migrate(); None keeps everything.
@@ -217,16 +220,29 @@ class Store:
             return store
         url = settings.clickhouse_url or ""
         tls: dict[str, Any] = {"ca_cert": settings.tls_ca_file} if settings.tls_ca_file else {}
-        try:
-            client = clickhouse_connect.get_client(
-                dsn=url, connect_timeout=5, send_receive_timeout=60, autogenerate_session_id=False, **tls,
-            )
-        except Exception as exc:  # clickhouse-connect raises several unrelated types for "down"
-            raise StoreUnavailableError(f"cannot reach ClickHouse at {redact_url(url)}: {connect_reason(exc)}") from exc
+
+        def connect() -> Any:
+            try:
+                return clickhouse_connect.get_client(
+                    dsn=url, connect_timeout=5, send_receive_timeout=60, autogenerate_session_id=False, **tls,
+                )
+            except Exception as exc:  # clickhouse-connect raises several unrelated types for "down"
+                raise StoreUnavailableError(
+                    f"cannot reach ClickHouse at {redact_url(url)}: {connect_reason(exc)}") from exc
+
         cluster = ClusterDDL(settings.clickhouse_cluster) if settings.clickhouse_cluster else None
         where = f" (cluster {settings.clickhouse_cluster})" if cluster else ""
-        return cls(client, f"ClickHouse {redact_url(url)}{where}", embedded=False,
-                   retention_days=settings.retention_days, cluster=cluster)
+        return cls(connect(), f"ClickHouse {redact_url(url)}{where}", embedded=False,
+                   retention_days=settings.retention_days, cluster=cluster, connect=connect)
+
+    def companion(self) -> Store:
+        """The same store over a connection of its own, for a thread whose queries must not wait for this store's
+        (the session rollup's recomputes beside the sink's inserts: README, "ClickHouse relations"). Each Store
+        runs one query at a time; the engine runs both at once. Itself when no other connection can be opened."""
+        if self._connect is None:
+            return self
+        return Store(self._connect(), f"{self.description} (second connection)", self.embedded,
+                     self.retention_days, self.cluster, self._connect)
 
     def close(self) -> None:
         if not self.embedded:
@@ -488,9 +504,18 @@ def _open_embedded(path: Path) -> Store:
             raise StoreUnavailableError(f"cannot open the embedded store {path}: {exc} {said[:300]}") from exc
         if any(engine_said):  # not about a failure: pass it on as it came
             sys.stderr.write("".join(engine_said))
-        store = Store(client, f"embedded store {path}", embedded=True)
+        store = Store(client, f"embedded store {path}", embedded=True, connect=partial(_connect_embedded, path))
         _embedded_stores[key] = store
         return store
+
+
+def _connect_embedded(path: Path) -> Any:
+    """One more client of an engine this process has opened already (chDB: any number per path, one path)."""
+    try:
+        with _without_pyarrow():
+            return clickhouse_connect.get_client(dsn=f"chdb://{path}")
+    except Exception as exc:
+        raise StoreUnavailableError(f"cannot open another connection to the embedded store {path}: {exc}") from exc
 
 
 def _require_chdb(path: Path) -> None:
