@@ -34,9 +34,11 @@ from worker.benchqueries import (
 from worker.benchstore import MARKER, plan_batches, prepare_directory
 from worker.errors import ConfigError
 from worker.grafana_sql import MacroError, QueryContext, render_sql
+from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-EVENTS = 20_000
+EVENTS = 45_000  # a few worker-sized batches (FLOWTRACK_BATCH_MAX_ROWS)
+BATCH_ROWS = Settings().batch_max_rows
 DASHBOARDS = ROOT / "grafana" / "dashboards"
 ALERTS = ROOT / "grafana" / "provisioning" / "alerting" / "flowtrack.yaml"
 
@@ -123,18 +125,21 @@ def test_a_cached_store_is_reused_and_a_foreign_directory_refused(bench_run: Run
     assert again["store"]["anchor_s"] == bench_run.result["store"]["anchor_s"]
     (tmp_path / "precious.txt").write_text("not a bench store")
     with pytest.raises(ConfigError):
-        prepare_directory(tmp_path, EVENTS, 7)
+        prepare_directory(tmp_path, EVENTS, 7, BATCH_ROWS)
     assert (tmp_path / "precious.txt").exists()
     assert not (tmp_path / MARKER).exists()
 
 
-def test_an_interrupted_or_other_bench_store_is_cleared_for_a_rebuild(tmp_path: Path) -> None:
-    for marker in ({"events": -1}, {"events": EVENTS, "seed": 8}, {"events": EVENTS + 1, "seed": 7}):
+def test_an_interrupted_or_other_bench_store_is_cleared_for_a_rebuild(bench_run: Run, tmp_path: Path) -> None:
+    current = json.loads((bench_run.store / MARKER).read_text())
+    assert prepare_directory(bench_run.store, EVENTS, 7, current["batch_rows"]) is not None  # the control
+    for changed in ({"events": -1}, {"seed": 8}, {"events": EVENTS + 1}, {"batch_rows": current["batch_rows"] * 2}):
+        marker = {**current, **changed}
         store = tmp_path / f"store-{len(list(tmp_path.iterdir()))}"
         store.mkdir()
         (store / MARKER).write_text(json.dumps(marker))
         (store / "data").mkdir()
-        assert prepare_directory(store, EVENTS, 7) is None
+        assert prepare_directory(store, EVENTS, 7, current["batch_rows"]) is None
         assert not store.exists() or not any(store.iterdir())
 
 

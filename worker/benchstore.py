@@ -78,9 +78,10 @@ class StoreInfo:
     path: str = ""
     disk_bytes: int = 0
 
-    def matches(self, events: int, seed: int, migrations: Sequence[str]) -> bool:
+    def matches(self, events: int, seed: int, migrations: Sequence[str], batch_rows: int) -> bool:
+        # batch_rows: the parts and merges a worker of today would leave behind follow its batch size
         return (self.events == events and self.seed == seed and self.shape_version == SHAPE_VERSION
-                and list(self.migrations) == list(migrations))
+                and list(self.migrations) == list(migrations) and self.batch_rows == batch_rows)
 
 
 def open_store(path: Path) -> Store:
@@ -113,11 +114,11 @@ def migration_ids() -> list[str]:
             for m in load_migrations()]
 
 
-def prepare_directory(path: Path, events: int, seed: int) -> StoreInfo | None:
+def prepare_directory(path: Path, events: int, seed: int, batch_rows: int) -> StoreInfo | None:
     """The cached store's info when it can be reused; else an empty directory (an old bench store is removed)."""
     migrations = migration_ids()
     info = read_marker(path)
-    if info is not None and info.matches(events, seed, migrations):
+    if info is not None and info.matches(events, seed, migrations, batch_rows):
         return info
     if path.exists() and any(path.iterdir()):
         if not (path / MARKER).exists():
@@ -352,9 +353,10 @@ def disk_bytes(store: Store) -> int:
 
 def ensure_store(path: Path, events: int, seed: int, progress: Progress,
                  settings: Settings | None = None) -> tuple[Store, StoreInfo]:
-    """Open (reusing a cached store with the same N, seed and migrations) or build the bench store."""
+    """Open (reusing a cached store with the same N, seed, migrations and batch size) or build the bench store."""
     path = path.resolve()
-    info = prepare_directory(path, events, seed)
+    settings = settings or Settings.from_env()
+    info = prepare_directory(path, events, seed, settings.batch_max_rows)
     if info is None:
         path.mkdir(parents=True, exist_ok=True)
         # Claimed before loading: an interrupted load leaves a marker that matches nothing, so it is rebuilt.
