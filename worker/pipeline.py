@@ -158,6 +158,7 @@ class Pipeline:
                 applied = await asyncio.to_thread(self.store.migrate)
                 if applied:
                     log.info("migrations applied: %s", ", ".join(applied))
+                sink = await asyncio.to_thread(Sink, self.store)  # opens the rollup's connection: may fail too
                 self.stats.record_store_reachable()
                 break
             except StoreUnavailableError as exc:
@@ -167,7 +168,7 @@ class Pipeline:
                 delay = backoff.next_delay()
                 log.warning("%s; retrying in %.1fs", exc, delay)
                 await self._sleep_unless_stopped(delay)
-        self._committer = Committer(Sink(self.store), self.source, self.stats, self.settings.retry_initial_s,
+        self._committer = Committer(sink, self.source, self.stats, self.settings.retry_initial_s,
                                     self.settings.retry_max_s, lambda: self.stopping, self.uncount_held)
         log.info("store ready: %s", self.store.description)
         return True
