@@ -62,7 +62,9 @@ class Settings:
     # ... and at most this many bytes of entries (names + values as read): entries can be large (a 10 MB one
     # costs as much as 50k small ones). A batch flushes at half of it; reads shrink their COUNT after large
     # entries (README, "Reliability").
-    max_inflight_bytes: int = 256 * 1024 * 1024
+    # 64 MiB: entries of a few KB (prompts, completions) reach it before max_inflight_rows, so their working set stays
+    # near what 20k rows of them used to be; 20 KB entries peaked at 1.4 GB under the former 256 MiB, 631 MB now.
+    max_inflight_bytes: int = 64 * 1024 * 1024
 
     # Reliability
     claim_idle_ms: int = 60000
