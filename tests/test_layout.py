@@ -292,6 +292,7 @@ def test_the_rollup_recomputes_beside_the_inserts_not_between_them(store: Store)
     """The recompute runs on a connection of its own: while one holds it, the next batch is still stored."""
     sink = Sink(store)
     assert sink.rollup.store is not sink.store
+    assert Sink(store).rollup.store is sink.rollup.store  # one second connection per store, however many sinks
     written = threading.Event()
 
     def write_a_batch() -> None:

@@ -194,6 +194,8 @@ class Store:
         self.client = client
         # Opens another client to the same store (companion()); None: this store has only the client it was given.
         self._connect = connect
+        self._companion: Store | None = None
+        self._companion_lock = threading.Lock()
         self.description = description
         self.embedded = embedded
         # Applied as TTLs by migrate(); None keeps everything.
@@ -238,11 +240,15 @@ class Store:
     def companion(self) -> Store:
         """The same store over a connection of its own, for a thread whose queries must not wait for this store's
         (the session rollup's recomputes beside the sink's inserts: README, "ClickHouse relations"). Each Store
-        runs one query at a time; the engine runs both at once. Itself when no other connection can be opened."""
+        runs one query at a time; the engine runs both at once. Itself when no other connection can be opened.
+        Opened once, then shared: every sink of this store recomputes over the same second connection."""
         if self._connect is None:
             return self
-        return Store(self._connect(), f"{self.description} (second connection)", self.embedded,
-                     self.retention_days, self.cluster, self._connect)
+        with self._companion_lock:
+            if self._companion is None:
+                self._companion = Store(self._connect(), f"{self.description} (second connection)", self.embedded,
+                                        self.retention_days, self.cluster)
+            return self._companion
 
     def close(self) -> None:
         if not self.embedded:
