@@ -5,6 +5,7 @@ No timing assertions: performance is asserted by the benchmark itself (`flowtrac
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from worker.bench import own_heap_only
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,3 +119,27 @@ def test_bench_refuses_an_unknown_shape() -> None:
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2
     assert "--shape must be one of flat-epoch, flat-iso, json, mixed" in proc.stderr + proc.stdout
+
+
+def test_a_consumer_loop_in_the_bench_process_does_not_pay_for_the_bench_bookkeeping() -> None:
+    """The floor and naive loops run in the bench's process: its heap (every produced id) is out of the collector's
+    sight meanwhile, while the loop's own cyclic garbage is still collected."""
+    bookkeeping = [(f"bench_events:{n % 100}", f"{n}-0") for n in range(10_000)]
+    gc.unfreeze()
+    with own_heap_only():
+        assert gc.get_freeze_count() >= len(bookkeeping)
+        collected = []
+
+        class Node:
+            def __del__(self) -> None:
+                collected.append(True)
+
+        node = Node()
+        node.self = node  # type: ignore[attr-defined]  # a cycle: only the collector frees it
+        del node
+        gc.collect()
+        assert collected == [True], "the loop's own garbage was not collected"
+    assert gc.get_freeze_count() == 0
+    with own_heap_only():  # the floor, then the naive consumer: each loop gets its own
+        assert gc.get_freeze_count() >= len(bookkeeping)
+    assert gc.get_freeze_count() == 0
