@@ -140,9 +140,15 @@ def test_cluster_kill9_worker_another_takes_over(cluster_run: MakeClusterRun) ->
     producer, _ = wl.produce_in_background(run.client, 24_000, rate_per_s=4000, malformed_every=83, chunk=50)
     wait_acked(run, 4000, w1, w2)
     w1.kill()
+    killed_at = time.monotonic()
     s = run.state()
     run.notes.append(f"w1 killed at {wl.written} written, {s.pending} pending")
-    time.sleep(2.5)  # past the claim idle time: w2 takes w1's pending entries over
+    # Past the claim idle time (1 s), w2 takes w1's pending entries over (~1.2 s after the kill here). Wait for it,
+    # not for a fixed time: on a loaded machine a restarted w1 could re-read its own entries first.
+    took_over_s = wait_for(lambda: any("reclaimed" in line for line in w2.lines), 30,
+                           "w2 to reclaim the killed worker's entries", workers=(w2,))
+    run.notes.append(f"w2 reclaimed {time.monotonic() - killed_at:.1f} s after the kill")
+    time.sleep(max(0.0, 2.5 - took_over_s))
     w1 = run.worker("w1", "store1")
     producer.join(60)
     recovery = run.wait_caught_up(120, w1, w2)
