@@ -500,8 +500,8 @@ def _open_embedded(path: Path) -> Store:
             raise StoreLockedError(_LOCK_HINT.format(path=path, pid=holder))
         engine_said: list[str] = []
         try:
-            with _stderr_captured(engine_said), _without_pyarrow():
-                client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
+            with _stderr_captured(engine_said):
+                client = _embedded_client(path)
         except Exception as exc:
             holder = embedded_store_holder(path)
             said = " ".join(" ".join(engine_said).split())
@@ -515,11 +515,16 @@ def _open_embedded(path: Path) -> Store:
         return store
 
 
+def _embedded_client(path: Path) -> Any:
+    """A clickhouse-connect client of the embedded engine at path (chDB: any number per path, one path per process)."""
+    with _without_pyarrow():
+        return clickhouse_connect.get_client(dsn=f"chdb://{path}")
+
+
 def _connect_embedded(path: Path) -> Any:
-    """One more client of an engine this process has opened already (chDB: any number per path, one path)."""
+    """One more client of an engine this process has opened already (Store.companion)."""
     try:
-        with _without_pyarrow():
-            return clickhouse_connect.get_client(dsn=f"chdb://{path}")
+        return _embedded_client(path)
     except Exception as exc:
         raise StoreUnavailableError(f"cannot open another connection to the embedded store {path}: {exc}") from exc
 
