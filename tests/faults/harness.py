@@ -364,6 +364,20 @@ def group_state(client: AnyRedis, group: str = GROUP) -> GroupState:
     return state
 
 
+def pending_by_consumer(client: AnyRedis, group: str = GROUP) -> dict[str, int]:
+    """Entries pending in the group per consumer, over every stream (XPENDING summaries)."""
+    counts: dict[str, int] = {}
+    for key in client.scan_iter(match=f"{STREAM_PREFIX}*", count=1000, _type="stream"):
+        try:
+            summary = client.xpending(key, group)
+        except redis.ResponseError:
+            continue
+        for consumer in summary.get("consumers") or ():
+            name = consumer["name"].decode() if isinstance(consumer["name"], bytes) else consumer["name"]
+            counts[name] = counts.get(name, 0) + int(consumer["pending"])
+    return counts
+
+
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.02,
              workers: tuple[Worker, ...] = ()) -> float:
     """Poll until predicate() holds; returns the seconds waited. Fails with the workers' logs on timeout."""
