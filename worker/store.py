@@ -155,9 +155,25 @@ RECOMPUTE_SESSIONS_WHERE = (
 # A worker recomputes the sessions of acknowledged batches shortly after (worker/rollup.py); what a stopped worker
 # left pending is recomputed at the next start: every session with events stored since 10 minutes before the
 # latest recompute (an insert that began before a recompute can finish after it; inserts time out well within).
+_RECENT = "(SELECT max(computed_at) FROM flowtrack.sessions) - INTERVAL 10 MINUTE"
 CATCH_UP_SESSIONS = RECOMPUTE_SESSIONS_WHERE + (  # noqa: S608 (constants only)
-    "session_id IN (SELECT session_id FROM flowtrack.events_by_time "
-    "WHERE ingested_at >= (SELECT max(computed_at) FROM flowtrack.sessions) - INTERVAL 10 MINUTE)"
+    f"session_id IN (SELECT session_id FROM flowtrack.events_by_time WHERE ingested_at >= {_RECENT})"  # noqa: S608
+)
+# An embedded engine killed mid-insert (kill -9, OOM) can leave an insert half done: the ``events`` part written, the
+# part its materialized view writes to ``events_by_time`` not. A successor re-inserting those entries into the same
+# store heals it; one reclaiming them into a store of its own never does, and the rows would stay missing from
+# every time-ordered panel and from the rollup. So at start, events stored in the catch-up window (read from the
+# parts written since) whose time-ordered copy is missing get it, before the catch-up recomputes their sessions.
+HEAL_EVENTS_BY_TIME = (  # constants only
+    "INSERT INTO flowtrack.events_by_time "  # noqa: S608
+    "(ts, session_id, event_id, user_id, node_id, parent_id, event_type, is_end, is_error, ingested_at) "
+    "SELECT ts, session_id, event_id, user_id, node_id, parent_id, event_type, is_end, is_error, ingested_at "
+    "FROM flowtrack.events "
+    "WHERE _part IN (SELECT name FROM system.parts WHERE database = 'flowtrack' AND table = 'events' AND active "
+    f"AND toDateTime64(modification_time, 6, 'UTC') + INTERVAL 1 SECOND >= {_RECENT}) "
+    f"AND ingested_at >= {_RECENT} "
+    "AND (session_id, event_id, ingested_at) NOT IN (SELECT session_id, event_id, ingested_at "
+    f"FROM flowtrack.events_by_time WHERE ingested_at >= {_RECENT})"
 )
 _BROKEN_ROLLUP_PARTS = (
     "SELECT table, name FROM system.detached_parts WHERE database = 'flowtrack' "
@@ -297,6 +313,8 @@ class Store:
                 applied.append(migration.name)
                 log.info("applied migration %s", migration.name)
             self._apply_retention()
+            if self.embedded and plan is None:
+                self.client.command(HEAL_EVENTS_BY_TIME, settings=settings)
             self.client.command(CATCH_UP_SESSIONS, settings=settings)
             # The heal works around chDB finishing an INSERT … SELECT it could not write (embedded only). A server
             # reports such a failure; replicas fetch broken parts from each other; and the writer user of the

@@ -258,6 +258,7 @@ class ClusterFaultRun(FaultRun):
         self.started = time.monotonic()
         self.notes = []
         self.failures = []
+        self.handed_over = set()
         self._check_spread()
 
     @property
@@ -328,7 +329,7 @@ class ClusterFaultRun(FaultRun):
         visible = {e for snap in snapshots for e in snap["event_ids"]}
         rejected = {(r[0], r[1]) for snap in snapshots for r in snap["rejected"]}
         res = self.resolution = resolve(self.cluster_workload, present, visible, rejected, self.kills)
-        result = tally(self.scenario, res.expected, snapshots, self.client)
+        result = tally(self.scenario, res.expected, snapshots, self.client, handed_over=self.handed_over)
         result.redis_lost = res.redis_lost
         self.notes += res.notes
         self.failures += res.failures

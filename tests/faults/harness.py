@@ -11,6 +11,10 @@ and compared:
 - lost       = produced - stored
 - duplicates = visible rows beyond the first per event id (+ rejected rows beyond the first per entry, + ids
                visible in more than one store when competing workers each own a store)
+- handed_over_copies = ids visible once in each of two stores because a SIGKILLed worker had stored them without
+               acknowledging (they were pending on it at the kill) and the worker that reclaimed them stored them
+               again in a store of its own: at-least-once delivery, which one shared store shows once (FINAL).
+               Counted apart, not as duplicates, only for ids the scenario names (``FaultRun.handed_over``)
 - rejected   = distinct entries in ``flowtrack.rejected_events``; must be exactly the malformed + poison ones
 - pending    = entries still pending in the group afterwards (must be 0); unread = lag (must be 0)
 
@@ -378,6 +382,20 @@ def pending_by_consumer(client: AnyRedis, group: str = GROUP) -> dict[str, int]:
     return counts
 
 
+def pending_entries(client: AnyRedis, consumer: str, group: str = GROUP) -> set[Key]:
+    """(stream, entry id) of every entry pending on one consumer of the group, over every stream."""
+    held: set[Key] = set()
+    for key in client.scan_iter(match=f"{STREAM_PREFIX}*", count=1000, _type="stream"):
+        try:
+            rows = client.xpending_range(key, group, min="-", max="+", count=1_000_000, consumername=consumer)
+        except redis.ResponseError:
+            continue
+        stream = key.decode() if isinstance(key, bytes) else key
+        held.update((stream, row["message_id"].decode() if isinstance(row["message_id"], bytes)
+                     else row["message_id"]) for row in rows)
+    return held
+
+
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.02,
              workers: tuple[Worker, ...] = ()) -> float:
     """Poll until predicate() holds; returns the seconds waited. Fails with the workers' logs on timeout."""
@@ -437,6 +455,7 @@ class Tally:
     unexpected_visible: int = 0
     session_skew: int = 0
     physical_copies: int = 0
+    handed_over_copies: int = 0    # see the module doc: a killed worker's stored-but-unacked ids, one per store
     pending: int = 0
     unread: int = 0
     redis_lost: int = 0            # acknowledged XADDs Redis itself lost (asynchronous failover), never stored
@@ -484,18 +503,26 @@ class Tally:
 
 
 def tally(scenario: str, workload: Workload, snapshots: list[dict[str, Any]], client: AnyRedis | None,
-          group: str = GROUP) -> Tally:
-    """Compare what the stores hold (one snapshot per store) with what was written."""
+          group: str = GROUP, handed_over: frozenset[Key] | set[Key] = frozenset()) -> Tally:
+    """Compare what the stores hold (one snapshot per store) with what was written. ``handed_over``: entries
+    whose one copy in each of two stores is at-least-once redelivery across separate stores (module doc)."""
     visible: Counter[str] = Counter()
     rejected: Counter[Key] = Counter()
     session_skew = 0
     physical_copies = 0
+    stores_holding: Counter[str | Key] = Counter()
     for snap in snapshots:
         ids = snap["event_ids"]
         visible.update(ids)
-        rejected.update((r[0], r[1]) for r in snap["rejected"])
+        stores_holding.update(set(ids))
+        keys = [(r[0], r[1]) for r in snap["rejected"]]
+        rejected.update(keys)
+        stores_holding.update(set(keys))
         session_skew += int(snap["session_event_sum"]) - len(set(ids))
         physical_copies += int(snap["physical_rows"]) - int(snap["physical_distinct"])
+    handed_ids = [event_id for event_id, key in workload.expected.items() if key in handed_over]
+    handed_over_copies = (sum(1 for e in handed_ids if visible[e] == 2 and stores_holding[e] == 2)
+                          + sum(1 for k in handed_over if rejected[k] == 2 and stores_holding[k] == 2))
     expected = set(workload.expected)
     stored = len(expected & visible.keys())
     expected_rejected = workload.expected_rejected
@@ -506,7 +533,8 @@ def tally(scenario: str, workload: Workload, snapshots: list[dict[str, Any]], cl
         produced=len(expected),
         stored=stored,
         lost=len(expected) - stored,
-        duplicates=sum(c - 1 for c in visible.values() if c > 1) + sum(c - 1 for c in rejected.values() if c > 1),
+        duplicates=sum(c - 1 for c in visible.values() if c > 1) + sum(c - 1 for c in rejected.values() if c > 1)
+        - handed_over_copies,
         rejected=len(rejected),
         expected_rejected=len(expected_rejected),
         rejected_missing=len(expected_rejected - rejected.keys()),
@@ -514,6 +542,7 @@ def tally(scenario: str, workload: Workload, snapshots: list[dict[str, Any]], cl
         unexpected_visible=len(visible.keys() - expected),
         session_skew=session_skew,
         physical_copies=physical_copies,
+        handed_over_copies=handed_over_copies,
         pending=state.pending,
         unread=state.lag,
     )
@@ -546,6 +575,8 @@ class FaultRun:
         self.started = time.monotonic()
         self.notes: list[str] = []
         self.failures: list[str] = []
+        # entries a SIGKILLed worker held unacknowledged (see ``tally``)
+        self.handed_over: set[Key] = set()
 
     @property
     def redis_url(self) -> str:
@@ -625,7 +656,7 @@ class FaultRun:
 
     def count(self, snapshots: list[dict[str, Any]]) -> Tally:
         """What the stores hold against what was written."""
-        return tally(self.scenario, self.workload, snapshots, self.client)
+        return tally(self.scenario, self.workload, snapshots, self.client, handed_over=self.handed_over)
 
     def close(self) -> None:
         for w in self.workers:
