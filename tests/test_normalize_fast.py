@@ -122,3 +122,54 @@ def test_whole_entries_normalize_the_same_through_either_path() -> None:
             assert isinstance(checked, str) and checked == f"rejected: {item.reason}"
         else:
             assert item == checked
+
+
+class PythonOnly(Normalizer):
+    native = None
+
+
+def _as_entry(record: dict[str, Any], rng: random.Random) -> list[bytes]:
+    """A record as Redis would hand it over: flat text fields, or a ``data``/``payload`` JSON envelope (with a flat
+    field or two beside it), sometimes with a repeated name or a hostile byte."""
+    if rng.random() < 0.5:
+        pairs = [part.encode() for key, value in record.items() if isinstance(value, str) for part in (key, value)]
+    else:
+        envelope = rng.choice(("data", "payload"))
+        pairs = [envelope.encode(), nz.orjson.dumps(record)]
+        if rng.random() < 0.3:
+            pairs += [b"user_id", rng.choice((b"7", b"", b" "))]
+    roll = rng.random()
+    if roll < 0.05:
+        pairs += [b"attr0", b"\xff"]             # not UTF-8
+    elif roll < 0.1:
+        pairs += [b"k\x00", b"v"]                # a NUL inside a name
+    elif roll < 0.15 and pairs:
+        pairs += pairs[:2]                       # a repeated name
+    elif roll < 0.17:
+        pairs += [b"big", b"x" * nz.MAX_ENTRY_BYTES]
+    return pairs
+
+
+@pytest.mark.skipif(Normalizer.native is None, reason="the C hot path is not built here (no C compiler); "
+                    "tests/test_fastpath_build.py fails where a compiler is present and it was not built")
+@pytest.mark.parametrize("seed", range(6))
+def test_the_c_hot_path_gives_what_the_python_path_gives(seed: int) -> None:
+    """Whole entries, flat and enveloped, odd and plain: the same event or the same rejection with or without the C
+    hot path, and the C path does take the plain ones."""
+    rng = random.Random(1000 + seed)
+    with_c, python = Normalizer(), PythonOnly()
+    native = Normalizer.native
+    assert native is not None
+    native_hits = 0
+    for _ in range(3000):
+        stream, entry_id = rng.choice(STREAMS), rng.choice(ENTRY_IDS)
+        pairs = _as_entry(_record(rng), rng)
+        got = with_c.normalize_pairs(stream, entry_id, list(pairs))
+        assert got == python.normalize_pairs(stream, entry_id, list(pairs)), (stream, entry_id, pairs)
+        if pairs:
+            direct = native(stream, entry_id, list(pairs), nz.join_entry(pairs), with_c.end_types,
+                            with_c.error_types)
+            if direct is not None:
+                native_hits += 1
+                assert type(direct) is FlowEvent and direct == got
+    assert native_hits > 300

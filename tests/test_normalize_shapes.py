@@ -15,21 +15,44 @@ from worker.producer import ProduceConfig, encode_entry, generate_flows, interle
 
 
 class CheckedOnly(Normalizer):
-    """The checked path alone: the fast path always defers."""
+    """The checked path alone: the fast paths (C and Python) always defer."""
+
+    native = None
 
     def _build_fast(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         return None
 
 
 class CountingFast(Normalizer):
-    def __init__(self) -> None:
+    """The fast path under test, counting the entries it takes: the C hot path (then the Python fast path behind
+    it), or the Python fast path alone."""
+
+    def __init__(self, hot_path: str = "python") -> None:
         super().__init__()
         self.fast_hits = 0
+        self.native_hits = 0
+        native = Normalizer.native if hot_path == "c" else None
+        if hot_path == "c":
+            assert native is not None, "the C hot path is not built"
+
+        def counted(*args: Any) -> FlowEvent | None:
+            assert native is not None
+            event: FlowEvent | None = native(*args)
+            self.fast_hits += event is not None
+            self.native_hits += event is not None
+            return event
+
+        self.native = counted if native is not None else None
 
     def _build_fast(self, *args: Any, **kwargs: Any) -> FlowEvent | None:
         event = super()._build_fast(*args, **kwargs)
         self.fast_hits += event is not None
         return event
+
+
+HOT_PATHS = ["python", pytest.param("c", marks=pytest.mark.skipif(
+    Normalizer.native is None, reason="the C hot path is not built here (no C compiler); "
+    "tests/test_fastpath_build.py fails where a compiler is present and it was not built"))]
 
 
 def _entries(shape: str, count: int, seed: int) -> list[tuple[str, str, list[bytes], bool]]:
@@ -46,9 +69,10 @@ def _entries(shape: str, count: int, seed: int) -> list[tuple[str, str, list[byt
     return out
 
 
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
 @pytest.mark.parametrize("shape", ["flat-epoch", "flat-iso", "json", "mixed"])
-def test_every_shape_normalizes_the_same_through_either_path(shape: str) -> None:
-    fast, checked = CountingFast(), CheckedOnly()
+def test_every_shape_normalizes_the_same_through_either_path(shape: str, hot_path: str) -> None:
+    fast, checked = CountingFast(hot_path), CheckedOnly()
     entries = _entries(shape, 4000, seed=len(shape))
     for stream, entry_id, pairs, valid in entries:
         got = fast.normalize_pairs(stream, entry_id, list(pairs))
@@ -57,6 +81,8 @@ def test_every_shape_normalizes_the_same_through_either_path(shape: str) -> None
         assert isinstance(got, FlowEvent) == valid, (pairs, got)
     valid_count = sum(valid for *_, valid in entries)
     assert fast.fast_hits >= 0.95 * valid_count  # ISO-8601 and JSON values no longer leave the fast path
+    if hot_path == "c":
+        assert fast.native_hits >= 0.95 * valid_count  # and the C hot path takes them
     if shape == "mixed":
         assert valid_count < len(entries)  # the mixed shape does hold invalid entries
 
@@ -73,9 +99,10 @@ STAMPS: list[Any] = [
 ]
 
 
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
 @pytest.mark.parametrize("envelope", ["", "data", "payload"])
-def test_timestamp_forms_agree_and_reject_alike(envelope: str) -> None:
-    fast, checked = Normalizer(), CheckedOnly()
+def test_timestamp_forms_agree_and_reject_alike(envelope: str, hot_path: str) -> None:
+    fast, checked = CountingFast(hot_path), CheckedOnly()
     for n, stamp in enumerate(STAMPS):
         body: dict[str, Any] = {"session_id": "s-1", "node_id": "n-1", "event_type": "llm_call", "timestamp": stamp}
         if envelope:
@@ -105,8 +132,9 @@ def test_timestamp_forms_agree_and_reject_alike(envelope: str) -> None:
     [b"session_id", b"s", b"node_id", b"n", b"event_type", b"", b"k", b""],       # empty values
     [b"data", b'{"session_id": "s", "node_id": "n", "event_type": "t", "z": "\\u0000"}'],
 ])
-def test_the_joined_decode_gives_what_the_per_field_decode_gives(pairs: list[bytes]) -> None:
-    normalizer = Normalizer()
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_the_joined_decode_gives_what_the_per_field_decode_gives(pairs: list[bytes], hot_path: str) -> None:
+    normalizer = CountingFast(hot_path)
     got = normalizer.normalize_pairs("flow_events:7", "1700000000000-0", list(pairs))
     expected = normalizer.normalize("flow_events:7", "1700000000000-0", dict(zip(pairs[::2], pairs[1::2],
                                                                                  strict=True)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -178,6 +178,10 @@ def printable(key: str) -> str:
 class Normalizer:
     """Holds the configuration that classifies events; ``normalize`` is a pure function of its input."""
 
+    # worker/_fastpath.c's normalize_pairs, or None where it was not built (set at the end of this module): it
+    # returns the event _build_fast would, or None for anything else, which the Python path then decides.
+    native: Callable[..., Any] | None = None
+
     def __init__(self, end_event_types: Iterable[str] = ("flow_completed",),
                  error_event_types: Iterable[str] = ("error",)) -> None:
         self.end_types = frozenset(end_event_types)
@@ -202,15 +206,21 @@ class Normalizer:
                         joined: bytes | None = None) -> FlowEvent | Rejection:
         """The same as ``normalize``, for fields as Redis sends them: a flat [name, value, name, value, …] list.
 
-        The worker's hot path: decoding straight from the reply list in C-level loops skips building a bytes
-        dict per entry first. Anything unusual (invalid UTF-8, an oversized entry) takes the checked path.
-        The caller checks the stream key once per stream (``is_text``), not here once per entry; ``joined`` is
-        ``join_entry(pairs)`` when the caller has built it already (it counts the entry's bytes with it).
+        The worker's hot path: the C hot path (``native``) first, where it was built; then decoding straight
+        from the reply list in C-level loops skips building a bytes dict per entry first. Anything unusual
+        (invalid UTF-8, an oversized entry) takes the checked path. The caller checks the stream key once per
+        stream (``is_text``), not here once per entry; ``joined`` is ``join_entry(pairs)`` when the caller has
+        built it already (it counts the entry's bytes with it).
         """
         if not pairs:
             return self.normalize(stream, entry_id, None)
         if joined is None:
             joined = join_entry(pairs)
+        native = self.native
+        if native is not None:
+            event = native(stream, entry_id, pairs, joined, self.end_types, self.error_types)
+            if event is not None:
+                return event  # type: ignore[no-any-return]
         try:
             # One decode of the joined entry instead of one per name and value (valid UTF-8 as a whole exactly when
             # every part is: the NUL between parts ends any multi-byte sequence); a NUL inside a name or value
@@ -550,3 +560,17 @@ def reject_key(stream: str, entry_id: str, raw: str) -> Rejection:
 def _json_type(value: Any) -> str:
     return {dict: "an object", list: "an array", float: "a number", int: "an integer",
             bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
+def _load_native() -> Callable[..., Any] | None:
+    """The C hot path, configured with the Python pieces it calls, or None where it was not built."""
+    try:
+        from worker import _fastpath  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    _fastpath.configure(FlowEvent, _unwrap, _common_timestamp_ms, content_digest, orjson.dumps)
+    native: Callable[..., Any] = _fastpath.normalize_pairs
+    return native
+
+
+Normalizer.native = _load_native()
