@@ -173,3 +173,52 @@ def test_the_c_hot_path_gives_what_the_python_path_gives(seed: int) -> None:
                 native_hits += 1
                 assert type(direct) is FlowEvent and direct == got
     assert native_hits > 300
+
+
+_STREAM = "flow_events:7"
+needs_c = pytest.mark.skipif(Normalizer.native is None, reason="the C hot path is not built here (no C compiler)")
+
+
+@needs_c
+def test_the_c_content_digest_is_blake2b_at_every_length() -> None:
+    """Derived ids carry a BLAKE2b digest of the entry's bytes, computed in C: the same as hashlib's over entry sizes
+    across one, two and three 128-byte blocks and their exact boundaries, and over bytes that are not ASCII."""
+    with_c, python = Normalizer(), PythonOnly()
+    base = [b"session_id", b"s", b"node_id", b"n", b"event_type", b"t", b"pad"]
+    for size in [*range(0, 420), 1023, 1024, 1025]:
+        pairs = [*base, ("é" * (size // 2) + "x" * (size % 2)).encode()]
+        got = with_c.normalize_pairs("flow_events:7", "1700000000000-0", list(pairs))
+        assert isinstance(got, FlowEvent) and got == python.normalize_pairs("flow_events:7", "1700000000000-0",
+                                                                            list(pairs)), size
+        assert got.event_id.endswith(nz.content_digest(nz.join_entry(pairs)))
+
+
+@needs_c
+@pytest.mark.parametrize("seed", range(3))
+def test_the_c_iso_parse_gives_what_fromisoformat_gives(seed: int) -> None:
+    """ISO-8601 text parsed in C (its common forms) gives the Python path's ms, or defers to it: random dates (leap
+    days, month ends, bad days), times, fractions of 0 to 8 digits, Z / offsets / naive, odd separators."""
+    rng = random.Random(seed)
+    with_c, python = Normalizer(), PythonOnly()
+    native = Normalizer.native
+    assert native is not None
+    taken = 0
+    for n in range(4000):
+        year = rng.choice((1969, 1970, 1971, 2000, 2024, 2026, 2100, 2199, 2200, rng.randint(1, 9999)))
+        month, day = rng.randint(0, 13), rng.choice((1, 28, 29, 30, 31, 32, rng.randint(0, 31)))
+        hour, minute, second = rng.randint(0, 24), rng.randint(0, 60), rng.choice((0, 59, 60, rng.randint(0, 59)))
+        sep = rng.choice("TTTT t_")
+        fraction = rng.choice(("", "", ".", "." + "".join(rng.choice("0123456789")
+                                                          for _ in range(rng.randint(1, 8)))))
+        zone = rng.choice(("", "Z", "Z", "z", "+02:00", "-05:30", "+23:59", "+24:00", "+0200", "+02:00:30",
+                           f"{rng.choice('+-')}{rng.randint(0, 25):02d}:{rng.randint(0, 61):02d}"))
+        text = f"{year:04d}-{month:02d}-{day:02d}{sep}{hour:02d}:{minute:02d}:{second:02d}{fraction}{zone}"
+        pairs = [b"session_id", b"s", b"node_id", b"n", b"event_type", b"t", b"timestamp", text.encode()]
+        entry_id = f"1700000000000-{n}"
+        got = with_c.normalize_pairs("flow_events:7", entry_id, list(pairs))
+        assert got == python.normalize_pairs("flow_events:7", entry_id, list(pairs)), text
+        direct = native(_STREAM, entry_id, list(pairs), nz.join_entry(pairs), with_c.end_types, with_c.error_types)
+        if direct is not None:
+            assert direct == got, text
+            taken += 1
+    assert taken > 400  # the C parse takes the common forms itself

@@ -4,12 +4,14 @@
  * would, so both give the same events (tests/test_normalize_shapes.py runs them side by side); every rejection is
  * the Python path's. Optional: built when a C compiler is present (hatch_build.py), else the Python path alone runs.
  *
- * What stays in Python, called from here: the envelope's JSON (normalize._unwrap, orjson), timestamps that are not
- * plain epoch digits (normalize._common_timestamp_ms), the content digest of derived ids (normalize.content_digest)
- * and JSON text of non-string attribute values (orjson.dumps). */
+ * Called from here: orjson to read an envelope's JSON and to write non-string attribute values as JSON text, and
+ * normalize._common_timestamp_ms for timestamps that are neither epoch digits nor the common ISO-8601 forms. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 #define MAX_ID_CHARS 256
 #define MAX_EVENT_TYPE_CHARS 128
@@ -18,26 +20,29 @@
 #define SECONDS_MS_BOUNDARY 100000000000LL
 #define MAX_TS_MS 7258118400000LL
 #define FLOW_EVENT_FIELDS 12
+#define CONTENT_DIGEST_BYTES 6
 
 /* Set once by configure(): the FlowEvent type and the Python helpers named above. */
 static PyTypeObject *flow_event_type = NULL;
-static PyObject *unwrap_fn = NULL;
+static PyObject *loads_fn = NULL;
 static PyObject *common_ts_fn = NULL;
-static PyObject *digest_fn = NULL;
 static PyObject *dumps_fn = NULL;
 
 static PyObject *s_session_id, *s_node_id, *s_event_type, *s_user_id, *s_parent_id, *s_timestamp, *s_event_id,
     *s_data, *s_payload, *s_empty;
 
+static PyObject *reserved[7];
+static Py_hash_t reserved_hash[7];
+
+/* A key of the contract's own fields? By hash first (a str caches its hash; dict keys have theirs computed). */
 static int is_reserved(PyObject *key) {
-    /* Interned names compare by pointer first; a key built from the entry is compared by value. */
-    PyObject *names[7] = {s_session_id, s_node_id, s_event_type, s_user_id, s_parent_id, s_timestamp, s_event_id};
-    Py_ssize_t len = PyUnicode_GET_LENGTH(key);
-    for (int i = 0; i < 7; i++) {
-        if (key == names[i]) return 1;
+    Py_hash_t hash = PyObject_Hash(key);
+    if (hash == -1) {
+        PyErr_Clear();
+        return 0;
     }
     for (int i = 0; i < 7; i++) {
-        if (len == PyUnicode_GET_LENGTH(names[i]) && PyUnicode_Compare(key, names[i]) == 0) return 1;
+        if (hash == reserved_hash[i] && (key == reserved[i] || PyUnicode_Compare(key, reserved[i]) == 0)) return 1;
     }
     return 0;
 }
@@ -86,6 +91,161 @@ static long long entry_id_ms(PyObject *entry_id) {
     return ascii_digits(entry_id, 0, dash, 18);
 }
 
+/* -- BLAKE2b (RFC 7693), unkeyed, for the content digest of derived event ids: the same bytes as Python's
+ * hashlib.blake2b(joined, digest_size=6).hexdigest() (tests/test_normalize_fast.py compares them). */
+
+static const uint64_t blake2b_iv[8] = {
+    0x6a09e667f3bcc908ULL, 0xbb67ae8584caa73bULL, 0x3c6ef372fe94f82bULL, 0xa54ff53a5f1d36f1ULL,
+    0x510e527fade682d1ULL, 0x9b05688c2b3e6c1fULL, 0x1f83d9abfb41bd6bULL, 0x5be0cd19137e2179ULL,
+};
+
+static const uint8_t blake2b_sigma[12][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+    {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4}, {7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8},
+    {9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13}, {2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9},
+    {12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11}, {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
+    {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5}, {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+};
+
+static inline uint64_t rotr64(uint64_t x, int n) { return (x >> n) | (x << (64 - n)); }
+
+static inline uint64_t load64_le(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+#define B2B_G(a, b, c, d, x, y)         \
+    do {                                \
+        v[a] = v[a] + v[b] + (x);       \
+        v[d] = rotr64(v[d] ^ v[a], 32); \
+        v[c] = v[c] + v[d];             \
+        v[b] = rotr64(v[b] ^ v[c], 24); \
+        v[a] = v[a] + v[b] + (y);       \
+        v[d] = rotr64(v[d] ^ v[a], 16); \
+        v[c] = v[c] + v[d];             \
+        v[b] = rotr64(v[b] ^ v[c], 63); \
+    } while (0)
+
+static void blake2b_compress(uint64_t h[8], const uint8_t block[128], uint64_t bytes_so_far, int last) {
+    uint64_t v[16], m[16];
+    for (int i = 0; i < 8; i++) {
+        v[i] = h[i];
+        v[i + 8] = blake2b_iv[i];
+    }
+    v[12] ^= bytes_so_far;  /* the high word of the 128-bit counter stays 0: entries are < 2**64 bytes */
+    if (last) v[14] = ~v[14];
+    for (int i = 0; i < 16; i++) m[i] = load64_le(block + 8 * i);
+    for (int r = 0; r < 12; r++) {
+        const uint8_t *s = blake2b_sigma[r];
+        B2B_G(0, 4, 8, 12, m[s[0]], m[s[1]]);
+        B2B_G(1, 5, 9, 13, m[s[2]], m[s[3]]);
+        B2B_G(2, 6, 10, 14, m[s[4]], m[s[5]]);
+        B2B_G(3, 7, 11, 15, m[s[6]], m[s[7]]);
+        B2B_G(0, 5, 10, 15, m[s[8]], m[s[9]]);
+        B2B_G(1, 6, 11, 12, m[s[10]], m[s[11]]);
+        B2B_G(2, 7, 8, 13, m[s[12]], m[s[13]]);
+        B2B_G(3, 4, 9, 14, m[s[14]], m[s[15]]);
+    }
+    for (int i = 0; i < 8; i++) h[i] ^= v[i] ^ v[i + 8];
+}
+
+/* Lowercase hex of the first CONTENT_DIGEST_BYTES bytes of BLAKE2b(data) with that digest size. */
+static void content_digest_hex(const uint8_t *data, Py_ssize_t len, char out[2 * CONTENT_DIGEST_BYTES]) {
+    uint64_t h[8];
+    memcpy(h, blake2b_iv, sizeof h);
+    h[0] ^= 0x01010000ULL ^ CONTENT_DIGEST_BYTES;  /* parameter block: digest length, no key, fanout/depth 1 */
+    uint64_t done = 0;
+    while (len - (Py_ssize_t)done > 128) {
+        blake2b_compress(h, data + done, done + 128, 0);
+        done += 128;
+    }
+    uint8_t block[128] = {0};
+    memcpy(block, data + done, (size_t)(len - (Py_ssize_t)done));
+    blake2b_compress(h, block, (uint64_t)len, 1);
+    static const char hex[] = "0123456789abcdef";
+    for (int i = 0; i < CONTENT_DIGEST_BYTES; i++) {
+        uint8_t byte = (uint8_t)(h[i / 8] >> (8 * (i % 8)));
+        out[2 * i] = hex[byte >> 4];
+        out[2 * i + 1] = hex[byte & 15];
+    }
+}
+
+/* -- ISO-8601: the common forms, computed as round(datetime.fromisoformat(text).timestamp() * 1000) is (naive =
+ * UTC): YYYY-MM-DD, 'T' or ' ', HH:MM:SS, an optional fraction of 1 to 6 digits, then nothing, 'Z' or +HH:MM /
+ * -HH:MM. Anything else (and any value fromisoformat would refuse) returns -1: the Python path decides it. */
+
+static int digits_at(const Py_UCS1 *c, Py_ssize_t at, int count) {
+    int value = 0;
+    for (int i = 0; i < count; i++) {
+        if (c[at + i] < '0' || c[at + i] > '9') return -1;
+        value = value * 10 + (c[at + i] - '0');
+    }
+    return value;
+}
+
+/* Days from 1970-01-01 to a proleptic Gregorian date (valid dates only). */
+static long long days_from_civil(long long y, int m, int d) {
+    y -= m <= 2;
+    long long era = (y >= 0 ? y : y - 399) / 400;
+    long long yoe = y - era * 400;
+    long long doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    long long doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+static int days_in_month(int y, int m) {
+    static const int days[12] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    if (m == 2 && ((y % 4 == 0 && y % 100 != 0) || y % 400 == 0)) return 29;
+    return days[m - 1];
+}
+
+static long long iso_ms(PyObject *text) {
+    if (!PyUnicode_IS_ASCII(text)) return -1;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    const Py_UCS1 *c = PyUnicode_1BYTE_DATA(text);
+    if (n < 19 || c[4] != '-' || c[7] != '-' || (c[10] != 'T' && c[10] != ' ') || c[13] != ':' || c[16] != ':')
+        return -1;
+    int year = digits_at(c, 0, 4), month = digits_at(c, 5, 2), day = digits_at(c, 8, 2);
+    int hour = digits_at(c, 11, 2), minute = digits_at(c, 14, 2), second = digits_at(c, 17, 2);
+    if (year < 1 || month < 1 || month > 12 || day < 1 || hour < 0 || hour > 23 || minute < 0 || minute > 59
+        || second < 0 || second > 59 || day > days_in_month(year, month)) return -1;
+    Py_ssize_t at = 19;
+    long long micros = 0;
+    if (at < n && c[at] == '.') {
+        int digits = 0;
+        at++;
+        while (at < n && c[at] >= '0' && c[at] <= '9') {
+            if (++digits > 6) return -1;
+            micros = micros * 10 + (c[at] - '0');
+            at++;
+        }
+        if (digits == 0) return -1;
+        for (int i = digits; i < 6; i++) micros *= 10;
+    }
+    long long offset_s = 0;
+    if (at < n && c[at] == 'Z') {
+        at++;
+    } else if (at < n && (c[at] == '+' || c[at] == '-')) {
+        if (n - at != 6 || c[at + 3] != ':') return -1;
+        int oh = digits_at(c, at + 1, 2), om = digits_at(c, at + 4, 2);
+        if (oh < 0 || oh > 23 || om < 0 || om > 59) return -1;
+        offset_s = (c[at] == '+' ? 1 : -1) * (oh * 3600LL + om * 60LL);
+        at += 6;
+    }
+    if (at != n) return -1;
+    long long seconds = days_from_civil(year, month, day) * 86400LL + hour * 3600LL + minute * 60LL + second
+                        - offset_s;
+    long long total_us = seconds * 1000000LL + micros;
+    if (total_us < 0 || total_us >= MAX_TS_MS * 1000LL) return -1;
+    /* timedelta.total_seconds() divides the exact microseconds (< 2**53 here: exact as a double) by 10**6, correctly
+     * rounded as this division is; then * 1000 and round() half to even, as nearbyint does by default. */
+    double ms = nearbyint(((double)total_us / 1e6) * 1000.0);
+    if (ms < 0 || ms >= (double)MAX_TS_MS) return -1;
+    return (long long)ms;
+}
+
 /* {name: value} of the entry's pairs, decoded as strict UTF-8; NULL without an error set when a part is not. */
 static PyObject *decode_pairs(PyObject *pairs) {
     Py_ssize_t n = PyList_GET_SIZE(pairs);
@@ -113,18 +273,24 @@ unusual:
     return NULL;
 }
 
-/* The envelope shape merged into the flat fields, as normalize._unwrap; NULL (no error) if it rejects. */
+/* The envelope shape merged into the flat fields, as normalize._unwrap does it (the flat fields beside the envelope
+ * are defaults); NULL (no error) where _unwrap would reject, for the Python path to say why. */
 static PyObject *unwrap(PyObject *record) {
     if (PyDict_Contains(record, s_session_id) == 1) return record;
-    if (PyDict_Contains(record, s_data) != 1 && PyDict_Contains(record, s_payload) != 1) return record;
-    PyObject *merged = PyObject_CallOneArg(unwrap_fn, record);
-    Py_DECREF(record);
-    if (merged == NULL || !PyDict_CheckExact(merged)) {
+    PyObject *envelope = PyDict_Contains(record, s_data) == 1 ? s_data
+                         : PyDict_Contains(record, s_payload) == 1 ? s_payload : NULL;
+    if (envelope == NULL) return record;
+    PyObject *text = PyDict_GetItemWithError(record, envelope);
+    PyObject *decoded = text == NULL ? NULL : PyObject_CallOneArg(loads_fn, text);
+    if (decoded == NULL || !PyDict_Check(decoded) || PyDict_DelItem(record, envelope) < 0
+        || PyDict_Update(record, decoded) < 0) {
         PyErr_Clear();
-        Py_XDECREF(merged);
+        Py_XDECREF(decoded);
+        Py_DECREF(record);
         return NULL;
     }
-    return merged;
+    Py_DECREF(decoded);
+    return record;
 }
 
 /* The event's ts in ms as a Python int, or NULL (no error) to leave the entry to the Python path. */
@@ -142,6 +308,8 @@ static PyObject *timestamp_ms(PyObject *stamp, PyObject *entry_id) {
             if (ms >= MAX_TS_MS) return NULL;
             return PyLong_FromLongLong(ms);
         }
+        ms = iso_ms(stamp);
+        if (ms >= 0) return PyLong_FromLongLong(ms);
     }
     PyObject *common = PyObject_CallOneArg(common_ts_fn, stamp);
     if (common == NULL || common == Py_None) {
@@ -154,14 +322,26 @@ static PyObject *timestamp_ms(PyObject *stamp, PyObject *entry_id) {
 
 /* stream + "/" + entry id + "/" + content digest; NULL (no error) on failure. */
 static PyObject *derived_event_id(PyObject *stream, PyObject *entry_id, PyObject *joined) {
-    PyObject *digest = PyObject_CallOneArg(digest_fn, joined);
-    if (digest == NULL) {
+    char hex[2 * CONTENT_DIGEST_BYTES + 1];
+    hex[0] = '/';
+    content_digest_hex((const uint8_t *)PyBytes_AS_STRING(joined), PyBytes_GET_SIZE(joined), hex + 1);
+    Py_ssize_t sl = PyUnicode_GET_LENGTH(stream), el = PyUnicode_GET_LENGTH(entry_id);
+    Py_UCS4 maxchar = Py_MAX(PyUnicode_MAX_CHAR_VALUE(stream), PyUnicode_MAX_CHAR_VALUE(entry_id));
+    PyObject *id = PyUnicode_New(sl + 1 + el + 1 + 2 * CONTENT_DIGEST_BYTES, maxchar);
+    if (id == NULL) {
         PyErr_Clear();
         return NULL;
     }
-    PyObject *id = PyUnicode_FromFormat("%U/%U/%U", stream, entry_id, digest);
-    Py_DECREF(digest);
-    if (id == NULL) PyErr_Clear();
+    int kind = PyUnicode_KIND(id);
+    void *data = PyUnicode_DATA(id);
+    if (PyUnicode_CopyCharacters(id, 0, stream, 0, sl) < 0
+        || PyUnicode_CopyCharacters(id, sl + 1, entry_id, 0, el) < 0) {
+        PyErr_Clear();
+        Py_DECREF(id);
+        return NULL;
+    }
+    PyUnicode_WRITE(kind, data, sl, '/');
+    for (int i = 0; i <= 2 * CONTENT_DIGEST_BYTES; i++) PyUnicode_WRITE(kind, data, sl + 1 + el + i, hex[i]);
     return id;
 }
 
@@ -209,7 +389,7 @@ static PyObject *new_flow_event(PyObject **items) {
 }
 
 /* normalize_pairs(stream, entry_id, pairs, joined, end_types, error_types) -> FlowEvent | None */
-static PyObject *normalize_pairs(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *normalize_pairs(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 6) {
         PyErr_SetString(PyExc_TypeError, "normalize_pairs takes 6 arguments");
         return NULL;
@@ -303,18 +483,17 @@ done:
     return result;
 }
 
-/* configure(FlowEvent, unwrap, common_timestamp_ms, content_digest, orjson_dumps) */
-static PyObject *configure(PyObject *self, PyObject *args) {
-    PyObject *type, *unwrap, *common, *digest, *dumps;
-    if (!PyArg_ParseTuple(args, "O!OOOO", &PyType_Type, &type, &unwrap, &common, &digest, &dumps)) return NULL;
+/* configure(FlowEvent, common_timestamp_ms, orjson_loads, orjson_dumps) */
+static PyObject *configure(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *type, *common, *loads, *dumps;
+    if (!PyArg_ParseTuple(args, "O!OOO", &PyType_Type, &type, &common, &loads, &dumps)) return NULL;
     if (!PyType_IsSubtype((PyTypeObject *)type, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "FlowEvent must be a tuple type");
         return NULL;
     }
     Py_XSETREF(flow_event_type, (PyTypeObject *)Py_NewRef(type));
-    Py_XSETREF(unwrap_fn, Py_NewRef(unwrap));
     Py_XSETREF(common_ts_fn, Py_NewRef(common));
-    Py_XSETREF(digest_fn, Py_NewRef(digest));
+    Py_XSETREF(loads_fn, Py_NewRef(loads));
     Py_XSETREF(dumps_fn, Py_NewRef(dumps));
     Py_RETURN_NONE;
 }
@@ -323,12 +502,13 @@ static PyMethodDef methods[] = {
     {"normalize_pairs", (PyCFunction)(void (*)(void))normalize_pairs, METH_FASTCALL,
      "normalize_pairs(stream, entry_id, pairs, joined, end_types, error_types) -> FlowEvent | None"},
     {"configure", configure, METH_VARARGS,
-     "configure(FlowEvent, unwrap, common_timestamp_ms, content_digest, orjson_dumps)"},
+     "configure(FlowEvent, common_timestamp_ms, orjson_loads, orjson_dumps)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "worker._fastpath",
-                                    "The normalizer's hot path in C (see worker/normalize.py).", -1, methods};
+                                    "The normalizer's hot path in C (see worker/normalize.py).", -1, methods,
+                                    NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__fastpath(void) {
     s_session_id = PyUnicode_InternFromString("session_id");
@@ -343,5 +523,11 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     s_empty = PyUnicode_FromString("");
     if (!s_session_id || !s_node_id || !s_event_type || !s_user_id || !s_parent_id || !s_timestamp || !s_event_id
         || !s_data || !s_payload || !s_empty) return NULL;
+    PyObject *names[7] = {s_session_id, s_node_id, s_event_type, s_user_id, s_parent_id, s_timestamp, s_event_id};
+    for (int i = 0; i < 7; i++) {
+        reserved[i] = names[i];
+        reserved_hash[i] = PyObject_Hash(names[i]);
+        if (reserved_hash[i] == -1) return NULL;
+    }
     return PyModule_Create(&module);
 }

@@ -568,7 +568,7 @@ def _load_native() -> Callable[..., Any] | None:
         from worker import _fastpath  # type: ignore[attr-defined]
     except ImportError:
         return None
-    _fastpath.configure(FlowEvent, _unwrap, _common_timestamp_ms, content_digest, orjson.dumps)
+    _fastpath.configure(FlowEvent, _common_timestamp_ms, orjson.loads, orjson.dumps)
     native: Callable[..., Any] = _fastpath.normalize_pairs
     return native
 
