@@ -1,12 +1,16 @@
 """Every value of a stored batch lands exactly as the normalizer built it, whatever its characters or timestamp
-(1970..2200, so one batch may span hundreds of weekly partitions), and a re-inserted batch is dropped."""
+(1970..2200, so one batch may span hundreds of weekly partitions), and a re-inserted batch is dropped: with the
+events insert built by clickhouse-connect in Python and as a Native block in C (worker/_fastpath.c) alike."""
 
 from __future__ import annotations
 
 import random
 from typing import Any
 
-from worker.normalize import FlowEvent
+import pytest
+
+from worker import sink as sink_module
+from worker.normalize import FlowEvent, events_block
 from worker.sink import Sink
 from worker.store import Store
 
@@ -17,6 +21,16 @@ HARD_TEXT = [
     "tab\tnewline\nreturn\r", "ünïcödé", "日本語のテキスト", "emoji 🧠🔧", "rtl \u202e override", "\u2028\u2029",
     "{\"json\": [1, 2]}", "x" * 70_000, "\ufeffbom", "\U0010ffff",
 ]
+
+
+@pytest.fixture(params=["python", "c"], autouse=True)
+def insert_encoding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test once with the insert built in Python, once with the C hot path's Native block."""
+    if request.param == "python":
+        monkeypatch.setattr(sink_module, "events_block", None)
+    elif events_block is None:
+        pytest.skip("the C hot path is not built here (no C compiler)")
+    return str(request.param)
 
 
 def stored_row(store: Store, event_id: str) -> list[Any]:
@@ -42,8 +56,10 @@ def hard_events() -> list[FlowEvent]:
     return events
 
 
-def test_every_value_is_stored_exactly_in_a_batch_over_centuries(store: Store) -> None:
+def test_every_value_is_stored_exactly_in_a_batch_over_centuries(store: Store, insert_encoding: str) -> None:
     events = hard_events()
+    if insert_encoding == "c":
+        assert events_block is not None and events_block(events, 0) is not None  # the C block, not the fallback
     result = Sink(store).write(events, [])
     assert result.stored == len(events) and not result.rejected
     for event in events:

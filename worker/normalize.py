@@ -562,15 +562,19 @@ def _json_type(value: Any) -> str:
             bool: "a boolean"}.get(type(value), type(value).__name__)
 
 
-def _load_native() -> Callable[..., Any] | None:
-    """The C hot path, configured with the Python pieces it calls, or None where it was not built."""
+def _load_native() -> Any:
+    """worker/_fastpath (the C hot path), configured with the Python pieces it calls, or None where it was not
+    built."""
     try:
         from worker import _fastpath  # type: ignore[attr-defined]
     except ImportError:
         return None
     _fastpath.configure(FlowEvent, _common_timestamp_ms, orjson.loads, orjson.dumps)
-    native: Callable[..., Any] = _fastpath.normalize_pairs
-    return native
+    return _fastpath
 
 
-Normalizer.native = _load_native()
+_fastpath = _load_native()
+Normalizer.native = _fastpath.normalize_pairs if _fastpath is not None else None
+# The events insert as one Native block and its dedup token, built in C (worker/sink.py); None: built in Python.
+events_block: Callable[[list[FlowEvent], int], tuple[bytes, str] | None] | None = (
+    _fastpath.events_block if _fastpath is not None else None)

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from worker.errors import StoreRejectedError, StoreUnavailableError
-from worker.normalize import FlowEvent, Rejection, raw_json
+from worker.normalize import FlowEvent, Rejection, events_block, raw_json
 from worker.rollup import SessionRollup
 from worker.store import DATABASE, Store, classify
 
@@ -134,6 +134,16 @@ class Sink:
             raise classify(exc) from exc
 
     def _insert_events(self, events: Sequence[FlowEvent], now_ms: int) -> None:
+        native = events_block(list(events), now_ms) if events_block is not None else None
+        if native is not None:
+            # The C hot path's Native block and its token (a function of the exact rows, like batch_token's).
+            block, token = native
+            try:
+                self.store.insert_block(f"{DATABASE}.events", EVENT_COLUMNS, block,
+                                        settings=_dedup_settings(f"e:{token}"))
+            except Exception as exc:
+                raise classify(exc) from exc
+            return
         # Column-wise, one C-level pass per column: zip(*events) would allocate an iterator per row,
         # and those allocations trigger GC passes over every live event. FlowEvent field order equals
         # EVENT_COLUMNS minus ingested_at.
@@ -153,11 +163,14 @@ class Sink:
             raise StoreUnavailableError(f"cannot store rejections: {exc}") from exc
 
     def _insert(self, table: str, columns: Sequence[Sequence[object]], names: Sequence[str], token: str) -> None:
-        settings = {"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1}
         try:
-            self.store.insert(table, columns, names, settings=settings)
+            self.store.insert(table, columns, names, settings=_dedup_settings(token))
         except Exception as exc:
             raise classify(exc) from exc
+
+
+def _dedup_settings(token: str) -> dict[str, Any]:
+    return {"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1}
 
 
 def _event_as_fields(event: FlowEvent) -> dict[str, str]:

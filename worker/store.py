@@ -420,6 +420,12 @@ class Store:
                 # tens of MB per batch, hundreds while draining a backlog. Break the cycle.
                 vars(context).clear()
 
+    def insert_block(self, table: str, column_names: Sequence[str], block: bytes,
+                     settings: dict[str, Any] | None = None) -> None:
+        """Insert rows already encoded as one ClickHouse Native block (worker/_fastpath.c builds the events')."""
+        with self._lock:
+            settings = {**self._write_settings(), **(settings or {})}
+            self.client.raw_insert(table, list(column_names), insert_block=block, settings=settings, fmt="Native")
 
     # -- cluster (FLOWTRACK_CLICKHOUSE_CLUSTER) -----------------------------------------------------
     def _fresh_cluster_ddl(self) -> ClusterDDL | None:
