@@ -6,6 +6,7 @@ next to its source; a wheel carries it and is tagged for this interpreter and pl
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -43,8 +44,13 @@ def compile_extension(root: Path, out_dir: Path) -> Path:
 
     extension = Extension(MODULE, [str(root / SOURCE)], extra_compile_args=["-O2"])
     command = build_ext(Distribution({"name": "flowtrack-fastpath", "ext_modules": [extension]}))
-    command.build_lib = str(out_dir)
+    command.build_lib = tempfile.mkdtemp(prefix="flowtrack-ext-")
     command.build_temp = tempfile.mkdtemp(prefix="flowtrack-ext-tmp-")
     command.ensure_finalized()
     command.run()
-    return out_dir / command.get_ext_filename(MODULE)
+    relative = command.get_ext_filename(MODULE)
+    target = out_dir / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A rename, not a copy over the old file: a process that has the old module loaded keeps its mapping intact.
+    os.replace(Path(command.build_lib) / relative, target)
+    return target

@@ -246,6 +246,25 @@ static long long iso_ms(PyObject *text) {
     return (long long)ms;
 }
 
+/* Field names repeat from entry to entry: each distinct name is decoded once and shared (interned), so entries
+ * hold no copies of their attribute names. Bounded: past NAME_CACHE_MAX distinct names, names are decoded anew. */
+#define NAME_CACHE_MAX 4096
+static PyObject *name_cache = NULL;
+
+static PyObject *field_name(PyObject *raw) {
+    PyObject *name = PyDict_GetItemWithError(name_cache, raw);
+    if (name != NULL) return Py_NewRef(name);
+    if (PyErr_Occurred()) return NULL;
+    name = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), NULL);
+    if (name == NULL) return NULL;
+    PyUnicode_InternInPlace(&name);
+    if (PyDict_GET_SIZE(name_cache) < NAME_CACHE_MAX && PyDict_SetItem(name_cache, raw, name) < 0) {
+        Py_DECREF(name);
+        return NULL;
+    }
+    return name;
+}
+
 /* {name: value} of the entry's pairs, decoded as strict UTF-8; NULL without an error set when a part is not. */
 static PyObject *decode_pairs(PyObject *pairs) {
     Py_ssize_t n = PyList_GET_SIZE(pairs);
@@ -254,7 +273,7 @@ static PyObject *decode_pairs(PyObject *pairs) {
     for (Py_ssize_t i = 0; i + 1 < n; i += 2) {
         PyObject *k = PyList_GET_ITEM(pairs, i), *v = PyList_GET_ITEM(pairs, i + 1);
         if (!PyBytes_CheckExact(k) || !PyBytes_CheckExact(v)) goto unusual;
-        PyObject *key = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), NULL);
+        PyObject *key = field_name(k);
         if (key == NULL) goto unusual;
         PyObject *value = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v), NULL);
         if (value == NULL) {
@@ -293,6 +312,36 @@ static PyObject *unwrap(PyObject *record) {
     return record;
 }
 
+/* float(text) or a JSON number as _common_timestamp_ms takes it: seconds below SECONDS_MS_BOUNDARY, else ms;
+ * rounded half to even as round() is; -1 when not finite or outside 1970..2200 (the Python path decides). */
+static long long epoch_number_ms(double number) {
+    if (!isfinite(number)) return -1;
+    double ms = fabs(number) < (double)SECONDS_MS_BOUNDARY ? nearbyint(number * 1000.0) : nearbyint(number);
+    if (!(ms >= 0 && ms < (double)MAX_TS_MS)) return -1;
+    return (long long)ms;
+}
+
+/* Epoch seconds with a fraction, as ASCII digits '.' digits only (parsed by Python's own float parser, as float()
+ * parses it); -1 for anything else. */
+static long long decimal_seconds_ms(PyObject *text) {
+    if (!PyUnicode_IS_ASCII(text)) return -1;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    const Py_UCS1 *c = PyUnicode_1BYTE_DATA(text);
+    Py_ssize_t dot = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (c[i] == '.' && dot < 0 && i > 0 && i < n - 1) dot = i;
+        else if (c[i] < '0' || c[i] > '9') return -1;
+    }
+    if (dot < 0 || n > 32) return -1;
+    char *end = NULL;
+    double number = PyOS_string_to_double((const char *)c, &end, NULL);
+    if ((number == -1.0 && PyErr_Occurred()) || end != (const char *)c + n) {
+        PyErr_Clear();
+        return -1;
+    }
+    return epoch_number_ms(number);
+}
+
 /* The event's ts in ms as a Python int, or NULL (no error) to leave the entry to the Python path. */
 static PyObject *timestamp_ms(PyObject *stamp, PyObject *entry_id) {
     long long ms;
@@ -309,6 +358,18 @@ static PyObject *timestamp_ms(PyObject *stamp, PyObject *entry_id) {
             return PyLong_FromLongLong(ms);
         }
         ms = iso_ms(stamp);
+        if (ms < 0) ms = decimal_seconds_ms(stamp);
+        if (ms >= 0) return PyLong_FromLongLong(ms);
+    } else if (PyLong_CheckExact(stamp)) {  /* a JSON integer (not a boolean: the checked parse rejects those) */
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(stamp, &overflow);
+        if (!overflow && v >= 0 && !(v == -1 && PyErr_Occurred())) {
+            ms = v < SECONDS_MS_BOUNDARY ? v * 1000 : v;
+            if (ms < MAX_TS_MS) return PyLong_FromLongLong(ms);
+        }
+        PyErr_Clear();
+    } else if (PyFloat_CheckExact(stamp)) {
+        ms = epoch_number_ms(PyFloat_AS_DOUBLE(stamp));
         if (ms >= 0) return PyLong_FromLongLong(ms);
     }
     PyObject *common = PyObject_CallOneArg(common_ts_fn, stamp);
@@ -685,6 +746,8 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     s_empty = PyUnicode_FromString("");
     if (!s_session_id || !s_node_id || !s_event_type || !s_user_id || !s_parent_id || !s_timestamp || !s_event_id
         || !s_data || !s_payload || !s_empty) return NULL;
+    name_cache = PyDict_New();
+    if (name_cache == NULL) return NULL;
     PyObject *names[7] = {s_session_id, s_node_id, s_event_type, s_user_id, s_parent_id, s_timestamp, s_event_id};
     for (int i = 0; i < 7; i++) {
         reserved[i] = names[i];
