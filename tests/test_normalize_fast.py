@@ -222,3 +222,18 @@ def test_the_c_iso_parse_gives_what_fromisoformat_gives(seed: int) -> None:
             assert direct == got, text
             taken += 1
     assert taken > 400  # the C parse takes the common forms itself
+
+
+@needs_c
+def test_field_names_past_the_c_name_cache_still_come_out_right() -> None:
+    """The C path shares short field names through a bounded cache: more distinct names than it holds, and names
+    longer than it takes, still give what the Python path gives."""
+    with_c, python = Normalizer(), PythonOnly()
+    base = [b"session_id", b"s", b"node_id", b"n", b"event_type", b"t"]
+    for n in range(5000):
+        name = (f"k{n}-" + "x" * (n % 70)).encode() if n % 10 else ("é" * 600 + str(n)).encode()
+        pairs = [*base, name, b"v", b"k0-", b"same"]
+        got = with_c.normalize_pairs("flow_events:7", f"1700000000000-{n}", list(pairs))
+        assert isinstance(got, FlowEvent) and got == python.normalize_pairs("flow_events:7", f"1700000000000-{n}",
+                                                                            list(pairs))
+        assert got.attributes[name.decode()] == "v"

@@ -246,12 +246,17 @@ static long long iso_ms(PyObject *text) {
     return (long long)ms;
 }
 
-/* Field names repeat from entry to entry: each distinct name is decoded once and shared (interned), so entries
- * hold no copies of their attribute names. Bounded: past NAME_CACHE_MAX distinct names, names are decoded anew. */
+/* Field names repeat from entry to entry: each distinct short name is decoded once and shared (interned), so
+ * entries hold no copies of their attribute names. Bounded, as names come from producers: at most NAME_CACHE_MAX
+ * names of at most NAME_CACHE_MAX_BYTES bytes; any other name is decoded anew each time. */
 #define NAME_CACHE_MAX 4096
+#define NAME_CACHE_MAX_BYTES 64
 static PyObject *name_cache = NULL;
 
 static PyObject *field_name(PyObject *raw) {
+    if (PyBytes_GET_SIZE(raw) > NAME_CACHE_MAX_BYTES) {
+        return PyUnicode_DecodeUTF8(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), NULL);
+    }
     PyObject *name = PyDict_GetItemWithError(name_cache, raw);
     if (name != NULL) return Py_NewRef(name);
     if (PyErr_Occurred()) return NULL;
@@ -686,7 +691,9 @@ static PyObject *events_block(PyObject *Py_UNUSED(self), PyObject *const *args, 
         || uint8_column(&b, events, "is_error", F_IS_ERROR);
     if (failed) goto unexpected;
     char token[41];
+    Py_BEGIN_ALLOW_THREADS  /* megabytes per batch: let the reading thread run meanwhile */
     blake2b_hex((const uint8_t *)b.data, (Py_ssize_t)b.len, 20, token);
+    Py_END_ALLOW_THREADS
     token[40] = 0;
     if (buf_header(&b, "ingested_at", "DateTime64(3, 'UTC')")) goto unexpected;
     for (Py_ssize_t i = 0; i < n; i++) {
