@@ -555,37 +555,28 @@ done:
  * sink builds the insert in Python). The token is BLAKE2b-160 of the block before its ingested_at column: a
  * function of the exact rows, as the dedup token must be (worker/sink.py). */
 
+/* The block is written twice: once to measure it (data NULL: only len counts), then into a bytes object of exactly
+ * that size, so a batch's block costs its own size in memory and no copy. */
 typedef struct {
     char *data;
-    size_t len, cap;
+    size_t len;
 } Buffer;
 
-static int buf_reserve(Buffer *b, size_t more) {
-    if (b->len + more <= b->cap) return 0;
-    size_t cap = b->cap ? b->cap : 1 << 16;
-    while (cap < b->len + more) cap *= 2;
-    char *data = PyMem_Realloc(b->data, cap);
-    if (data == NULL) return -1;
-    b->data = data;
-    b->cap = cap;
-    return 0;
-}
-
 static int buf_put(Buffer *b, const void *src, size_t n) {
-    if (buf_reserve(b, n)) return -1;
-    memcpy(b->data + b->len, src, n);
+    if (b->data != NULL) memcpy(b->data + b->len, src, n);
     b->len += n;
     return 0;
 }
 
 static int buf_leb128(Buffer *b, uint64_t v) {
-    if (buf_reserve(b, 10)) return -1;
+    uint8_t bytes[10];
+    size_t n = 0;
     do {
         uint8_t byte = v & 0x7f;
         v >>= 7;
-        b->data[b->len++] = (char)(byte | (v ? 0x80 : 0));
+        bytes[n++] = (uint8_t)(byte | (v ? 0x80 : 0));
     } while (v);
-    return 0;
+    return buf_put(b, bytes, n);
 }
 
 static int buf_str(Buffer *b, PyObject *value) {
@@ -623,11 +614,11 @@ static int string_column(Buffer *b, PyObject *events, const char *name, int fiel
 static int uint8_column(Buffer *b, PyObject *events, const char *name, int field) {
     if (buf_header(b, name, "UInt8")) return -1;
     Py_ssize_t n = PyList_GET_SIZE(events);
-    if (buf_reserve(b, (size_t)n)) return -1;
     for (Py_ssize_t i = 0; i < n; i++) {
         long v = PyLong_AsLong(PyTuple_GET_ITEM(PyList_GET_ITEM(events, i), field));
         if ((v == -1 && PyErr_Occurred()) || v < 0 || v > 255) return -1;
-        b->data[b->len++] = (char)v;
+        uint8_t byte = (uint8_t)v;
+        buf_put(b, &byte, 1);
     }
     return 0;
 }
@@ -665,6 +656,25 @@ static int attributes_column(Buffer *b, PyObject *events) {
     return 0;
 }
 
+/* Every column but ingested_at (the part the token covers); -1 on anything unexpected. */
+static int event_columns(Buffer *b, PyObject *events) {
+    Py_ssize_t n = PyList_GET_SIZE(events);
+    int failed = buf_leb128(b, FLOW_EVENT_FIELDS + 1) || buf_leb128(b, (uint64_t)n)
+        || string_column(b, events, "event_id", F_EVENT_ID) || string_column(b, events, "user_id", F_USER_ID)
+        || string_column(b, events, "session_id", F_SESSION_ID) || string_column(b, events, "node_id", F_NODE_ID)
+        || string_column(b, events, "parent_id", F_PARENT_ID)
+        || string_column(b, events, "event_type", F_EVENT_TYPE) || ts_column(b, events)
+        || attributes_column(b, events) || string_column(b, events, "source_stream", F_STREAM)
+        || string_column(b, events, "source_id", F_SOURCE_ID) || uint8_column(b, events, "is_end", F_IS_END)
+        || uint8_column(b, events, "is_error", F_IS_ERROR);
+    return failed ? -1 : 0;
+}
+
+static void ingested_at_column(Buffer *b, Py_ssize_t rows, long long ingested_at) {
+    buf_header(b, "ingested_at", "DateTime64(3, 'UTC')");
+    for (Py_ssize_t i = 0; i < rows; i++) buf_int64(b, ingested_at);
+}
+
 /* events_block(events: list[FlowEvent], ingested_at_ms: int) -> (bytes, str) | None */
 static PyObject *events_block(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2 || !PyList_CheckExact(args[0]) || !PyLong_Check(args[1])) {
@@ -679,36 +689,28 @@ static PyObject *events_block(PyObject *Py_UNUSED(self), PyObject *const *args, 
         PyObject *event = PyList_GET_ITEM(events, i);
         if (!PyTuple_Check(event) || PyTuple_GET_SIZE(event) != FLOW_EVENT_FIELDS) Py_RETURN_NONE;
     }
-    Buffer b = {NULL, 0, 0};
-    PyObject *result = NULL;
-    int failed = buf_leb128(&b, FLOW_EVENT_FIELDS + 1) || buf_leb128(&b, (uint64_t)n)
-        || string_column(&b, events, "event_id", F_EVENT_ID) || string_column(&b, events, "user_id", F_USER_ID)
-        || string_column(&b, events, "session_id", F_SESSION_ID) || string_column(&b, events, "node_id", F_NODE_ID)
-        || string_column(&b, events, "parent_id", F_PARENT_ID)
-        || string_column(&b, events, "event_type", F_EVENT_TYPE) || ts_column(&b, events)
-        || attributes_column(&b, events) || string_column(&b, events, "source_stream", F_STREAM)
-        || string_column(&b, events, "source_id", F_SOURCE_ID) || uint8_column(&b, events, "is_end", F_IS_END)
-        || uint8_column(&b, events, "is_error", F_IS_ERROR);
-    if (failed) goto unexpected;
+    Buffer measure = {NULL, 0};
+    if (event_columns(&measure, events) < 0) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    size_t covered = measure.len;
+    ingested_at_column(&measure, n, ingested_at);
+    PyObject *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)measure.len);
+    if (bytes == NULL) return NULL;
+    Buffer b = {PyBytes_AS_STRING(bytes), 0};
+    if (event_columns(&b, events) < 0 || b.len != covered) {  /* the same pass over the same events */
+        PyErr_Clear();
+        Py_DECREF(bytes);
+        Py_RETURN_NONE;
+    }
+    ingested_at_column(&b, n, ingested_at);
     char token[41];
     Py_BEGIN_ALLOW_THREADS  /* megabytes per batch: let the reading thread run meanwhile */
-    blake2b_hex((const uint8_t *)b.data, (Py_ssize_t)b.len, 20, token);
+    blake2b_hex((const uint8_t *)b.data, (Py_ssize_t)covered, 20, token);
     Py_END_ALLOW_THREADS
     token[40] = 0;
-    if (buf_header(&b, "ingested_at", "DateTime64(3, 'UTC')")) goto unexpected;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (buf_int64(&b, ingested_at)) goto unexpected;
-    }
-    PyObject *bytes = PyBytes_FromStringAndSize(b.data, (Py_ssize_t)b.len);
-    if (bytes != NULL) {
-        result = Py_BuildValue("(Ns)", bytes, token);
-    }
-    PyMem_Free(b.data);
-    return result;
-unexpected:
-    PyErr_Clear();
-    PyMem_Free(b.data);
-    Py_RETURN_NONE;
+    return Py_BuildValue("(Ns)", bytes, token);
 }
 
 /* configure(FlowEvent, common_timestamp_ms, orjson_loads, orjson_dumps) */
