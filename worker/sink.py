@@ -138,11 +138,7 @@ class Sink:
         if native is not None:
             # The C hot path's Native block and its token (a function of the exact rows, like batch_token's).
             block, token = native
-            try:
-                self.store.insert_block(f"{DATABASE}.events", EVENT_COLUMNS, block,
-                                        settings=_dedup_settings(f"e:{token}"))
-            except Exception as exc:
-                raise classify(exc) from exc
+            self._insert(f"{DATABASE}.events", block, EVENT_COLUMNS, f"e:{token}")
             return
         # Column-wise, one C-level pass per column: zip(*events) would allocate an iterator per row,
         # and those allocations trigger GC passes over every live event. FlowEvent field order equals
@@ -162,15 +158,16 @@ class Sink:
             # The rejected relation takes plain strings; if even that fails the store is unwell.
             raise StoreUnavailableError(f"cannot store rejections: {exc}") from exc
 
-    def _insert(self, table: str, columns: Sequence[Sequence[object]], names: Sequence[str], token: str) -> None:
+    def _insert(self, table: str, rows: Sequence[Sequence[object]] | bytes, names: Sequence[str], token: str) -> None:
+        """Insert columns, or a ready Native block (bytes), with the batch's dedup token."""
+        settings = {"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1}
         try:
-            self.store.insert(table, columns, names, settings=_dedup_settings(token))
+            if isinstance(rows, bytes):
+                self.store.insert_block(table, names, rows, settings=settings)
+            else:
+                self.store.insert(table, rows, names, settings=settings)
         except Exception as exc:
             raise classify(exc) from exc
-
-
-def _dedup_settings(token: str) -> dict[str, Any]:
-    return {"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1}
 
 
 def _event_as_fields(event: FlowEvent) -> dict[str, str]:
