@@ -562,13 +562,12 @@ typedef struct {
     size_t len;
 } Buffer;
 
-static int buf_put(Buffer *b, const void *src, size_t n) {
+static void buf_put(Buffer *b, const void *src, size_t n) {
     if (b->data != NULL) memcpy(b->data + b->len, src, n);
     b->len += n;
-    return 0;
 }
 
-static int buf_leb128(Buffer *b, uint64_t v) {
+static void buf_leb128(Buffer *b, uint64_t v) {
     uint8_t bytes[10];
     size_t n = 0;
     do {
@@ -576,7 +575,7 @@ static int buf_leb128(Buffer *b, uint64_t v) {
         v >>= 7;
         bytes[n++] = (uint8_t)(byte | (v ? 0x80 : 0));
     } while (v);
-    return buf_put(b, bytes, n);
+    buf_put(b, bytes, n);
 }
 
 static int buf_str(Buffer *b, PyObject *value) {
@@ -584,26 +583,30 @@ static int buf_str(Buffer *b, PyObject *value) {
     Py_ssize_t n;
     const char *utf8 = PyUnicode_AsUTF8AndSize(value, &n);
     if (utf8 == NULL) return -1;
-    if (buf_leb128(b, (uint64_t)n)) return -1;
-    return buf_put(b, utf8, (size_t)n);
+    buf_leb128(b, (uint64_t)n);
+    buf_put(b, utf8, (size_t)n);
+    return 0;
 }
 
-static int buf_header(Buffer *b, const char *name, const char *type) {
+static void buf_header(Buffer *b, const char *name, const char *type) {
     size_t nl = strlen(name), tl = strlen(type);
-    return buf_leb128(b, nl) || buf_put(b, name, nl) || buf_leb128(b, tl) || buf_put(b, type, tl);
+    buf_leb128(b, nl);
+    buf_put(b, name, nl);
+    buf_leb128(b, tl);
+    buf_put(b, type, tl);
 }
 
-static int buf_int64(Buffer *b, long long v) {
+static void buf_int64(Buffer *b, long long v) {
     uint8_t bytes[8];
     for (int i = 0; i < 8; i++) bytes[i] = (uint8_t)((unsigned long long)v >> (8 * i));
-    return buf_put(b, bytes, 8);
+    buf_put(b, bytes, 8);
 }
 
 enum { F_EVENT_ID, F_USER_ID, F_SESSION_ID, F_NODE_ID, F_PARENT_ID, F_EVENT_TYPE, F_TS, F_ATTRIBUTES, F_STREAM,
        F_SOURCE_ID, F_IS_END, F_IS_ERROR };
 
 static int string_column(Buffer *b, PyObject *events, const char *name, int field) {
-    if (buf_header(b, name, "String")) return -1;
+    buf_header(b, name, "String");
     Py_ssize_t n = PyList_GET_SIZE(events);
     for (Py_ssize_t i = 0; i < n; i++) {
         if (buf_str(b, PyTuple_GET_ITEM(PyList_GET_ITEM(events, i), field))) return -1;
@@ -612,7 +615,7 @@ static int string_column(Buffer *b, PyObject *events, const char *name, int fiel
 }
 
 static int uint8_column(Buffer *b, PyObject *events, const char *name, int field) {
-    if (buf_header(b, name, "UInt8")) return -1;
+    buf_header(b, name, "UInt8");
     Py_ssize_t n = PyList_GET_SIZE(events);
     for (Py_ssize_t i = 0; i < n; i++) {
         long v = PyLong_AsLong(PyTuple_GET_ITEM(PyList_GET_ITEM(events, i), field));
@@ -624,24 +627,25 @@ static int uint8_column(Buffer *b, PyObject *events, const char *name, int field
 }
 
 static int ts_column(Buffer *b, PyObject *events) {
-    if (buf_header(b, "ts", "DateTime64(3, 'UTC')")) return -1;
+    buf_header(b, "ts", "DateTime64(3, 'UTC')");
     Py_ssize_t n = PyList_GET_SIZE(events);
     for (Py_ssize_t i = 0; i < n; i++) {
         long long v = PyLong_AsLongLong(PyTuple_GET_ITEM(PyList_GET_ITEM(events, i), F_TS));
-        if ((v == -1 && PyErr_Occurred()) || buf_int64(b, v)) return -1;
+        if (v == -1 && PyErr_Occurred()) return -1;
+        buf_int64(b, v);
     }
     return 0;
 }
 
 static int attributes_column(Buffer *b, PyObject *events) {
-    if (buf_header(b, "attributes", "Map(String, String)")) return -1;
+    buf_header(b, "attributes", "Map(String, String)");
     Py_ssize_t n = PyList_GET_SIZE(events);
     uint64_t offset = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *attrs = PyTuple_GET_ITEM(PyList_GET_ITEM(events, i), F_ATTRIBUTES);
         if (!PyDict_Check(attrs)) return -1;
         offset += (uint64_t)PyDict_GET_SIZE(attrs);
-        if (buf_int64(b, (long long)offset)) return -1;
+        buf_int64(b, (long long)offset);
     }
     for (int values = 0; values < 2; values++) {
         for (Py_ssize_t i = 0; i < n; i++) {
@@ -659,8 +663,9 @@ static int attributes_column(Buffer *b, PyObject *events) {
 /* Every column but ingested_at (the part the token covers); -1 on anything unexpected. */
 static int event_columns(Buffer *b, PyObject *events) {
     Py_ssize_t n = PyList_GET_SIZE(events);
-    int failed = buf_leb128(b, FLOW_EVENT_FIELDS + 1) || buf_leb128(b, (uint64_t)n)
-        || string_column(b, events, "event_id", F_EVENT_ID) || string_column(b, events, "user_id", F_USER_ID)
+    buf_leb128(b, FLOW_EVENT_FIELDS + 1);
+    buf_leb128(b, (uint64_t)n);
+    int failed = string_column(b, events, "event_id", F_EVENT_ID) || string_column(b, events, "user_id", F_USER_ID)
         || string_column(b, events, "session_id", F_SESSION_ID) || string_column(b, events, "node_id", F_NODE_ID)
         || string_column(b, events, "parent_id", F_PARENT_ID)
         || string_column(b, events, "event_type", F_EVENT_TYPE) || ts_column(b, events)
