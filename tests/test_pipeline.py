@@ -277,8 +277,10 @@ def test_unicode_ids_and_attributes_round_trip(redis_server: RedisServer, redis_
 
 # -- duplicates and redelivery ---------------------------------------------------------------------
 
+# Duplicates across batches, and within one insert (the engine keeps copies within an insert: optimize_on_insert = 0).
+@pytest.mark.parametrize("batch_max_rows", [4, 20000], ids=["across-batches", "within-one-insert"])
 def test_explicit_duplicate_event_ids_are_visible_once(redis_server: RedisServer, redis_client: redis.Redis,
-                                                       clickhouse_url: str, store: Store) -> None:
+                                                       clickhouse_url: str, store: Store, batch_max_rows: int) -> None:
     originals = [event("s-dup", f"n{i}", "error" if i == 3 else "llm_call", T0 + i, event_id=f"ev-{i}")
                  for i in range(6)]
     dup_within_run: list[tuple[str, Mapping[str, Any]]] = [
@@ -288,7 +290,7 @@ def test_explicit_duplicate_event_ids_are_visible_once(redis_server: RedisServer
         ("flow_events", originals[3]), ("flow_events", originals[3]),  # the error event three times
     ]
     xadd_all(redis_client, [("flow_events", f) for f in originals] + dup_within_run)
-    settings = settings_for(redis_server, clickhouse_url, batch_max_rows=4)  # duplicates span batches
+    settings = settings_for(redis_server, clickhouse_url, batch_max_rows=batch_max_rows)
     drain(settings)
 
     def check() -> None:
@@ -299,6 +301,8 @@ def test_explicit_duplicate_event_ids_are_visible_once(redis_server: RedisServer
         assert (session["event_count"], session["error_count"], session["status"]) == (6, 1, "failed")
 
     check()
+    if batch_max_rows > len(originals) + len(dup_within_run):  # one insert: its copies are stored, and collapsed
+        assert store.scalar("SELECT count() FROM flowtrack.events WHERE event_id = 'ev-3'") == 3
     # the same explicit ids again, in new entries, in a later run
     xadd_all(redis_client, [("flow_events:7", as_json(f)) for f in originals])
     drain(settings)

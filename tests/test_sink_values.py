@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from worker import sink as sink_module
-from worker.normalize import FlowEvent, events_block
-from worker.sink import Sink
+from worker.normalize import FlowEvent, Rejection, native_block
+from worker.sink import EVENT_BLOCK_COLUMNS, REJECTION_BLOCK_COLUMNS, Sink
 from worker.store import Store
 
 MAX_TS_MS = 7258118400000  # 2200-01-01, the contract's bound (exclusive)
@@ -27,8 +27,8 @@ HARD_TEXT = [
 def insert_encoding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test once with the insert built in Python, once with the C hot path's Native block."""
     if request.param == "python":
-        monkeypatch.setattr(sink_module, "events_block", None)
-    elif events_block is None:
+        monkeypatch.setattr(sink_module, "native_block", None)
+    elif native_block is None:
         pytest.skip("the C hot path is not built here (no C compiler)")
     return str(request.param)
 
@@ -59,7 +59,8 @@ def hard_events() -> list[FlowEvent]:
 def test_every_value_is_stored_exactly_in_a_batch_over_centuries(store: Store, insert_encoding: str) -> None:
     events = hard_events()
     if insert_encoding == "c":
-        assert events_block is not None and events_block(events, 0) is not None  # the C block, not the fallback
+        assert native_block is not None
+        assert native_block(events, EVENT_BLOCK_COLUMNS, "ingested_at", 0) is not None  # the C block, not the fallback
     result = Sink(store).write(events, [])
     assert result.stored == len(events) and not result.rejected
     for event in events:
@@ -87,3 +88,41 @@ def test_a_reinserted_batch_is_dropped_and_another_composition_is_not(store: Sto
     sink.write(events[:10], [])  # another entry set: a new insert (copies FINAL hides)
     assert store.scalar(count, ids) == 30
     assert store.scalar("SELECT count() FROM flowtrack.flow_events WHERE event_id IN {ids:Array(String)}", ids) == 20
+
+
+def hard_rejections() -> list[Rejection]:
+    return [Rejection(f"flow_events:{text[:40]}", f"{1000 + n}-{n}", f"reason {n}: {text}",
+                      f'{{"raw": "{text[:200]}"}}') for n, text in enumerate(HARD_TEXT * 3)]
+
+
+def test_every_rejection_is_stored_exactly_and_a_reinserted_one_is_dropped(store: Store, insert_encoding: str) -> None:
+    rejections = hard_rejections()
+    if insert_encoding == "c":
+        assert native_block is not None
+        assert native_block(rejections, REJECTION_BLOCK_COLUMNS, "received_at", 0) is not None  # not the fallback
+    sink = Sink(store)
+    sink.write([], rejections)
+    sink.write([], rejections)  # same rows, same token: dropped by the engine
+    _, rows = store.query("SELECT source_stream, source_id, reason, raw FROM flowtrack.rejected ORDER BY source_id")
+    assert sorted(map(tuple, rows)) == sorted(rejections)
+    sink.write([], rejections[:5])  # another set: a new insert (copies FINAL hides)
+    assert store.scalar("SELECT count() FROM flowtrack.rejected") == len(rejections) + 5
+    assert store.scalar("SELECT count() FROM flowtrack.rejected_events") == len(rejections)
+
+
+def test_the_c_block_refuses_what_it_cannot_encode(insert_encoding: str) -> None:
+    if insert_encoding == "python":
+        pytest.skip("about the C block")
+    assert native_block is not None
+    good = hard_rejections()[:3]
+    with pytest.raises(ValueError, match="Nullable"):
+        native_block(good, (("a", "Nullable(String)"),) * 4, "received_at", 0)
+    with pytest.raises(TypeError):
+        native_block(good, ("source_stream", "String"), "received_at", 0)  # type: ignore[arg-type]
+    # rows it cannot encode (another width, a value of another type): None, and the sink builds those in Python
+    assert native_block([(*good[0], "extra")], REJECTION_BLOCK_COLUMNS, "received_at", 0) is None
+    odd = Rejection("flow_events", "1-1", "reason", "raw")._replace(raw=b"bytes")  # type: ignore[arg-type]
+    assert native_block([odd], REJECTION_BLOCK_COLUMNS, "received_at", 0) is None
+    event = hard_events()[1]
+    assert native_block([event._replace(is_end=300)], EVENT_BLOCK_COLUMNS, "ingested_at", 0) is None
+    assert native_block([event._replace(attributes=[("k", "v")])], EVENT_BLOCK_COLUMNS, "ingested_at", 0) is None

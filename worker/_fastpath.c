@@ -549,11 +549,12 @@ done:
     return result;
 }
 
-/* -- The events insert as one ClickHouse Native block, built from the FlowEvents in one pass per column: what
- * clickhouse-connect builds in Python, without the column lists and per-value calls. LowCardinality columns are
- * sent as String (the engine converts on insert). Returns (block, token) or None for anything unexpected (then the
- * sink builds the insert in Python). The token is BLAKE2b-160 of the block before its ingested_at column: a
- * function of the exact rows, as the dedup token must be (worker/sink.py). */
+/* -- An insert as one ClickHouse Native block, built from tuples (FlowEvents, Rejections) in one pass per column: what
+ * clickhouse-connect builds in Python, without the column lists and per-value calls. The caller names each column and
+ * its type, in the tuples' field order (LowCardinality columns are sent as String: the engine converts on insert),
+ * then one constant DateTime64 column (the insert's time) is appended. Returns (block, token), or None for anything
+ * unexpected (then the sink builds the insert in Python). The token is BLAKE2b-160 of the block before its constant
+ * column: a function of the exact rows, as the dedup token must be (worker/sink.py). */
 
 /* The block is written twice: once to measure it (data NULL: only len counts), then into a bytes object of exactly
  * that size, so a batch's block costs its own size in memory and no copy. */
@@ -588,12 +589,9 @@ static int buf_str(Buffer *b, PyObject *value) {
     return 0;
 }
 
-static void buf_header(Buffer *b, const char *name, const char *type) {
-    size_t nl = strlen(name), tl = strlen(type);
-    buf_leb128(b, nl);
-    buf_put(b, name, nl);
-    buf_leb128(b, tl);
-    buf_put(b, type, tl);
+static void buf_text(Buffer *b, const char *text, Py_ssize_t n) {
+    buf_leb128(b, (uint64_t)n);
+    buf_put(b, text, (size_t)n);
 }
 
 static void buf_int64(Buffer *b, long long v) {
@@ -602,23 +600,63 @@ static void buf_int64(Buffer *b, long long v) {
     buf_put(b, bytes, 8);
 }
 
-enum { F_EVENT_ID, F_USER_ID, F_SESSION_ID, F_NODE_ID, F_PARENT_ID, F_EVENT_TYPE, F_TS, F_ATTRIBUTES, F_STREAM,
-       F_SOURCE_ID, F_IS_END, F_IS_ERROR };
+/* The column types a block can hold, told apart by the type's name. */
+typedef enum { K_STRING, K_UINT8, K_INT64, K_STRING_MAP } ColumnKind;
+#define MAX_BLOCK_COLUMNS 32
+#define STAMP_TYPE "DateTime64(3, 'UTC')"
 
-static int string_column(Buffer *b, PyObject *events, const char *name, int field) {
-    buf_header(b, name, "String");
-    Py_ssize_t n = PyList_GET_SIZE(events);
+typedef struct {
+    const char *name, *type;
+    Py_ssize_t name_len, type_len;
+    ColumnKind kind;
+} Column;
+
+static int column_kind(const char *type, ColumnKind *kind) {
+    if (strcmp(type, "String") == 0) *kind = K_STRING;
+    else if (strcmp(type, "UInt8") == 0) *kind = K_UINT8;
+    else if (strcmp(type, "Int64") == 0 || strncmp(type, "DateTime64(3", 12) == 0) *kind = K_INT64;
+    else if (strcmp(type, "Map(String, String)") == 0) *kind = K_STRING_MAP;
+    else return -1;
+    return 0;
+}
+
+/* columns: a tuple of (name, type) str pairs; -1 (with an exception set) if it is not one. */
+static Py_ssize_t parse_columns(PyObject *spec, Column *columns) {
+    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) < 1 || PyTuple_GET_SIZE(spec) > MAX_BLOCK_COLUMNS) {
+        PyErr_SetString(PyExc_TypeError, "columns must be a tuple of 1..32 (name, type) pairs");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(spec); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(spec, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyUnicode_Check(PyTuple_GET_ITEM(pair, 0))
+            || !PyUnicode_Check(PyTuple_GET_ITEM(pair, 1))) {
+            PyErr_SetString(PyExc_TypeError, "columns must be a tuple of (name, type) str pairs");
+            return -1;
+        }
+        Column *c = &columns[i];
+        c->name = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(pair, 0), &c->name_len);
+        c->type = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(pair, 1), &c->type_len);
+        if (c->name == NULL || c->type == NULL) return -1;
+        if (column_kind(c->type, &c->kind) < 0) {
+            PyErr_Format(PyExc_ValueError, "no Native encoding here for the column type %s", c->type);
+            return -1;
+        }
+    }
+    return PyTuple_GET_SIZE(spec);
+}
+
+static int string_column(Buffer *b, PyObject *rows, Py_ssize_t field) {
+    Py_ssize_t n = PyList_GET_SIZE(rows);
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (buf_str(b, PyTuple_GET_ITEM(PyList_GET_ITEM(events, i), field))) return -1;
+        if (buf_str(b, PyTuple_GET_ITEM(PyList_GET_ITEM(rows, i), field))) return -1;
     }
     return 0;
 }
 
-static int uint8_column(Buffer *b, PyObject *events, const char *name, int field) {
-    buf_header(b, name, "UInt8");
-    Py_ssize_t n = PyList_GET_SIZE(events);
+static int uint8_column(Buffer *b, PyObject *rows, Py_ssize_t field) {
+    Py_ssize_t n = PyList_GET_SIZE(rows);
     for (Py_ssize_t i = 0; i < n; i++) {
-        long v = PyLong_AsLong(PyTuple_GET_ITEM(PyList_GET_ITEM(events, i), field));
+        long v = PyLong_AsLong(PyTuple_GET_ITEM(PyList_GET_ITEM(rows, i), field));
         if ((v == -1 && PyErr_Occurred()) || v < 0 || v > 255) return -1;
         uint8_t byte = (uint8_t)v;
         buf_put(b, &byte, 1);
@@ -626,33 +664,32 @@ static int uint8_column(Buffer *b, PyObject *events, const char *name, int field
     return 0;
 }
 
-static int ts_column(Buffer *b, PyObject *events) {
-    buf_header(b, "ts", "DateTime64(3, 'UTC')");
-    Py_ssize_t n = PyList_GET_SIZE(events);
+static int int64_column(Buffer *b, PyObject *rows, Py_ssize_t field) {
+    Py_ssize_t n = PyList_GET_SIZE(rows);
     for (Py_ssize_t i = 0; i < n; i++) {
-        long long v = PyLong_AsLongLong(PyTuple_GET_ITEM(PyList_GET_ITEM(events, i), F_TS));
+        long long v = PyLong_AsLongLong(PyTuple_GET_ITEM(PyList_GET_ITEM(rows, i), field));
         if (v == -1 && PyErr_Occurred()) return -1;
         buf_int64(b, v);
     }
     return 0;
 }
 
-static int attributes_column(Buffer *b, PyObject *events) {
-    buf_header(b, "attributes", "Map(String, String)");
-    Py_ssize_t n = PyList_GET_SIZE(events);
+/* Map(String, String): the rows' running entry counts, then every key, then every value. */
+static int string_map_column(Buffer *b, PyObject *rows, Py_ssize_t field) {
+    Py_ssize_t n = PyList_GET_SIZE(rows);
     uint64_t offset = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *attrs = PyTuple_GET_ITEM(PyList_GET_ITEM(events, i), F_ATTRIBUTES);
-        if (!PyDict_Check(attrs)) return -1;
-        offset += (uint64_t)PyDict_GET_SIZE(attrs);
+        PyObject *map = PyTuple_GET_ITEM(PyList_GET_ITEM(rows, i), field);
+        if (!PyDict_Check(map)) return -1;
+        offset += (uint64_t)PyDict_GET_SIZE(map);
         buf_int64(b, (long long)offset);
     }
     for (int values = 0; values < 2; values++) {
         for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *attrs = PyTuple_GET_ITEM(PyList_GET_ITEM(events, i), F_ATTRIBUTES);
+            PyObject *map = PyTuple_GET_ITEM(PyList_GET_ITEM(rows, i), field);
             Py_ssize_t pos = 0;
             PyObject *key, *value;
-            while (PyDict_Next(attrs, &pos, &key, &value)) {
+            while (PyDict_Next(map, &pos, &key, &value)) {
                 if (buf_str(b, values ? value : key)) return -1;
             }
         }
@@ -660,56 +697,67 @@ static int attributes_column(Buffer *b, PyObject *events) {
     return 0;
 }
 
-/* Every column but ingested_at (the part the token covers); -1 on anything unexpected. */
-static int event_columns(Buffer *b, PyObject *events) {
-    Py_ssize_t n = PyList_GET_SIZE(events);
-    buf_leb128(b, FLOW_EVENT_FIELDS + 1);
-    buf_leb128(b, (uint64_t)n);
-    int failed = string_column(b, events, "event_id", F_EVENT_ID) || string_column(b, events, "user_id", F_USER_ID)
-        || string_column(b, events, "session_id", F_SESSION_ID) || string_column(b, events, "node_id", F_NODE_ID)
-        || string_column(b, events, "parent_id", F_PARENT_ID)
-        || string_column(b, events, "event_type", F_EVENT_TYPE) || ts_column(b, events)
-        || attributes_column(b, events) || string_column(b, events, "source_stream", F_STREAM)
-        || string_column(b, events, "source_id", F_SOURCE_ID) || uint8_column(b, events, "is_end", F_IS_END)
-        || uint8_column(b, events, "is_error", F_IS_ERROR);
-    return failed ? -1 : 0;
+/* The header and every column the token covers; -1 on anything unexpected (a value of another type). */
+static int row_columns(Buffer *b, PyObject *rows, const Column *columns, Py_ssize_t count) {
+    buf_leb128(b, (uint64_t)count + 1);
+    buf_leb128(b, (uint64_t)PyList_GET_SIZE(rows));
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const Column *c = &columns[i];
+        buf_text(b, c->name, c->name_len);
+        buf_text(b, c->type, c->type_len);
+        int failed = c->kind == K_STRING ? string_column(b, rows, i)
+            : c->kind == K_UINT8 ? uint8_column(b, rows, i)
+            : c->kind == K_INT64 ? int64_column(b, rows, i)
+            : string_map_column(b, rows, i);
+        if (failed) return -1;
+    }
+    return 0;
 }
 
-static void ingested_at_column(Buffer *b, Py_ssize_t rows, long long ingested_at) {
-    buf_header(b, "ingested_at", "DateTime64(3, 'UTC')");
-    for (Py_ssize_t i = 0; i < rows; i++) buf_int64(b, ingested_at);
+static void stamp_column(Buffer *b, const char *name, Py_ssize_t name_len, Py_ssize_t rows, long long stamp) {
+    buf_text(b, name, name_len);
+    buf_text(b, STAMP_TYPE, (Py_ssize_t)strlen(STAMP_TYPE));
+    for (Py_ssize_t i = 0; i < rows; i++) buf_int64(b, stamp);
 }
 
-/* events_block(events: list[FlowEvent], ingested_at_ms: int) -> (bytes, str) | None */
-static PyObject *events_block(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyList_CheckExact(args[0]) || !PyLong_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "events_block(events: list, ingested_at_ms: int)");
+/* native_block(rows: list[tuple], columns: tuple[tuple[str, str], ...], stamp_column: str, stamp_ms: int)
+ *   -> (bytes, str) | None */
+static PyObject *native_block(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyList_CheckExact(args[0]) || !PyUnicode_Check(args[2]) || !PyLong_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "native_block(rows: list, columns: tuple, stamp_column: str, stamp_ms: int)");
         return NULL;
     }
-    PyObject *events = args[0];
-    long long ingested_at = PyLong_AsLongLong(args[1]);
-    if (ingested_at == -1 && PyErr_Occurred()) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(events);
+    PyObject *rows = args[0];
+    Column columns[MAX_BLOCK_COLUMNS];
+    Py_ssize_t count = parse_columns(args[1], columns);
+    if (count < 0) return NULL;
+    Py_ssize_t stamp_len;
+    const char *stamp_name = PyUnicode_AsUTF8AndSize(args[2], &stamp_len);
+    if (stamp_name == NULL) return NULL;
+    long long stamp = PyLong_AsLongLong(args[3]);
+    if (stamp == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(rows);
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *event = PyList_GET_ITEM(events, i);
-        if (!PyTuple_Check(event) || PyTuple_GET_SIZE(event) != FLOW_EVENT_FIELDS) Py_RETURN_NONE;
+        PyObject *row = PyList_GET_ITEM(rows, i);
+        if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != count) Py_RETURN_NONE;
     }
     Buffer measure = {NULL, 0};
-    if (event_columns(&measure, events) < 0) {
+    if (row_columns(&measure, rows, columns, count) < 0) {
         PyErr_Clear();
         Py_RETURN_NONE;
     }
     size_t covered = measure.len;
-    ingested_at_column(&measure, n, ingested_at);
+    stamp_column(&measure, stamp_name, stamp_len, n, stamp);
     PyObject *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)measure.len);
     if (bytes == NULL) return NULL;
     Buffer b = {PyBytes_AS_STRING(bytes), 0};
-    if (event_columns(&b, events) < 0 || b.len != covered) {  /* the same pass over the same events */
+    if (row_columns(&b, rows, columns, count) < 0 || b.len != covered) {  /* the same pass over the same rows */
         PyErr_Clear();
         Py_DECREF(bytes);
         Py_RETURN_NONE;
     }
-    ingested_at_column(&b, n, ingested_at);
+    stamp_column(&b, stamp_name, stamp_len, n, stamp);
     char token[41];
     Py_BEGIN_ALLOW_THREADS  /* megabytes per batch: let the reading thread run meanwhile */
     blake2b_hex((const uint8_t *)b.data, (Py_ssize_t)covered, 20, token);
@@ -736,8 +784,9 @@ static PyObject *configure(PyObject *Py_UNUSED(self), PyObject *args) {
 static PyMethodDef methods[] = {
     {"normalize_pairs", (PyCFunction)(void (*)(void))normalize_pairs, METH_FASTCALL,
      "normalize_pairs(stream, entry_id, pairs, joined, end_types, error_types) -> FlowEvent | None"},
-    {"events_block", (PyCFunction)(void (*)(void))events_block, METH_FASTCALL,
-     "events_block(events: list[FlowEvent], ingested_at_ms: int) -> (Native block, dedup token) | None"},
+    {"native_block", (PyCFunction)(void (*)(void))native_block, METH_FASTCALL,
+     "native_block(rows: list[tuple], columns: tuple[(name, type), ...], stamp_column: str, stamp_ms: int)"
+     " -> (Native block, dedup token) | None"},
     {"configure", configure, METH_VARARGS,
      "configure(FlowEvent, common_timestamp_ms, orjson_loads, orjson_dumps)"},
     {NULL, NULL, 0, NULL},

@@ -49,13 +49,13 @@ class Committer:
         self.max_s = max_s
         self.stopping = stopping
 
-    async def commit(self, batch: Batch) -> bool:
-        """Store then acknowledge; False if given up because of a stop during an outage (nothing acked)."""
+    async def store(self, batch: Batch) -> bool:
+        """Store, the first half of a commit (the pipeline acknowledges while the next batch is being stored); False
+        if given up because of a stop during an outage (nothing stored for sure, nothing to acknowledge)."""
         result = await self._store(batch)
         if result is None:
             return False
         self.stats.record_write(result, batch)
-        await self._ack(batch)
         return True
 
     async def _store(self, batch: Batch) -> WriteResult | None:
@@ -79,7 +79,8 @@ class Committer:
             self.stats.record_sink_ok(time.perf_counter() - started)
             return result
 
-    async def _ack(self, batch: Batch) -> None:
+    async def ack(self, batch: Batch) -> None:
+        """Acknowledge a stored batch: retried through Redis outages, given up on a stop (redelivered, deduplicated)."""
         backoff = Backoff(self.initial_s, self.max_s)
         attempts = 0
         while True:

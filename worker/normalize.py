@@ -575,6 +575,7 @@ def _load_native() -> Any:
 
 _fastpath = _load_native()
 Normalizer.native = _fastpath.normalize_pairs if _fastpath is not None else None
-# The events insert as one Native block and its dedup token, built in C (worker/sink.py); None: built in Python.
-events_block: Callable[[list[FlowEvent], int], tuple[bytes, str] | None] | None = (
-    _fastpath.events_block if _fastpath is not None else None)
+# An insert (events, rejections) as one Native block and its dedup token, built in C (worker/sink.py); None: built
+# in Python. native_block(rows, ((name, type), ...) in field order, stamp column, stamp ms) -> (block, token) | None.
+native_block: Callable[[list[Any], tuple[tuple[str, str], ...], str, int], tuple[bytes, str] | None] | None = (
+    _fastpath.native_block if _fastpath is not None else None)

@@ -65,8 +65,11 @@ class Pipeline:
         self.normalizer = Normalizer(settings.end_event_types, settings.error_event_types)
         self._batch = self._new_batch()
         self._ready: list[Batch] = []  # full batches waiting for the write slot, in read order
-        self._writing: asyncio.Task[bool] | None = None
+        self._writing: asyncio.Task[bool] | None = None  # the write slot: one batch being stored at a time
         self._writing_batch: Batch | None = None
+        # Stored batches being acknowledged, beside the next batch's store (they are still held: in flight, kept
+        # alive, theirs the deliveries an outage takes back).
+        self._acking: dict[asyncio.Task[None], Batch] = {}
         self._prior_deliveries: dict[tuple[str, str], int] = {}
         self._stop = asyncio.Event()
         self._last_claim = 0.0
@@ -229,21 +232,31 @@ class Pipeline:
         room_bytes = self.settings.max_inflight_bytes - self._inflight_bytes()
         if room > 0 and room_bytes > 0:
             got = await self._read(room, room_bytes, drain)
-        elif self._writing is not None:
-            await asyncio.wait({self._writing}, timeout=self.settings.block_ms / 1000)
+        else:
+            await self._wait_for_room()
         self._report_losses()
         self._reap_write()
+        self._reap_acks()
         if self._ready and self._writing is None:
             self._start_write(self._ready.pop(0))
         # Nothing read: flush what there is, once every stream was looked at (not after one quiet slice of many).
         if self._batch.due() or (got == 0 and self.source.caught_up and self._batch.rows and self._writing is None):
             await self._flush()
         if drain and got == 0 and self.source.caught_up:
-            if self._writing is not None:  # reads do not block when draining: wait for the write, do not poll
-                await asyncio.wait({self._writing}, timeout=self.settings.block_ms / 1000)
+            if self._writing is not None or self._acking:  # reads do not block when draining: wait, do not poll
+                await self._wait_for_room()
             elif not self._batch.rows and not self._ready:
                 return await self._drain_finished()
         return False
+
+    async def _wait_for_room(self) -> None:
+        """Until the write or an acknowledgement ends (either frees room in flight), at most block_ms."""
+        busy: set[asyncio.Task[Any]] = {*self._acking}
+        if self._writing is not None:
+            busy.add(self._writing)
+        if busy:
+            await asyncio.wait(busy, timeout=self.settings.block_ms / 1000, return_when=asyncio.FIRST_COMPLETED)
+        self._reap_acks()
 
     @property
     def _store_failing(self) -> bool:
@@ -254,8 +267,7 @@ class Pipeline:
         store. Take back the deliveries of what is held (once more if a read landed after the last time), then
         wait for the write that retries with backoff."""
         await self.uncount_held()
-        if self._writing is not None:
-            await asyncio.wait({self._writing}, timeout=self.settings.block_ms / 1000)
+        await self._wait_for_room()
         self._reap_write()
         if self._ready and self._writing is None:
             self._start_write(self._ready.pop(0))
@@ -282,9 +294,10 @@ class Pipeline:
         log.info("store outage: %d held entries keep their delivery counts", self._inflight_rows())
 
     def _held_batches(self) -> list[Batch]:
-        """Every batch read and not yet acknowledged: filling, waiting for the write slot, being written."""
+        """Every batch read and not yet acknowledged: filling, waiting for the write slot, being written, stored and
+        being acknowledged."""
         writing = [self._writing_batch] if self._writing_batch is not None else []
-        return [self._batch, *self._ready, *writing]
+        return [self._batch, *self._ready, *writing, *self._acking.values()]
 
     def _inflight_rows(self) -> int:
         return sum(len(b) for b in self._held_batches())
@@ -455,6 +468,7 @@ class Pipeline:
                 await asyncio.wait({self._writing})
                 self._reap_write()
             self._start_write(self._ready.pop(0))
+        self._reap_acks()
 
     def _start_write(self, batch: Batch) -> None:
         assert self._writing is None
@@ -462,18 +476,29 @@ class Pipeline:
         self._writing = asyncio.create_task(self._commit(batch))
 
     async def _commit(self, batch: Batch) -> bool:
+        """Store a batch (the write slot); its acknowledgement follows as a task of its own (_reap_write)."""
         if not await self._store_ready:
             return False  # stopped while the store was still unreachable: the entries stay pending
         assert self._committer is not None
-        return await self._committer.commit(batch)
+        return await self._committer.store(batch)
 
     def _reap_write(self) -> None:
+        """A stored batch is acknowledged beside the next batch's store: the write slot is free once it is stored."""
         task = self._writing
         if task is None or not task.done():
             return
+        batch = self._writing_batch
         self._writing = None
         self._writing_batch = None
-        task.result()  # surface unexpected errors instead of losing them
+        if task.result() and batch is not None:  # result(): surface unexpected errors instead of losing them
+            assert self._committer is not None
+            batch.events, batch.rejections = [], []  # stored: only the ids are still needed
+            self._acking[asyncio.create_task(self._committer.ack(batch))] = batch
+
+    def _reap_acks(self) -> None:
+        for task in [task for task in self._acking if task.done()]:
+            del self._acking[task]
+            task.result()  # surface unexpected errors instead of losing them
 
     async def _drain_finished(self) -> bool:
         if not await self._store_ready:
@@ -497,6 +522,9 @@ class Pipeline:
         if self._writing is not None:
             await asyncio.wait({self._writing})
             self._reap_write()
+        if self._acking:
+            await asyncio.wait(set(self._acking))
+            self._reap_acks()
         if self._committer is not None:
             # Sessions of acknowledged batches not recomputed yet; if this fails the next start catches up.
             with contextlib.suppress(FlowtrackError):

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from worker.errors import StoreRejectedError, StoreUnavailableError
-from worker.normalize import FlowEvent, Rejection, events_block, raw_json
+from worker.normalize import FlowEvent, Rejection, native_block, raw_json
 from worker.rollup import SessionRollup
 from worker.store import DATABASE, Store, classify
 
@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 EVENT_COLUMNS = ("event_id", "user_id", "session_id", "node_id", "parent_id", "event_type", "ts",
                  "attributes", "source_stream", "source_id", "is_end", "is_error", "ingested_at")
 REJECTED_COLUMNS = ("received_at", "source_stream", "source_id", "reason", "raw")
+# The C hot path's Native blocks: (column, type as sent) in the tuples' field order, then the insert's time.
+# LowCardinality columns are sent as String: the engine converts them on insert.
+_DATETIME = "DateTime64(3, 'UTC')"
+EVENT_BLOCK_COLUMNS = (("event_id", "String"), ("user_id", "String"), ("session_id", "String"), ("node_id", "String"),
+                       ("parent_id", "String"), ("event_type", "String"), ("ts", _DATETIME),
+                       ("attributes", "Map(String, String)"), ("source_stream", "String"), ("source_id", "String"),
+                       ("is_end", "UInt8"), ("is_error", "UInt8"))
+REJECTION_BLOCK_COLUMNS = (("source_stream", "String"), ("source_id", "String"), ("reason", "String"),
+                           ("raw", "String"))
 _EVENT_GETTERS = tuple(itemgetter(i) for i in range(len(FlowEvent._fields)))
 _SESSION_ID = itemgetter(FlowEvent._fields.index("session_id"))
 
@@ -134,11 +143,7 @@ class Sink:
             raise classify(exc) from exc
 
     def _insert_events(self, events: Sequence[FlowEvent], now_ms: int) -> None:
-        native = events_block(list(events), now_ms) if events_block is not None else None
-        if native is not None:
-            # The C hot path's Native block and its token (a function of the exact rows, like batch_token's).
-            block, token = native
-            self._insert(f"{DATABASE}.events", block, EVENT_COLUMNS, f"e:{token}")
+        if self._insert_native(f"{DATABASE}.events", events, EVENT_BLOCK_COLUMNS, "ingested_at", now_ms, "e"):
             return
         # Column-wise, one C-level pass per column: zip(*events) would allocate an iterator per row,
         # and those allocations trigger GC passes over every live event. FlowEvent field order equals
@@ -149,14 +154,29 @@ class Sink:
         self._insert(f"{DATABASE}.events", columns, EVENT_COLUMNS, f"e:{token}")
 
     def _insert_rejections(self, rejections: Sequence[Rejection], now_ms: int) -> None:
-        content = [list(col) for col in zip(*rejections, strict=True)]
-        token = batch_token(content)
-        columns = [[now_ms] * len(rejections), *content]
         try:
+            if self._insert_native(f"{DATABASE}.rejected", rejections, REJECTION_BLOCK_COLUMNS, "received_at",
+                                   now_ms, "r"):
+                return
+            content = [list(col) for col in zip(*rejections, strict=True)]
+            token = batch_token(content)
+            columns = [[now_ms] * len(rejections), *content]
             self._insert(f"{DATABASE}.rejected", columns, REJECTED_COLUMNS, f"r:{token}")
         except StoreRejectedError as exc:
             # The rejected relation takes plain strings; if even that fails the store is unwell.
             raise StoreUnavailableError(f"cannot store rejections: {exc}") from exc
+
+    def _insert_native(self, table: str, rows: Sequence[tuple[Any, ...]], columns: tuple[tuple[str, str], ...],
+                       stamp_column: str, stamp_ms: int, token_prefix: str) -> bool:
+        """Insert as the C hot path's Native block; False where it was not built or took these rows for Python's.
+        Its token is a function of the exact rows, like batch_token's (another function of them: a batch re-inserted
+        by a worker without the C module is deduplicated by FINAL and the rollup's recompute, not at insert)."""
+        native = native_block(list(rows), columns, stamp_column, stamp_ms) if native_block is not None else None
+        if native is None:
+            return False
+        block, token = native
+        self._insert(table, block, [name for name, _ in columns] + [stamp_column], f"{token_prefix}:{token}")
+        return True
 
     def _insert(self, table: str, rows: Sequence[Sequence[object]] | bytes, names: Sequence[str], token: str) -> None:
         """Insert columns, or a ready Native block (bytes), with the batch's dedup token."""

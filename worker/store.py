@@ -52,7 +52,12 @@ _embedded_lock = threading.Lock()
 # events' own time, which the contract lets span 1970..2200: a batch over more than 100 weeks is valid input, and
 # the engine's default limit would refuse it (and every recompute or migration reading it) like an outage, retried
 # for ever. The parts such a write creates are merged like any others.
-WRITE_SETTINGS: dict[str, Any] = {"max_partitions_per_insert_block": 0}
+# optimize_on_insert = 0: by default the engine collapses the copies of a key within each inserted block (a
+# ReplacingMergeTree merge pass, row by row, over every column of every insert and of its materialized views): a
+# third of an events insert's CPU (README, "Where the time goes"). Every reader already collapses copies (FINAL,
+# argMax per key), as it must for copies in different inserts (redeliveries), so copies within one insert cost
+# nothing more to read and are collapsed by the next merge.
+WRITE_SETTINGS: dict[str, Any] = {"max_partitions_per_insert_block": 0, "optimize_on_insert": 0}
 
 
 def _without_dataframe_libraries() -> None:
