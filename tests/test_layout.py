@@ -17,6 +17,8 @@ import pytest
 import redis
 
 from tests.conftest import ROOT, xadd_all
+from worker import rollup as rollup_module
+from worker.errors import StoreRejectedError
 from worker.normalize import FlowEvent, Normalizer
 from worker.redisserver import RedisServer
 from worker.settings import Settings
@@ -347,6 +349,41 @@ def test_a_recompute_in_chunks_is_exact_for_every_session(store: Store) -> None:
     for session in sessions:
         expected = from_visible_events(store, session)
         assert len(expected) == 1 and flow_session(store, session) == expected
+
+
+def test_the_closing_recompute_shares_its_sessions_with_the_sinks_connection(store: Store,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """At close the sink's connection is idle: it takes half of the pending sessions (each half in chunks), and every
+    session comes out exact; if a half fails, close() raises and every session stays pending."""
+    monkeypatch.setattr(rollup_module, "SPLIT_MIN_SESSIONS", 4)
+    used: list[tuple[int, int]] = []
+    recompute_chunks = rollup_module._recompute_chunks
+
+    def recording(on: Store, ids: Sequence[str], chunk_sessions: int) -> None:
+        used.append((id(on), len(ids)))
+        recompute_chunks(on, ids, chunk_sessions)
+
+    monkeypatch.setattr(rollup_module, "_recompute_chunks", recording)
+    sink = Sink(store)
+    sink.rollup.chunk_sessions, sink.rollup.max_delay_s = 2, 3600  # recomputed by close() alone
+    sessions = [f"s-close-{n}" for n in range(7)]
+    for session in sessions[:4]:
+        redelivered(sink, session)
+    for session in sessions[4:]:
+        duplicate_ids(sink, session)
+    sink.rollup.close()
+    assert sorted(used) == sorted([(id(sink.rollup.store), 3), (id(sink.store), 4)])
+    for session in sessions:
+        expected = from_visible_events(store, session)
+        assert len(expected) == 1 and flow_session(store, session) == expected
+
+    failing = Sink(store)
+    failing.rollup.max_delay_s = 3600
+    write(failing, [event(f"s-close-fail-{n}", 1, ts_ms=NOW_MS) for n in range(6)])
+    monkeypatch.setattr(store, "command", lambda sql, parameters=None: Store.command(store, "SELECT throwIf(1)"))
+    with pytest.raises(StoreRejectedError):
+        failing.rollup.close()
+    assert failing.rollup.pending == 6
 
 
 def test_sessions_left_pending_by_a_stopped_worker_are_caught_up_at_start(store: Store) -> None:

@@ -80,8 +80,9 @@ _DELETE_EVENTS_BY_TIME = ("DELETE FROM flowtrack.events_by_time WHERE (session_i
 class Sink:
     def __init__(self, store: Store) -> None:
         self.store = store
-        # Its recomputes on a connection of their own: they run beside the next batch's insert, not before it.
-        self.rollup = SessionRollup(store.companion())
+        # Its recomputes on a connection of their own: they run beside the next batch's insert, not before it; at close
+        # this sink's connection, idle by then, takes half of what is left.
+        self.rollup = SessionRollup(store.companion(), closing_helper=store)
 
     def write(self, events: Sequence[FlowEvent], rejections: Sequence[Rejection]) -> WriteResult:
         """Store a batch; returns what was stored and what had to be rejected. Blocking (run it in a thread)."""
