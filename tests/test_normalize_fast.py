@@ -237,3 +237,30 @@ def test_field_names_past_the_c_name_cache_still_come_out_right() -> None:
         assert isinstance(got, FlowEvent) and got == python.normalize_pairs("flow_events:7", f"1700000000000-{n}",
                                                                             list(pairs))
         assert got.attributes[name.decode()] == "v"
+
+
+@needs_c
+@pytest.mark.parametrize("seed", range(3))
+def test_a_batch_filled_in_c_holds_what_the_python_loop_puts_in_it(seed: int) -> None:
+    """fill_batch in C and in Python over the same reply (flat, enveloped, hostile, empty entries): the same events,
+    rejections, ids, sizes and stopping points, also when the batch runs out of rows or bytes midway."""
+    rng = random.Random(2000 + seed)
+    items: list[Any] = [[f"{1700000000000 + n}-{n % 3}".encode(), _as_entry(_record(rng), rng)] for n in range(400)]
+    items += [[b"1800000000000-0", []], (b"1800000000000-1", [b"session_id", b"s"])]  # empty; a tuple, as it may come
+    with_c, python = Normalizer(), PythonOnly()
+    assert with_c.native is nz._native_normalize_pairs  # so with_c.fill_batch is the C one
+    for rows_left, bytes_left in [(10**9, 10**12), (37, 10**12), (10**9, 5000), (1, 1)]:
+        filled = []
+        for normalizer in (with_c, python):
+            lists: tuple[list[Any], list[Any], list[str]] = ([], [], [])
+            stops = []
+            start = 0
+            while start < len(items):
+                start, rows, size, largest = normalizer.fill_batch(_STREAM, items, start, rows_left, bytes_left,
+                                                                   *lists)
+                assert rows >= 1
+                stops.append((start, rows, size, largest))
+            filled.append((lists, stops))
+        assert filled[0] == filled[1], (rows_left, bytes_left)
+        (events, rejections, ids), _ = filled[0]
+        assert len(events) + len(rejections) == len(ids) == len(items) and events and rejections

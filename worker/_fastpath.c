@@ -549,6 +549,96 @@ done:
     return result;
 }
 
+/* -- A read's new entries into a batch: what Pipeline._add_new does per entry, in one C loop per stream. Per entry:
+ * the id decoded, the entry's exact bytes joined (its size, its digest's input), normalize_pairs, and where that
+ * returns None (anything unusual, every rejection) the Python normalizer (``fallback``); the result appended to the
+ * batch's events or rejections and the id to the stream's id list. It stops when the batch has no rows or bytes left
+ * (checked before each entry, as Batch.full is) and says where, so the caller rolls the batch and goes on. */
+
+/* b"\x00".join(pairs) for a list of bytes; NULL with no exception set for anything else. */
+static PyObject *joined_entry(PyObject *pairs) {
+    Py_ssize_t n = PyList_GET_SIZE(pairs), total = n > 0 ? n - 1 : 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *part = PyList_GET_ITEM(pairs, i);
+        if (!PyBytes_CheckExact(part)) return NULL;
+        total += PyBytes_GET_SIZE(part);
+    }
+    PyObject *joined = PyBytes_FromStringAndSize(NULL, total);
+    if (joined == NULL) return NULL;
+    char *out = PyBytes_AS_STRING(joined);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *part = PyList_GET_ITEM(pairs, i);
+        if (i > 0) *out++ = '\0';
+        memcpy(out, PyBytes_AS_STRING(part), (size_t)PyBytes_GET_SIZE(part));
+        out += PyBytes_GET_SIZE(part);
+    }
+    return joined;
+}
+
+/* fill_batch(stream, items, start, rows_left, bytes_left, events, rejections, ids, fallback, end_types, error_types)
+ *   -> (next, rows, bytes, largest) */
+static PyObject *fill_batch(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 11 || !PyUnicode_CheckExact(args[0]) || !PyList_CheckExact(args[1]) || !PyLong_Check(args[2])
+        || !PyLong_Check(args[3]) || !PyLong_Check(args[4]) || !PyList_CheckExact(args[5])
+        || !PyList_CheckExact(args[6]) || !PyList_CheckExact(args[7]) || !PyCallable_Check(args[8])) {
+        PyErr_SetString(PyExc_TypeError, "fill_batch(stream: str, items: list, start: int, rows_left: int, "
+                        "bytes_left: int, events: list, rejections: list, ids: list, fallback, end_types, "
+                        "error_types)");
+        return NULL;
+    }
+    PyObject *stream = args[0], *items = args[1], *events = args[5], *rejections = args[6], *ids = args[7];
+    PyObject *fallback = args[8];
+    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
+    long long rows_left = PyLong_AsLongLong(args[3]), bytes_left = PyLong_AsLongLong(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(items), i = start < 0 ? 0 : start;
+    long long rows = 0, bytes = 0, largest = 0;
+    for (; i < n && rows < rows_left && bytes < bytes_left; i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        if (!(PyList_CheckExact(item) || PyTuple_CheckExact(item)) || PySequence_Fast_GET_SIZE(item) != 2) {
+            PyErr_SetString(PyExc_ValueError, "a stream entry is not an [id, fields] pair");
+            return NULL;
+        }
+        PyObject *raw_id = PySequence_Fast_GET_ITEM(item, 0), *pairs = PySequence_Fast_GET_ITEM(item, 1);
+        if (!PyBytes_CheckExact(raw_id)) {
+            PyErr_SetString(PyExc_TypeError, "a stream entry id is not bytes");
+            return NULL;
+        }
+        PyObject *entry_id = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(raw_id), PyBytes_GET_SIZE(raw_id), "strict");
+        if (entry_id == NULL) return NULL;
+        PyObject *joined = PyList_CheckExact(pairs) ? joined_entry(pairs) : NULL;
+        PyObject *result = NULL;
+        long long size = 0;
+        if (joined != NULL) {
+            size = (long long)PyBytes_GET_SIZE(joined) - PyList_GET_SIZE(pairs) + 1;
+            PyObject *call[6] = {stream, entry_id, pairs, joined, args[9], args[10]};
+            result = PyList_GET_SIZE(pairs) > 0 ? normalize_pairs(NULL, call, 6) : Py_NewRef(Py_None);
+        } else if (!PyErr_Occurred()) {
+            joined = Py_NewRef(Py_None);  /* not a list of bytes: the Python normalizer decides */
+            result = Py_NewRef(Py_None);
+        }
+        if (result == Py_None) {
+            Py_DECREF(result);
+            PyObject *call[4] = {stream, entry_id, pairs, joined};
+            result = PyObject_Vectorcall(fallback, call, 4, NULL);
+        }
+        Py_XDECREF(joined);
+        if (result == NULL || PyList_Append(ids, entry_id) < 0) {
+            Py_DECREF(entry_id);
+            Py_XDECREF(result);
+            return NULL;
+        }
+        Py_DECREF(entry_id);
+        int appended = PyList_Append(Py_IS_TYPE(result, flow_event_type) ? events : rejections, result);
+        Py_DECREF(result);
+        if (appended < 0) return NULL;
+        rows++;
+        bytes += size;
+        if (size > largest) largest = size;
+    }
+    return Py_BuildValue("(nLLL)", i, rows, bytes, largest);
+}
+
 /* -- An insert as one ClickHouse Native block, built from tuples (FlowEvents, Rejections) in one pass per column: what
  * clickhouse-connect builds in Python, without the column lists and per-value calls. The caller names each column and
  * its type, in the tuples' field order (LowCardinality columns are sent as String: the engine converts on insert),
@@ -784,6 +874,9 @@ static PyObject *configure(PyObject *Py_UNUSED(self), PyObject *args) {
 static PyMethodDef methods[] = {
     {"normalize_pairs", (PyCFunction)(void (*)(void))normalize_pairs, METH_FASTCALL,
      "normalize_pairs(stream, entry_id, pairs, joined, end_types, error_types) -> FlowEvent | None"},
+    {"fill_batch", (PyCFunction)(void (*)(void))fill_batch, METH_FASTCALL,
+     "fill_batch(stream, items, start, rows_left, bytes_left, events, rejections, ids, fallback, end_types, "
+     "error_types) -> (next, rows, bytes, largest)"},
     {"native_block", (PyCFunction)(void (*)(void))native_block, METH_FASTCALL,
      "native_block(rows: list[tuple], columns: tuple[(name, type), ...], stamp_column: str, stamp_ms: int)"
      " -> (Native block, dedup token) | None"},

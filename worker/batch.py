@@ -40,6 +40,20 @@ class Batch:
         else:
             self.rejections.append(item)  # type: ignore[arg-type]
 
+    def stream_ids(self, stream: str) -> list[str]:
+        """The list of the stream's entry ids, for Normalizer.fill_batch to append to (then ``added``)."""
+        ids = self.ids_by_stream.get(stream)
+        if ids is None:
+            ids = self.ids_by_stream[stream] = []
+        return ids
+
+    def added(self, rows: int, size: int) -> None:
+        """Count entries appended to the lists directly (Normalizer.fill_batch)."""
+        if rows and self.started_at is None:
+            self.started_at = time.monotonic()
+        self.rows += rows
+        self.bytes += size
+
     @property
     def full(self) -> bool:
         return self.rows >= self.max_rows or self.bytes >= self.max_bytes

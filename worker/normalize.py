@@ -221,6 +221,41 @@ class Normalizer:
             event = native(stream, entry_id, pairs, joined, self.end_types, self.error_types)
             if event is not None:
                 return event  # type: ignore[no-any-return]
+        return self._normalize_pairs_python(stream, entry_id, pairs, joined)
+
+    def fill_batch(self, stream: str, items: list[Any], start: int, rows_left: int, bytes_left: int,
+                   events: list[FlowEvent], rejections: list[Rejection], ids: list[str]) -> tuple[int, int, int, int]:
+        """A read's new entries of one stream, ``items[start:]`` as Redis sent them ([id, [name, value, …]]), into a
+        batch: each normalized (``normalize_pairs``) and appended to ``events`` or ``rejections``, its id to ``ids``,
+        while the batch has rows and bytes left (checked before each entry, as ``Batch.full``). Returns (where it
+        stopped, entries added, their bytes as read, the largest entry's). In C where the hot path was built."""
+        if self.native is not None and self.native is _native_normalize_pairs and _fastpath is not None:
+            return _fastpath.fill_batch(stream, items, start, rows_left, bytes_left, events,  # type: ignore[no-any-return]
+                                        rejections, ids, self._normalize_pairs_python, self.end_types,
+                                        self.error_types)
+        normalize = self.normalize_pairs
+        index, rows, size_total, largest = start, 0, 0, 0
+        while index < len(items) and rows < rows_left and size_total < bytes_left:
+            raw_id, fields = items[index]
+            entry_id = raw_id.decode()
+            joined = join_entry(fields)  # the entry's exact bytes: its size here, its digest in normalize
+            size = len(joined) - len(fields) + 1
+            largest = max(largest, size)
+            item = normalize(stream, entry_id, fields, joined)
+            (events if type(item) is FlowEvent else rejections).append(item)  # type: ignore[arg-type]
+            ids.append(entry_id)
+            index += 1
+            rows += 1
+            size_total += size
+        return index, rows, size_total, largest
+
+    def _normalize_pairs_python(self, stream: str, entry_id: str, pairs: list[bytes] | None,
+                                joined: bytes | None) -> FlowEvent | Rejection:
+        """normalize_pairs without the C hot path: what it does where the C hot path returns None."""
+        if not pairs:
+            return self.normalize(stream, entry_id, None)
+        if joined is None:
+            joined = join_entry(pairs)
         try:
             # One decode of the joined entry instead of one per name and value (valid UTF-8 as a whole exactly when
             # every part is: the NUL between parts ends any multi-byte sequence); a NUL inside a name or value
@@ -574,7 +609,8 @@ def _load_native() -> Any:
 
 
 _fastpath = _load_native()
-Normalizer.native = _fastpath.normalize_pairs if _fastpath is not None else None
+_native_normalize_pairs = _fastpath.normalize_pairs if _fastpath is not None else None
+Normalizer.native = _native_normalize_pairs
 # An insert (events, rejections) as one Native block and its dedup token, built in C (worker/sink.py); None: built
 # in Python. native_block(rows, ((name, type), ...) in field order, stamp column, stamp ms) -> (block, token) | None.
 native_block: Callable[[list[Any], tuple[tuple[str, str], ...], str, int], tuple[bytes, str] | None] | None = (

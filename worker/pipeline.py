@@ -32,7 +32,6 @@ from worker.normalize import (
     Normalizer,
     Rejection,
     is_text,
-    join_entry,
     pairs_to_dict,
     printable,
     raw_json,
@@ -334,25 +333,23 @@ class Pipeline:
         return sum(len(items) for _, items in groups)
 
     def _add_new(self, groups: list[tuple[str, list[Any]]]) -> int:
-        """The hot path: entries delivered for the first time, straight from the reply into the batch.
-        Returns the size of the largest entry read."""
-        normalize = self.normalizer.normalize_pairs
+        """The hot path: entries delivered for the first time, straight from the reply into the batch (in C where the
+        hot path was built: Normalizer.fill_batch). Returns the size of the largest entry read."""
+        fill = self.normalizer.fill_batch
         added = 0
         largest = 0
         for stream, items in groups:
             if not is_text(stream):  # once per stream, not per entry: the checked path rejects its entries
                 self._add(Entry(stream, text(raw_id), pairs_to_dict(fields) or None) for raw_id, fields in items)
                 continue
-            for raw_id, fields in items:
-                entry_id = raw_id.decode()
-                joined = join_entry(fields)  # the entry's exact bytes: its size here, its digest in normalize
-                size = len(joined) - len(fields) + 1
-                if size > largest:
-                    largest = size
-                batch = self._batch
-                if batch.rows >= batch.max_rows or batch.bytes >= batch.max_bytes:
-                    batch = self._roll_batch()
-                batch.add(stream, entry_id, normalize(stream, entry_id, fields, joined), size)
+            start = 0
+            while start < len(items):
+                batch = self._batch if not self._batch.full else self._roll_batch()
+                start, rows, size, largest_here = fill(stream, items, start, batch.max_rows - batch.rows,
+                                                       batch.max_bytes - batch.bytes, batch.events,
+                                                       batch.rejections, batch.stream_ids(stream))
+                batch.added(rows, size)
+                largest = max(largest, largest_here)
             added += len(items)
         self.stats.read += added
         return largest
