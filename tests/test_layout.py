@@ -45,8 +45,7 @@ def event(session: str, n: int, event_type: str = "llm_call", ts_ms: int | None 
 
 
 def write(sink: Sink, events: Sequence[FlowEvent]) -> None:
-    sink.write(events, [])
-    time.sleep(0.005)  # copies stored in the same millisecond would tie on ingested_at
+    sink.write(events, [])  # no pause between batches: one sink's inserts never tie on ingested_at
 
 
 def flow_session(store: Store, session: str) -> list[Any]:
@@ -612,9 +611,10 @@ def test_a_store_filled_at_the_old_schema_migrates_with_everything_visible_once(
     assert new["sorting_key"] == [["session_id, event_id"]]
     for relation in ("events", "sessions", "nodes", "rejected"):
         assert new[relation] == old[relation], relation
-    # 008 fills events_by_time from the events once each; a worker at 008 wrote it through its view, where the
-    # explicit id re-sent without a timestamp sits at both of its times (008_rollups.sql).
-    assert new["by_time"] == [[str(len(old["events"]) + (1 if old_version >= 8 else 0))]]
+    # 008 fills events_by_time from the events once each; a worker at 008 wrote it through its view, where an
+    # explicit id re-sent without a timestamp in another batch sits at both of its times (008_rollups.sql). Here both
+    # copies come in one batch, and the sink sends one copy per batch (the last: sink.last_copies).
+    assert new["by_time"] == [[str(len(old["events"]))]]
     # Every old session has its path (009's backfill), the one its visible events give.
     assert len(new["paths"]) == len(old["sessions"]) == 6
     assert new["paths"] == new["expected_paths"]
@@ -719,3 +719,39 @@ def test_a_rollup_part_written_on_a_full_disk_is_rebuilt_at_the_next_start(tmp_p
     assert seen["sessions"] == [[f"s-{k}", 10] for k in range(7)]
     assert seen["broken_after"] == 0
     assert seen["broken_before"] >= 1, "the engine no longer breaks this part: the injected fault did not occur"
+
+
+def test_copies_that_disagree_within_one_insert_show_the_same_copy_everywhere(store: Store) -> None:
+    """An explicit event_id sent three times with other content in one batch (one insert, one ingested_at for all):
+    the rollup, its path and every public view take the same copy, the last; the others are not stored."""
+    session = "s-conflict"
+    sink = Sink(store)
+    write(sink, [event(session, 1, "user_message", NOW_MS - 5000, "e-1", entry="1-1"),
+                 event(session, 2, "llm_call", NOW_MS - 4000, "e-2", entry="1-2"),
+                 event(session, 2, "flow_failed", NOW_MS - 3000, "e-2", entry="1-3"),
+                 event(session, 2, "tool_call", NOW_MS - 2000, "e-2", entry="1-4")])
+    sink.rollup.flush()
+    assert physical_rows(store, session) == visible_rows(store, session) == 2
+    _, rows = store.query("SELECT event_id, event_type, toUnixTimestamp64Milli(ts) FROM flowtrack.flow_events "
+                          "WHERE session_id = {s:String} ORDER BY event_id", {"s": session})
+    assert rows == [("e-1", "user_message", NOW_MS - 5000), ("e-2", "tool_call", NOW_MS - 2000)]
+    assert flow_session(store, session) == from_visible_events(store, session)
+    assert session_path(store, session) == path_from_visible_events(store, session)
+
+
+def test_one_sinks_inserts_never_share_a_version(store: Store) -> None:
+    """Batches stored within one millisecond still get distinct ingested_at (the version that decides which copy of
+    an event is the later one): later batch, later version, and the last copy is the one every relation shows."""
+    sink = Sink(store)
+    for n in range(30):
+        sink.write([event("s-stamps", n, "llm_call", NOW_MS, f"e-{n}", entry=f"1-{n}"),
+                    event("s-stamps", n, "llm_call", NOW_MS + n, "e-same", entry=f"2-{n}")], [])
+    _, rows = store.query("SELECT event_id, toUnixTimestamp64Milli(ingested_at) FROM flowtrack.events "
+                          "WHERE session_id = 's-stamps' AND event_id != 'e-same' ORDER BY ingested_at")
+    assert [event_id for event_id, _ in rows] == [f"e-{n}" for n in range(30)]
+    assert len({stamp for _, stamp in rows}) == 30
+    _, shown = store.query("SELECT node_id FROM flowtrack.flow_events WHERE event_id = 'e-same'")
+    assert shown == [("n29",)]
+    sink.rollup.flush()
+    assert flow_session(store, "s-stamps") == from_visible_events(store, "s-stamps")
+    assert session_path(store, "s-stamps") == path_from_visible_events(store, "s-stamps")

@@ -277,7 +277,7 @@ def test_unicode_ids_and_attributes_round_trip(redis_server: RedisServer, redis_
 
 # -- duplicates and redelivery ---------------------------------------------------------------------
 
-# Duplicates across batches, and within one insert (the engine keeps copies within an insert: optimize_on_insert = 0).
+# Duplicates across batches, and within one insert (the sink sends the last copy of each: sink.last_copies).
 @pytest.mark.parametrize("batch_max_rows", [4, 20000], ids=["across-batches", "within-one-insert"])
 def test_explicit_duplicate_event_ids_are_visible_once(redis_server: RedisServer, redis_client: redis.Redis,
                                                        clickhouse_url: str, store: Store, batch_max_rows: int) -> None:
@@ -301,8 +301,8 @@ def test_explicit_duplicate_event_ids_are_visible_once(redis_server: RedisServer
         assert (session["event_count"], session["error_count"], session["status"]) == (6, 1, "failed")
 
     check()
-    if batch_max_rows > len(originals) + len(dup_within_run):  # one insert: its copies are stored, and collapsed
-        assert store.scalar("SELECT count() FROM flowtrack.events WHERE event_id = 'ev-3'") == 3
+    if batch_max_rows > len(originals) + len(dup_within_run):  # one insert: one copy of each event goes in
+        assert store.scalar("SELECT count() FROM flowtrack.events WHERE event_id = 'ev-3'") == 1
     # the same explicit ids again, in new entries, in a later run
     xadd_all(redis_client, [("flow_events:7", as_json(f)) for f in originals])
     drain(settings)

@@ -54,9 +54,8 @@ _embedded_lock = threading.Lock()
 # for ever. The parts such a write creates are merged like any others.
 # optimize_on_insert = 0: by default the engine collapses the copies of a key within each inserted block (a
 # ReplacingMergeTree merge pass, row by row, over every column of every insert and of its materialized views): a
-# third of an events insert's CPU (README, "Where the time goes"). Every reader already collapses copies (FINAL,
-# argMax per key), as it must for copies in different inserts (redeliveries), so copies within one insert cost
-# nothing more to read and are collapsed by the next merge.
+# third of an events insert's CPU (README, "Where the time goes"). The sink sends one copy per event identity per
+# insert (sink.last_copies); copies in other inserts are collapsed by every reader (FINAL, argMax per key) and merges.
 WRITE_SETTINGS: dict[str, Any] = {"max_partitions_per_insert_block": 0, "optimize_on_insert": 0}
 
 
