@@ -347,3 +347,42 @@ def test_at_a_steady_rate_batches_fill_for_their_wait_instead_of_flushing_after_
     batches = asyncio.run(run())
     assert batches <= 30, batches  # ~3.5 s of events at one batch per 0.25 s wait: ~14, not one per event
     assert _count(store, "SELECT count() FROM flowtrack.flow_events") == 300
+
+
+def test_a_busy_stream_among_thousands_is_read_in_a_few_reads_not_one_entry_per_turn(
+        redis_server: RedisServer, redis_client: redis.Redis, clickhouse_url: str) -> None:
+    """A slice read takes one entry per stream (COUNT 1 x thousands of streams): a stream it left entries in is read
+    again at once with the COUNT their few streams allow, and the turn goes on (a session's burst on one user's
+    stream would otherwise wait one turn per entry: seconds at 50,000 streams)."""
+    pipe = redis_client.pipeline(transaction=False)
+    for stream in STREAMS:
+        pipe.xgroup_create(stream, GROUP, id="$", mkstream=True)
+    pipe.execute()
+    busy, quiet = STREAMS[1234], STREAMS[4321]
+    for n in range(300):
+        redis_client.xadd(busy, {"n": str(n)})
+    redis_client.xadd(quiet, {"n": "0"})
+    settings = make_settings(redis_server.url, clickhouse_url, streams=("flow_events:*",), group=GROUP,
+                             read_count=1000)
+    room = 2000  # rows the pipeline would allow in flight: slices of 2,000 streams, COUNT 1
+
+    async def run() -> tuple[list[tuple[int, int, int]], Counter[str]]:
+        source = Source(settings)
+        reads: list[tuple[int, int, int]] = []  # (streams asked, COUNT, entries)
+        got: Counter[str] = Counter()
+        try:
+            await source.discover(force=True)
+            while sum(got.values()) < 301 and len(reads) < 400:
+                width = source.next_read_width()
+                count = max(1, min(settings.read_count, room // width))
+                groups = await source.read(count, None, max_streams=room // count)
+                reads.append((width, count, sum(len(items) for _, items in groups)))
+                got.update({stream: len(items) for stream, items in groups})
+        finally:
+            await source.close()
+        return reads, got
+
+    reads, got = asyncio.run(run())
+    assert got == Counter({busy: 300, quiet: 1})
+    assert len(reads) <= 8, reads  # one entry per turn of 3 slices would have been ~900 reads
+    assert any(width == 1 and count == 1000 for width, count, _ in reads)  # the follow-up read: one stream, more

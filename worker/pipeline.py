@@ -313,7 +313,7 @@ class Pipeline:
         return held
 
     async def _read(self, room: int, room_bytes: int, drain: bool = False) -> int:
-        streams = max(1, len(self.source.streams))
+        streams = max(1, self.source.next_read_width())
         by_bytes = room_bytes // (self._entry_bytes_estimate * streams)
         count = max(1, min(self.settings.read_count, room // streams, by_bytes))
         wait_s = min(self.settings.block_ms / 1000, self._batch.seconds_left())

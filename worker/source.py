@@ -189,6 +189,8 @@ class Source:
         self.recovery_owed = False
         self._moved_seen = 0  # MOVED replies met so far, as of the last note_slot_moves
         self._rotation = Rotation()  # new entries are read a slice of the streams at a time
+        # Streams whose last slice read returned all it asked for (COUNT): they may hold more, read again at once.
+        self._hot: list[str] = []
         self._packed = PackedReads(self.group, self.consumer)
         self._claims = ClaimSweep()
 
@@ -361,23 +363,33 @@ class Source:
         pending = (dict(itertools.islice(((s, c) for s, c in self._cursor.items() if c != ">"), size))
                    if self.reading_pending else {})
         chosen: list[str] = []
+        sliced = False
         if pending:
             block = None
             key: Any = None
+        elif self._hot:
+            # A follow-up read of the streams the last slice left entries in, with the COUNT their number allows
+            # (next_read_width): a busy stream among thousands is not read one entry per turn. Then the turn goes on.
+            chosen, self._hot = self._hot[:size], []
+            block = None
+            key = None
         else:
             start, chosen = self._rotation.next_slice(size)
             # One slice holding every stream blocks as a single read always did (a batch fills for its wait); of
             # several slices, only once a whole turn found nothing (a slice's silence says nothing of the others).
             whole = len(chosen) >= len(self.streams)
+            sliced = not whole
             block = block_ms if whole or self._rotation.caught_up else None
             key = (self._rotation.version, start, len(chosen))
+        # Pending cursors, or the follow-up read's streams from ">": explicit targets, packed for this read only.
+        targets = pending or ({stream: ">" for stream in chosen} if key is None else {})
         try:
             if self._nodes is None:
-                packed = (self._packed.from_ids(pending, count) if pending
+                packed = (self._packed.from_ids(targets, count) if targets
                           else self._packed.new_entries(key, chosen, count, block))
                 reply: Any = await guarded(lambda: execute_packed(self._plain(), packed))
             else:
-                reply = await guarded(lambda: self._read_cluster(pending, key, chosen, count, block))
+                reply = await guarded(lambda: self._read_cluster(targets, key, chosen, count, block))
         except ResponseError as exc:
             if vanished(exc):
                 log.warning("a stream or its group disappeared; re-creating: %s", exc)
@@ -387,11 +399,18 @@ class Source:
         groups = [(text(stream), items) for stream, items in reply or ()]
         if pending:
             self._advance_pending_cursors(pending, groups)
-        else:
+        elif key is not None:
             self._rotation.note(len(chosen), any(items for _, items in groups))
+            if sliced:
+                self._hot = [stream for stream, items in groups if len(items) >= count]
         return groups
 
-    async def _read_cluster(self, pending: dict[str, str], key: Any, chosen: list[str], count: int,
+    def next_read_width(self) -> int:
+        """How many streams the next read of new entries covers at most (its COUNT is shared among them): the
+        follow-up read's few, or all of them."""
+        return len(self._hot) or len(self.streams)
+
+    async def _read_cluster(self, targets: dict[str, str], key: Any, chosen: list[str], count: int,
                             block_ms: int | None) -> list[Any]:
         """``read`` on a cluster: one XREADGROUP per hash slot, a node's reads in one round trip (``NodeCommands``).
 
@@ -402,12 +421,12 @@ class Source:
         """
         nodes = self._nodes
         assert nodes is not None
-        if pending:
-            reads = self._packed.from_ids_per_slot(pending, self._slots, count)
+        if targets:  # explicit ids per stream (own pending entries) or ">" (a follow-up read)
+            reads = self._packed.from_ids_per_slot(targets, self._slots, count)
         else:
             reads = self._packed.new_entries_per_slot(key, chosen, self._slots, count, block_ms)
         results = await nodes.run(reads.commands, (reads.block_ms or 0) / 1000)
-        split = {stream: pending.get(stream, ">") for result, streams in zip(results, reads.streams, strict=True)
+        split = {stream: targets.get(stream, ">") for result, streams in zip(results, reads.streams, strict=True)
                  if isinstance(result, TryAgainError) and len(streams) > 1 for stream in streams}
         if split:  # the slot is half-migrated: its streams one at a time (each is then served or redirected)
             nodes.redirects["TRYAGAIN"] += 1
