@@ -352,26 +352,27 @@ def test_a_recompute_in_chunks_is_exact_for_every_session(store: Store) -> None:
 
 def test_the_closing_recompute_shares_its_sessions_with_the_sinks_connection(store: Store,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """At close the sink's connection is idle: it takes half of the pending sessions (each half in chunks), and every
-    session comes out exact; if a half fails, close() raises and every session stays pending."""
+    """At close the sink's connection is idle: it takes half of the pending sessions (each half in chunks of half
+    the size: two queries hold what one would), and every session comes out exact; if a half fails, close() raises
+    and every session stays pending."""
     monkeypatch.setattr(rollup_module, "SPLIT_MIN_SESSIONS", 4)
-    used: list[tuple[int, int]] = []
+    used: list[tuple[int, int, int]] = []
     recompute_chunks = rollup_module._recompute_chunks
 
     def recording(on: Store, ids: Sequence[str], chunk_sessions: int) -> None:
-        used.append((id(on), len(ids)))
+        used.append((id(on), len(ids), chunk_sessions))
         recompute_chunks(on, ids, chunk_sessions)
 
     monkeypatch.setattr(rollup_module, "_recompute_chunks", recording)
     sink = Sink(store)
-    sink.rollup.chunk_sessions, sink.rollup.max_delay_s = 2, 3600  # recomputed by close() alone
+    sink.rollup.chunk_sessions, sink.rollup.max_delay_s = 4, 3600  # recomputed by close() alone, 2 per query
     sessions = [f"s-close-{n}" for n in range(7)]
     for session in sessions[:4]:
         redelivered(sink, session)
     for session in sessions[4:]:
         duplicate_ids(sink, session)
     sink.rollup.close()
-    assert sorted(used) == sorted([(id(sink.rollup.store), 3), (id(sink.store), 4)])
+    assert sorted(used) == sorted([(id(sink.rollup.store), 3, 2), (id(sink.store), 4, 2)])
     for session in sessions:
         expected = from_visible_events(store, session)
         assert len(expected) == 1 and flow_session(store, session) == expected

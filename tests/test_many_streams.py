@@ -386,3 +386,30 @@ def test_a_busy_stream_among_thousands_is_read_in_a_few_reads_not_one_entry_per_
     assert got == Counter({busy: 300, quiet: 1})
     assert len(reads) <= 8, reads  # one entry per turn of 3 slices would have been ~900 reads
     assert any(width == 1 and count == 1000 for width, count, _ in reads)  # the follow-up read: one stream, more
+
+
+def test_one_read_holds_at_most_max_entries_per_read(
+        redis_server: RedisServer, redis_client: redis.Redis, clickhouse_url: str, store: Store) -> None:
+    """The reply of one read lives until its entries are in the batch: over 100 streams one read takes at most
+    MAX_ENTRIES_PER_READ entries, not half the in-flight rows (20,000), and the drain stores every entry."""
+    from worker.pipeline import MAX_ENTRIES_PER_READ
+
+    streams = STREAMS[:100]
+    produced = _events(redis_client, streams, 300)
+    settings = make_settings(redis_server.url, clickhouse_url, streams=("flow_events:*",))
+    per_read: list[int] = []  # entries per read
+    original_read = Source.read
+
+    async def measured_read(self: Source, count: int, block_ms: int | None,
+                            max_streams: int | None = None) -> list[tuple[str, list[Any]]]:
+        groups = await original_read(self, count, block_ms, max_streams)
+        per_read.append(sum(len(items) for _, items in groups))
+        return groups
+
+    Source.read = measured_read  # type: ignore[method-assign]
+    try:
+        drain(settings, timeout_s=120)
+    finally:
+        Source.read = original_read  # type: ignore[method-assign]
+    assert MAX_ENTRIES_PER_READ // 2 < max(per_read) <= MAX_ENTRIES_PER_READ < 20_000
+    assert _count(store, "SELECT count() FROM flowtrack.flow_events") == produced

@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 INITIAL_ENTRY_BYTES_ESTIMATE = MAX_ENTRY_BYTES
 ENTRY_BYTES_ESTIMATE_DECAY = 4
 MIN_ENTRY_BYTES_ESTIMATE = 128
+# One read returns at most about this many entries (COUNT per stream shrinks with the streams read): its reply is
+# a few objects per entry, alive until the entries are in the batch, and reads of 20,000 entries (half the in-flight
+# rows over 100 streams) put ~15 MB more on a draining worker's peak RSS than reads of 10,000, for the same speed
+# (README, "The C hot path"). One stream still reads up to FLOWTRACK_READ_COUNT at a time.
+MAX_ENTRIES_PER_READ = 10_000
 
 
 class Pipeline:
@@ -315,7 +320,7 @@ class Pipeline:
     async def _read(self, room: int, room_bytes: int, drain: bool = False) -> int:
         streams = max(1, self.source.next_read_width())
         by_bytes = room_bytes // (self._entry_bytes_estimate * streams)
-        count = max(1, min(self.settings.read_count, room // streams, by_bytes))
+        count = max(1, min(self.settings.read_count, room // streams, by_bytes, MAX_ENTRIES_PER_READ // streams))
         wait_s = min(self.settings.block_ms / 1000, self._batch.seconds_left())
         # Draining takes what the streams hold now: a read that finds nothing ends the drain at once instead of
         # blocking for entries it would not wait for (the batch's wait, ~0.25 s, at the end of every drain).
@@ -323,7 +328,8 @@ class Pipeline:
         reading_pending = self.source.reading_pending
         # COUNT is at least 1 per stream: with more streams than the rows or bytes in flight allow, read a slice of
         # them (in turn), so one read stays within both bounds.
-        max_streams = max(1, min(room // count, room_bytes // (self._entry_bytes_estimate * count)))
+        max_streams = max(1, min(room // count, room_bytes // (self._entry_bytes_estimate * count),
+                                 MAX_ENTRIES_PER_READ // count))
         groups = await self.source.read(count, block_ms, max_streams=max_streams)
         largest = self._add_pending(groups) if reading_pending else self._add_new(groups)
         if groups:

@@ -67,10 +67,12 @@ def recompute(store: Store, sessions: Iterable[str], purged_pairs: Iterable[tupl
             _recompute_chunks(store, ids, chunk_sessions)
             return
         half = len(ids) // 2
-        # Leaving the with-block waits for the helper's half, also when this half failed: nothing outlives the call.
+        # Half the chunk each: two queries at once hold what one chunk's query would (the engine's memory per query
+        # grows with its sessions). Leaving the with-block waits for the helper's half, also when this half failed.
+        chunk = max(1, chunk_sessions // 2)
         with ThreadPoolExecutor(1, thread_name_prefix="session-rollup-helper") as pool:
-            other_half = pool.submit(_recompute_chunks, helper, ids[half:], chunk_sessions)
-            _recompute_chunks(store, ids[:half], chunk_sessions)
+            other_half = pool.submit(_recompute_chunks, helper, ids[half:], chunk)
+            _recompute_chunks(store, ids[:half], chunk)
             other_half.result()
     except Exception as exc:
         raise classify(exc) from exc

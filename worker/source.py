@@ -399,10 +399,13 @@ class Source:
         groups = [(text(stream), items) for stream, items in reply or ()]
         if pending:
             self._advance_pending_cursors(pending, groups)
-        elif key is not None:
+        elif key is None:  # a follow-up read that found entries: the streams are not caught up
+            self._rotation.note(0, any(items for _, items in groups))
+        else:
             self._rotation.note(len(chosen), any(items for _, items in groups))
-            if sliced:
-                self._hot = [stream for stream, items in groups if len(items) >= count]
+            hot = [stream for stream, items in groups if len(items) >= count] if sliced else []
+            # Worth a follow-up only where it can take more per stream than the slice did: half the slice or fewer.
+            self._hot = hot if 2 * len(hot) <= len(chosen) else []
         return groups
 
     def next_read_width(self) -> int:
