@@ -328,8 +328,12 @@ class Pipeline:
         reading_pending = self.source.reading_pending
         # COUNT is at least 1 per stream: with more streams than the rows or bytes in flight allow, read a slice of
         # them (in turn), so one read stays within both bounds.
+        # Caught up, a read blocks on its slice for the batch's wait: then as many streams as the room allows, or an
+        # event on a stream of another slice waits out one block per slice (50,000 streams in 10,000-stream slices:
+        # probes p99 875 ms instead of ~300).
+        entries_cap = room if self.source.caught_up else MAX_ENTRIES_PER_READ
         max_streams = max(1, min(room // count, room_bytes // (self._entry_bytes_estimate * count),
-                                 MAX_ENTRIES_PER_READ // count))
+                                 entries_cap // count))
         groups = await self.source.read(count, block_ms, max_streams=max_streams)
         largest = self._add_pending(groups) if reading_pending else self._add_new(groups)
         if groups:
