@@ -1,9 +1,9 @@
 """Pipeline: owns the loop source -> normalize -> batch -> sink -> ack.
 
-Reading overlaps writing: while one batch is being stored and acknowledged (in a thread, never
-cancelled), the next one fills. Reads are paced by what the sink has accepted: at most
-``max_inflight_rows`` entries are read but not yet acknowledged, so memory stays bounded under any
-backlog.
+Reading overlaps writing: while one batch is being stored (in a thread) the next one fills, and a stored
+batch is acknowledged while the next one is being stored; neither step is ever cancelled. Reads are paced
+by what the sink has accepted: at most ``max_inflight_rows`` entries are read but not yet acknowledged, so
+memory stays bounded under any backlog.
 
 Lifecycle: ``run()`` until ``request_stop()`` (wired to SIGTERM/SIGINT by the CLI), or with
 ``drain=True`` until every stream is fully read and nothing is pending in the group; then
