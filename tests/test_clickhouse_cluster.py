@@ -368,8 +368,8 @@ def test_the_cluster_form_runs_in_the_engine_with_the_single_node_columns_and_ro
     # One replica per shard here: no quorum to wait for (a server's cluster gets insert_quorum = its replicas).
     assert cluster["write_settings"] == {"distributed_foreground_insert": 1, "distributed_product_mode": "global",
                                          "optimize_skip_unused_shards": 1, "lightweight_deletes_sync": 2,
-                                         "max_partitions_per_insert_block": 0}
-    assert single["write_settings"] == {"max_partitions_per_insert_block": 0}
+                                         "max_partitions_per_insert_block": 0, "optimize_on_insert": 0}
+    assert single["write_settings"] == {"max_partitions_per_insert_block": 0, "optimize_on_insert": 0}
     # Retention reached the local tables, where the data is.
     assert cluster["ttl"] == [["events_local", "1"], ["rejected_local", "1"], ["sessions_local", "1"]]
     assert single["ttl"] == [["events", "1"], ["rejected", "1"], ["sessions", "1"]]

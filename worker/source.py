@@ -337,6 +337,7 @@ class Source:
             self._cursor[stream] = "0"
         self._rereading = True
         self._rotation.set_streams(self.streams)
+        self._hot = []  # from before the recovery: the streams are read from the start again
 
     def _record_loss(self, stream: str) -> None:
         seen = self._pending_seen.pop(stream, None)
