@@ -194,12 +194,15 @@ def test_rows_a_materialized_view_refuses_leave_no_trace(
     assert store.scalar("SELECT count() FROM flowtrack.events_by_time FINAL") == 498
 
 
+@pytest.mark.parametrize("copies", [0, 5], ids=["distinct", "with-copies-of-an-event"])
 def test_a_batch_refused_row_by_row_is_an_outage_not_poison(
-        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str, copies: int) -> None:
     """When the store refuses every row of a batch, the store is what is wrong: nothing is rejected, nothing
-    acknowledged, and the batch lands once the store accepts it again."""
+    acknowledged, and the batch lands once the store accepts it again; also when the batch holds copies of an event
+    (sent as one row: every row refused is still the whole batch)."""
     stream = "flow_events:9"
-    xadd_all(redis_client, [(stream, _event("s9", f"n{i}")) for i in range(20)])
+    xadd_all(redis_client, [(stream, _event("s9", f"n{i}", event_id=f"e{i}")) for i in range(20)]
+             + [(stream, _event("s9", "n0", event_id="e0")) for _ in range(copies)])
     store.client.command("ALTER TABLE flowtrack.events ADD CONSTRAINT IF NOT EXISTS test_refuse_all CHECK 0")
     # A long first backoff: the constraint is dropped while the worker waits, not in the middle of a split.
     settings = make_settings(redis_server.url, clickhouse_url, retry_initial_s=2.0, retry_max_s=2.0)
@@ -224,7 +227,7 @@ def test_a_batch_refused_row_by_row_is_an_outage_not_poison(
         pipeline, pending_during, rejected_during = asyncio.run(go())
     finally:
         store.client.command("ALTER TABLE flowtrack.events DROP CONSTRAINT IF EXISTS test_refuse_all")
-    assert (pending_during, rejected_during) == (20, 0)
+    assert (pending_during, rejected_during) == (20 + copies, 0)
     assert pipeline.stats.sink_failures >= 1
     assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 20
     assert store.scalar("SELECT count() FROM flowtrack.rejected_events") == 0

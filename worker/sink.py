@@ -96,10 +96,10 @@ class Sink:
         latest = last_copies(events)
         self._write_events(latest, now_ms, result, refused)
         result.stored += len(events) - len(latest)  # superseded within the batch: stored as their last copy
-        if len(refused) >= ALL_REFUSED_IS_OUTAGE_ROWS and len(refused) == len(events):
+        if len(refused) >= ALL_REFUSED_IS_OUTAGE_ROWS and len(refused) == len(latest):
             # Every row of a sizeable batch refused one by one: the store is unwell, not the data. Never turn
             # a whole batch of good entries into rejects; retry it later.
-            raise StoreUnavailableError(f"ClickHouse refused all {len(events)} rows of a batch; treating it "
+            raise StoreUnavailableError(f"ClickHouse refused all {len(latest)} rows of a batch; treating it "
                                         "as an outage")
         all_rejections = list(rejections) + [
             Rejection(event.source_stream, event.source_id, f"ClickHouse refused the row: {reason}",
