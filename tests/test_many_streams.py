@@ -208,26 +208,31 @@ def _count(store: Store, sql: str) -> int:
     return int(store.query(sql)[1][0][0])
 
 
-def test_worker_drains_thousands_of_streams_with_reads_bounded_by_the_inflight_limit(
-        redis_server: RedisServer, redis_client: redis.Redis, clickhouse_url: str, store: Store) -> None:
-    produced = _events(redis_client, STREAMS, 2)
-    settings = make_settings(redis_server.url, clickhouse_url, streams=("flow_events:*",), batch_max_rows=400,
-                             max_inflight_rows=800, read_count=100)
-    largest: list[int] = []
+def _drain_counting_entries_per_read(settings: Any, timeout_s: float) -> list[int]:
+    """Drain with every Source.read counted: the entries each read returned."""
+    per_read: list[int] = []
     original_read = Source.read
 
     async def measured_read(self: Source, count: int, block_ms: int | None,
                             max_streams: int | None = None) -> list[tuple[str, list[Any]]]:
         groups = await original_read(self, count, block_ms, max_streams)
-        largest.append(sum(len(items) for _, items in groups))
+        per_read.append(sum(len(items) for _, items in groups))
         return groups
 
     Source.read = measured_read  # type: ignore[method-assign]
     try:
-        drain(settings, timeout_s=180)
+        drain(settings, timeout_s=timeout_s)
     finally:
         Source.read = original_read  # type: ignore[method-assign]
+    return per_read
 
+
+def test_worker_drains_thousands_of_streams_with_reads_bounded_by_the_inflight_limit(
+        redis_server: RedisServer, redis_client: redis.Redis, clickhouse_url: str, store: Store) -> None:
+    produced = _events(redis_client, STREAMS, 2)
+    settings = make_settings(redis_server.url, clickhouse_url, streams=("flow_events:*",), batch_max_rows=400,
+                             max_inflight_rows=800, read_count=100)
+    largest = _drain_counting_entries_per_read(settings, timeout_s=180)
     assert max(largest) <= 800  # COUNT 1 x 5,000 streams would have been 5,000 entries in one read
     assert _count(store, "SELECT count() FROM flowtrack.flow_events") == produced
     assert _count(store, "SELECT uniqExact(source_stream) FROM flowtrack.flow_events") == len(STREAMS)
@@ -397,19 +402,6 @@ def test_one_read_holds_at_most_max_entries_per_read(
     streams = STREAMS[:100]
     produced = _events(redis_client, streams, 300)
     settings = make_settings(redis_server.url, clickhouse_url, streams=("flow_events:*",))
-    per_read: list[int] = []  # entries per read
-    original_read = Source.read
-
-    async def measured_read(self: Source, count: int, block_ms: int | None,
-                            max_streams: int | None = None) -> list[tuple[str, list[Any]]]:
-        groups = await original_read(self, count, block_ms, max_streams)
-        per_read.append(sum(len(items) for _, items in groups))
-        return groups
-
-    Source.read = measured_read  # type: ignore[method-assign]
-    try:
-        drain(settings, timeout_s=120)
-    finally:
-        Source.read = original_read  # type: ignore[method-assign]
+    per_read = _drain_counting_entries_per_read(settings, timeout_s=120)
     assert MAX_ENTRIES_PER_READ // 2 < max(per_read) <= MAX_ENTRIES_PER_READ < 20_000
     assert _count(store, "SELECT count() FROM flowtrack.flow_events") == produced

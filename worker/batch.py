@@ -27,28 +27,22 @@ class Batch:
         return self.rows
 
     def add(self, stream: str, entry_id: str, item: FlowEvent | Rejection, size: int = 0) -> None:
-        self.bytes += size
-        if self.started_at is None:
-            self.started_at = time.monotonic()
-        ids = self.ids_by_stream.get(stream)
-        if ids is None:
-            ids = self.ids_by_stream[stream] = []
-        ids.append(entry_id)
-        self.rows += 1
+        self.stream_ids(stream).append(entry_id)
         if type(item) is FlowEvent:
             self.events.append(item)
         else:
             self.rejections.append(item)  # type: ignore[arg-type]
+        self.added(1, size)
 
     def stream_ids(self, stream: str) -> list[str]:
-        """The list of the stream's entry ids, for Normalizer.fill_batch to append to (then ``added``)."""
+        """The stream's list of entry ids (created empty), which ``add`` and Normalizer.fill_batch append to."""
         ids = self.ids_by_stream.get(stream)
         if ids is None:
             ids = self.ids_by_stream[stream] = []
         return ids
 
     def added(self, rows: int, size: int) -> None:
-        """Count entries appended to the lists directly (Normalizer.fill_batch)."""
+        """Count entries appended to the lists (by ``add``, or directly by Normalizer.fill_batch)."""
         if rows and self.started_at is None:
             self.started_at = time.monotonic()
         self.rows += rows

@@ -212,12 +212,10 @@ class Normalizer:
         stream (``is_text``), not here once per entry; ``joined`` is ``join_entry(pairs)`` when the caller has
         built it already (it counts the entry's bytes with it).
         """
-        if not pairs:
-            return self.normalize(stream, entry_id, None)
-        if joined is None:
-            joined = join_entry(pairs)
         native = self.native
-        if native is not None:
+        if native is not None and pairs:
+            if joined is None:
+                joined = join_entry(pairs)
             event = native(stream, entry_id, pairs, joined, self.end_types, self.error_types)
             if event is not None:
                 return event  # type: ignore[no-any-return]
@@ -229,7 +227,7 @@ class Normalizer:
         batch: each normalized (``normalize_pairs``) and appended to ``events`` or ``rejections``, its id to ``ids``,
         while the batch has rows and bytes left (checked before each entry, as ``Batch.full``). Returns (where it
         stopped, entries added, their bytes as read, the largest entry's). In C where the hot path was built."""
-        if self.native is not None and self.native is _native_normalize_pairs and _fastpath is not None:
+        if self.native is not None and self.native is _native_normalize_pairs:
             return _fastpath.fill_batch(stream, items, start, rows_left, bytes_left, events,  # type: ignore[no-any-return]
                                         rejections, ids, self._normalize_pairs_python, self.end_types,
                                         self.error_types)

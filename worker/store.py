@@ -426,7 +426,7 @@ class Store:
 
     def insert_block(self, table: str, column_names: Sequence[str], block: bytes,
                      settings: dict[str, Any] | None = None) -> None:
-        """Insert rows already encoded as one ClickHouse Native block (worker/_fastpath.c builds the events')."""
+        """Insert rows already encoded as one ClickHouse Native block (worker/_fastpath.c builds them)."""
         with self._lock:
             settings = {**self._write_settings(), **(settings or {})}
             self.client.raw_insert(table, list(column_names), insert_block=block, settings=settings, fmt="Native")
