@@ -229,7 +229,7 @@ _PROBE = textwrap.dedent("""
     from worker.clusterddl import ClusterDDL
     from worker.normalize import Normalizer, Rejection
     from worker.settings import Settings
-    from worker.sink import Sink
+    from worker.sink import Refusal, Sink
     from worker.store import Store
 
     mode, path, config, base = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -269,7 +269,7 @@ _PROBE = textwrap.dedent("""
     time.sleep(0.01)
     sink.write(batch[:5] + [event("s1", 9, "flow_completed", entry="9-0")], [])  # redelivered copies + a new event
     time.sleep(0.01)
-    sink._purge([batch[1]], int(time.time() * 1000))  # as for a row ClickHouse refused
+    sink._purge([Refusal(batch[1], "refused", int(time.time() * 1000))])  # as for a row ClickHouse refused
     sink.rollup.flush([(batch[1].user_id, batch[1].session_id)])
     sink.rollup.close()
     store.retention_days = 30

@@ -22,7 +22,7 @@ from worker.errors import StoreRejectedError
 from worker.normalize import FlowEvent, Normalizer
 from worker.redisserver import RedisServer
 from worker.settings import Settings
-from worker.sink import Sink
+from worker.sink import Refusal, Sink
 from worker.store import RETENTION_COLUMNS, Store
 
 NORMALIZER = Normalizer()
@@ -205,7 +205,7 @@ def test_a_long_sessions_path_keeps_its_first_50_steps_and_a_marker(store: Store
 
 def test_a_purged_step_leaves_the_path_and_a_fully_purged_session_leaves_no_row(store: Store) -> None:
     sink = Sink(store)
-    # Entries of their own: a purge deletes by (stream, entry id).
+    # Entries of their own: a purge deletes by (session, event, stream, entry id).
     partly, wholly = [[event(session, n, kind, NOW_MS - 5000 + n, entry=f"{stream}-{n}")
                        for n, kind in enumerate(("user_message", "llm_call", "error", "flow_completed"))]
                       for session, stream in (("s-purge-part", 4), ("s-purge-all", 5))]
@@ -213,7 +213,7 @@ def test_a_purged_step_leaves_the_path_and_a_fully_purged_session_leaves_no_row(
     sink.rollup.flush()
     assert session_path(store, "s-purge-part") == ["user_message → llm_call → error → flow_completed"]
     now_ms = int(time.time() * 1000)
-    sink._purge([partly[2], *wholly], now_ms)  # as for rows ClickHouse refused
+    sink._purge([Refusal(e, "refused", now_ms) for e in (partly[2], *wholly)])  # as for rows ClickHouse refused
     sink.rollup.flush([(e.user_id, e.session_id) for e in (partly[2], *wholly)])
     assert session_path(store, "s-purge-part") == ["user_message → llm_call → flow_completed"]
     assert session_path(store, "s-purge-all") == [] and flow_session(store, "s-purge-all") == []

@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from tests.conftest import drain, make_settings, xadd_all
+from worker import sink
 from worker.pipeline import Pipeline
 from worker.redisserver import RedisServer
 from worker.store import Store
@@ -194,15 +195,70 @@ def test_rows_a_materialized_view_refuses_leave_no_trace(
     assert store.scalar("SELECT count() FROM flowtrack.events_by_time FINAL") == 498
 
 
-@pytest.mark.parametrize("copies", [0, 5], ids=["distinct", "with-copies-of-an-event"])
+@pytest.mark.parametrize("refusal", ["check-constraint", "materialized-view"])
+def test_a_refused_copy_leaves_its_event_to_the_copy_before_it(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str,
+        request: pytest.FixtureRequest, refusal: str) -> None:
+    """Copies of an event in one batch go one per insert, the last first; when the store refuses the last, the event
+    is what it would be had each copy come in a batch of its own: its latest accepted copy, the refused ones rejected.
+    A refusing view writes the rows before it fails (not atomic): the fallback copy is inserted after, later."""
+    request.getfixturevalue("poison_guard" if refusal == "check-constraint" else "poison_view")
+    stream = "flow_events:12"
+    entries = [_event("s12", "n-a", event_id="e1"), _event("s12", "n-b", event_id="e2"),
+               _event("s12", "n-c", event_id="e1", poison="1"),
+               # one accepted copy, then three equal refused ones (a producer's retries): refused without re-sending
+               _event("s12", "n-d", event_id="e3"), *[_event("s12", "n-e", event_id="e3", poison="1")] * 3,
+               # more refused versions of one event than the sink tries: the rest rejected, untried, with the reason
+               *[_event("s12", f"n-p{i}", event_id="e4", poison="1") for i in range(10)]]
+    ids = xadd_all(redis_client, [(stream, fields) for fields in entries])
+    pipeline = drain(make_settings(redis_server.url, clickhouse_url))
+
+    _, visible = store.query("SELECT event_id, node_id FROM flowtrack.flow_events ORDER BY event_id")
+    assert visible == [("e1", "n-a"), ("e2", "n-b"), ("e3", "n-d")]
+    _, rejected = store.query("SELECT source_id, reason FROM flowtrack.rejected_events")
+    reasons = dict(rejected)
+    assert sorted(reasons) == sorted([ids[2], *ids[4:7], *ids[7:17]])
+    untried = [entry_id for entry_id, reason in reasons.items() if "were refused; this one was not tried" in reason]
+    assert len(untried) == 10 - sink.MAX_COPY_GENERATIONS
+    assert pipeline.stats.rejected == 14
+    assert store.scalar("SELECT count() FROM flowtrack.events_by_time FINAL") == 3
+    assert store.query("SELECT event_count FROM flowtrack.flow_sessions WHERE session_id = 's12'")[1] == [(3,)]
+    assert redis_client.xpending(stream, "flowtrack")["pending"] == 0
+
+
+def test_a_refused_entry_whose_id_was_reused_leaves_the_stored_event_alone(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str,
+        poison_guard: None) -> None:
+    """Redis lost its data and handed an entry id out again, to an entry the store refuses: only that entry's
+    traces go; the event stored under the same id before stays, with its session's counts."""
+    stream = "flow_events:13"
+    redis_client.xadd(stream, _event("s13", "n1", event_id="old"), id="1700000000000-0")
+    redis_client.xadd(stream, _event("s13", "n2", event_id="old-2"), id="1700000000000-1")
+    drain(make_settings(redis_server.url, clickhouse_url))
+    redis_client.delete(stream)
+    redis_client.xadd(stream, _event("s14", "n1", event_id="new", poison="1"), id="1700000000000-0")
+    redis_client.xadd(stream, _event("s14", "n2", event_id="new-2"), id="1700000000000-2")
+    drain(make_settings(redis_server.url, clickhouse_url))
+
+    _, visible = store.query("SELECT event_id FROM flowtrack.flow_events ORDER BY event_id")
+    assert visible == [("new-2",), ("old",), ("old-2",)]
+    _, sessions = store.query("SELECT session_id, event_count FROM flowtrack.flow_sessions ORDER BY session_id")
+    assert sessions == [("s13", 2), ("s14", 1)]
+    assert store.query("SELECT source_id FROM flowtrack.rejected_events")[1] == [("1700000000000-0",)]
+
+
+@pytest.mark.parametrize(("events", "copies"), [(20, 0), (20, 5), (3, 9)],
+                         ids=["distinct", "with-copies-of-an-event", "copies-of-fewer-events-than-the-threshold"])
 def test_a_batch_refused_row_by_row_is_an_outage_not_poison(
-        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str, copies: int) -> None:
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str, events: int,
+        copies: int) -> None:
     """When the store refuses every row of a batch, the store is what is wrong: nothing is rejected, nothing
     acknowledged, and the batch lands once the store accepts it again; also when the batch holds copies of an event
-    (sent as one row: every row refused is still the whole batch)."""
+    (equal ones, or other versions of it, each sent in an insert of its own once the later one is refused)."""
     stream = "flow_events:9"
-    xadd_all(redis_client, [(stream, _event("s9", f"n{i}", event_id=f"e{i}")) for i in range(20)]
-             + [(stream, _event("s9", "n0", event_id="e0")) for _ in range(copies)])
+    xadd_all(redis_client, [(stream, _event("s9", f"n{i}", event_id=f"e{i}")) for i in range(events)]
+             + [(stream, _event("s9", "n0" if events > 3 else f"n{i}", event_id=f"e{i % events}"))
+                for i in range(copies)])
     store.client.command("ALTER TABLE flowtrack.events ADD CONSTRAINT IF NOT EXISTS test_refuse_all CHECK 0")
     # A long first backoff: the constraint is dropped while the worker waits, not in the middle of a split.
     settings = make_settings(redis_server.url, clickhouse_url, retry_initial_s=2.0, retry_max_s=2.0)
@@ -227,8 +283,8 @@ def test_a_batch_refused_row_by_row_is_an_outage_not_poison(
         pipeline, pending_during, rejected_during = asyncio.run(go())
     finally:
         store.client.command("ALTER TABLE flowtrack.events DROP CONSTRAINT IF EXISTS test_refuse_all")
-    assert (pending_during, rejected_during) == (20 + copies, 0)
+    assert (pending_during, rejected_during) == (events + copies, 0)
     assert pipeline.stats.sink_failures >= 1
-    assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 20
+    assert store.scalar("SELECT count() FROM flowtrack.flow_events") == events
     assert store.scalar("SELECT count() FROM flowtrack.rejected_events") == 0
     assert redis_client.xpending(stream, "flowtrack")["pending"] == 0

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -48,6 +48,16 @@ _EVENT_ID = itemgetter(FlowEvent._fields.index("event_id"))
 
 # A batch at least this large whose every row is refused says more about the store than about the rows.
 ALL_REFUSED_IS_OUTAGE_ROWS = 8
+# Inserts one batch may take for the copies of an event whose later copies were refused (each a different content):
+# a producer cannot make one batch cost an insert per entry.
+MAX_COPY_GENERATIONS = 8
+
+
+class Refusal(NamedTuple):
+    """An event ClickHouse refused: why, and the ingested_at of the insert that sent it (0: not sent, see reason)."""
+    event: FlowEvent
+    reason: str
+    stamp_ms: int
 
 
 @dataclass
@@ -71,8 +81,8 @@ def batch_token(columns: Sequence[Sequence[object]]) -> str:
     return hashlib.blake2b(data, digest_size=20).hexdigest()
 
 
-_DELETE_EVENTS = ("DELETE FROM flowtrack.events "
-                  "WHERE (source_stream, source_id) IN {keys:Array(Tuple(String, String))}")
+_DELETE_EVENTS = ("DELETE FROM flowtrack.events WHERE (session_id, event_id, source_stream, source_id) "
+                  "IN {keys:Array(Tuple(String, String, String, String))}")
 # The time-ordered copy has no entry ids: its row of a refused entry is the one with this batch's ingested_at.
 _DELETE_EVENTS_BY_TIME = ("DELETE FROM flowtrack.events_by_time WHERE (session_id, event_id, "
                           "toUnixTimestamp64Milli(ingested_at)) IN {keys:Array(Tuple(String, String, Int64))}")
@@ -89,35 +99,73 @@ class Sink:
     def write(self, events: Sequence[FlowEvent], rejections: Sequence[Rejection]) -> WriteResult:
         """Store a batch; returns what was stored and what had to be rejected. Blocking (run it in a thread)."""
         result = WriteResult()
-        # Strictly increasing per sink: this sink's inserts never share a version (ingested_at), so which of two copies
-        # of an event is the later never depends on how a reader breaks ties.
-        now_ms = self._last_stamp_ms = max(int(time.time() * 1000), self._last_stamp_ms + 1)
-        refused: list[tuple[FlowEvent, str]] = []
-        latest = last_copies(events)
-        self._write_events(latest, now_ms, result, refused)
-        result.stored += len(events) - len(latest)  # superseded within the batch: stored as their last copy
-        if len(refused) >= ALL_REFUSED_IS_OUTAGE_ROWS and len(refused) == len(latest):
+        refused: list[Refusal] = []
+        sent = 0  # rows sent to the store
+        remaining: Sequence[FlowEvent] = events
+        # Copies of one event go one per insert, the last first (sink.last_copies). A copy the store refuses leaves its
+        # event to the copy before it, in the next insert: as if the copies had come in batches of their own, the
+        # event stays visible as its latest copy the store accepts.
+        for generation in range(MAX_COPY_GENERATIONS):
+            if not remaining:
+                break
+            latest, earlier = last_copies(remaining)
+            before = len(refused)
+            self._write_events(latest, self._next_stamp_ms(), result, refused)
+            sent += len(latest)
+            remaining = self._copies_of_refused(earlier, refused[before:], refused, result)
+            if generation == MAX_COPY_GENERATIONS - 1 and remaining:
+                refused += [Refusal(event, f"{MAX_COPY_GENERATIONS} later copies of this event were refused; this one "
+                                           "was not tried", 0) for event in remaining]
+        if sent >= ALL_REFUSED_IS_OUTAGE_ROWS and len(refused) == len(events):
             # Every row of a sizeable batch refused one by one: the store is unwell, not the data. Never turn
             # a whole batch of good entries into rejects; retry it later.
-            raise StoreUnavailableError(f"ClickHouse refused all {len(latest)} rows of a batch; treating it "
+            raise StoreUnavailableError(f"ClickHouse refused all {len(events)} rows of a batch; treating it "
                                         "as an outage")
         all_rejections = list(rejections) + [
-            Rejection(event.source_stream, event.source_id, f"ClickHouse refused the row: {reason}",
-                      raw_json(_event_as_fields(event))) for event, reason in refused]
+            Rejection(r.event.source_stream, r.event.source_id, r.reason, raw_json(_event_as_fields(r.event)))
+            for r in refused]
         if all_rejections:
             # Rejections first: that write succeeding shows the store is writable before anything is purged.
-            self._insert_rejections(all_rejections, now_ms)
+            self._insert_rejections(all_rejections, self._next_stamp_ms())
             result.inserts += 1
-        if refused:
-            self._purge([event for event, _ in refused], now_ms)
+        tried = [r for r in refused if r.stamp_ms]
+        if tried:
+            self._purge(tried)
         # After the events are stored and refused ones purged (see worker/rollup.py for when it recomputes).
-        self.rollup.stored(map(_SESSION_ID, events), [(event.user_id, event.session_id) for event, _ in refused])
+        self.rollup.stored(map(_SESSION_ID, events), [(r.event.user_id, r.event.session_id) for r in tried])
         result.rejected = all_rejections
         self.store.return_freed_memory()  # what this batch's insert freed (rate-limited; embedded engine only)
         return result
 
+    def _next_stamp_ms(self) -> int:
+        """The next insert's ingested_at: strictly increasing per sink, so this sink's inserts never share a version
+        and which of two copies of an event is the later never depends on how a reader breaks ties."""
+        self._last_stamp_ms = max(int(time.time() * 1000), self._last_stamp_ms + 1)
+        return self._last_stamp_ms
+
+    @staticmethod
+    def _copies_of_refused(earlier: list[FlowEvent], refused_now: list[Refusal], refused: list[Refusal],
+                           result: WriteResult) -> list[FlowEvent]:
+        """Of the copies an insert left out, those whose event's sent copy was refused: the next insert's. The others
+        are stored, as their event's later copy. A copy equal to a refused one (a producer's retries of the same
+        entry) is refused for the same reason without being sent again: the store decides on content."""
+        if not refused_now:
+            result.stored += len(earlier)
+            return []
+        reasons = {(r.event.session_id, r.event.event_id): r for r in refused_now}
+        retry: list[FlowEvent] = []
+        for event in earlier:
+            refusal = reasons.get((event.session_id, event.event_id))
+            if refusal is None:
+                result.stored += 1
+            elif _content(event) == _content(refusal.event):
+                refused.append(Refusal(event, refusal.reason, 0))
+            else:
+                retry.append(event)
+        return retry
+
     def _write_events(self, events: list[FlowEvent], now_ms: int, result: WriteResult,
-                      refused: list[tuple[FlowEvent, str]]) -> None:
+                      refused: list[Refusal]) -> None:
         """Insert, splitting in halves to isolate the rows ClickHouse refuses (collected with its reason)."""
         if not events:
             return
@@ -130,19 +178,20 @@ class Sink:
             if len(events) == 1:
                 event = events[0]
                 log.warning("ClickHouse refused event %s/%s: %s", event.source_stream, event.source_id, exc)
-                refused.append((event, str(exc)))
+                refused.append(Refusal(event, f"ClickHouse refused the row: {exc}", now_ms))
                 return
         # The halves have their own entry sets, hence their own dedup tokens.
         middle = len(events) // 2
         self._write_events(events[:middle], now_ms, result, refused)
         self._write_events(events[middle:], now_ms, result, refused)
 
-    def _purge(self, refused: Sequence[FlowEvent], now_ms: int) -> None:
+    def _purge(self, refused: Sequence[Refusal]) -> None:
         """Remove every trace of refused rows. An insert that a materialized view (a user's, or a guard) refuses
         is not atomic: the rows may already be in ``events``. The session and node views read ``events``, so
-        deleting them there is enough."""
-        keys = [(e.source_stream, e.source_id) for e in refused]
-        copies = [(e.session_id, e.event_id, now_ms) for e in refused]
+        deleting them there is enough. A row is the refused entry's only with its event's identity too: an entry id
+        reused with other content (Redis lost its data) names another event, which stays."""
+        keys = [(r.event.session_id, r.event.event_id, r.event.source_stream, r.event.source_id) for r in refused]
+        copies = [(r.event.session_id, r.event.event_id, r.stamp_ms) for r in refused]
         try:
             self.store.command(_DELETE_EVENTS, {"keys": keys})
             self.store.command(_DELETE_EVENTS_BY_TIME, {"keys": copies})
@@ -197,17 +246,26 @@ class Sink:
             raise classify(exc) from exc
 
 
-def last_copies(events: Sequence[FlowEvent]) -> list[FlowEvent]:
-    """The batch with one copy per event identity (session_id, event_id): the last, as FINAL and the rollup take it.
+def last_copies(events: Sequence[FlowEvent]) -> tuple[list[FlowEvent], list[FlowEvent]]:
+    """The batch with one copy per event identity (session_id, event_id), the last, as FINAL and the rollup take it;
+    and the copies left out, in batch order.
 
     Copies in one insert share its ingested_at (the version), and there FINAL keeps the last stored copy while a
     grouping reads whichever comes first: collapsing them here keeps the rollup equal to the public views (the engine
     would collapse them itself, for a third of the insert's CPU: store.WRITE_SETTINGS). Copies across inserts differ
     in ingested_at, which decides."""
     if len(set(map(_EVENT_ID, events))) == len(events):
-        return list(events)
-    latest = {(event.session_id, event.event_id): event for event in events}
-    return list(latest.values()) if len(latest) < len(events) else list(events)
+        return list(events), []
+    last_at = {(event.session_id, event.event_id): at for at, event in enumerate(events)}
+    if len(last_at) == len(events):
+        return list(events), []
+    chosen = set(last_at.values())
+    return [events[at] for at in last_at.values()], [event for at, event in enumerate(events) if at not in chosen]
+
+
+def _content(event: FlowEvent) -> tuple[Any, ...]:
+    """What the store sees of an event, its entry id aside."""
+    return event[:8] + event[10:]
 
 
 def _event_as_fields(event: FlowEvent) -> dict[str, str]:
