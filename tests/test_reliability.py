@@ -288,3 +288,31 @@ def test_a_batch_refused_row_by_row_is_an_outage_not_poison(
     assert store.scalar("SELECT count() FROM flowtrack.flow_events") == events
     assert store.scalar("SELECT count() FROM flowtrack.rejected_events") == 0
     assert redis_client.xpending(stream, "flowtrack")["pending"] == 0
+
+
+def test_an_ended_acknowledgement_holds_nothing(redis_server: RedisServer, redis_client: redis.Redis,
+                                                clickhouse_url: str) -> None:
+    """Redis restarted from a snapshot taken before an XACK gives the acknowledged entries back as our own pending
+    ones. A re-read of them must take them, also while the acknowledgement's task has ended but is not reaped yet
+    (it will not send its XACK again): skipped as "still on their way", they stayed pending for good and a drain
+    never ended."""
+    stream = "flow_events:14"
+    ids = xadd_all(redis_client, [(stream, _event("s14", f"n{i}")) for i in range(3)])
+    redis_client.xgroup_create(stream, "flowtrack", id="0")
+    reply = redis_client.xreadgroup("flowtrack", "test-worker", {stream: ">"})  # delivered to us, as before the ack
+    # As the pipeline reads them: [id, [name, value, ...]] (redis-py's XREADGROUP gives the fields as a dict).
+    items = [[entry_id, [part for pair in fields.items() for part in pair]] for entry_id, fields in reply[0][1]]
+
+    async def go() -> tuple[int, int]:
+        pipeline = Pipeline(make_settings(redis_server.url, clickhouse_url))
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ended.set_result(None)
+        acknowledged = pipeline._new_batch()
+        acknowledged.ids_by_stream = {stream: list(ids)}
+        acknowledged.rows = len(ids)
+        pipeline._acking[ended] = acknowledged  # type: ignore[index]  # ended, not reaped
+        pipeline._add_pending([(stream, items)])
+        await pipeline.close()
+        return pipeline._batch.rows, pipeline._inflight_rows()
+
+    assert asyncio.run(go()) == (3, 3)

@@ -299,9 +299,11 @@ class Pipeline:
 
     def _held_batches(self) -> list[Batch]:
         """Every batch read and not yet acknowledged: filling, waiting for the write slot, being written, stored and
-        being acknowledged."""
+        being acknowledged. An acknowledgement that has ended holds nothing, reaped or not: its entries, back as our
+        own pending ones (Redis restarted from a snapshot taken before the XACK), are re-read, not skipped."""
         writing = [self._writing_batch] if self._writing_batch is not None else []
-        return [self._batch, *self._ready, *writing, *self._acking.values()]
+        acking = [batch for task, batch in self._acking.items() if not task.done()]
+        return [self._batch, *self._ready, *writing, *acking]
 
     def _inflight_rows(self) -> int:
         return sum(len(b) for b in self._held_batches())
