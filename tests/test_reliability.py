@@ -5,6 +5,9 @@ poison isolation, reclaiming, deleted-while-pending entries, Redis restarts. Pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -316,3 +319,51 @@ def test_an_ended_acknowledgement_holds_nothing(redis_server: RedisServer, redis
         return pipeline._batch.rows, pipeline._inflight_rows()
 
     assert asyncio.run(go()) == (3, 3)
+
+
+def test_a_stop_while_redis_does_not_answer_gives_up_the_acknowledgement(store: Store, clickhouse_url: str) -> None:
+    """SIGTERM while Redis hangs (SIGSTOP: every call waits out the socket timeout) during an acknowledgement: the
+    stop gives it up at the first failure (the entries stay pending, stored, deduplicated when redelivered) instead
+    of retrying it through backoff, which outlasted a container's stop grace period. Nothing is lost."""
+    server = RedisServer().start()
+    try:
+        assert server.process is not None
+        client = redis.Redis.from_url(server.url, protocol=2)
+        stream = "flow_events:15"
+        xadd_all(client, [(stream, _event("s15", f"n{i}")) for i in range(300)])
+        settings = make_settings(server.url, clickhouse_url, socket_timeout_s=1.0, retry_initial_s=5.0,
+                                 retry_max_s=5.0)
+        process = server.process
+
+        async def go() -> float:
+            pipeline = Pipeline(settings)
+            real_ack = pipeline.source.ack
+            stopped_at: list[float] = []
+
+            async def ack_into_a_hung_redis(by_stream: dict[str, list[str]]) -> int:
+                if not stopped_at:
+                    os.kill(process.pid, signal.SIGSTOP)
+                    stopped_at.append(0.0)
+                    asyncio.get_running_loop().call_later(0.5, lambda: (stopped_at.append(time.monotonic()),
+                                                                        pipeline.request_stop()))
+                return await real_ack(by_stream)
+
+            pipeline.source.ack = ack_into_a_hung_redis  # type: ignore[method-assign]
+            await asyncio.wait_for(pipeline.run(), timeout=60)
+            took = time.monotonic() - stopped_at[-1]
+            os.kill(process.pid, signal.SIGCONT)
+            await pipeline.close()
+            return took
+
+        took = asyncio.run(go())
+        assert took < 5.0  # one failed attempt (~1.5 s here), not three with 5 s of backoff between them
+        assert client.xpending(stream, "flowtrack")["pending"] == 300  # given up: pending, stored, not lost
+        drain(settings)
+        assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 300
+        assert client.xpending(stream, "flowtrack")["pending"] == 0
+        client.close()
+    finally:
+        if server.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server.process.pid, signal.SIGCONT)
+        server.cleanup()

@@ -82,17 +82,16 @@ class Committer:
     async def ack(self, batch: Batch) -> None:
         """Acknowledge a stored batch: retried through Redis outages, given up on a stop (redelivered, deduplicated)."""
         backoff = Backoff(self.initial_s, self.max_s)
-        attempts = 0
         while True:
             try:
                 acked = await self.source.ack(batch.ids_by_stream)
                 self.stats.acked += acked
                 return
             except SourceUnavailableError as exc:
-                attempts += 1
-                # Stored but unacknowledged entries are redelivered later and deduplicated by ClickHouse,
-                # so giving up on a stop loses nothing.
-                if self.stopping() and attempts >= 3:
+                # Stored but unacknowledged entries are redelivered later and deduplicated by ClickHouse, so a stop
+                # gives up at the first failure: against a Redis that does not answer, each attempt waits out the
+                # socket timeout, and three of them outlasted a container's stop grace period (30 s).
+                if self.stopping():
                     log.warning("stopping while Redis is down: %d stored entries will be redelivered "
                                 "and deduplicated", len(batch))
                     return
