@@ -15,7 +15,9 @@ from worker import normalize as nz
 from worker.normalize import FlowEvent, Normalizer, Rejection
 
 STREAMS = ("flow_events:42", "flow_events", "flow_events:", "x:" + "u" * 300, "a:b:7")
-ENTRY_IDS = ("1700000000000-0", "1700000000123-7")
+# Producers may choose ids (XADD key <ms>-<seq>): with no timestamp field, times up to 2^64 - 1 ms.
+ENTRY_IDS = ("1700000000000-0", "1700000000123-7", "0-1", "7258118399999-0", "7258118400000-0",
+             "999999999999999999-0", "9223372036854775808-0", "18446744073709551615-18446744073709551615")
 ID_VALUES: list[Any] = [None, "", " ", "\t\n", "a", "n-1", "é😀", "x" * 256, "x" * 257, 7, True, 1.5, ["a"],
                         {"a": 1}]
 TYPE_VALUES: list[Any] = [None, "", " ", "llm_call", "flow_completed", "error", "t" * 128, "t" * 129, 3]

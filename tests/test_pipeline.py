@@ -660,3 +660,25 @@ def test_a_batch_over_centuries_of_weeks_is_stored_with_its_sessions(redis_serve
         "s-0": 76, "s-1": 75, "s-2": 75, "s-3": 75}
     assert got[("7", "s-0")]["status"] == "completed"
     assert_fully_consumed(redis_client, ["flow_events:5"])
+
+
+def test_an_entry_id_chosen_beyond_the_time_range_is_rejected_not_stored(
+        redis_server: RedisServer, redis_client: redis.Redis, clickhouse_url: str, store: Store) -> None:
+    """A producer may choose the entry id (XADD key <ms>-<seq>). Without a timestamp field the event's time is the id's,
+    and it obeys the range a timestamp does (1970..2200): beyond it the entry is rejected with the reason. Before, a
+    year-31 million time was stored and crashed every view that showed it, and one past 2^63 ms could not be encoded,
+    which looked like a store outage retried for ever (the batch's good entries never stored)."""
+    fields = {"session_id": "s-ids", "node_id": "n", "event_type": "llm_call"}
+    chosen = {"flow_events:ids-a": "7258118399999-0", "flow_events:ids-b": "7258118400000-0",
+              "flow_events:ids-c": "999999999999999999-0", "flow_events:ids-d": "9223372036854775808-0",
+              "flow_events:ids-e": "18446744073709551615-0"}
+    for stream, entry_id in chosen.items():
+        redis_client.xadd(stream, {**fields, "node_id": stream[-1]}, id=entry_id)
+    drain(make_settings(redis_server.url, clickhouse_url))
+
+    _, stored = store.query("SELECT node_id, toUnixTimestamp64Milli(ts) FROM flowtrack.flow_events")
+    assert stored == [("a", 7258118399999)]
+    _, rejected = store.query("SELECT source_stream, reason FROM flowtrack.rejected_events ORDER BY source_stream")
+    assert [stream for stream, _ in rejected] == ["flow_events:ids-b", "flow_events:ids-c", "flow_events:ids-d",
+                                                  "flow_events:ids-e"]
+    assert all("entry id's time" in reason and "outside 1970-01-01..2200-01-01" in reason for _, reason in rejected)

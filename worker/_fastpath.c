@@ -352,7 +352,7 @@ static PyObject *timestamp_ms(PyObject *stamp, PyObject *entry_id) {
     long long ms;
     if (absent(stamp)) {
         ms = entry_id_ms(entry_id);
-        if (ms < 0) return NULL;
+        if (ms < 0 || ms >= MAX_TS_MS) return NULL;  /* a chosen id's time: the checked path rejects it */
         return PyLong_FromLongLong(ms);
     }
     if (PyUnicode_CheckExact(stamp)) {

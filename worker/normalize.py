@@ -312,6 +312,8 @@ class Normalizer:
         stamp = get("timestamp")
         if stamp is None or stamp == "":
             ts_ms = entry_id_ms(entry_id)
+            if ts_ms >= MAX_TS_MS:
+                return None
         elif type(stamp) is str and len(stamp) <= 16 and stamp.isascii() and stamp.isdigit():
             ts_ms = int(stamp)
             if ts_ms < SECONDS_MS_BOUNDARY:
@@ -486,7 +488,11 @@ def _event_id(value: Any, stream: str, entry_id: str, content: bytes) -> str:
 
 def _timestamp_ms(value: Any, entry_id: str) -> int:
     if value is None or value == "":
-        return entry_id_ms(entry_id)
+        # A producer may choose the entry id (XADD key <ms>-<seq>): its time obeys the same range as a timestamp's.
+        ms = entry_id_ms(entry_id)
+        if not 0 <= ms < MAX_TS_MS:
+            raise _Reject(f"no timestamp, and the entry id's time ({ms} ms) is outside 1970-01-01..2200-01-01")
+        return ms
     if isinstance(value, bool):
         raise _Reject("timestamp must be ISO-8601 or epoch seconds/milliseconds, got a boolean")
     if isinstance(value, int | float):
