@@ -376,3 +376,62 @@ def test_truncated_raw_is_small_and_says_how_big_the_entry_was() -> None:
     size = sum(len(k) + len(v) for k, v in fields.items())
     assert parse_raw(result.raw)[:2] == ["truncated", size]
     assert str(size) in result.reason
+
+
+def test_a_key_that_is_not_a_stream_is_left_out_not_a_crash(redis_server: RedisServer, redis_client: redis.Redis,
+                                                              clickhouse_url: str, store: Store) -> None:
+    """A name in FLOWTRACK_STREAMS that holds a string, and a consumed stream replaced by a string while the worker
+    runs (RENAME over it: the key never stops existing; and DEL then SET): the worker leaves those keys out and goes
+    on with the others, instead of dying on WRONGTYPE (from XGROUP CREATE, XREADGROUP or XACK)."""
+    redis_client.set("flow_events", "not a stream")
+    xadd_all(redis_client, [("flow_events:1", _event("s-a", f"n{i}")) for i in range(5)])
+    settings = make_settings(redis_server.url, clickhouse_url, stream_rescan_s=0.2)
+    drain(settings)
+    assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 5
+
+    async def go() -> Pipeline:
+        pipeline = Pipeline(settings)
+        task = asyncio.create_task(pipeline.run())
+        xadd_all(redis_client, [("flow_events:2", _event("s-b", f"n{i}")) for i in range(5)])
+        await asyncio.sleep(1.0)  # caught up, blocked in XREADGROUP
+        redis_client.set("tmp", "x")
+        redis_client.rename("tmp", "flow_events:1")
+        await asyncio.sleep(0.5)
+        redis_client.delete("flow_events:2")
+        redis_client.set("flow_events:2", "y")
+        xadd_all(redis_client, [("flow_events:3", _event("s-c", f"n{i}")) for i in range(5)])
+        await asyncio.sleep(1.5)
+        assert not task.done(), task
+        pipeline.request_stop()
+        await task
+        await pipeline.close()
+        return pipeline
+
+    asyncio.run(go())
+    _, rows = store.query("SELECT session_id, count() FROM flowtrack.flow_events GROUP BY session_id ORDER BY 1")
+    assert rows == [("s-a", 5), ("s-b", 5), ("s-c", 5)]
+
+
+def test_tail_follows_on_when_a_followed_stream_becomes_another_type(redis_server: RedisServer,
+                                                                    redis_client: redis.Redis) -> None:
+    env = cli_env(redis_server.url, "chdb:///nonexistent-not-used")
+    xadd_all(redis_client, [("flow_events:1", _event("s-t", "n0"))])
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "tail", "-n", "2", "-f", "json"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.0)
+        redis_client.delete("flow_events:1")
+        redis_client.set("flow_events:1", "not a stream")
+        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        n = 0
+        while proc.poll() is None and time.monotonic() < deadline:
+            xadd_all(redis_client, [("flow_events:2", _event("s-t", f"m{n}"))])
+            n += 1
+            time.sleep(0.3)
+        stdout, stderr = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert [json.loads(line)["node_id"] for line in stdout.splitlines()] == ["m0", "m1"]

@@ -140,10 +140,15 @@ async def guarded(call: Callable[[], Awaitable[T]]) -> T:
 
 def vanished(exc: BaseException) -> bool:
     """The error says a stream or its group no longer exists (DEL, FLUSHDB, expiry, XGROUP DESTROY): NOGROUP from
-    group commands, UNBLOCKED for a blocked XREADGROUP whose key was deleted, 'no such key' from XINFO."""
+    group commands, UNBLOCKED for a blocked XREADGROUP whose key was deleted, 'no such key' from XINFO; and
+    WRONGTYPE: the key now holds something else (deleted, then reused for a string; RENAME over it)."""
     message = str(exc)
     return isinstance(exc, ResponseError) and (
-        message.startswith(("NOGROUP", "UNBLOCKED")) or "no such key" in message)
+        message.startswith(("NOGROUP", "UNBLOCKED", "WRONGTYPE")) or "no such key" in message)
+
+
+def not_a_stream(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +185,7 @@ class Source:
         self._cursor: dict[str, str] = {}
         self._last_scan = 0.0
         self._pending_seen: dict[str, PendingSnapshot] = {}
+        self._not_streams: set[str] = set()  # keys named or found as streams that hold another type (warned once)
         # Streams found gone (with a last snapshot of entries pending on others), for the pipeline to report.
         self.lost: list[LostStream] = []
         self._scan_s = 0.0  # how long the last pattern scan took
@@ -276,7 +282,7 @@ class Source:
         self._last_scan = time.monotonic()
         self._scan_s = self._last_scan - now if len(found) >= SCAN_SHARE_MIN_KEYS else 0.0
         new = [s for s in dict.fromkeys(found) if s not in self._cursor]
-        await guarded(lambda: self._ensure_groups(new))
+        new = await guarded(lambda: self._ensure_groups(new))
         for stream in new:
             self._cursor[stream] = "0"  # start by re-reading our own pending entries
             self.streams.append(stream)
@@ -292,23 +298,34 @@ class Source:
             keys.append(text(key))
         return sorted(keys)
 
-    async def _ensure_groups(self, streams: list[str]) -> None:
-        """The group on every stream, pipelined (50,000 new streams at start-up: seconds, not minutes)."""
+    async def _ensure_groups(self, streams: list[str]) -> list[str]:
+        """The group on every stream, pipelined (50,000 new streams at start-up: seconds, not minutes). Returns the
+        streams that have it: a key of another type (a name in FLOWTRACK_STREAMS holding a string) is left out, with
+        a warning the first time, and tried again at the next scan."""
         replies = await self._pipelined(streams, "XGROUP CREATE", self.group, self.settings.group_start_id,
                                   "MKSTREAM")
         created = []
+        usable = []
         for stream, reply in zip(streams, replies, strict=True):
+            if not_a_stream(reply):
+                if stream not in self._not_streams:
+                    self._not_streams.add(stream)
+                    log.warning("%s is not a stream (%s); not consuming it", printable(stream), reply)
+                continue
             if isinstance(reply, ResponseError) and "BUSYGROUP" not in str(reply):
                 raise reply
             if isinstance(reply, Exception) and not isinstance(reply, ResponseError):
                 raise reply  # a connection error: guarded() makes it SourceUnavailableError
             if not isinstance(reply, Exception):
                 created.append(stream)
+            usable.append(stream)
+            self._not_streams.discard(stream)
         if len(created) <= 10:
             for stream in created:
                 log.info("created group %s on %s", self.group, printable(stream))
         else:
             log.info("created group %s on %d streams", self.group, len(created))
+        return usable
 
     async def recover(self) -> None:
         """After Redis came back or a stream or group vanished: re-create missing groups, re-read our pending entries.
@@ -331,8 +348,12 @@ class Source:
                     log.warning("stream %s disappeared; no longer consuming it", printable(stream))
                     continue
             kept.append(stream)
+        usable = await guarded(lambda: self._ensure_groups(kept))
+        for stream in set(kept) - set(usable):  # now a key of another type: gone as a stream, like a deleted one
+            self._record_loss(stream)
+            self._cursor.pop(stream, None)
+        kept = usable
         self.streams[:] = kept
-        await guarded(lambda: self._ensure_groups(kept))
         for stream in kept:
             self._cursor[stream] = "0"
         self._rereading = True
@@ -478,8 +499,10 @@ class Source:
             acked = 0
             for result in results:
                 if vanished(result):
-                    # Redis lost the group (restarted empty, stream deleted): nothing left to acknowledge.
+                    # Redis lost the group (restarted empty, stream deleted or reused for another type): nothing
+                    # left to acknowledge; a recovery re-creates the group or stops consuming the key.
                     log.warning("cannot acknowledge, the group is gone: %s", result)
+                    self.recovery_owed = True
                 elif isinstance(result, Exception):
                     raise result  # connection errors become SourceUnavailableError in guarded()
                 else:

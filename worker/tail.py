@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 from redis.cluster import ClusterNode
-from redis.exceptions import AskError, ClusterDownError, TryAgainError
+from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgainError
 
 from worker.clusterstreams import cursors_by_slot, slot_of
 from worker.flows import _text, epoch_ms, resolve_streams
@@ -123,7 +123,12 @@ class Tail:
                 self.cursors[stream] = end
 
     def _last_id(self, stream: str) -> str:
-        rows: Any = self.client.xrevrange(stream, count=1)
+        try:
+            rows: Any = self.client.xrevrange(stream, count=1)
+        except ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            return "0-0"  # no longer a stream since it was found: nothing of it to show
         return _text(rows[0][0]) if rows else "0-0"
 
     def follow(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[FlowEvent | Rejection | None]:
@@ -138,7 +143,14 @@ class Tail:
                 time.sleep(self.block_ms / 1000)
                 yield None
                 continue
-            reply = self._read_live()
+            try:
+                reply = self._read_live()
+            except ResponseError as exc:
+                if not str(exc).startswith("WRONGTYPE"):
+                    raise
+                self._forget_non_streams()  # a followed key now holds another type: followed again once a stream
+                yield None
+                continue
             batch: list[tuple[tuple[int, int], str, str, Mapping[bytes, bytes]]] = []
             for raw_stream, rows in reply or ():
                 stream = _text(raw_stream)
@@ -154,6 +166,11 @@ class Tail:
                 item = self._item(stream, entry_id, fields)
                 if self.filter.accepts(item):
                     yield item
+
+    def _forget_non_streams(self) -> None:
+        for stream in list(self.cursors):
+            if _text(self.client.type(stream)) not in ("stream", "none"):
+                del self.cursors[stream]
 
     def _read_live(self) -> Any:
         """XREAD from every cursor: one blocking call on a plain Redis, split by hash slot on a cluster."""
