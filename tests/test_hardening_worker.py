@@ -435,3 +435,42 @@ def test_tail_follows_on_when_a_followed_stream_becomes_another_type(redis_serve
             proc.kill()
     assert proc.returncode == 0, stderr
     assert [json.loads(line)["node_id"] for line in stdout.splitlines()] == ["m0", "m1"]
+
+
+def test_replay_takes_odd_records_odd_ids_and_odd_stream_names(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+    """The replay records (a hash anybody with write access to Redis can edit), an event_id whose bytes are not
+    UTF-8 replayed with --force, stream names that hold markup and terminal controls in the replay's warning, and a
+    --limit that cuts a replay short: none crashes a command or goes unsaid."""
+    markup = "agents:[/]\x1b]0;t\x07[bold]x"  # outside FLOWTRACK_STREAMS: the replay warns about it
+    redis_client.xadd("flow_events:1", {**_event("s", "n"), "event_id": b"\x85"})  # type: ignore[dict-item]
+    redis_client.xadd("flow_events:2", {"session_id": "s", "event_type": "t"})  # no node_id
+    redis_client.xadd(markup, {"session_id": "s", "event_type": "t"})
+    for i in range(3):
+        redis_client.xadd("flow_events:3", {"session_id": "s", "event_type": "t", "k": str(i)})
+    drain(make_settings(redis_server.url, clickhouse_url, streams=("flow_events:*", "agents:*")))
+    redis_client.hset("flowtrack:replayed", mapping={"flow_events:2 x": "not json", "flow_events:3 y": "[1]"})
+
+    listed = invoke(["rejected", "-f", "json"], redis_server.url, clickhouse_url)
+    assert listed.exit_code == 0 and len(json.loads(listed.output)) == 6
+
+    forced = invoke(["rejected", "--replay", "--force", "--stream", "flow_events:1"], redis_server.url, clickhouse_url)
+    assert forced.exit_code == 0, forced.output
+    again = invoke(["rejected", "--replay", "--force", "--stream", "flow_events:1"], redis_server.url, clickhouse_url)
+    assert "already replayed" in again.output
+    assert redis_client.xlen("flow_events:1") == 2  # replayed once: its record was written
+
+    warned = invoke(["rejected", "--replay", "--stream", markup, "--force"], redis_server.url, clickhouse_url)
+    assert warned.exit_code == 0, warned.output
+    assert "\x1b" not in warned.stderr and "\x07" not in warned.stderr
+    assert "[/]" in warned.stderr and "[bold]" in warned.stderr  # shown as text, not read as markup
+
+    limited = invoke(["rejected", "--replay", "--force", "--stream", "flow_events:3", "--limit", "2"],
+                     redis_server.url, clickhouse_url)
+    assert limited.exit_code == 0 and "--limit 2 reached" in limited.stderr
+
+    redis_client.delete("flowtrack:replayed")
+    redis_client.set("flowtrack:replayed", "not a hash")
+    broken = invoke(["rejected"], redis_server.url, clickhouse_url)
+    assert broken.exit_code == 1
+    assert "flowtrack:replayed holds a string" in broken.stderr

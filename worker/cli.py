@@ -520,7 +520,9 @@ def rejected(
     stream: Annotated[str | None, typer.Option(help="only entries of this stream")] = None,
     reason: Annotated[str | None, typer.Option(help="only entries whose reason contains this text")] = None,
     since: Annotated[str | None, typer.Option(help="only entries rejected since: 1h, 7d, ISO-8601")] = None,
-    replay_all: Annotated[bool, typer.Option("--all", help="with --replay and no filter: replay every one")] = False,
+    replay_all: Annotated[bool, typer.Option(
+        "--all", help="with --replay and no filter: replay every one (--limit per run; run again for the rest)"
+    )] = False,
     force: Annotated[bool, typer.Option(
         "--force", help="replay even entries the current contract still rejects (they come back as rejections "
         "with today's reason)")] = False,
@@ -600,14 +602,24 @@ def rejected(
         done = sum(o.action == "replayed" for o in outcomes)
         console.print(f"{done} replayed, {len(outcomes) - done} not. The worker reads them like any entry "
                       "(none running? `flowtrack run --drain`).", soft_wrap=True)
+    if len(rows) >= limit and not ids:
+        # More may match: say so (a replayed entry is skipped when run again, so running it again goes on).
+        err_console.print(f"[yellow]--limit {limit} reached:[/] more rejected entries may match; run it again "
+                          "(replayed ones are skipped) or raise --limit", soft_wrap=True)
     from worker.source import matches
 
     unread = sorted({o.source_stream for o in outcomes if o.action == "replayed"
                      and not matches(settings.streams, o.source_stream)})
     if unread:
-        err_console.print(f"[yellow]warning:[/] {', '.join(unread)} not in FLOWTRACK_STREAMS "
-                          f"({','.join(settings.streams)}): the worker will not read them")
-    if any(o.action in ("still invalid", "not found") for o in outcomes):
+        from rich.text import Text
+
+        from worker.views import visible
+
+        # Stream names are Redis bytes: shown escaped, never read as markup.
+        err_console.print(Text.assemble(("warning:", "yellow"), " ", visible(
+            f"{', '.join(unread)} not in FLOWTRACK_STREAMS ({','.join(settings.streams)}): the worker will not read "
+            "them")), soft_wrap=True)
+    if any(o.action in ("still invalid", "not replayed", "not found") for o in outcomes):
         raise typer.Exit(1)
 
 

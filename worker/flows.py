@@ -21,7 +21,7 @@ from redis._parsers import Encoder
 from redis.connection import PythonRespSerializer
 from redis.exceptions import ClusterError, RedisClusterException
 
-from worker.errors import ConfigError, StoreLockedError, StoreUnavailableError
+from worker.errors import ConfigError, FlowtrackError, StoreLockedError, StoreUnavailableError
 from worker.normalize import (
     KEY_NOT_UTF8,
     FlowEvent,
@@ -584,21 +584,47 @@ def mark_queued_replays(client: SyncClient, rows: Sequence[RejectedRow]) -> None
     todo = [r for r in rows if not r.replayed]
     if not todo:
         return
+    _check_replay_records(client)
     records = client.hmget(REPLAYED_KEY, [_replay_field(r.source_stream, r.source_id) for r in todo])
     for row, record in zip(todo, records, strict=True):
         if record:
-            row.replayed = f"queued {orjson.loads(record).get('new_id', '?')}"
+            row.replayed = f"queued {_replay_record(record).get('new_id', '?')}"
 
 
 def _replay_field(stream: str, entry_id: str) -> str:
     return f"{stream} {entry_id}"
 
 
+def _check_replay_records(client: SyncClient) -> None:
+    """The replay records are a hash at REPLAYED_KEY, a key anybody with write access to Redis can change."""
+    kind = _text(client.type(REPLAYED_KEY))
+    if kind not in ("hash", "none"):
+        raise FlowtrackError(f"Redis key {REPLAYED_KEY} holds a {printable(kind)}, not the hash of replay records: "
+                             "rename or delete it")
+
+
+def _replay_record(raw: Any) -> dict[str, Any]:
+    """One replay record as written by ``replay``; anything else (edited by hand) reads as a record without
+    details: the entry was replayed, what became of it is unknown."""
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    return {key: printable(str(value)) for key, value in record.items()}
+
+
+def _record_text(text: str) -> str:
+    """Text for a replay record: JSON takes only UTF-8, and ids keep bytes that were not (lone surrogates)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @dataclass
 class ReplayOutcome:
     source_stream: str
     source_id: str
-    action: str  # replayed | already replayed | still invalid | nothing to replay | not found
+    action: str  # replayed | already replayed | still invalid | nothing to replay | not replayed | not found
     detail: str = ""
     new_id: str = ""
     event_id: str = ""
@@ -645,6 +671,7 @@ def replay(store: Store, client: SyncClient, settings: Settings, rows: Sequence[
     """
     normalizer = Normalizer(settings.end_event_types, settings.error_event_types)
     outcomes: list[ReplayOutcome] = []
+    _check_replay_records(client)
     for row in rows:
         outcome = ReplayOutcome(row.source_stream, row.source_id, "replayed")
         fields = replay_fields(row.source_stream, row.source_id, row.raw)
@@ -657,7 +684,7 @@ def replay(store: Store, client: SyncClient, settings: Settings, rows: Sequence[
                               else "the entry had no fields (deleted before read)")
         elif (record or row.replayed == "stored") and not again:
             outcome.action = "already replayed"
-            outcome.new_id = orjson.loads(record).get("new_id", "") if record else ""
+            outcome.new_id = _replay_record(record).get("new_id", "") if record else ""
             outcome.detail = "use --again to replay it once more (the event stays visible once)"
         else:
             entry = _as_entry(fields)
@@ -666,10 +693,15 @@ def replay(store: Store, client: SyncClient, settings: Settings, rows: Sequence[
                 outcome.action, outcome.detail = "still invalid", checked.reason
             else:
                 outcome.event_id = checked.event_id if isinstance(checked, FlowEvent) else fields["event_id"]
-                new_id = _text(client.xadd(row.source_stream, entry))  # type: ignore[arg-type]
+                try:
+                    new_id = _text(client.xadd(row.source_stream, entry))  # type: ignore[arg-type]
+                except redis.ResponseError as exc:  # e.g. WRONGTYPE: the stream's name now holds another type
+                    outcome.action, outcome.detail = "not replayed", f"Redis refused the XADD: {exc}"
+                    outcomes.append(outcome)
+                    continue
                 outcome.new_id = new_id
                 client.hset(REPLAYED_KEY, _replay_field(row.source_stream, row.source_id), orjson.dumps({
-                    "new_id": new_id, "event_id": outcome.event_id, "at_ms": int(time.time() * 1000),
-                    "reason": row.reason[:200]}).decode())
+                    "new_id": new_id, "event_id": _record_text(outcome.event_id), "at_ms": int(time.time() * 1000),
+                    "reason": _record_text(row.reason[:200])}).decode())
         outcomes.append(outcome)
     return outcomes

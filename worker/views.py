@@ -34,6 +34,8 @@ _BIDI = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
 _VISIBLE = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 _VISIBLE.update({c: f"\\u{c:04x}" for c in _BIDI})
 _VISIBLE.update({ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"})
+# Bytes that were not UTF-8, carried as lone surrogates (surrogateescape): shown as the byte, like printable().
+_VISIBLE.update({c: f"\\x{c - 0xDC00:02x}" for c in range(0xDC80, 0xDD00)})
 
 
 def visible(value: object) -> str:
