@@ -241,3 +241,27 @@ def test_demo_live_view_shows_stored_text_escaped_and_markup_as_typed() -> None:
     assert_inert(text)
     assert MARKUP in text  # shown as typed, not read as markup
     assert "\\x1b" in text
+
+
+def test_a_long_id_folds_instead_of_squeezing_the_other_columns_out() -> None:
+    """A 256-char user id (the contract's limit) or a long stream key on a 120-column terminal: every column still
+    shows its value (the id folds over several lines)."""
+    from rich.console import Console
+
+    from worker.flows import RejectedRow
+    from worker.views import history_table, rejected_table
+
+    started = datetime(2026, 12, 6, 10, 0, tzinfo=UTC)
+    history = history_table([("u" * 256, "s-1", started, started + timedelta(seconds=3), 3000, 7, 1, "failed")],
+                            "sessions")
+    rejected = rejected_table([RejectedRow(started, "k" * 300, "1-0", "missing required field 'node_id'",
+                                           '{"a":"b"}', "")])
+    for table, expected in ((history, ("s-1", "3.0s", "failed")), (rejected, ("missing required", '{"a":"b"}'))):
+        console = Console(width=120, record=True, color_system=None)
+        console.print(table)
+        shown = console.export_text()
+        assert all(value in shown for value in expected), shown
+    # and nothing of the long id is lost
+    console = Console(width=120, record=True, color_system=None)
+    console.print(history)
+    assert console.export_text().replace("\n", "").replace(" ", "").replace("│", "").count("u") >= 256

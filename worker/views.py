@@ -140,7 +140,11 @@ def history_table(rows: Sequence[Sequence[Any]], title: str) -> Table:
     table = Table(title=data(title), title_justify="left", box=box.SIMPLE_HEAD)
     for name, justify in (("user", "left"), ("session", "left"), ("started (UTC)", "left"), ("ended", "left"),
                           ("duration", "right"), ("events", "right"), ("errors", "right"), ("status", "left")):
-        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+        # Ids fold when too long (up to 256 chars), so they never squeeze the other columns out of the table.
+        if name in ("user", "session"):
+            table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+        else:
+            table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for user, session, started, ended, duration, events, errors, status in rows:
         table.add_row(data(user), data(session), format_time(started), format_time(ended, with_date=False),
                       format_duration(duration), str(events),
@@ -265,7 +269,7 @@ def status_view(report: StatusReport) -> Group:
 def rejected_table(rows: Sequence[RejectedRow], raw_width: int = 60) -> Table:
     table = Table(title="rejected entries (newest first)", title_justify="left")
     table.add_column("received (UTC)", no_wrap=True)
-    table.add_column("stream / entry id", no_wrap=True)
+    table.add_column("stream / entry id", overflow="fold")  # a long key folds instead of squeezing the rest out
     table.add_column("reason", style="red")
     table.add_column("raw (folded)", overflow="fold")
     table.add_column("replayed")
