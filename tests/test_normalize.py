@@ -474,3 +474,23 @@ def test_normalize_pairs_agrees_with_normalize(stream: str, fields: Any) -> None
     expected = Normalizer().normalize(stream, ENTRY_ID, fields)
     got = Normalizer().normalize_pairs(stream, ENTRY_ID, _as_pairs(fields))
     assert got == expected
+
+
+def test_integers_beyond_64_bits_in_a_json_payload_are_kept_exactly() -> None:
+    """orjson reads them as floats (123456789012345678901234567890 -> 1.2345678901234568e+29): silently another
+    value. Such documents are read exactly, in the C path as in the Python one."""
+    document = ('{"session_id": "s", "node_id": "n", "event_type": "t", "big": 123456789012345678901234567890, '
+                '"neg": -99999999999999999999, "nested": {"x": [18446744073709551616, 1.5]}, '
+                '"u64": 18446744073709551615, "text": "123456789012345678901"}')
+    expected = {"big": "123456789012345678901234567890", "neg": "-99999999999999999999",
+                "nested": '{"x":[18446744073709551616,1.5]}', "u64": "18446744073709551615",
+                "text": "123456789012345678901"}
+    normalizer = Normalizer()
+    event = normalizer.normalize("flow_events:1", "1700000000000-0", {"data": document})
+    assert isinstance(event, FlowEvent) and event.attributes == expected
+    pairs = normalizer.normalize_pairs("flow_events:1", "1700000000000-0", [b"payload", document.encode()])
+    assert isinstance(pairs, FlowEvent) and pairs.attributes == expected
+    for constant in ("NaN", "Infinity"):  # still not JSON, whichever parser reads the document
+        bad = normalizer.normalize("flow_events:1", "1700000000000-0",
+                                   {"data": document.replace('"u64": 18446744073709551615', f'"u64": {constant}')})
+        assert isinstance(bad, Rejection) and "is not valid JSON" in bad.reason

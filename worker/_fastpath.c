@@ -299,13 +299,31 @@ unusual:
 
 /* The envelope shape merged into the flat fields, as normalize._unwrap does it (the flat fields beside the envelope
  * are defaults); NULL (no error) where _unwrap would reject, for the Python path to say why. */
+/* A run of 20 digits: the document may hold an integer beyond 64 bits, which orjson would round to a float; the
+ * Python path reads such documents exactly. */
+static int has_long_digit_run(PyObject *text) {
+    if (!PyUnicode_Check(text)) return 0;
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text), run = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        if (c >= '0' && c <= '9') {
+            if (++run >= 20) return 1;
+        } else {
+            run = 0;
+        }
+    }
+    return 0;
+}
+
 static PyObject *unwrap(PyObject *record) {
     if (PyDict_Contains(record, s_session_id) == 1) return record;
     PyObject *envelope = PyDict_Contains(record, s_data) == 1 ? s_data
                          : PyDict_Contains(record, s_payload) == 1 ? s_payload : NULL;
     if (envelope == NULL) return record;
     PyObject *text = PyDict_GetItemWithError(record, envelope);
-    PyObject *decoded = text == NULL ? NULL : PyObject_CallOneArg(loads_fn, text);
+    PyObject *decoded = text == NULL || has_long_digit_run(text) ? NULL : PyObject_CallOneArg(loads_fn, text);
     if (decoded == NULL || !PyDict_Check(decoded) || PyDict_DelItem(record, envelope) < 0
         || PyDict_Update(record, decoded) < 0) {
         PyErr_Clear();

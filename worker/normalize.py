@@ -417,11 +417,31 @@ def _unwrap(flat: dict[str, Any]) -> dict[str, Any]:
         if str(exc).startswith("depth limit exceeded"):
             raise _Reject(too_deep(f"field {envelope!r}")) from None
         raise _Reject(f"field {envelope!r} is not valid JSON: {exc}") from None
+    if isinstance(decoded, dict) and _LONG_DIGIT_RUN.search(text):
+        decoded = _exact_json(text, envelope)
     if not isinstance(decoded, dict):
         raise _Reject(f"field {envelope!r} must hold a JSON object, got {type(decoded).__name__}")
     # Flat fields beside the envelope act as defaults (e.g. a producer-wide user_id).
     flat.update(decoded)
     return flat
+
+
+# orjson reads an integer beyond 64 bits as a float (123456789012345678901234567890 -> 1.2345678901234568e+29):
+# a document with a run of 20 digits is read again by the json module, whose integers are exact.
+_LONG_DIGIT_RUN = re.compile(r"[0-9]{20}")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _exact_json(text: str, envelope: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise _Reject(too_deep(f"field {envelope!r}")) from None
+    except ValueError as exc:
+        raise _Reject(f"field {envelope!r} is not valid JSON: {exc}") from None
 
 
 def _utf8(value: Any, what: str) -> str:
@@ -578,7 +598,10 @@ def _attributes(record: Mapping[str, Any]) -> dict[str, str]:
         except orjson.JSONEncodeError as exc:
             if "Recursion limit" in str(exc):
                 raise _Reject(too_deep(f"attribute {key!r}")) from None
-            raise _Reject(f"attribute {key!r} cannot be written as JSON: {exc}") from None
+            if "64-bit" not in str(exc):
+                raise _Reject(f"attribute {key!r} cannot be written as JSON: {exc}") from None
+            # an integer beyond 64 bits (read exactly by _exact_json): the json module writes it exactly
+            attributes[key] = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     if len(attributes) > MAX_ATTRIBUTES:
         raise _Reject(f"{len(attributes)} attributes, over the {MAX_ATTRIBUTES} limit")
     return attributes
