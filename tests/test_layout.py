@@ -18,6 +18,7 @@ import redis
 
 from tests.conftest import ROOT, xadd_all
 from worker import rollup as rollup_module
+from worker import store as store_module
 from worker.errors import StoreRejectedError
 from worker.normalize import FlowEvent, Normalizer
 from worker.redisserver import RedisServer
@@ -386,13 +387,19 @@ def test_the_closing_recompute_shares_its_sessions_with_the_sinks_connection(sto
     assert failing.rollup.pending == 6
 
 
-def test_sessions_left_pending_by_a_stopped_worker_are_caught_up_at_start(store: Store) -> None:
+def test_sessions_left_pending_by_a_stopped_worker_are_caught_up_at_start(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     sink = Sink(store)
-    sink._insert_events([event("s-stopped", n, ts_ms=NOW_MS - 100 + n) for n in range(3)], int(time.time() * 1000))
+    sink._insert_events([event("s-stopped", n, ts_ms=NOW_MS - 100 + n) for n in range(3)]
+                        + [event(f"s-stopped-{k}", 0, ts_ms=NOW_MS) for k in range(7)], int(time.time() * 1000))
     assert flow_session(store, "s-stopped") == []  # stored and (say) acknowledged, then the worker died
+    # In chunks (a drain's ten minutes are hundreds of thousands of sessions): 8 sessions, 3 per statement.
+    monkeypatch.setattr(store_module, "CATCH_UP_CHUNK_SESSIONS", 3)
     store.migrate()  # what `run` does at start
     assert flow_session(store, "s-stopped") == from_visible_events(store, "s-stopped")
     assert session_path(store, "s-stopped") == ["llm_call → llm_call → llm_call"]  # the catch-up fills the path too
+    for k in range(7):
+        assert flow_session(store, f"s-stopped-{k}") == from_visible_events(store, f"s-stopped-{k}") != []
 
 
 def test_an_insert_cut_off_before_its_time_ordered_copy_is_completed_at_start(store: Store) -> None:
@@ -532,7 +539,8 @@ OLD_STORE_SCRIPT = textwrap.dedent("""
     everything = store_module.load_migrations
     store_module.load_migrations = lambda directory=None: [m for m in everything(directory) if m.version <= old_version]
     store_module.Store._apply_retention = lambda self: None
-    store_module.CATCH_UP_SESSIONS = store_module.HEAL_EVENTS_BY_TIME = "SELECT 1"
+    store_module.CATCH_UP_WINDOW = "SELECT '' WHERE 0"
+    store_module.HEAL_EVENTS_BY_TIME = "SELECT 1"
     rollup.SessionRollup.stored = lambda self, *args, **kwargs: None
 
     async def fill():

@@ -16,7 +16,7 @@ inserts: the sink waits for it, which bounds what is pending), and when the pipe
 the longer wait halves the rows the recompute reads (README, "ClickHouse relations", has the figures). The sessions
 are recomputed ``chunk_sessions`` at a time, so the engine's memory for one recompute query stays bounded however
 many are pending. Sessions of batches acknowledged but not yet recomputed when a worker died are recomputed at its
-next start (store.CATCH_UP_SESSIONS, run by migrate).
+next start (store.CATCH_UP_WINDOW, run by migrate, in chunks).
 """
 
 from __future__ import annotations

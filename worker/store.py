@@ -160,9 +160,13 @@ RECOMPUTE_SESSIONS_WHERE = (
 # left pending is recomputed at the next start: every session with events stored since 10 minutes before the
 # latest recompute (an insert that began before a recompute can finish after it; inserts time out well within).
 _RECENT = "(SELECT max(computed_at) FROM flowtrack.sessions) - INTERVAL 10 MINUTE"
-CATCH_UP_SESSIONS = RECOMPUTE_SESSIONS_WHERE + (  # noqa: S608 (constants only)
-    f"session_id IN (SELECT session_id FROM flowtrack.events_by_time WHERE ingested_at >= {_RECENT})"  # noqa: S608
+CATCH_UP_WINDOW = (  # constants only
+    f"SELECT DISTINCT session_id FROM flowtrack.events_by_time WHERE ingested_at >= {_RECENT}"  # noqa: S608
 )
+# Recomputed this many at a time, as the worker's own recompute (rollup.CHUNK_SESSIONS): ten minutes of a draining
+# backlog are hundreds of thousands of sessions, and one statement over 300k of them peaked at 1.4 GB.
+CATCH_UP_CHUNK_SESSIONS = 5000
+_RECOMPUTE_CHUNK = RECOMPUTE_SESSIONS_WHERE + "session_id IN {sessions:Array(String)}"
 # An embedded engine killed mid-insert (kill -9, OOM) can leave an insert half done: the ``events`` part written, the
 # part its materialized view writes to ``events_by_time`` not. A successor re-inserting those entries into the same
 # store heals it; one reclaiming them into a store of its own never does, and the rows would stay missing from
@@ -319,13 +323,22 @@ class Store:
             self._apply_retention()
             if self.embedded and plan is None:
                 self.client.command(HEAL_EVENTS_BY_TIME, settings=settings)
-            self.client.command(CATCH_UP_SESSIONS, settings=settings)
+            self._catch_up_sessions(settings)
             # The heal works around chDB finishing an INSERT … SELECT it could not write (embedded only). A server
             # reports such a failure; replicas fetch broken parts from each other; and the writer user of the
             # compose setup has no grant on system.detached_parts.
             if self.embedded and plan is None:
                 self._heal_broken_rollup()
             return applied
+
+    def _catch_up_sessions(self, settings: dict[str, Any]) -> None:
+        """Recompute the sessions a stopped worker may have left pending (CATCH_UP_WINDOW), in chunks."""
+        sessions = sorted(row[0] for row in self.client.query(CATCH_UP_WINDOW).result_rows)
+        if len(sessions) > CATCH_UP_CHUNK_SESSIONS:
+            log.info("catching up the rollup of %d sessions", len(sessions))
+        for start in range(0, len(sessions), CATCH_UP_CHUNK_SESSIONS):
+            self.client.command(_RECOMPUTE_CHUNK, parameters={
+                "sessions": sessions[start:start + CATCH_UP_CHUNK_SESSIONS]}, settings=settings)
 
     def _heal_broken_rollup(self) -> None:
         """Rebuild the session rollup when the engine set rollup parts aside as broken at start.
