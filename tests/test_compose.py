@@ -134,8 +134,12 @@ def test_clickhouse_users() -> None:
     for user in (writer, grafana):
         password = user.find("password")
         assert password is not None and password.get("from_env") and not (password.text or "").strip()
-        assert [d.text for d in user.findall("allow_databases/database")] == ["flowtrack"]
-        assert user.findtext("access_management") == "0"
+    assert [d.text for d in writer.findall("allow_databases/database")] == ["flowtrack"]
+    assert writer.findtext("access_management") == "0"
+    # Grafana: SELECT on flowtrack and nothing else (no FILE, URL, REMOTE, S3: explicit grants replace the defaults,
+    # and cannot be combined with allow_databases / access_management).
+    assert [q.text for q in grafana.findall("grants/query")] == ["GRANT SELECT ON flowtrack.*"]
+    assert grafana.find("allow_databases") is None and grafana.find("access_management") is None
     profile = root.find(f"profiles/{grafana.findtext('profile')}")
     assert profile is not None
     assert profile.findtext("readonly") in ("1", "2")
