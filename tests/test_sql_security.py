@@ -258,3 +258,17 @@ def test_compose_defines_a_restricted_sql_user() -> None:
     assert user.find("allow_databases") is None and user.find("access_management") is None
     profile = root.find(f"profiles/{user.findtext('profile')}")
     assert profile is not None and profile.findtext("readonly") == "1"
+
+
+def test_a_runaway_statement_is_stopped_by_time_and_memory_limits(store: Store, clickhouse_url: str) -> None:
+    """readonly=1 refuses SETTINGS in the statement, so the limits are the connection's: without them a statement
+    like this held both cores for hours (and a groupArray over everything, the machine's memory)."""
+    if not store.embedded:
+        pytest.skip("a server's flowtrack_sql profile sets its own limits")
+    slow = sql("SELECT count() FROM numbers_mt(10000000000000)", clickhouse_url, "--timeout-s", "1")
+    assert slow.exit_code == 1 and "Timeout exceeded" in slow.output, slow.output
+    limits = sql("SELECT getSetting('max_execution_time') AS t, getSetting('max_memory_usage') AS m", clickhouse_url,
+                 "-f", "json")
+    assert limits.exit_code == 0, limits.output
+    assert json.loads(limits.output) == [{"t": 300.0, "m": 4 << 30}]
+    assert sql("SELECT 1", clickhouse_url, "--timeout-s", "0").exit_code == 2

@@ -258,6 +258,9 @@ def sql(
     param: Annotated[list[str] | None, typer.Option(
         "--param", "-p", help="name=value for a {name:Type} placeholder (repeatable)")] = None,
     output: Annotated[str, typer.Option("--format", "-f", help="table, csv or json")] = "table",
+    timeout_s: Annotated[float, typer.Option(
+        "--timeout-s", help="embedded store: stop the statement after this long (a server's profile sets its own)"
+    )] = 300.0,
     clickhouse_url: ClickhouseUrl = None,
 ) -> None:
     """Run read-only ad-hoc SQL against the store, e.g.
@@ -276,8 +279,10 @@ def sql(
 
     if output not in ("table", "csv", "json"):
         raise fail("--format must be table, csv or json", 2)
+    if not 0 < timeout_s < 1e7:
+        raise fail("--timeout-s must be a positive number of seconds", 2)
     store = Store.open(load_settings(clickhouse_url=clickhouse_url))
-    columns, rows = run_read_only(store, statement, parse_params(param or []))
+    columns, rows = run_read_only(store, statement, parse_params(param or []), timeout_s)
     if output == "json":
         sys.stdout.write(format_json(columns, rows) + "\n")
     elif output == "csv":

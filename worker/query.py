@@ -67,10 +67,19 @@ class ReadOnlyConnection:
             self.client.close()
 
 
-def open_read_only(store: Store) -> ReadOnlyConnection:
+# Limits of an ad-hoc statement on the embedded store, which has no server profile to set them (a server's
+# flowtrack_sql profile has its own): readonly=1 refuses SETTINGS in the statement, so without them a runaway query
+# (numbers_mt(1e13), a groupArray over everything) would hold the machine's cores and memory until killed.
+DEFAULT_TIMEOUT_S = 300
+MAX_MEMORY_BYTES = 4 << 30
+
+
+def open_read_only(store: Store, timeout_s: float = DEFAULT_TIMEOUT_S) -> ReadOnlyConnection:
     if store.embedded:
-        # Another handle on the same in-process engine, created read-only: the setting is the session's.
-        client = clickhouse_connect.get_client(dsn=f"chdb://{store.client.path}", chdb_options={"readonly": "1"})
+        # Another handle on the same in-process engine, created read-only: the settings are the session's.
+        options = {"readonly": "1", "max_execution_time": str(max(1, round(timeout_s))),
+                   "max_memory_usage": str(MAX_MEMORY_BYTES)}
+        client = clickhouse_connect.get_client(dsn=f"chdb://{store.client.path}", chdb_options=options)
         return ReadOnlyConnection(client, {}, owned=True)
     return ReadOnlyConnection(store.client, {"readonly": 1}, owned=False)
 
@@ -121,9 +130,9 @@ def refusal(tree: Sequence[str], table_functions: frozenset[str]) -> str | None:
     return None
 
 
-def run_read_only(store: Store, sql: str, parameters: dict[str, Any] | None = None
-                  ) -> tuple[list[str], list[Sequence[Any]]]:
-    connection = open_read_only(store)
+def run_read_only(store: Store, sql: str, parameters: dict[str, Any] | None = None,
+                  timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[list[str], list[Sequence[Any]]]:
+    connection = open_read_only(store, timeout_s)
     try:
         statement = canonical_statement(connection, sql)
         try:
