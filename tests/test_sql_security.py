@@ -272,3 +272,14 @@ def test_a_runaway_statement_is_stopped_by_time_and_memory_limits(store: Store, 
     assert limits.exit_code == 0, limits.output
     assert json.loads(limits.output) == [{"t": 300.0, "m": 4 << 30}]
     assert sql("SELECT 1", clickhouse_url, "--timeout-s", "0").exit_code == 2
+
+
+def test_limit_0_answers_the_columns_and_every_write_gets_the_read_only_refusal(store: Store,
+                                                                               clickhouse_url: str) -> None:
+    """A statement ending in LIMIT 0 is a valid question (the columns); statements EXPLAIN AST cannot even dump
+    (SYSTEM FLUSH LOGS) are refused as writes, not with a parser error about our FORMAT clause."""
+    empty = sql("SELECT session_id, event_id FROM flowtrack.events LIMIT 0", clickhouse_url, "-f", "json")
+    assert empty.exit_code == 0 and json.loads(empty.output) == [], empty.output
+    for statement in ("SYSTEM FLUSH LOGS", "SET readonly = 0", "OPTIMIZE TABLE flowtrack.events FINAL"):
+        refused = sql(statement, clickhouse_url)
+        assert refused.exit_code == 1 and "read-only" in refused.output, (statement, refused.output)

@@ -90,19 +90,33 @@ def canonical_statement(connection: ReadOnlyConnection, sql: str) -> str:
         _, rows = connection.query("SELECT formatQuery({sql:String})", {"sql": sql})
     except Exception as exc:
         raise QueryFailedError(clickhouse_message(exc)) from None
-    statement = str(rows[0][0])
-    try:  # the statement is run with a FORMAT clause of ours: it must take one (the parser says)
+    return str(rows[0][0])
+
+
+def check_takes_format(connection: ReadOnlyConnection, statement: str) -> None:
+    """The statement is run with a FORMAT clause of ours: it must take one (the parser says). Checked once the
+    statement is known to be a reading one, so that a write gets the read-only refusal, not this."""
+    try:
         connection.query("SELECT formatQuery({sql:String})", {"sql": statement + "\nFORMAT Native"})
     except Exception:
         raise QueryFailedError("the statement ends with its own FORMAT clause: choose the output with "
                                "--format table, csv or json") from None
-    return statement
+
+
+# clickhouse-connect takes a statement ending in LIMIT 0 for a metadata probe that returns no rows; EXPLAIN returns
+# rows. The tree of the same statement with LIMIT 1 has the same statement kind, clauses and table functions.
+_TRAILING_LIMIT_ZERO = re.compile(r"\bLIMIT\s+0\s*$", re.IGNORECASE)
 
 
 def syntax_tree(connection: ReadOnlyConnection, statement: str, parameters: dict[str, Any] | None = None
                 ) -> list[str]:
-    _, rows = connection.query(f"EXPLAIN AST {statement}", parameters)
+    _, rows = connection.query(f"EXPLAIN AST {_TRAILING_LIMIT_ZERO.sub('LIMIT 1', statement)}", parameters)
     return [str(row[0]) for row in rows]
+
+
+_READ_ONLY = "flowtrack sql is read-only: only reading statements run (SELECT, DESCRIBE, SHOW, EXISTS, EXPLAIN)"
+# How the parser prints a reading statement (formatQuery): its first keyword, maybe after parentheses.
+_READING_START = re.compile(r"[\s(]*(SELECT|WITH|DESC|DESCRIBE|SHOW|EXISTS|EXPLAIN)\b", re.IGNORECASE)
 
 
 def refusal(tree: Sequence[str], table_functions: frozenset[str]) -> str | None:
@@ -114,8 +128,7 @@ def refusal(tree: Sequence[str], table_functions: frozenset[str]) -> str | None:
     """
     root = tree[0].split(None, 1)[0] if tree and tree[0].strip() else ""
     if not root.startswith(READ_STATEMENTS):
-        return (f"flowtrack sql is read-only: only reading statements run (SELECT, DESCRIBE, SHOW, EXISTS, "
-                f"EXPLAIN); this is {root.removesuffix('Query') or 'nothing'}")
+        return _READ_ONLY + f"; this is {root.removesuffix('Query') or 'nothing'}"
     for line in tree[1:]:
         depth = len(line) - len(line.lstrip(" "))
         node, _, rest = line.strip().partition(" ")
@@ -139,10 +152,13 @@ def run_read_only(store: Store, sql: str, parameters: dict[str, Any] | None = No
             tree = syntax_tree(connection, statement, parameters)
             _, names = connection.query("SELECT lower(name) FROM system.table_functions")
         except Exception as exc:
+            if not _READING_START.match(statement):  # EXPLAIN AST itself fails on some (SYSTEM FLUSH LOGS)
+                raise ReadOnlyQueryError(_READ_ONLY + f"; this is {statement.split(None, 1)[0]}") from None
             raise QueryFailedError(clickhouse_message(exc)) from None
         reason = refusal(tree, frozenset(str(row[0]) for row in names))
         if reason:
             raise ReadOnlyQueryError(reason)
+        check_takes_format(connection, statement)
         try:
             return connection.query(statement, parameters)
         except Exception as exc:
