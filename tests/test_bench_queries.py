@@ -35,6 +35,7 @@ from worker.benchstore import MARKER, plan_batches, prepare_directory
 from worker.errors import ConfigError
 from worker.grafana_sql import MacroError, QueryContext, render_sql
 from worker.settings import Settings
+from worker.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = 45_000  # a few worker-sized batches (FLOWTRACK_BATCH_MAX_ROWS)
@@ -324,3 +325,10 @@ def test_a_cached_store_that_lost_events_is_rebuilt(bench_run: Run) -> None:
     assert not rebuilt["store"]["reused"]
     (visible,), = _sql(bench_run.store, "SELECT count() FROM flowtrack.flow_events")
     assert int(visible) == EVENTS
+
+
+def test_event_types_from_the_environment_are_quoted_in_the_bench_stores_sql(store: Store) -> None:
+    from worker.benchstore import sql_literal
+
+    for text in ("done", "it's done", "back\\slash'", "é\n\t"):
+        assert store.scalar(f"SELECT {sql_literal(text)}") == text

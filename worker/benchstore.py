@@ -199,10 +199,15 @@ def _attributes(seed: int) -> str:
             "CAST(map(), 'Map(String, String)'))")
 
 
+def sql_literal(text: str) -> str:
+    """A ClickHouse string literal: event types come from the environment (FLOWTRACK_END_EVENT_TYPES), any text."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def _event_expressions(seed: int, settings: Settings) -> dict[str, str]:
     """SQL for each column the sink writes; a column the sink gains and this does not know is an error."""
-    ends = ", ".join(f"'{t}'" for t in settings.end_event_types)
-    errors = ", ".join(f"'{t}'" for t in settings.error_event_types)
+    ends = ", ".join(map(sql_literal, settings.end_event_types))
+    errors = ", ".join(map(sql_literal, settings.error_event_types))
     return {
         "event_id": "concat(stream, '/', entry_id)",
         "user_id": "user",
