@@ -541,3 +541,44 @@ def test_bad_redis_url_is_a_clear_error_with_exit_code_2(url: str, tmp_path: Pat
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "FLOWTRACK_REDIS_URL" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_drain_says_what_it_waits_for_and_why_it_did_not_finish(redis_server: RedisServer,
+                                                                  redis_client: redis.Redis, tmp_path: Path) -> None:
+    """Entries pending on a dead consumer are claimed once idle for FLOWTRACK_CLAIM_IDLE_MS: the drain says it waits
+    for that (it was silent), and stopped before, it exits 1 saying the drain did not finish (it said nothing)."""
+    stream = "flow_events:1"
+    xadd_all(redis_client, [(stream, {"session_id": "s", "node_id": f"n{i}", "event_type": "t"}) for i in range(5)])
+    redis_client.xgroup_create(stream, GROUP, id="0")
+    redis_client.xreadgroup(GROUP, "dead-consumer", {stream: ">"})
+    env = cli_env(redis_server.url, fresh_store(tmp_path))
+    worker = spawn_worker(["run", "--drain", "--claim-idle-ms", "60000"], env)
+    try:
+        deadline = time.monotonic() + 60
+        lines: list[str] = []
+        assert worker.stderr is not None
+        while time.monotonic() < deadline and not any("pending on other consumers" in line for line in lines):
+            lines.append(worker.stderr.readline())
+        worker.send_signal(signal.SIGTERM)
+        _, rest = worker.communicate(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    stderr = "".join(lines) + rest
+    assert "5 entries are pending on other consumers: waiting until they are idle for 60 s" in stderr, stderr
+    assert worker.returncode == 1 and "error: the drain did not finish" in stderr and "Traceback" not in stderr
+
+
+def test_a_metrics_port_in_use_is_one_line_not_a_traceback(redis_server: RedisServer, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = cli_env(redis_server.url, fresh_store(tmp_path))
+        proc = run_cli(["run", "--drain", "--metrics-port", str(port)], env, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot serve metrics on" in proc.stderr and f":{port} (FLOWTRACK_METRICS_PORT)" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -137,7 +137,8 @@ def run(
 
     ok = asyncio.run(run_worker(settings, drain=drain))
     if not ok:
-        raise typer.Exit(1)
+        raise fail("the drain did not finish: stopped before every stream was read and nothing was pending "
+                   "(what it stored is acknowledged; run it again to go on)")
 
 
 @app.command()

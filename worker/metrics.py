@@ -27,6 +27,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from redis.exceptions import ResponseError
 
+from worker.errors import ConfigError
 from worker.settings import Settings
 from worker.source import Source, text, vanished
 from worker.stats import Buckets, GroupInfo, Stats
@@ -177,7 +178,11 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("metrics: " + format, *args)
 
-        self._server = ThreadingHTTPServer((self._host, self._port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((self._host, self._port), Handler)
+        except OSError as exc:  # in use (another worker on this host), not allowed, no such address
+            raise ConfigError(f"cannot serve metrics on {self._host}:{self._port} (FLOWTRACK_METRICS_PORT): "
+                              f"{exc.strerror or exc}") from None
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="flowtrack-metrics", daemon=True)
         self._thread.start()

@@ -80,6 +80,7 @@ class Pipeline:
         self._last_trim = 0.0
         self._trim_acked: bool | None = None
         self._drained = False
+        self._told_waiting_for_claims = False
         self._committer: Committer | None = None
         self._store_ready: asyncio.Task[bool]
         # Bytes of the largest entry lately read: sizes the next read's COUNT so that a read of entries this large
@@ -521,6 +522,10 @@ class Pipeline:
                 return True
             return False
         # Pending entries of other (possibly dead) consumers: claim them once idle long enough.
+        if not self._told_waiting_for_claims:
+            self._told_waiting_for_claims = True
+            log.info("%d entries are pending on other consumers: waiting until they are idle for %.0f s "
+                     "(FLOWTRACK_CLAIM_IDLE_MS) to claim them", pending, self.settings.claim_idle_ms / 1000)
         self._last_claim = 0.0
         await self._sleep_unless_stopped(min(1.0, self.settings.claim_idle_ms / 1000))
         return False
