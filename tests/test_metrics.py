@@ -142,7 +142,7 @@ def test_group_gauges_follow_redis(redis_server: RedisServer, redis_client: redi
     assert after[("flowtrack_consumer_group_pending", key)] == 4
 
 
-def test_health_turns_bad_when_the_sink_fails_too_long() -> None:
+def test_health_turns_bad_when_the_sink_or_redis_fails_too_long() -> None:
     stats = Stats()
     settings = Settings(unhealthy_after_s=0.2, metrics_port=free_port())
     server = MetricsServer(stats, settings, host="127.0.0.1").start()
@@ -163,6 +163,14 @@ def test_health_turns_bad_when_the_sink_fails_too_long() -> None:
         assert metrics[("flowtrack_sink_failing_seconds", ())] >= 0.2
         assert metrics[("flowtrack_sink_failures_total", ())] == 1
         stats.record_sink_ok(0.01)
+        assert _get(f"{url}/healthz")[0] == 200
+        # Redis unreachable as long: no progress either (it reported healthy all along)
+        stats.record_source_failure("Redis unreachable: connection refused")
+        assert _get(f"{url}/healthz")[0] == 200
+        time.sleep(0.3)
+        code, body = _get(f"{url}/healthz")
+        assert code == 503 and "connection refused" in json.loads(body)["last_source_error"]
+        stats.record_source_ok()
         assert _get(f"{url}/healthz")[0] == 200
         assert _get(f"{url}/nope")[0] == 404
     finally:

@@ -5,8 +5,8 @@ collected at scrape time, so nothing is counted twice. Consumer-group state (lag
 consumers per stream) needs Redis, which lives on the worker's event loop: an asyncio
 task refreshes it into ``Stats.groups`` every few seconds.
 
-Health turns bad (HTTP 503) when the sink has been failing for longer than
-``settings.unhealthy_after_s`` (a ClickHouse outage the worker is waiting out).
+Health turns bad (HTTP 503) when the sink, or Redis, has been failing for longer than
+``settings.unhealthy_after_s`` (a ClickHouse or Redis outage the worker is waiting out: it makes no progress).
 """
 
 from __future__ import annotations
@@ -116,16 +116,19 @@ def _histogram(name: str, doc: str, buckets: Buckets) -> HistogramMetricFamily:
 
 
 def healthy(stats: Stats, settings: Settings) -> bool:
-    return stats.sink_failing_for_s() <= settings.unhealthy_after_s
+    return max(stats.sink_failing_for_s(), stats.source_failing_for_s()) <= settings.unhealthy_after_s
 
 
 def health_report(stats: Stats, settings: Settings) -> dict[str, Any]:
     failing_s = stats.sink_failing_for_s()
+    source_failing_s = stats.source_failing_for_s()
     return {
         "status": "ok" if healthy(stats, settings) else "unhealthy",
         "sink_failing_s": round(failing_s, 3),
+        "source_failing_s": round(source_failing_s, 3),
         "unhealthy_after_s": settings.unhealthy_after_s,
         "last_sink_error": stats.last_sink_error if failing_s > 0 else "",
+        "last_source_error": stats.last_source_error if source_failing_s > 0 else "",
         "read": stats.read,
         "stored": stats.stored,
         "rejected": stats.rejected,

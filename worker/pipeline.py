@@ -124,11 +124,12 @@ class Pipeline:
             try:
                 done = await self._step(drain)
                 backoff.reset()
+                self.stats.record_source_ok()
                 if done:
                     self._drained = True
                     break
             except SourceUnavailableError as exc:
-                self.stats.source_failures += 1
+                self.stats.record_source_failure(str(exc))
                 delay = backoff.next_delay()
                 log.warning("%s; retrying in %.1fs", exc, delay)
                 await self._sleep_unless_stopped(delay)

@@ -81,6 +81,8 @@ class Stats:
     # monotonic time of the first sink failure of the current outage, None while healthy
     sink_failing_since: float | None = None
     last_sink_error: str = ""
+    source_failing_since: float | None = None  # Redis unreachable since (monotonic), None while it answers
+    last_source_error: str = ""
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
     insert_latencies_s: list[float] = field(default_factory=list)
     batch_rows_hist: Buckets = field(default_factory=lambda: Buckets(BATCH_ROWS_BOUNDS))
@@ -121,6 +123,20 @@ class Stats:
         if self.sink_failing_since is None:
             return 0.0
         return time.monotonic() - self.sink_failing_since
+
+    def record_source_failure(self, error: str) -> None:
+        self.source_failures += 1
+        self.last_source_error = error
+        if self.source_failing_since is None:
+            self.source_failing_since = time.monotonic()
+
+    def record_source_ok(self) -> None:
+        self.source_failing_since = None
+
+    def source_failing_for_s(self) -> float:
+        if self.source_failing_since is None:
+            return 0.0
+        return time.monotonic() - self.source_failing_since
 
     @property
     def uptime_s(self) -> float:
