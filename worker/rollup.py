@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from worker.errors import FlowtrackError
-from worker.store import RECOMPUTE_SESSIONS_WHERE, Store, classify
+from worker.store import RECOMPUTE_SESSIONS, Store, classify
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ CHUNK_SESSIONS = 5000
 SPLIT_MIN_SESSIONS = 2000
 
 # The recompute's start time versions the rows: the latest recompute wins.
-_RECOMPUTE = RECOMPUTE_SESSIONS_WHERE + "session_id IN {sessions:Array(String)}"
+_RECOMPUTE = RECOMPUTE_SESSIONS
 # (user, session) pairs left without any event (their rows were purged) get a tombstone that hides their row.
 # Its last_event_at is the deletion time, so retention removes it after the row it hides.
 _TOMBSTONES = (

@@ -120,9 +120,7 @@ class Stats:
             self.sink_failing_since = time.monotonic()
 
     def sink_failing_for_s(self) -> float:
-        if self.sink_failing_since is None:
-            return 0.0
-        return time.monotonic() - self.sink_failing_since
+        return _seconds_since(self.sink_failing_since)
 
     def record_source_failure(self, error: str) -> None:
         self.source_failures += 1
@@ -134,9 +132,7 @@ class Stats:
         self.source_failing_since = None
 
     def source_failing_for_s(self) -> float:
-        if self.source_failing_since is None:
-            return 0.0
-        return time.monotonic() - self.source_failing_since
+        return _seconds_since(self.source_failing_since)
 
     @property
     def uptime_s(self) -> float:
@@ -147,3 +143,8 @@ def _reason_class(reason: str) -> str:
     """Group reasons for counting: drop the variable tail (values, lengths) after the first colon."""
     head = reason.split(":", 1)[0]
     return " ".join(word for word in head.split() if not any(ch.isdigit() for ch in word))[:80]
+
+
+def _seconds_since(started: float | None) -> float:
+    """Seconds since a monotonic time, 0 when there is none (no outage going on)."""
+    return 0.0 if started is None else time.monotonic() - started

@@ -166,7 +166,8 @@ CATCH_UP_WINDOW = (  # constants only
 # Recomputed this many at a time, as the worker's own recompute (rollup.CHUNK_SESSIONS): ten minutes of a draining
 # backlog are hundreds of thousands of sessions, and one statement over 300k of them peaked at 1.4 GB.
 CATCH_UP_CHUNK_SESSIONS = 5000
-_RECOMPUTE_CHUNK = RECOMPUTE_SESSIONS_WHERE + "session_id IN {sessions:Array(String)}"
+# The recompute of a chunk of sessions, by the worker's rollup (worker/rollup.py) and by the start-up catch-up.
+RECOMPUTE_SESSIONS = RECOMPUTE_SESSIONS_WHERE + "session_id IN {sessions:Array(String)}"
 # An embedded engine killed mid-insert (kill -9, OOM) can leave an insert half done: the ``events`` part written, the
 # part its materialized view writes to ``events_by_time`` not. A successor re-inserting those entries into the same
 # store heals it; one reclaiming them into a store of its own never does, and the rows would stay missing from
@@ -337,7 +338,7 @@ class Store:
         if len(sessions) > CATCH_UP_CHUNK_SESSIONS:
             log.info("catching up the rollup of %d sessions", len(sessions))
         for start in range(0, len(sessions), CATCH_UP_CHUNK_SESSIONS):
-            self.client.command(_RECOMPUTE_CHUNK, parameters={
+            self.client.command(RECOMPUTE_SESSIONS, parameters={
                 "sessions": sessions[start:start + CATCH_UP_CHUNK_SESSIONS]}, settings=settings)
 
     def _heal_broken_rollup(self) -> None:

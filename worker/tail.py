@@ -29,6 +29,7 @@ from worker.flows import _text, epoch_ms, resolve_streams
 from worker.normalize import FlowEvent, Normalizer, Rejection
 from worker.redisclient import SyncClient
 from worker.settings import Settings
+from worker.source import not_a_stream
 
 MAX_SEQ = 18446744073709551615
 PAGE = 1000
@@ -126,7 +127,7 @@ class Tail:
         try:
             rows: Any = self.client.xrevrange(stream, count=1)
         except ResponseError as exc:
-            if not str(exc).startswith("WRONGTYPE"):
+            if not not_a_stream(exc):
                 raise
             return "0-0"  # no longer a stream since it was found: nothing of it to show
         return _text(rows[0][0]) if rows else "0-0"
@@ -146,7 +147,7 @@ class Tail:
             try:
                 reply = self._read_live()
             except ResponseError as exc:
-                if not str(exc).startswith("WRONGTYPE"):
+                if not not_a_stream(exc):
                     raise
                 self._forget_non_streams()  # a followed key now holds another type: followed again once a stream
                 yield None
