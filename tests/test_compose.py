@@ -134,8 +134,10 @@ def test_clickhouse_users() -> None:
     for user in (writer, grafana):
         password = user.find("password")
         assert password is not None and password.get("from_env") and not (password.text or "").strip()
-    assert [d.text for d in writer.findall("allow_databases/database")] == ["flowtrack"]
-    assert writer.findtext("access_management") == "0"
+    # The writer: explicit grants (without them a user defined in XML holds every privilege but access management),
+    # on the flowtrack database, plus one system table and CLUSTER: no source (FILE, URL, REMOTE, S3 …), no SYSTEM.
+    assert writer.find("allow_databases") is None and writer.find("access_management") is None
+    assert _grants(writer) == WRITER_GRANTS
     # Grafana: SELECT on flowtrack and nothing else (no FILE, URL, REMOTE, S3: explicit grants replace the defaults,
     # and cannot be combined with allow_databases / access_management).
     assert [q.text for q in grafana.findall("grants/query")] == ["GRANT SELECT ON flowtrack.*"]
@@ -150,6 +152,98 @@ def test_clickhouse_users() -> None:
     env = SERVICES["clickhouse"]["environment"]
     for user in (writer, grafana):
         assert user.find("password").get("from_env") in env  # type: ignore[union-attr]
+
+
+WRITER_GRANTS = {
+    ("SELECT", "flowtrack.*"), ("INSERT", "flowtrack.*"), ("ALTER", "flowtrack.*"), ("CREATE DATABASE", "flowtrack.*"),
+    ("CREATE TABLE", "flowtrack.*"), ("CREATE VIEW", "flowtrack.*"), ("DROP TABLE", "flowtrack.*"),
+    ("DROP VIEW", "flowtrack.*"), ("TRUNCATE", "flowtrack.*"), ("OPTIMIZE", "flowtrack.*"),
+    ("SELECT", "system.merge_tree_settings"), ("CLUSTER", "*.*"),
+}
+_GRANT = re.compile(r"^GRANT\s+(.+?)\s+ON\s+(\S+)$")
+
+
+def _grants(user: ET.Element) -> set[tuple[str, str]]:
+    """(privilege, on) pairs of a user's grant queries."""
+    pairs = set()
+    for query in user.findall("grants/query"):
+        found = _GRANT.match((query.text or "").strip())
+        assert found, query.text
+        pairs |= {(privilege.strip(), found.group(2)) for privilege in found.group(1).split(",")}
+    return pairs
+
+
+# What each kind of statement the worker sends to a server needs (ClickHouse's access rights: EXCHANGE is a rename
+# both ways, CREATE OR REPLACE drops the old object). A statement of a kind not listed fails the test below: decide
+# its grant, then list it.
+_NEEDS = {
+    "SELECT": {"SELECT"}, "INSERT INTO": {"INSERT", "SELECT"}, "ALTER TABLE": {"ALTER"}, "DELETE FROM": {"ALTER"},
+    "CREATE DATABASE": {"CREATE DATABASE"}, "CREATE TABLE": {"CREATE TABLE"},
+    "CREATE OR REPLACE TABLE": {"CREATE TABLE", "DROP TABLE"}, "CREATE VIEW": {"CREATE VIEW"},
+    "CREATE OR REPLACE VIEW": {"CREATE VIEW", "DROP VIEW"}, "CREATE {REPLACE}VIEW": {"CREATE VIEW", "DROP VIEW"},
+    "CREATE MATERIALIZED VIEW": {"CREATE VIEW", "INSERT"},
+    "DROP TABLE": {"DROP TABLE"}, "DROP VIEW": {"DROP VIEW"}, "DROP {KIND.UPPER()}": {"DROP TABLE", "DROP VIEW"}, "TRUNCATE TABLE": {"TRUNCATE"},
+    "OPTIMIZE TABLE": {"OPTIMIZE"}, "EXCHANGE TABLES": {"SELECT", "INSERT", "CREATE TABLE", "DROP TABLE"},
+}
+_STATEMENT_KIND = re.compile(r"^(" + "|".join(sorted(map(re.escape, _NEEDS), key=len, reverse=True)) + r")(?=\s|$)")
+# Sent by the store only to the embedded engine, which has no users (worker/store.py says where).
+_EMBEDDED_ONLY = {"SYSTEM JEMALLOC PURGE"}
+# SQL text in the modules that talk to a server on the worker's behalf (the benchmarks run on the embedded engine).
+_WORKER_SQL_MODULES = ("store.py", "clusterddl.py", "sink.py", "rollup.py")
+_SQL_LITERAL = re.compile(r'\b[rf]{0,2}"((?:SELECT|INSERT|ALTER|DELETE|CREATE|DROP|TRUNCATE|OPTIMIZE|EXCHANGE|SYSTEM|'
+                          r'RENAME|ATTACH|DETACH|KILL|GRANT|REVOKE|SET)\b[^"]*)"')
+
+
+def _worker_statements() -> list[str]:
+    statements = []
+    for sql_file in sorted((ROOT / "schemas" / "clickhouse").glob("*.sql")):
+        text = "\n".join(line for line in sql_file.read_text().splitlines() if not line.lstrip().startswith("--"))
+        statements += [s.strip() for s in text.split(";") if s.strip()]
+    for module in _WORKER_SQL_MODULES:
+        statements += _SQL_LITERAL.findall((ROOT / "worker" / module).read_text())
+    return statements
+
+
+def test_the_writers_grants_cover_every_statement_the_worker_sends() -> None:
+    root = ET.parse(ROOT / "deploy" / "clickhouse" / "users.xml").getroot()
+    writer = root.find("users/flowtrack_writer")
+    assert writer is not None
+    granted = {privilege for privilege, on in _grants(writer) if on == "flowtrack.*"}
+    statements = _worker_statements()
+    kinds = set()
+    for statement in statements:
+        flat = " ".join(statement.split())
+        if flat in _EMBEDDED_ONLY:
+            continue
+        found = _STATEMENT_KIND.match(flat.upper())
+        assert found, f"a statement of a kind the writer's grants were not checked for: {flat[:80]!r}"
+        kinds.add(found.group(1))
+        assert _NEEDS[found.group(1)] <= granted, flat[:80]
+    # The scan found the statements it is meant to (a regex gone blind would pass everything).
+    assert {"INSERT INTO", "ALTER TABLE", "DELETE FROM", "CREATE MATERIALIZED VIEW", "EXCHANGE TABLES",
+            "OPTIMIZE TABLE", "TRUNCATE TABLE", "CREATE OR REPLACE VIEW", "DROP TABLE"} <= kinds
+    # Reads outside flowtrack: only what the writer was granted, or what every user may read.
+    readable = {on for privilege, on in _grants(writer) if privilege == "SELECT"}
+    tables = _system_tables_read()
+    assert {"one", "columns", "merge_tree_settings"} <= tables
+    for table in tables - _READABLE_BY_EVERY_USER - _EMBEDDED_ONLY_SYSTEM_TABLES:
+        assert f"system.{table}" in readable, table
+
+
+# With select_from_system_db_requires_grant (on by default in the server's config), these stay readable by everyone.
+_READABLE_BY_EVERY_USER = {"one", "tables", "columns", "databases"}
+# Read by the start-up heals, which run on the embedded engine only (Store.migrate).
+_EMBEDDED_ONLY_SYSTEM_TABLES = {"parts", "detached_parts"}
+
+
+def _system_tables_read() -> set[str]:
+    """system.* tables named in the worker's SQL: string literals of its modules, migrations and their guards."""
+    texts = [(ROOT / "worker" / module).read_text() for module in _WORKER_SQL_MODULES]
+    literals = [literal for text in texts for literal in re.findall(r'"[^"\n]*"', text)]
+    for sql_file in (ROOT / "schemas" / "clickhouse").glob("*.sql"):
+        literals += [line for line in sql_file.read_text().splitlines()
+                     if not line.lstrip().startswith("--") or line.startswith("-- only-if:")]
+    return set(re.findall(r"\bsystem\.(\w+)", " ".join(literals)))
 
 
 def test_the_benchmark_runs_dashboard_queries_under_grafanas_profile() -> None:
@@ -323,8 +417,15 @@ def test_cluster_users_are_the_single_node_users_unchanged_in_privileges() -> No
         service = SERVICES[node]
         assert _mounted(service, "/etc/clickhouse-server/users.d/flowtrack.xml") == single
         overlay = _xml(_mounted(service, "/etc/clickhouse-server/users.d/flowtrack-cluster.xml"))
-        # The overlay only sets a query setting in existing profiles: no user, grant, network, password or quota.
-        assert [child.tag for child in overlay] == ["profiles"]
+        # The overlay sets query settings in existing profiles, and gives the writer REMOTE (cluster() over
+        # system.one counts the replicas that answer): its grants replaced whole by users.xml's plus that one.
+        assert [child.tag for child in overlay] == ["users", "profiles"]
+        users = overlay.find("users")
+        assert [user.tag for user in users] == ["flowtrack_writer"]  # type: ignore[union-attr]
+        writer = users.find("flowtrack_writer")  # type: ignore[union-attr]
+        assert [child.tag for child in writer] == ["grants"]  # type: ignore[union-attr]
+        assert writer.find("grants").get("replace") == "replace"  # type: ignore[union-attr]
+        assert _grants(writer) == WRITER_GRANTS | {("REMOTE", "*.*")}  # type: ignore[arg-type]
         for profile in overlay.find("profiles"):  # type: ignore[union-attr]
             assert profile.tag in base_profiles
             assert [(s.tag, s.text) for s in profile] == [("distributed_product_mode", "global"),
