@@ -233,6 +233,16 @@ TIMESTAMP_REJECT_CASES = [
     ("inf-string", flat(**base(timestamp="inf")), "not a finite number"),
     ("minus-infinity-string", flat(**base(timestamp="-Infinity")), "not a finite number"),
     ("inf-overflowing-string", flat(**base(timestamp="1e400")), "not a finite number"),
+    # Text that only Python's parsers' leniency reads as a time: other scripts' digits, '_' between digits (float()),
+    # whatever follows a NUL (fromisoformat stops there), control characters.
+    ("fullwidth-digits", flat(**base(timestamp="\uff11\uff17\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff10")),
+     "neither ISO-8601 nor epoch"),
+    ("arabic-indic-digits", env(base(timestamp="\u0661\u0667\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660")),
+     "neither ISO-8601 nor epoch"),
+    ("underscored-digits", flat(**base(timestamp="1_700_000_000")), "neither ISO-8601 nor epoch"),
+    ("iso-then-nul-and-junk", flat(**base(timestamp="2024-01-02T03:04:05Z\x00junk")), "neither ISO-8601 nor epoch"),
+    ("epoch-then-nul", env(base(timestamp="1700000000\x00")), "neither ISO-8601 nor epoch"),
+    ("iso-with-a-control-char", flat(**base(timestamp="2024-01-02T03:04\x0105Z")), "neither ISO-8601 nor epoch"),
 ]
 
 

@@ -518,12 +518,21 @@ def _timestamp_ms(value: Any, entry_id: str) -> int:
     if isinstance(value, int | float):
         ms = _epoch_to_ms(float(value))
     elif isinstance(value, str):
-        ms = _parse_timestamp_text(value.strip())
+        ms = _parse_timestamp_text(_plain_timestamp_text(value.strip()))
     else:
         raise _Reject(f"timestamp must be ISO-8601 or epoch seconds/milliseconds, got {_json_type(value)}")
     if not 0 <= ms < MAX_TS_MS:
         raise _Reject(f"timestamp {value!r} is outside 1970-01-01..2200-01-01")
     return ms
+
+
+def _plain_timestamp_text(text: str) -> str:
+    """The text, if it is printable ASCII without '_': float() would also read digits of other scripts (fullwidth
+    "123") and '_' between digits ("1_700_000_000"), and fromisoformat stops at a NUL (reading "…Z\\x00junk" as
+    "…Z"), so a text only a Python parser's leniency makes a time is rejected instead of stored as one."""
+    if text.isascii() and text.isprintable() and "_" not in text:
+        return text
+    raise _Reject(f"timestamp {text[:64]!r} is neither ISO-8601 nor epoch seconds/milliseconds")
 
 
 def _common_timestamp_ms(stamp: Any) -> int | None:
@@ -536,6 +545,8 @@ def _common_timestamp_ms(stamp: Any) -> int | None:
     this one give up)."""
     kind = type(stamp)
     if kind is str:
+        if not (stamp.isascii() and stamp.isprintable() and "_" not in stamp):
+            return None  # the checked parse decides (it rejects it unless only surrounding whitespace made it so)
         if stamp[4:5] == "-" and stamp[:4].isdigit():  # the checked parse skips float() for these, so does this
             try:
                 parsed = _fromisoformat(stamp)
