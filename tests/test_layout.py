@@ -256,6 +256,25 @@ def test_a_session_with_several_users_and_one_flow_reads(store: Store) -> None:
     assert flow is not None and flow.user_id == "b" and flow.event_count == 1  # the latest active user
 
 
+def test_a_session_re_sent_under_another_user_keeps_no_row_for_the_first(store: Store) -> None:
+    """The same events (same event ids) stored again under another user: the session is the new user's alone, in the
+    rollup as in the events; a session that really names two users keeps both rows (above)."""
+    sink = Sink(store)
+    first = [event("s-moved", n, ts_ms=NOW_MS - 5000 + n, event_id=f"e{n}", user="old") for n in range(3)]
+    write(sink, first)
+    sink.rollup.flush()
+    assert [r[0] for r in flow_session(store, "s-moved")] == ["old"]
+    write(sink, [event("s-moved", n, ts_ms=NOW_MS - 5000 + n, event_id=f"e{n}", user="new") for n in range(3)])
+    sink.rollup.flush()
+    assert [r[0] for r in flow_session(store, "s-moved")] == ["new"]
+    assert flow_session(store, "s-moved") == from_visible_events(store, "s-moved")
+    # Only some of them moved: both users keep a row, each with its own events.
+    write(sink, [event("s-moved", 0, ts_ms=NOW_MS - 5000, event_id="e0", user="old")])
+    sink.rollup.flush()
+    assert [r[0] for r in flow_session(store, "s-moved")] == ["new", "old"]
+    assert flow_session(store, "s-moved") == from_visible_events(store, "s-moved")
+
+
 def test_pending_sessions_are_recomputed_when_quiet_or_when_enough_are_pending(store: Store) -> None:
     """Batches' sessions are recomputed together; nothing may stay pending once the streams go quiet."""
     sink = Sink(store)

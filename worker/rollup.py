@@ -78,9 +78,33 @@ def recompute(store: Store, sessions: Iterable[str], purged_pairs: Iterable[tupl
         raise classify(exc) from exc
 
 
+# Sessions of the chunk that session_spans (one row per rollup row written: by primary key, narrow) gives more than one
+# user: the only ones that can hold a row for a user none of their events names any more (events re-sent, same
+# event ids, under another user). Those pairs get a tombstone; a session that really has two users keeps both rows.
+_SEVERAL_USERS = (
+    "SELECT session_id, groupUniqArray(user_id) FROM flowtrack.session_spans "
+    "WHERE session_id IN {sessions:Array(String)} GROUP BY session_id HAVING uniqExact(user_id) > 1"
+)
+
+
 def _recompute_chunks(store: Store, ids: Sequence[str], chunk_sessions: int) -> None:
     for start in range(0, len(ids), chunk_sessions):
-        store.command(_RECOMPUTE, {"sessions": ids[start:start + chunk_sessions]})
+        chunk = ids[start:start + chunk_sessions]
+        store.command(_RECOMPUTE, {"sessions": chunk})
+        _tombstone_moved_users(store, chunk)
+
+
+def _tombstone_moved_users(store: Store, chunk: Sequence[str]) -> None:
+    """Best effort: the recompute itself is done, and a rollup part the engine could not read (written on a full disk,
+    rebuilt at the next start: Store.migrate) must not stop the worker's recomputes; the next recompute of the
+    session tries again."""
+    try:
+        _, several = store.query(_SEVERAL_USERS, {"sessions": list(chunk)})
+        if several:
+            pairs = sorted((user, session) for session, users in several for user in users)
+            store.command(_TOMBSTONES, {"pairs": pairs, "sessions": sorted(session for session, _ in several)})
+    except Exception as exc:
+        log.warning("could not check the recomputed sessions for users they no longer name: %s", exc)
 
 
 class SessionRollup:
