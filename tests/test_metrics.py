@@ -214,3 +214,40 @@ def test_group_gauges_need_nothing_beyond_the_worker_acl(redis_server: RedisServ
     groups = asyncio.run(scenario())
     assert groups["flow_events:9"].lag == 4
     assert groups["flow_events:9"].pending == 0
+
+
+def _words(count: int) -> list[str]:
+    return ["".join(chr(97 + (n // 26 ** k) % 26) for k in range(3)) for n in range(count)]
+
+
+def test_rejection_classes_stay_few_whatever_values_the_entries_hold() -> None:
+    """Reasons quote the entry's own values (a timestamp's text, an attribute's name): each distinct bad value must not
+    become a class of its own (kept for the worker's life, one Prometheus series each)."""
+    from worker.batch import Batch
+    from worker.normalize import Normalizer, Rejection
+    from worker.sink import WriteResult
+    from worker.stats import MAX_REASON_CLASSES, OTHER_REASONS, Stats
+
+    normalizer = Normalizer()
+    words = _words(300)
+    rejected = [normalizer.normalize("flow_events:1", f"1-{n}", fields) for n, fields in enumerate(
+        [{"session_id": "s", "node_id": "n", "event_type": "t", "timestamp": f"when {w} 'x\"{w}"} for w in words]
+        + [{"data": f'{{"session_id": "s", "node_id": "n", "event_type": "t", "timestamp": "{w}:{w}"}}'}
+           for w in words]
+        + [{"data": f'{{"session_id": "s", "node_id": "n", "event_type": "t", "timestamp": {10 ** 14},'
+                    f' "user_id": "{w}"}}'} for w in words])]
+    assert all(isinstance(r, Rejection) for r in rejected)
+    stats = Stats()
+    result = WriteResult()
+    result.rejected = rejected  # type: ignore[assignment]
+    stats.record_write(result, Batch(max_rows=1, max_wait_s=1.0))
+    assert sum(stats.rejected_by_reason.values()) == 900
+    assert len(stats.rejected_by_reason) <= 3, stats.rejected_by_reason
+
+    # Whatever a future reason says, the classes are capped; what is over the cap is still counted.
+    many = WriteResult()
+    many.rejected = [Rejection("s", f"1-{n}", f"reason {word} kind", "{}")  # type: ignore[assignment]
+                     for n, word in enumerate(_words(1000))]
+    stats.record_write(many, Batch(max_rows=1, max_wait_s=1.0))
+    assert len(stats.rejected_by_reason) <= MAX_REASON_CLASSES + 1  # and the one for the rest
+    assert sum(stats.rejected_by_reason.values()) == 1900 and stats.rejected_by_reason[OTHER_REASONS] > 0

@@ -375,3 +375,22 @@ def test_store_commands_say_plainly_when_a_worker_holds_the_store(redis_server: 
     finally:
         holder.kill()
         holder.wait(10)
+
+
+def test_status_classes_rejections_without_the_values_they_quote(store: Store) -> None:
+    """`status` groups rejections by reason class in the store: a bad value quoted in a reason (even one holding a
+    colon or a quote) is not a class of its own, and the total counts every rejection, however many classes."""
+    from worker.flows import StatusReport, store_status
+    from worker.normalize import Normalizer, Rejection
+    from worker.sink import Sink
+
+    normalizer = Normalizer()
+    rejected = [normalizer.normalize("flow_events:9", f"9-{n}", {
+        "session_id": "s", "node_id": "n", "event_type": "t", "timestamp": f"at {n}:{n} 'o\"clock {n}"})
+        for n in range(1500)]
+    assert all(isinstance(r, Rejection) for r in rejected)
+    Sink(store).write([], rejected)  # type: ignore[arg-type]
+    report = StatusReport("redis://unused", "flowtrack", 60000, 1000)
+    store_status(report, store)
+    assert report.rejected_by_reason == {"timestamp … is neither ISO-N nor epoch seconds/milliseconds": 1500}
+    assert report.rejected_total == 1500

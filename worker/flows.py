@@ -36,6 +36,7 @@ from worker.normalize import (
 from worker.redisclient import SyncClient
 from worker.settings import Settings, redact_url
 from worker.source import NO_CLIENT_INFO, is_pattern, vanished
+from worker.stats import QUOTED_PATTERN, reason_class
 from worker.store import Store
 
 REPLAYED_KEY = "flowtrack:replayed"  # hash: "<stream> <entry id>" -> JSON record of the replay
@@ -456,17 +457,19 @@ def store_status(report: StatusReport, store: Store) -> None:
     report.sessions = {str(status): int(count) for status, count, _ in rows}
     report.events = sum(int(events) for _, _, events in rows)
     report.last_ingested_at = last_ingested_at(store) if report.events else None
-    _, rows = store.query("SELECT splitByChar(':', reason)[1] AS head, count() FROM flowtrack.rejected_events "
-                          "GROUP BY head ORDER BY count() DESC LIMIT 1000")
+    # Classed in the store as reason_class does (quoted values out before the split at ':', numbers blanked): the
+    # heads then repeat, and the 1000 commonest cover what matters; the total is counted on its own.
+    _, rows = store.query(
+        "SELECT replaceRegexpAll(splitByChar(':', replaceRegexpAll(reason, {quoted:String}, '…'))[1], '[0-9]+', 'N') "
+        "AS head, count() FROM flowtrack.rejected_events GROUP BY head ORDER BY count() DESC LIMIT 1000",
+        {"quoted": QUOTED_PATTERN})
     by_reason: Counter[str] = Counter()
     for head, count in rows:
         by_reason[reason_class(str(head))] += int(count)
     report.rejected_by_reason = dict(by_reason.most_common())
-    report.rejected_total = sum(by_reason.values())
+    report.rejected_total = int(store.scalar("SELECT count() FROM flowtrack.rejected_events") or 0)
 
 
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-_NUMBER = re.compile(r"\d+")
 
 
 def last_ingested_at(store: Store) -> Any:
@@ -475,12 +478,6 @@ def last_ingested_at(store: Store) -> Any:
     recent = store.scalar("SELECT max(ingested_at) FROM flowtrack.events_by_time "
                           "WHERE ingested_at >= now64(3) - INTERVAL 1 DAY HAVING count() > 0")
     return recent if recent is not None else store.scalar("SELECT max(ingested_at) FROM flowtrack.events_by_time")
-
-
-def reason_class(reason: str) -> str:
-    """Group reasons for counting: the part before the first colon, quoted values and numbers blanked."""
-    head = _NUMBER.sub("N", _QUOTED.sub("…", reason.split(":", 1)[0]))
-    return " ".join(head.split())[:100] or "(no reason)"
 
 
 def collect_status(settings: Settings, max_lag: int, check_store: bool = True) -> StatusReport:

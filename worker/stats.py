@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -98,7 +100,10 @@ class Stats:
         self.last_batch_rows = len(batch)
         self.batch_rows_hist.observe(len(batch))
         for rejection in result.rejected:
-            self.rejected_by_reason[_reason_class(rejection.reason)] += 1
+            reason = reason_class(rejection.reason)
+            if reason not in self.rejected_by_reason and len(self.rejected_by_reason) >= MAX_REASON_CLASSES:
+                reason = OTHER_REASONS
+            self.rejected_by_reason[reason] += 1
 
     def record_sink_ok(self, seconds: float) -> None:
         self.last_insert_s = seconds
@@ -139,10 +144,21 @@ class Stats:
         return time.monotonic() - self.started_at
 
 
-def _reason_class(reason: str) -> str:
-    """Group reasons for counting: drop the variable tail (values, lengths) after the first colon."""
-    head = reason.split(":", 1)[0]
-    return " ".join(word for word in head.split() if not any(ch.isdigit() for ch in word))[:80]
+# Reasons quote what the entry held (a timestamp's text, an attribute's name): classes must not, or every distinct
+# bad value would be a class of its own, kept for the worker's life and a Prometheus series each. The cap is the
+# guard for whatever a future reason quotes another way.
+QUOTED_PATTERN = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""  # repr() quoting, escapes included (re2 too)
+_QUOTED = re.compile(QUOTED_PATTERN)
+_NUMBER = re.compile(r"\d+")
+MAX_REASON_CLASSES = 200
+OTHER_REASONS = "(other reasons)"
+
+
+@functools.lru_cache(maxsize=4096)
+def reason_class(reason: str) -> str:
+    """Group reasons for counting: quoted values blanked, then the part before the first colon, numbers blanked."""
+    head = _NUMBER.sub("N", _QUOTED.sub("…", reason).split(":", 1)[0])
+    return " ".join(head.split())[:100] or "(no reason)"
 
 
 def _seconds_since(started: float | None) -> float:
