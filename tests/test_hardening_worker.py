@@ -474,3 +474,25 @@ def test_replay_takes_odd_records_odd_ids_and_odd_stream_names(
     broken = invoke(["rejected"], redis_server.url, clickhouse_url)
     assert broken.exit_code == 1
     assert "flowtrack:replayed holds a string" in broken.stderr
+
+
+def test_an_entry_repeating_a_field_name_is_rejected_not_half_stored(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+    """XADD k * session_id A session_id B …: Redis keeps both; the worker stored session B and dropped A silently.
+    Rejected now, every pair kept in the raw; `tail` says so too, and a replay says why there is nothing to replay."""
+    repeated = redis_client.execute_command(
+        "XADD", "flow_events:1", "*", "session_id", "A", "session_id", "B", "node_id", "n", "event_type", "t").decode()
+    fine = redis_client.xadd("flow_events:1", _event("s-fine", "n1")).decode()  # type: ignore[arg-type]
+    drain(make_settings(redis_server.url, clickhouse_url))
+    rejected = _rejected(store)
+    assert set(rejected) == {("flow_events:1", repeated)}
+    assert rejected[("flow_events:1", repeated)]["reason"].startswith("field 'session_id' appears 2 times")
+    assert parse_raw(rejected[("flow_events:1", repeated)]["raw"]) == [
+        "repeated", ["session_id", "A", "session_id", "B", "node_id", "n", "event_type", "t"]]
+    assert set(_visible(store)) == {derived_id("flow_events:1", fine, _event("s-fine", "n1"))}
+
+    outcome = json.loads(invoke(["rejected", "--replay", "flow_events:1", repeated, "--force", "-f", "json"],
+                                redis_server.url, clickhouse_url).output)[0]
+    assert outcome["action"] == "nothing to replay" and "repeats a field name" in outcome["detail"]
+    tailed = invoke(["tail", "--since", "0", "-f", "json"], redis_server.url, clickhouse_url).output
+    assert "appears 2 times" in tailed

@@ -142,3 +142,22 @@ def test_the_joined_decode_gives_what_the_per_field_decode_gives(pairs: list[byt
     expected = normalizer.normalize("flow_events:7", "1700000000000-0", dict(zip(pairs[::2], pairs[1::2],
                                                                                  strict=True)))
     assert got == expected
+
+
+@pytest.mark.parametrize("pairs", [
+    [b"session_id", b"A", b"session_id", b"B", b"node_id", b"n", b"event_type", b"t"],  # a contract field, twice
+    [b"session_id", b"s", b"node_id", b"n", b"event_type", b"t", b"note", b"x", b"note", b"y"],  # an attribute
+    [b"session_id", b"s", b"node_id", b"n", b"event_type", b"t", b"note", b"x", b"note", b"x"],  # equal copies
+    [b"data", b'{"session_id": "s", "node_id": "n", "event_type": "t"}', b"data", b"{}"],  # the envelope
+])
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_an_entry_repeating_a_field_name_is_rejected_with_every_value_kept(pairs: list[bytes], hot_path: str) -> None:
+    """Redis keeps every copy of a repeated name (XADD k * a 1 a 2); a dict of them would keep the last alone and
+    silently drop the rest (a session id, an attribute). Rejected instead, the raw keeping every pair in order."""
+    from worker.normalize import parse_raw
+
+    got = CountingFast(hot_path).normalize_pairs("flow_events:7", "1700000000000-0", list(pairs))
+    assert isinstance(got, Rejection)
+    assert "appears 2 times in the entry" in got.reason
+    assert parse_raw(got.raw) == ["repeated", [part.decode() for part in pairs]]
+    assert got == CheckedOnly().normalize_pairs("flow_events:7", "1700000000000-0", list(pairs))

@@ -290,6 +290,7 @@ static PyObject *decode_pairs(PyObject *pairs) {
         Py_DECREF(value);
         if (failed) goto unusual;
     }
+    if (PyDict_GET_SIZE(record) != n / 2) goto unusual;  /* a name repeated: the Python path rejects the entry */
     return record;
 unusual:
     PyErr_Clear();

@@ -24,6 +24,7 @@ from redis.exceptions import ClusterError, RedisClusterException
 from worker.errors import ConfigError, FlowtrackError, StoreLockedError, StoreUnavailableError
 from worker.normalize import (
     KEY_NOT_UTF8,
+    REPEATED_RAW_TAG,
     FlowEvent,
     Normalizer,
     as_bytes,
@@ -677,7 +678,9 @@ def replay(store: Store, client: SyncClient, settings: Settings, rows: Sequence[
             outcome.action, outcome.detail = "still invalid", row.reason
         elif not fields:
             outcome.action = "nothing to replay"
-            outcome.detail = ("the raw entry was kept truncated (over the size limit)" if row.raw.startswith("[")
+            outcome.detail = ("the entry repeats a field name: which value is meant is not known"
+                              if row.raw.startswith(f'["{REPEATED_RAW_TAG}"')
+                              else "the raw entry was kept truncated (over the size limit)" if row.raw.startswith("[")
                               else "the entry had no fields (deleted before read)")
         elif (record or row.replayed == "stored") and not again:
             outcome.action = "already replayed"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -135,6 +135,23 @@ def raw_json(fields: Mapping[Any, Any]) -> str:
                for k, v in list(fields.items())[:MAX_RAW_FIELDS]}
         return _dumps_reversible(["truncated", size, cut])
     return _dumps_reversible({raw_text(k): raw_text(v) for k, v in fields.items()})
+
+
+REPEATED_RAW_TAG = "repeated"
+
+
+def raw_pairs_json(pairs: Sequence[Any]) -> str:
+    """An entry that repeats a field name, for the rejected relation: ``["repeated", [name, value, name, value, …]]``
+    (a JSON object could keep one value per name), reversible like ``raw_json``."""
+    return _dumps_reversible([REPEATED_RAW_TAG, [raw_text(part) for part in pairs]])
+
+
+def _repeated_name_reason(parts: Sequence[str]) -> str:
+    names = parts[::2]
+    seen: set[str] = set()
+    repeated = next(name for name in names if name in seen or seen.add(name))  # type: ignore[func-returns-value]
+    return (f"field {repeated[:64]!r} appears {names.count(repeated)} times in the entry: Redis keeps every copy, "
+            "and which value is meant is not known")
 
 
 def _dumps_reversible(value: Any) -> str:
@@ -268,6 +285,8 @@ class Normalizer:
             oversized = True
         if oversized:
             return self.normalize(stream, entry_id, pairs_to_dict(pairs))
+        if 2 * len(flat) != len(pairs):
+            return Rejection(stream, entry_id, _repeated_name_reason(parts), raw_pairs_json(pairs))
         try:
             return self._build(stream, entry_id, _unwrap(flat), joined)
         except _Reject as exc:

@@ -26,7 +26,7 @@ from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgain
 
 from worker.clusterstreams import cursors_by_slot, slot_of
 from worker.flows import _text, epoch_ms, resolve_streams
-from worker.normalize import FlowEvent, Normalizer, Rejection
+from worker.normalize import FlowEvent, Normalizer, Rejection, is_text, pairs_to_dict
 from worker.redisclient import SyncClient
 from worker.settings import Settings
 from worker.source import not_a_stream
@@ -67,10 +67,19 @@ def start_id(since: datetime | None, server_ms: int) -> str:
     return f"{ms - 1}-{MAX_SEQ}" if ms > 0 else "0-0"
 
 
+def _as_sent(response: Any, **options: Any) -> Any:
+    return response
+
+
 class Tail:
     def __init__(self, client: SyncClient, settings: Settings, flt: TailFilter, block_ms: int = 500,
                  rescan_s: float = 2.0) -> None:
         self.client = client
+        # Entries as Redis sends them ([name, value, …]), not as dicts: a dict keeps one value of a repeated name,
+        # and the entry must be judged as the worker judges it (rejected, every pair kept). This client is the
+        # command's own. (Reads a cluster pipelines through its nodes' clients still come as dicts: _item takes both.)
+        for command in ("XRANGE", "XREAD"):
+            client.set_response_callback(command, _as_sent)
         self.specs = settings.streams
         self.filter = flt
         self.normalizer = Normalizer(settings.end_event_types, settings.error_event_types)
@@ -93,8 +102,13 @@ class Tail:
             # A stream that appears while we follow holds only new entries (or entries since --since).
             self.cursors.setdefault(stream, self._start)
 
-    def _item(self, stream: str, entry_id: str, fields: Mapping[bytes, bytes]) -> FlowEvent | Rejection:
-        return self.normalizer.normalize(stream, entry_id, fields)
+    def _item(self, stream: str, entry_id: str, fields: Mapping[bytes, bytes] | list[bytes]
+              ) -> FlowEvent | Rejection:
+        if not isinstance(fields, list):
+            return self.normalizer.normalize(stream, entry_id, fields)
+        if not is_text(stream):  # normalize_pairs leaves the key to its caller (the worker checks it per stream)
+            return self.normalizer.normalize(stream, entry_id, pairs_to_dict(fields))
+        return self.normalizer.normalize_pairs(stream, entry_id, fields)
 
     def backlog(self, since: datetime) -> Iterator[FlowEvent | Rejection]:
         """Entries from ``since`` up to now, over every stream, in entry-id order (XRANGE, paged, merged)."""
