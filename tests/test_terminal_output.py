@@ -265,3 +265,20 @@ def test_a_long_id_folds_instead_of_squeezing_the_other_columns_out() -> None:
     console = Console(width=120, record=True, color_system=None)
     console.print(history)
     assert console.export_text().replace("\n", "").replace(" ", "").replace("│", "").count("u") >= 256
+
+
+def test_an_event_at_the_epoch_shows_its_time_and_only_a_missing_time_shows_a_dash(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+    """1970-01-01T00:00:00 is a time the contract accepts (an entry id of 0-1 without a timestamp): it is shown."""
+    from worker.views import format_time
+
+    assert format_time(datetime(1970, 1, 1, tzinfo=UTC)) == "1970-01-01 00:00:00.000"
+    assert format_time(None) == "-"
+    redis_client.execute_command("XADD", "flow_events:13", "0-1", "session_id", "s-epoch", "node_id", "n1",
+                                 "event_type", "user_message")
+    drain(make_settings(redis_server.url, clickhouse_url))
+    env = cli_env(redis_server.url, clickhouse_url)
+    shown = CliRunner().invoke(app, ["show", "s-epoch"], env=env, catch_exceptions=False).output
+    assert "started 1970-01-01 00:00:00.000 UTC" in shown
+    history = CliRunner().invoke(app, ["history", "13", "--since", "30000d"], env=env, catch_exceptions=False).output
+    assert "1970-01-01 00:00:00.000" in history

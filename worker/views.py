@@ -92,7 +92,8 @@ def format_duration(ms: int | float | None) -> str:
 
 
 def format_time(value: datetime | None, with_date: bool = True) -> str:
-    if value is None or value.timestamp() <= 0:
+    """A time in UTC; "-" for none (1970-01-01 is a time the contract accepts, not a missing one)."""
+    if value is None:
         return "-"
     value = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
     return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if with_date else value.strftime("%H:%M:%S.%f")[:-3]
