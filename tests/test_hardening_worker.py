@@ -496,3 +496,15 @@ def test_an_entry_repeating_a_field_name_is_rejected_not_half_stored(
     assert outcome["action"] == "nothing to replay" and "repeats a field name" in outcome["detail"]
     tailed = invoke(["tail", "--since", "0", "-f", "json"], redis_server.url, clickhouse_url).output
     assert "appears 2 times" in tailed
+
+
+def test_status_says_when_a_configured_name_is_not_a_stream(redis_server: RedisServer, redis_client: redis.Redis,
+                                                             clickhouse_url: str) -> None:
+    """The worker warns and leaves such a name out; `status` listed nothing about it and said healthy."""
+    redis_client.set("mystr", "x")
+    redis_client.xadd("flow_events:1", _event("s-1", "n1"))  # type: ignore[arg-type]
+    env = {**cli_env(redis_server.url, clickhouse_url), "FLOWTRACK_STREAMS": "flow_events,flow_events:*,mystr"}
+    result = CliRunner().invoke(app, ["status", "--json", "--no-store"], env=env, catch_exceptions=False)
+    report = json.loads(result.stdout)
+    assert any(w.startswith("mystr holds a string, not a stream") for w in report["warnings"]), report["warnings"]
+    assert [s["name"] for s in report["streams"]] == ["flow_events:1"]

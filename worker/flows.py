@@ -405,6 +405,11 @@ def redis_status(report: StatusReport, settings: Settings) -> None:
         client = connect_any(settings)
         if isinstance(client, redis.RedisCluster):
             report.cluster_primaries = len(client.get_primaries())  # type: ignore[no-untyped-call]
+        for spec in settings.streams:  # a configured name the worker leaves out: say so, as the worker does
+            kind = "" if is_pattern(spec) else _text(client.type(spec))
+            if kind not in ("", "stream", "none"):
+                report.warnings.append(f"{printable(spec)} holds a {kind}, not a stream: the worker does not consume "
+                                       "it (it does once the name holds a stream)")
         for key in resolve_streams(client, settings.streams):
             try:
                 report.streams.append(_stream_status(client, key, settings.group, report.claim_idle_ms,
