@@ -39,9 +39,12 @@ DASHBOARD_TITLES = {LIVE_UID: "Flows — live", HISTORY_UID: "Flows — history"
                     PIPELINE_UID: "Flows — pipeline"}
 
 # -- SQL fragments: panel SQL names them as {name}; SQL() and expand() put them in ----------------
-# ${var:sqlstring} is Grafana's formatter that quotes and escapes a value as an SQL string literal.
-USER = "${user_id:sqlstring}"
-SESSION = "${session_id:sqlstring}"
+# A variable's value reaches the SQL percent-encoded and is decoded by ClickHouse: Grafana's percentencode leaves
+# only A-Z a-z 0-9 - _ . ~ and %XX, so nothing a viewer types (the user box, a session id in the URL) can end the
+# literal. ${var:sqlstring} only doubles quotes, and ClickHouse also reads backslash escapes in a literal: `x\' OR 1)
+# UNION ALL SELECT … FROM system.tables --` ran as SQL, and `DOMAIN\alice` matched nothing (\a is a bell).
+USER = "decodeURLComponent('${user_id:percentencode}')"
+SESSION = "decodeURLComponent('${session_id:percentencode}')"
 FRAGMENTS: dict[str, str] = {
     # The user_id variable is a text box: empty means every user.
     "user": USER,

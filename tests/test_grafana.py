@@ -230,6 +230,34 @@ def test_every_dashboard_query_runs_on_pipeline_data(corpus: Corpus) -> None:
     assert len(rows("pipeline.json / Latest rejected entries / A")) == len(BAD_ENTRIES)
 
 
+HOSTILE_VALUES = [
+    "x\\' = '' OR 1) UNION ALL SELECT now64(3), name, engine, '', '', '', 0 FROM system.tables --",  # backslash-quote
+    "abc\\",  # a trailing backslash ended the literal's closing quote
+    "DOMAIN\\alice",  # \a read as a bell
+    "o'brien", "it''s", "%27 OR 1=1 --", "\u00e9t\u00e9 \U0001f600", "a\nb", "{a,b}",
+]
+
+
+def test_variables_a_viewer_types_are_values_never_sql(corpus: Corpus) -> None:
+    """Every ClickHouse query of every dashboard, with user and session variables holding quotes, backslashes and an
+    injection: each runs, and finds nothing, as for a user that does not exist (no row of system tables, no other
+    user's rows); a user id with a backslash finds its own events."""
+    for value in HOSTILE_VALUES:
+        for name, dashboard in dashboards().items():
+            defined = {v["name"] for v in dashboard.get("templating", {}).get("list", [])}
+            variables = {k: value for k in ("user_id", "session_id") if k in defined}
+            if not variables:
+                continue
+            for query in clickhouse_queries(name, dashboard):
+                if query.where.endswith("/ session_id"):  # the variable's own options: every session of a user
+                    continue
+                _, rows = _run(corpus, query.sql, variables)
+                names = " ".join(str(cell) for row in rows for cell in row)
+                assert "MergeTree" not in names and "system" not in names, (query.where, value, rows[:3])
+                if "Latest events" in query.where or "Sessions / A" in query.where:
+                    assert rows == [], (query.where, value, rows[:3])
+
+
 def test_query_variables_return_values(corpus: Corpus) -> None:
     seen = 0
     for name, dashboard in dashboards().items():
@@ -369,6 +397,9 @@ def test_macro_expander_matches_the_plugin() -> None:
         "toStartOfInterval(toDateTime(toDateTime(ts)), INTERVAL 5 second)"
     assert render_sql("x = ${user_id:sqlstring} AND $__fromTime < $__toTime", ctx) == \
         "x = 'o''brien' AND toDateTime(1000) < toDateTime(2000)"
+    # Grafana's encodeURIComponentStrict: only A-Z a-z 0-9 - _ . ~ stay as they are
+    assert render_sql("${user_id:percentencode}", QueryContext(1000, 2000, 5, {"user_id": "o'b\\ (é)*!~"})) == \
+        "o%27b%5C%20%28%C3%A9%29%2A%21~"
     with pytest.raises(MacroError):
         render_sql("$__nope(ts)", ctx)
     with pytest.raises(KeyError):

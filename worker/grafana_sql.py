@@ -1,7 +1,7 @@
 """What Grafana and its ClickHouse plugin do to a query before ClickHouse sees it, and where the queries live.
 
 No Grafana server runs next to flowtrack's tests and benchmark, so this module does the two steps
-Grafana would: put in the dashboard variables (``${user_id:sqlstring}`` …), then expand the plugin's
+Grafana would: put in the dashboard variables (``${user_id:percentencode}`` …), then expand the plugin's
 macros (``$__timeFilter`` …) exactly as the ClickHouse plugin 4.20 renders them (pkg/macros/macros.go,
 plus the ``$__timeFrom``/``$__timeTo`` defaults of its SQL layer). It also finds every ClickHouse query
 of the generated dashboards (panel targets and query variables) and of the provisioned alert rules, so
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 CLICKHOUSE_TYPE = "grafana-clickhouse-datasource"  # the plugin id (grafana/common.py: CLICKHOUSE_TYPE)
 GRAFANA_DIR = Path(__file__).resolve().parent.parent / "grafana"
@@ -56,7 +57,8 @@ _MACRO = re.compile(r"\$__([A-Za-z_]+)")
 
 
 def apply_variables(sql: str, ctx: QueryContext) -> str:
-    """Grafana's template-variable interpolation: ``${v}``, ``$v`` and the ``sqlstring`` format."""
+    """Grafana's template-variable interpolation: ``${v}``, ``$v`` and the ``sqlstring`` and ``percentencode``
+    formats."""
 
     def one(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(3)
@@ -68,6 +70,8 @@ def apply_variables(sql: str, ctx: QueryContext) -> str:
         value = ctx.variables[name]
         if fmt == "sqlstring":
             return "'" + value.replace("'", "''") + "'"
+        if fmt == "percentencode":  # Grafana's encodeURIComponentStrict: all but A-Z a-z 0-9 - _ . ~ as %XX (UTF-8)
+            return quote(value, safe="")
         if fmt is not None:
             raise ValueError(f"unexpected variable format {fmt!r}")
         return value
