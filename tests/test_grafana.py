@@ -241,7 +241,7 @@ HOSTILE_VALUES = [
 def test_variables_a_viewer_types_are_values_never_sql(corpus: Corpus) -> None:
     """Every ClickHouse query of every dashboard, with user and session variables holding quotes, backslashes and an
     injection: each runs, and finds nothing, as for a user that does not exist (no row of system tables, no other
-    user's rows); a user id with a backslash finds its own events."""
+    user's rows)."""
     for value in HOSTILE_VALUES:
         for name, dashboard in dashboards().items():
             defined = {v["name"] for v in dashboard.get("templating", {}).get("list", [])}
