@@ -168,11 +168,11 @@ def where_flows_fail() -> table.Panel:
 def error_messages() -> table.Panel:
     """The range's error events (from the time-ordered copy) with their attributes looked up in events by key.
 
-    Copies are collapsed on the identity (the last stored copy wins); only copies in the range and of error type
-    are read: copies of one event_id are one event, so its type does not change; its time may differ when the
-    producer gave none, and then, as in events_by_time, it counts at its copies in the range. The time filter
-    prunes the table to the range's weeks: a key lookup otherwise costs a granule in every part, and attributes
-    are the widest column."""
+    Copies are collapsed on the identity (the last stored copy wins) before the error filter: an event whose later
+    copy is no longer an error is not one (filtering first let the older error copy win). Only copies in the range
+    are read: the time filter prunes the table to the range's weeks (a key lookup otherwise costs a granule in
+    every part, and attributes are the widest column); an event re-sent at another time counts, as in
+    events_by_time, at its copies in the range."""
     return (
         table.Panel()
         .title("Error messages")
@@ -187,18 +187,19 @@ def error_messages() -> table.Panel:
             FROM
             (
                 SELECT session_id, event_id, argMax(ts, stored) AS ts, argMax(event_type, stored) AS event_type,
-                       argMax(attributes, stored) AS attributes, argMax(user_id, stored) AS user_id
+                       argMax(attributes, stored) AS attributes, argMax(user_id, stored) AS user_id,
+                       argMax(is_error, stored) AS is_error
                 FROM
                 (
                     SELECT *, ingested_at AS stored
                     FROM flowtrack.events
-                    WHERE $__timeFilter(ts) AND is_error = 1
+                    WHERE $__timeFilter(ts)
                       AND (session_id, event_id) IN (SELECT session_id, event_id FROM flowtrack.events_by_time
                                                      WHERE $__timeFilter(ts) AND is_error = 1 AND {user_filter})
                 )
                 GROUP BY session_id, event_id
             )
-            WHERE $__timeFilter(ts) AND {user_filter}
+            WHERE is_error = 1 AND $__timeFilter(ts) AND {user_filter}
             GROUP BY event_type, message, code
             ORDER BY events DESC, event_type, message
             LIMIT 50

@@ -547,3 +547,31 @@ def test_most_common_paths_groups_the_sessions_started_in_the_range_by_their_who
     ]
     _, rows = _run(corpus, sql, {"user_id": "u1"})
     assert [tuple(r) for r in rows] == [("user_message → llm_call → flow_completed", 2, 0, 1500)]
+
+
+def test_an_error_a_later_copy_replaced_is_not_an_error_message(corpus: Corpus) -> None:
+    """An event stored as an error, then re-sent (same event_id) as another type: flow_events shows the later copy,
+    so "Error messages" and "Where flows fail" count no error for it (the error panel used to filter before
+    collapsing, and the older error copy won)."""
+    from worker.normalize import FlowEvent, Normalizer
+    from worker.sink import Sink
+
+    normalizer = Normalizer()
+    sink = Sink(corpus.store)
+    at_s = int(time.time()) - 5 * 86400  # a window the corpus does not touch
+    base = {"session_id": "s-replaced", "node_id": "n1", "event_id": "e-replaced", "user_id": "u-replaced",
+            "timestamp": str(at_s * 1000)}
+    for n, (kind, message) in enumerate((("error", "boom"), ("tool_result", ""))):
+        item = normalizer.normalize("flow_events:u-replaced", f"{at_s * 1000 + n}-0",
+                                    {**base, "event_type": kind, "message": message})
+        assert isinstance(item, FlowEvent)
+        sink.write([item], [])  # two inserts: the second copy is the later one
+    sink.rollup.flush()
+    ctx = QueryContext(from_s=at_s - 60, to_s=at_s + 60)
+    history = dashboards()["flows-history.json"]
+    queries = {q.where: q.sql for q in clickhouse_queries("flows-history.json", history)}
+    for title in ("Error messages", "Where flows fail"):
+        sql = next(sql for where, sql in queries.items() if f"/ {title} /" in where)
+        assert _run(corpus, sql, {"user_id": "u-replaced"}, ctx)[1] == [], title
+    shown = corpus.store.query("SELECT event_type FROM flowtrack.flow_events WHERE session_id = 's-replaced'")[1]
+    assert [str(r[0]) for r in shown] == ["tool_result"]
