@@ -97,9 +97,14 @@ FRAGMENTS: dict[str, str] = {
                       "WHERE {user} = '' AND $__timeFilter(ts) AND is_error = 1 "
                       "UNION ALL SELECT session_id FROM flowtrack.sessions WHERE user_id = {user} "
                       "AND error_count > 0 AND last_event_at >= $__fromTime)",
-    # The session of the latest event: a read of the end of the time-ordered copy.
-    "latest_session": "(SELECT session_id FROM flowtrack.events_by_time WHERE {user_filter} "
-                      "ORDER BY ts DESC LIMIT 1)",
+    # The session of the latest event. Every user: a read of the end of the time-ordered copy. One user: the key
+    # range of the rollup (sorted by user_id), not the time-ordered copy filtered by user, which read back to the
+    # user's last event (the whole table for a user without events).
+    "latest_session": "(SELECT session_id FROM ("
+                      "SELECT session_id, ts FROM (SELECT session_id, ts FROM flowtrack.events_by_time "
+                      "WHERE {user} = '' ORDER BY ts DESC LIMIT 1) "
+                      "UNION ALL SELECT session_id, last_event_at AS ts FROM flowtrack.sessions FINAL "
+                      "WHERE {user} != '' AND user_id = {user}) ORDER BY ts DESC LIMIT 1)",
     # Time series: buckets of $__interval_s; the last one still filling is left out (it would draw a drop), and
     # buckets without rows are drawn as zero (ORDER BY … {fill_buckets}).
     "first_bucket": "toStartOfInterval($__fromTime, INTERVAL $__interval_s SECOND)",
