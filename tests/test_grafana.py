@@ -197,7 +197,13 @@ def test_every_dashboard_query_runs_on_pipeline_data(corpus: Corpus) -> None:
     sessions = rows("flows-history.json / Sessions / A")
     assert {r[-1] for r in sessions} == {"completed", "failed", "active"}
     assert rows("flows-history.json / Completed / failed / active sessions (by start time) / A")
-    assert rows("flows-history.json / Duration of finished sessions / A")
+    bands = rows("flows-history.json / Duration of finished sessions / A")
+    assert [b[0] for b in bands] == ["< 1 s", "1-5 s", "5-15 s", "15-60 s", "1-5 min", "5-15 min", "15-60 min",
+                                     "≥ 1 h"]
+    finished = corpus.store.scalar(render_sql(
+        "SELECT count() FROM flowtrack.flow_sessions WHERE $__timeFilter(started_at) AND status != 'active'",
+        QueryContext(corpus.ctx.from_s, corpus.ctx.to_s, corpus.ctx.interval_s, {})))
+    assert sum(b[1] for b in bands) == finished > 0  # every finished session, none left out
     paths = rows("flows-history.json / Most common paths / A")
     assert paths and all(str(p[0]).startswith("user_message") for p in paths)
     assert sum(p[1] for p in paths) > 0
@@ -348,7 +354,7 @@ def test_dashboards_have_the_promised_views() -> None:
     boards = {d["uid"]: d for d in dashboards().values()}
     assert set(boards) == {common.LIVE_UID, common.HISTORY_UID, common.FLOW_UID, common.PIPELINE_UID}
     types = {p["type"] for d in boards.values() for p in panels(d)}
-    assert {"table", "timeseries", "nodeGraph", "traces", "stat", "histogram"} <= types
+    assert {"table", "timeseries", "nodeGraph", "traces", "stat", "barchart"} <= types
     live = boards[common.LIVE_UID]
     assert live["refresh"] == "1s"
     user_var = next(v for v in live["templating"]["list"] if v["name"] == "user_id")
