@@ -582,3 +582,60 @@ def test_a_metrics_port_in_use_is_one_line_not_a_traceback(redis_server: RedisSe
     assert proc.returncode == 2, proc.stderr
     assert "cannot serve metrics on" in proc.stderr and f":{port} (FLOWTRACK_METRICS_PORT)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("CLAIM_INTERVAL_S", "0"), ("CLAIM_INTERVAL_S", "nan"), ("CLAIM_INTERVAL_S", "-1"),  # a spinning or dead loop
+    ("UNHEALTHY_AFTER_S", "nan"), ("UNHEALTHY_AFTER_S", "-5"),  # /healthz 503 for ever
+    ("SOCKET_TIMEOUT_S", "inf"), ("SOCKET_TIMEOUT_S", "1e30"), ("BATCH_MAX_WAIT_S", "0"),
+    ("STREAM_RESCAN_S", "nan"), ("TRIM_INTERVAL_S", "0"), ("RETRY_INITIAL_S", "-1"), ("RETRY_MAX_S", "0.01"),
+    ("CLAIM_IDLE_MS", "0"), ("CLAIM_IDLE_MS", "-100"), ("BLOCK_MS", "0"),  # claims a live peer's entries
+    ("METRICS_PORT", "70000"), ("METRICS_PORT", "-1"), ("GROUP_START_ID", "abc"),
+    ("TRIM_ENABLED", "ture"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/abc"), ("REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=abc"),
+    ("CLICKHOUSE_URL", "https://[::1"), ("CLICKHOUSE_URL", "http:///flowtrack"),
+])
+def test_a_setting_out_of_its_range_is_a_configuration_error(variable: str, value: str) -> None:
+    from worker.errors import ConfigError
+    from worker.settings import Settings
+
+    env = {f"FLOWTRACK_{variable}": value}
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env(env)
+    assert variable in str(raised.value) or "FLOWTRACK" in str(raised.value) or "bool" in str(raised.value)
+
+
+@pytest.mark.parametrize("args", [
+    ["produce", "--count", "5", "--rate", "nan"], ["produce", "--users", "0"], ["demo", "--duration-s", "nan"],
+    ["demo", "--rate", "inf"], ["bench", "--rate", "nan"], ["history", "--since", "nan"],
+    ["history", "--since", "99999999999999999999d"], ["tail", "--since", "1e30", "--no-follow"],
+    ["history", "--limit", "4294967296"], ["rejected", "--limit", "-1"], ["tail", "--count", "0"],
+    ["status", "--max-lag", "-1"], ["run", "--drain", "--metrics-port", "70000"], ["run", "--drain", "--group", ""],
+])
+def test_an_option_out_of_its_range_is_refused_in_one_line(args: list[str], redis_server: RedisServer,
+                                                           tmp_path: Path) -> None:
+    """Values that gave tracebacks, wrapped silently (a --limit of 2**32 listed nothing) or never ended."""
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    result = CliRunner().invoke(app, args, env=cli_env(redis_server.url, fresh_store(tmp_path)))
+    assert result.exit_code == 2, (args, result.output[-1500:])
+    assert "Traceback" not in result.output
+
+
+def test_a_redis_database_or_store_directory_that_cannot_be_is_a_configuration_error(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    runner = CliRunner()
+    no_db = runner.invoke(app, ["status", "--no-store"], env=cli_env(f"{redis_server.url.rsplit('/', 1)[0]}/99999",
+                                                                      fresh_store(tmp_path)))
+    assert no_db.exit_code == 2 and "DB index is out of range" in no_db.output, no_db.output[-1500:]
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    for path in (blocked, blocked / "below"):
+        result = runner.invoke(app, ["history", "--since", "1d"], env=cli_env(redis_server.url, f"chdb://{path}"))
+        assert result.exit_code == 2 and "cannot be a directory" in result.output, result.output[-1500:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
@@ -13,6 +14,15 @@ from rich.console import Console
 
 from worker.errors import ConfigError, FlowtrackError, StoreLockedError
 from worker.settings import Settings, redact_url
+
+MAX_LIMIT = 1_000_000  # rows a listing may ask for (the store's LIMIT takes a UInt32; more would not fit a terminal)
+
+
+def _above_zero(value: float | None) -> float | None:
+    """A rate or a duration: a finite number above 0 (NaN passes click's ranges, and inf never ends)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not a finite number above 0")
+    return value
 
 app = typer.Typer(
     name="flowtrack",
@@ -156,9 +166,10 @@ def migrate(clickhouse_url: ClickhouseUrl = None, log_level: LogLevel = "info") 
 @app.command()
 @guarded_command
 def produce(
-    count: Annotated[int | None, typer.Option(help="events to write (default: until Ctrl-C)")] = None,
-    rate: Annotated[float | None, typer.Option(help="events per second (default: as fast as possible)")] = None,
-    users: Annotated[int, typer.Option(help="distinct users")] = 20,
+    count: Annotated[int | None, typer.Option(help="events to write (default: until Ctrl-C)", min=1)] = None,
+    rate: Annotated[float | None, typer.Option(help="events per second (default: as fast as possible)",
+                                               callback=_above_zero)] = None,
+    users: Annotated[int, typer.Option(help="distinct users", min=1)] = 20,
     shape: Annotated[str, typer.Option(help="entry shape: flat, json (a `data` field) or mixed")] = "flat",
     single_stream: Annotated[bool, typer.Option(
         "--single-stream", help="write everything to `flow_events` (user_id in the entry) "
@@ -225,9 +236,9 @@ def produce(
 @guarded_command
 def demo(
     duration_s: Annotated[float | None, typer.Option(
-        "--duration-s", help="stop after this many seconds (default: until Ctrl-C)")] = None,
-    rate: Annotated[float, typer.Option(help="synthetic events per second")] = 300.0,
-    users: Annotated[int, typer.Option(help="distinct synthetic users (one stream each)")] = 8,
+        "--duration-s", help="stop after this many seconds (default: until Ctrl-C)", callback=_above_zero)] = None,
+    rate: Annotated[float, typer.Option(help="synthetic events per second", callback=_above_zero)] = 300.0,
+    users: Annotated[int, typer.Option(help="distinct synthetic users (one stream each)", min=1)] = 8,
     redis_url: Annotated[str | None, typer.Option(
         "--redis-url", help="use this Redis instead of a private one (keeps the streams for `flowtrack tail` "
         "and `flowtrack status`)")] = None,
@@ -344,7 +355,7 @@ def tail(
     since: Annotated[str | None, typer.Option(
         "--since", help="first show entries from this time: 10m, 2h, 1d, ISO-8601 or epoch (default: only new "
         "ones)")] = None,
-    count: Annotated[int | None, typer.Option("--count", "-n", help="exit after this many events")] = None,
+    count: Annotated[int | None, typer.Option("--count", "-n", help="exit after this many events", min=1)] = None,
     follow: Annotated[bool | None, typer.Option(
         "--follow/--no-follow", help="keep waiting for new events (default: follow, unless --since is given)")] = None,
     output: Annotated[str, typer.Option("--format", "-f", help="text, or json (one object per line)")] = "text",
@@ -417,7 +428,7 @@ def history(
     sort: Annotated[str, typer.Option(
         help="started, ended, duration, events, errors, status, user or session")] = "started",
     ascending: Annotated[bool, typer.Option("--asc", help="ascending order (default: descending)")] = False,
-    limit: Annotated[int, typer.Option(help="at most this many sessions")] = 100,
+    limit: Annotated[int, typer.Option(help="at most this many sessions", min=1, max=MAX_LIMIT)] = 100,
     output: OutputFormat = "table",
     clickhouse_url: ClickhouseUrl = None,
 ) -> None:
@@ -480,7 +491,8 @@ def show(
 @app.command()
 @guarded_command
 def status(
-    max_lag: Annotated[int, typer.Option(help="unhealthy when a stream has more unread entries than this")] = 10000,
+    max_lag: Annotated[int, typer.Option(help="unhealthy when a stream has more unread entries than this",
+                                         min=0)] = 10000,
     claim_idle_ms: Annotated[int | None, typer.Option(
         help="unhealthy when pending entries are idle longer than this [env FLOWTRACK_CLAIM_IDLE_MS]")] = None,
     no_store: Annotated[bool, typer.Option(
@@ -535,7 +547,7 @@ def rejected(
     again: Annotated[bool, typer.Option(
         "--again", help="replay entries already replayed once more (e.g. their replay was deleted before the "
         "worker read it); still visible once")] = False,
-    limit: Annotated[int, typer.Option(help="at most this many entries")] = 50,
+    limit: Annotated[int, typer.Option(help="at most this many entries", min=1, max=MAX_LIMIT)] = 50,
     output: OutputFormat = "table",
     redis_url: RedisUrl = None, clickhouse_url: ClickhouseUrl = None,
 ) -> None:
@@ -638,10 +650,11 @@ app.add_typer(bench_app, name="bench")
 @guarded_command
 def bench(
     ctx: typer.Context,
-    events: Annotated[int, typer.Option("--events", "-n", help="events in the backlog")] = 400_000,
-    streams: Annotated[int, typer.Option(help="per-user streams the events are spread over")] = 100,
-    workers: Annotated[int, typer.Option(help="`run --drain` worker processes in one consumer group")] = 1,
-    rate: Annotated[float, typer.Option(help="events/s of the steady-rate latency phase")] = 5000.0,
+    events: Annotated[int, typer.Option("--events", "-n", help="events in the backlog", min=1)] = 400_000,
+    streams: Annotated[int, typer.Option(help="per-user streams the events are spread over", min=1)] = 100,
+    workers: Annotated[int, typer.Option(help="`run --drain` worker processes in one consumer group", min=1)] = 1,
+    rate: Annotated[float, typer.Option(help="events/s of the steady-rate latency phase",
+                                        callback=_above_zero)] = 5000.0,
     latency_s: Annotated[float, typer.Option("--latency-s", help="length of the latency phase (0 = skip)")] = 20.0,
     naive_events: Annotated[int, typer.Option(help="events the naive per-event consumer handles at most")] = 3000,
     naive_max_s: Annotated[float, typer.Option(
@@ -707,7 +720,8 @@ def bench(
 @bench_app.command("queries")
 @guarded_command
 def bench_queries(
-    events: Annotated[int, typer.Option("--events", "-n", help="events in the store")] = 10_000_000,
+    events: Annotated[int, typer.Option("--events", "-n", help="events in the store", min=1,
+                                        max=10_000_000_000)] = 10_000_000,
     store_path: Annotated[str | None, typer.Option(
         "--store", help="where the bench store is kept and reused (default: ./.flowtrack-bench/<events>)")] = None,
     repeat: Annotated[int, typer.Option(help="runs of each query (best and median reported)")] = 3,

@@ -50,6 +50,13 @@ _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 def parse_when(text: str, now: datetime | None = None) -> datetime:
     """'now', a duration ago ('90s', '15m', '2h', '7d', '1w'), epoch seconds/ms, or ISO-8601 (naive = UTC)."""
+    try:
+        return _parse_when(text, now)
+    except (OverflowError, ValueError):  # nan, inf, 1e30, a duration beyond the calendar: not a time
+        raise ConfigError(f"cannot read {text!r} as a time between 1970 and 9999") from None
+
+
+def _parse_when(text: str, now: datetime | None = None) -> datetime:
     now = now or datetime.now(UTC)
     value = text.strip()
     if value.lower() == "now":

@@ -32,7 +32,8 @@ from redis.connection import PythonRespSerializer
 from redis.exceptions import NoPermissionError
 from redis.retry import Retry as SyncRetry
 
-from worker.settings import Settings
+from worker.errors import ConfigError
+from worker.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,12 @@ def plain_client(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis.from_url(settings.redis_url, **client_options(settings))
 
 
+def _raise_if_misconfigured(exc: BaseException, settings: Settings) -> None:
+    """A refusal no retry can change (a database index the server does not have) is a configuration error."""
+    if isinstance(exc, redis.ResponseError) and "DB index" in str(exc):
+        raise ConfigError(f"FLOWTRACK_REDIS_URL {redact_url(settings.redis_url)}: {exc}") from None
+
+
 def _says_cluster(info: Any) -> bool:
     return str(info.get("cluster_enabled", 0)) == "1"
 
@@ -94,8 +101,9 @@ async def connect(settings: Settings) -> AsyncClient:
         info = await plain.info("cluster")
     except NoPermissionError:
         return plain  # an ACL without INFO: see the module docstring
-    except BaseException:
+    except BaseException as exc:
         await plain.aclose()
+        _raise_if_misconfigured(exc, settings)
         raise
     if not _says_cluster(info):
         return plain
@@ -121,8 +129,9 @@ def connect_sync(settings: Settings) -> SyncClient:
         info = plain.info("cluster")
     except NoPermissionError:
         return plain
-    except BaseException:
+    except BaseException as exc:
         plain.close()
+        _raise_if_misconfigured(exc, settings)
         raise
     if not _says_cluster(info):
         return plain

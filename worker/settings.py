@@ -7,6 +7,7 @@ Every setting is a ``FLOWTRACK_*`` variable and can be overridden by a CLI optio
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -14,10 +15,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from redis.connection import parse_url
+
 from worker.clusterddl import valid_cluster_name
 from worker.errors import ConfigError
 
 DEFAULT_STREAMS = ("flow_events", "flow_events:*")
+MAX_SECONDS = 365 * 86400  # any duration setting; beyond it the socket and timer APIs overflow
+_START_ID = re.compile(r"^(\$|\d{1,20}(-\d{1,20})?)$")
+_DB_PATH = re.compile(r"^/?(\d+)?/?$")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 DEFAULT_STORE_DIR = ".flowtrack"
 
 
@@ -107,6 +114,7 @@ class Settings:
         return settings
 
     def validate(self) -> None:
+        self._validate_numbers()
         if not self.streams:
             raise ConfigError("FLOWTRACK_STREAMS is empty: name at least one stream or pattern")
         if self.batch_max_rows < 1 or self.read_count < 1:
@@ -124,15 +132,50 @@ class Settings:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"FLOWTRACK_REDIS_URL must be redis://, rediss:// or unix://, got {self.redis_url!r}")
         try:
-            urlsplit(self.redis_url).port  # noqa: B018 -- raises ValueError on a bad port or bad brackets
+            parts = urlsplit(self.redis_url)
+            parts.port  # noqa: B018 -- raises ValueError on a bad port or bad brackets
+            parse_url(self.redis_url)  # type: ignore[no-untyped-call]  # ValueError on a bad ?db= or ?socket_timeout=
         except ValueError as exc:
-            raise ConfigError(f"FLOWTRACK_REDIS_URL {self.redis_url!r} is not a valid URL: {exc}") from None
+            raise ConfigError(f"FLOWTRACK_REDIS_URL {redact_url_safely(self.redis_url)} is not a valid URL: {exc}"
+                              ) from None
+        if parts.scheme != "unix" and not _DB_PATH.match(parts.path):  # redis-py reads /abc as database 0
+            raise ConfigError(f"FLOWTRACK_REDIS_URL {redact_url_safely(self.redis_url)}: the path must be a database "
+                              f"number (/0, /1, …), not {parts.path!r}")
         url = self.clickhouse_url
         if url is not None and not url.startswith(("chdb://", "http://", "https://")):
             raise ConfigError(
                 f"FLOWTRACK_CLICKHOUSE_URL must be chdb:///path, http(s)://user:pass@host:8123/db; got {url!r}"
             )
+        if url is not None and url.startswith(("http://", "https://")):
+            try:
+                host, _ = urlsplit(url).hostname, urlsplit(url).port
+            except ValueError as exc:
+                raise ConfigError(f"FLOWTRACK_CLICKHOUSE_URL {redact_url_safely(url)} is not a valid URL: {exc}"
+                                  ) from None
+            if not host:
+                raise ConfigError(f"FLOWTRACK_CLICKHOUSE_URL {redact_url_safely(url)} names no host")
         self._validate_cluster()
+
+    def _validate_numbers(self) -> None:
+        """Durations finite and positive (a zero interval spun a core, NaN silently disabled reclaiming and made
+        /healthz fail for ever, a huge one overflowed the socket API), counts and ports in range."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_s") and not (isinstance(value, float | int) and 0 < value <= MAX_SECONDS):
+                raise ConfigError(f"FLOWTRACK_{f.name.upper()}={value!r} must be a number of seconds above 0 and at "
+                                  f"most {MAX_SECONDS:,} (a year)")
+        if self.retry_max_s < self.retry_initial_s:
+            raise ConfigError("FLOWTRACK_RETRY_MAX_S must be at least FLOWTRACK_RETRY_INITIAL_S")
+        if self.claim_idle_ms < 1 or self.block_ms < 1:
+            raise ConfigError("FLOWTRACK_CLAIM_IDLE_MS and FLOWTRACK_BLOCK_MS must be at least 1 (a claim at 0 ms "
+                              "takes entries a live worker has just read; BLOCK 0 waits for ever)")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"FLOWTRACK_METRICS_PORT={self.metrics_port} is not a port (0 = off, 1..65535)")
+        if not self.group or not self.consumer:
+            raise ConfigError("FLOWTRACK_GROUP and FLOWTRACK_CONSUMER must not be empty")
+        if not _START_ID.match(self.group_start_id):
+            raise ConfigError(f"FLOWTRACK_GROUP_START_ID={self.group_start_id!r} must be 0 (the oldest entry), $ (only "
+                              "new ones) or an entry id (<ms> or <ms>-<seq>)")
 
     def _validate_cluster(self) -> None:
         name = self.clickhouse_cluster
@@ -163,7 +206,10 @@ def _parse(name: str, annotation: Any, raw: str) -> Any:
         if "tuple" in kind:
             return _split_csv(raw)
         if kind == "bool":
-            return raw.strip().lower() in ("1", "true", "yes", "on")
+            word = raw.strip().lower()
+            if word not in _TRUE + _FALSE:  # "ture" must not quietly mean false
+                raise ValueError(f"not one of {', '.join(_TRUE + _FALSE)}")
+            return word in _TRUE
         if kind in ("int", "int | None"):
             return int(raw)
         if kind == "float":
@@ -171,6 +217,14 @@ def _parse(name: str, annotation: Any, raw: str) -> Any:
     except ValueError as exc:
         raise ConfigError(f"FLOWTRACK_{name.upper()}={raw!r} is not a valid {kind}") from exc
     return raw
+
+
+def redact_url_safely(url: str) -> str:
+    """redact_url for a URL that may not parse: then nothing of it is shown but its scheme."""
+    try:
+        return redact_url(url)
+    except ValueError:
+        return url.partition("://")[0] + "://… (unreadable)"
 
 
 def redact_url(url: str) -> str:

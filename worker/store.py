@@ -536,7 +536,10 @@ def _open_embedded(path: Path) -> Store:
             raise StoreLockedError(f"this process already uses the embedded store {other}; "
                                    f"chDB allows one store path per process (asked for {path})")
         _require_chdb(path)
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in the way, /proc, no permission: the URL names no usable directory
+            raise ConfigError(f"the embedded store {path} cannot be a directory: {exc.strerror or exc}") from None
         holder = embedded_store_holder(path)
         if holder is not None:
             raise StoreLockedError(_LOCK_HINT.format(path=path, pid=holder))
