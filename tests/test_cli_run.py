@@ -427,6 +427,13 @@ def spawn_worker(args: list[str], env: Mapping[str, str]) -> subprocess.Popen[st
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def kill_if_running(worker: subprocess.Popen[str]) -> None:
+    """A test's last resort (in its finally): a worker it failed to stop does not outlive it."""
+    if worker.poll() is None:
+        worker.kill()
+        worker.wait()
+
+
 def test_sigterm_mid_run_exits_0_promptly_and_loses_nothing(redis_server: RedisServer, redis_client: redis.Redis,
                                                             tmp_path: Path) -> None:
     store_url = fresh_store(tmp_path)
@@ -443,9 +450,7 @@ def test_sigterm_mid_run_exits_0_promptly_and_loses_nothing(redis_server: RedisS
         _, stderr = worker.communicate(timeout=15)
         took = time.monotonic() - sent_at
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
+        kill_if_running(worker)
         producer.stop.set()
         producer.join(10)
     assert producer.error is None
@@ -484,9 +489,7 @@ def test_sigterm_while_redis_is_unreachable_at_start_exits_0(tmp_path: Path) -> 
         worker.send_signal(signal.SIGTERM)
         _, stderr = worker.communicate(timeout=15)
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
+        kill_if_running(worker)
     assert worker.returncode == 0, stderr[-2000:]
 
 
@@ -562,9 +565,7 @@ def test_a_drain_says_what_it_waits_for_and_why_it_did_not_finish(redis_server: 
         worker.send_signal(signal.SIGTERM)
         _, rest = worker.communicate(timeout=30)
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
+        kill_if_running(worker)
     stderr = "".join(lines) + rest
     assert "5 entries are pending on other consumers: waiting until they are idle for 60 s" in stderr, stderr
     assert worker.returncode == 1 and "error: the drain did not finish" in stderr and "Traceback" not in stderr

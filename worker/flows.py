@@ -294,15 +294,21 @@ def connect_sync(settings: Settings) -> redis.Redis:
 REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, RedisClusterException, ClusterError)
 
 
-def resolve_streams(client: SyncClient, specs: Iterable[str]) -> list[str]:
+def resolve_streams(client: SyncClient, specs: Iterable[str],
+                    not_streams: list[tuple[str, str]] | None = None) -> list[str]:
     """Existing stream keys named or matched by the specs; never creates anything (unlike the worker's Source).
-    On a cluster SCAN runs on every primary (redis-py's cluster ``scan_iter``), names are looked up where they live."""
+    On a cluster SCAN runs on every primary (redis-py's cluster ``scan_iter``), names are looked up where they live.
+    ``not_streams`` collects (name, type) of the names given that hold another type (the worker leaves them out)."""
     found: list[str] = []
     for spec in specs:
         if is_pattern(spec):
             found.extend(sorted(_text(k) for k in client.scan_iter(match=spec, count=1000, _type="stream")))
-        elif _text(client.type(spec)) == "stream":
+            continue
+        kind = _text(client.type(spec))
+        if kind == "stream":
             found.append(spec)
+        elif kind != "none" and not_streams is not None:
+            not_streams.append((spec, kind))
     return list(dict.fromkeys(found))
 
 
@@ -412,12 +418,12 @@ def redis_status(report: StatusReport, settings: Settings) -> None:
         client = connect_any(settings)
         if isinstance(client, redis.RedisCluster):
             report.cluster_primaries = len(client.get_primaries())  # type: ignore[no-untyped-call]
-        for spec in settings.streams:  # a configured name the worker leaves out: say so, as the worker does
-            kind = "" if is_pattern(spec) else _text(client.type(spec))
-            if kind not in ("", "stream", "none"):
-                report.warnings.append(f"{printable(spec)} holds a {kind}, not a stream: the worker does not consume "
-                                       "it (it does once the name holds a stream)")
-        for key in resolve_streams(client, settings.streams):
+        not_streams: list[tuple[str, str]] = []
+        keys = resolve_streams(client, settings.streams, not_streams)
+        for spec, kind in not_streams:  # a configured name the worker leaves out: say so, as the worker does
+            report.warnings.append(f"{printable(spec)} holds a {kind}, not a stream: the worker does not consume it "
+                                   "(it does once the name holds a stream)")
+        for key in keys:
             try:
                 report.streams.append(_stream_status(client, key, settings.group, report.claim_idle_ms,
                                                      report.max_lag))
@@ -481,8 +487,6 @@ def store_status(report: StatusReport, store: Store) -> None:
         by_reason[reason_class(str(head))] += int(count)
     report.rejected_by_reason = dict(by_reason.most_common())
     report.rejected_total = int(store.scalar("SELECT count() FROM flowtrack.rejected_events") or 0)
-
-
 
 
 def last_ingested_at(store: Store) -> Any:

@@ -147,9 +147,13 @@ def raw_pairs_json(pairs: Sequence[Any]) -> str:
 
 
 def _repeated_name_reason(parts: Sequence[str]) -> str:
+    """Names the first name met a second time."""
     names = parts[::2]
     seen: set[str] = set()
-    repeated = next(name for name in names if name in seen or seen.add(name))  # type: ignore[func-returns-value]
+    for repeated in names:
+        if repeated in seen:
+            break
+        seen.add(repeated)
     return (f"field {repeated[:64]!r} appears {names.count(repeated)} times in the entry: Redis keeps every copy, "
             "and which value is meant is not known")
 
@@ -545,11 +549,15 @@ def _timestamp_ms(value: Any, entry_id: str) -> int:
     return ms
 
 
+def _is_plain_timestamp_text(text: str) -> bool:
+    """Printable ASCII without '_': float() would also read digits of other scripts (fullwidth "123") and '_' between
+    digits ("1_700_000_000"), and fromisoformat stops at a NUL (reading "…Z\\x00junk" as "…Z"), so a text only a
+    Python parser's leniency makes a time is rejected instead of stored as one."""
+    return text.isascii() and text.isprintable() and "_" not in text
+
+
 def _plain_timestamp_text(text: str) -> str:
-    """The text, if it is printable ASCII without '_': float() would also read digits of other scripts (fullwidth
-    "123") and '_' between digits ("1_700_000_000"), and fromisoformat stops at a NUL (reading "…Z\\x00junk" as
-    "…Z"), so a text only a Python parser's leniency makes a time is rejected instead of stored as one."""
-    if text.isascii() and text.isprintable() and "_" not in text:
+    if _is_plain_timestamp_text(text):
         return text
     raise _Reject(f"timestamp {text[:64]!r} is neither ISO-8601 nor epoch seconds/milliseconds")
 
@@ -564,7 +572,7 @@ def _common_timestamp_ms(stamp: Any) -> int | None:
     this one give up)."""
     kind = type(stamp)
     if kind is str:
-        if not (stamp.isascii() and stamp.isprintable() and "_" not in stamp):
+        if not _is_plain_timestamp_text(stamp):
             return None  # the checked parse decides (it rejects it unless only surrounding whitespace made it so)
         if stamp[4:5] == "-" and stamp[:4].isdigit():  # the checked parse skips float() for these, so does this
             try:

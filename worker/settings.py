@@ -136,10 +136,10 @@ class Settings:
             parts.port  # noqa: B018 -- raises ValueError on a bad port or bad brackets
             parse_url(self.redis_url)  # type: ignore[no-untyped-call]  # ValueError on a bad ?db= or ?socket_timeout=
         except ValueError as exc:
-            raise ConfigError(f"FLOWTRACK_REDIS_URL {redact_url_safely(self.redis_url)} is not a valid URL: {exc}"
+            raise ConfigError(f"FLOWTRACK_REDIS_URL {redact_url(self.redis_url)} is not a valid URL: {exc}"
                               ) from None
         if parts.scheme != "unix" and not _DB_PATH.match(parts.path):  # redis-py reads /abc as database 0
-            raise ConfigError(f"FLOWTRACK_REDIS_URL {redact_url_safely(self.redis_url)}: the path must be a database "
+            raise ConfigError(f"FLOWTRACK_REDIS_URL {redact_url(self.redis_url)}: the path must be a database "
                               f"number (/0, /1, …), not {parts.path!r}")
         url = self.clickhouse_url
         if url is not None and not url.startswith(("chdb://", "http://", "https://")):
@@ -148,12 +148,13 @@ class Settings:
             )
         if url is not None and url.startswith(("http://", "https://")):
             try:
-                host, _ = urlsplit(url).hostname, urlsplit(url).port
+                clickhouse = urlsplit(url)
+                host, _ = clickhouse.hostname, clickhouse.port
             except ValueError as exc:
-                raise ConfigError(f"FLOWTRACK_CLICKHOUSE_URL {redact_url_safely(url)} is not a valid URL: {exc}"
+                raise ConfigError(f"FLOWTRACK_CLICKHOUSE_URL {redact_url(url)} is not a valid URL: {exc}"
                                   ) from None
             if not host:
-                raise ConfigError(f"FLOWTRACK_CLICKHOUSE_URL {redact_url_safely(url)} names no host")
+                raise ConfigError(f"FLOWTRACK_CLICKHOUSE_URL {redact_url(url)} names no host")
         self._validate_cluster()
 
     def _validate_numbers(self) -> None:
@@ -219,17 +220,13 @@ def _parse(name: str, annotation: Any, raw: str) -> Any:
     return raw
 
 
-def redact_url_safely(url: str) -> str:
-    """redact_url for a URL that may not parse: then nothing of it is shown but its scheme."""
+def redact_url(url: str) -> str:
+    """``url`` fit to print or log: a password in it becomes ``***`` (the user name stays, to tell accounts apart).
+    A URL that does not parse shows nothing but its scheme (it is often in the message that says so)."""
     try:
-        return redact_url(url)
+        parts = urlsplit(url)
     except ValueError:
         return url.partition("://")[0] + "://… (unreadable)"
-
-
-def redact_url(url: str) -> str:
-    """``url`` fit to print or log: a password in it becomes ``***`` (the user name stays, to tell accounts apart)."""
-    parts = urlsplit(url)
     userinfo, at, host = parts.netloc.rpartition("@")
     if not at or ":" not in userinfo:
         return url

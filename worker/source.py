@@ -203,7 +203,7 @@ class Source:
     def _use(self, redis: AsyncClient) -> None:
         # XREADGROUP replies are used as Redis sends them ([[stream, [[id, [name, value, …]], …]], …]): redis-py's
         # default parsing builds a tuple and a bytes dict per entry that the normalizer would only throw away.
-        redis.set_response_callback("XREADGROUP", _raw_reply)
+        redis.set_response_callback("XREADGROUP", raw_reply)
         self._redis = redis
         # On a cluster, reads and acks go per hash slot to the owning primaries (``worker.clusterstreams``); the
         # other commands through redis-py's cluster client and pipelines, which route per key.
@@ -700,7 +700,7 @@ class Source:
         return total
 
 
-def _raw_reply(response: Any, **options: Any) -> Any:
+def raw_reply(response: Any, **options: Any) -> Any:
     return response
 
 

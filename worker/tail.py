@@ -29,7 +29,7 @@ from worker.flows import _text, epoch_ms, resolve_streams
 from worker.normalize import FlowEvent, Normalizer, Rejection, is_text, pairs_to_dict
 from worker.redisclient import SyncClient
 from worker.settings import Settings
-from worker.source import not_a_stream
+from worker.source import not_a_stream, raw_reply
 
 MAX_SEQ = 18446744073709551615
 PAGE = 1000
@@ -67,10 +67,6 @@ def start_id(since: datetime | None, server_ms: int) -> str:
     return f"{ms - 1}-{MAX_SEQ}" if ms > 0 else "0-0"
 
 
-def _as_sent(response: Any, **options: Any) -> Any:
-    return response
-
-
 class Tail:
     def __init__(self, client: SyncClient, settings: Settings, flt: TailFilter, block_ms: int = 500,
                  rescan_s: float = 2.0) -> None:
@@ -79,7 +75,7 @@ class Tail:
         # and the entry must be judged as the worker judges it (rejected, every pair kept). This client is the
         # command's own. (Reads a cluster pipelines through its nodes' clients still come as dicts: _item takes both.)
         for command in ("XRANGE", "XREAD"):
-            client.set_response_callback(command, _as_sent)
+            client.set_response_callback(command, raw_reply)
         self.specs = settings.streams
         self.filter = flt
         self.normalizer = Normalizer(settings.end_event_types, settings.error_event_types)
