@@ -149,6 +149,7 @@ def test_the_joined_decode_gives_what_the_per_field_decode_gives(pairs: list[byt
     [b"session_id", b"s", b"node_id", b"n", b"event_type", b"t", b"note", b"x", b"note", b"y"],  # an attribute
     [b"session_id", b"s", b"node_id", b"n", b"event_type", b"t", b"note", b"x", b"note", b"x"],  # equal copies
     [b"data", b'{"session_id": "s", "node_id": "n", "event_type": "t"}', b"data", b"{}"],  # the envelope
+    [b"session_id", b"s", b"node_id", b"\xff", b"node_id", b"n", b"event_type", b"t"],  # a copy not UTF-8
 ])
 @pytest.mark.parametrize("hot_path", HOT_PATHS)
 def test_an_entry_repeating_a_field_name_is_rejected_with_every_value_kept(pairs: list[bytes], hot_path: str) -> None:
@@ -159,5 +160,18 @@ def test_an_entry_repeating_a_field_name_is_rejected_with_every_value_kept(pairs
     got = CountingFast(hot_path).normalize_pairs("flow_events:7", "1700000000000-0", list(pairs))
     assert isinstance(got, Rejection)
     assert "appears 2 times in the entry" in got.reason
-    assert parse_raw(got.raw) == ["repeated", [part.decode() for part in pairs]]
+    assert parse_raw(got.raw) == ["repeated", [part.decode("utf-8", "surrogateescape") for part in pairs]]
     assert got == CheckedOnly().normalize_pairs("flow_events:7", "1700000000000-0", list(pairs))
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_an_oversized_entry_repeating_a_name_is_rejected_with_its_raw_cut(hot_path: str) -> None:
+    """Over the size limit the entry took a path of its own, which made a dict of it first: the 1 MiB value was dropped
+    silently and the entry stored. Rejected as repeating a name, its raw cut as an oversized entry's is."""
+    from worker.normalize import MAX_ENTRY_BYTES, MAX_RAW_VALUE_CHARS, parse_raw
+
+    pairs = [b"session_id", b"s", b"node_id", b"n", b"event_type", b"t", b"big", b"x" * MAX_ENTRY_BYTES, b"big", b"y"]
+    got = CountingFast(hot_path).normalize_pairs("flow_events:7", "1700000000000-0", list(pairs))
+    assert isinstance(got, Rejection) and "field 'big' appears 2 times" in got.reason
+    tag, parts = parse_raw(got.raw)
+    assert tag == "repeated" and parts[7] == "x" * MAX_RAW_VALUE_CHARS and parts[9] == "y"

@@ -142,8 +142,20 @@ REPEATED_RAW_TAG = "repeated"
 
 def raw_pairs_json(pairs: Sequence[Any]) -> str:
     """An entry that repeats a field name, for the rejected relation: ``["repeated", [name, value, name, value, …]]``
-    (a JSON object could keep one value per name), reversible like ``raw_json``."""
-    return _dumps_reversible([REPEATED_RAW_TAG, [raw_text(part) for part in pairs]])
+    (a JSON object could keep one value per name), reversible like ``raw_json``; over MAX_ENTRY_BYTES, cut as
+    ``raw_json`` cuts (MAX_RAW_FIELDS pairs of MAX_RAW_VALUE_CHARS each)."""
+    texts = [raw_text(part) for part in pairs]
+    if sum(map(len, texts)) > MAX_ENTRY_BYTES:
+        texts = [text[:MAX_RAW_VALUE_CHARS] for text in texts[:2 * MAX_RAW_FIELDS]]
+    return _dumps_reversible([REPEATED_RAW_TAG, texts])
+
+
+def _repeats_a_name(pairs: Sequence[Any]) -> bool:
+    names = pairs[::2]
+    try:
+        return len(set(names)) != len(names)
+    except TypeError:  # not names Redis sent: the checked path says what is wrong
+        return False
 
 
 def _repeated_name_reason(parts: Sequence[str]) -> str:
@@ -273,6 +285,9 @@ class Normalizer:
         """normalize_pairs without the C hot path: what it does where the C hot path returns None."""
         if not pairs:
             return self.normalize(stream, entry_id, None)
+        if _repeats_a_name(pairs):  # before anything makes a dict of the pairs (invalid UTF-8, oversized entries too)
+            return Rejection(stream, entry_id, _repeated_name_reason([raw_text(p) for p in pairs]),
+                             raw_pairs_json(pairs))
         if joined is None:
             joined = join_entry(pairs)
         try:
@@ -289,8 +304,6 @@ class Normalizer:
             oversized = True
         if oversized:
             return self.normalize(stream, entry_id, pairs_to_dict(pairs))
-        if 2 * len(flat) != len(pairs):
-            return Rejection(stream, entry_id, _repeated_name_reason(parts), raw_pairs_json(pairs))
         try:
             return self._build(stream, entry_id, _unwrap(flat), joined)
         except _Reject as exc:
