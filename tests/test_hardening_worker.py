@@ -476,6 +476,23 @@ def test_replay_takes_odd_records_odd_ids_and_odd_stream_names(
     assert "flowtrack:replayed holds a string" in broken.stderr
 
 
+def test_a_json_document_repeating_a_key_is_rejected_not_half_stored(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+    """The same class one level down: data={"session_id": "A", ..., "session_id": "B"} was stored as session B, A
+    dropped without a word (orjson keeps the last copy), and so was a nested object's repeated key."""
+    documents = ['{"session_id": "A", "node_id": "n", "event_type": "t", "session_id": "B"}',
+                 '{"session_id": "s", "node_id": "n", "event_type": "t", "tool": {"args": 1, "args": 2}}']
+    ids = [redis_client.xadd("flow_events:1", {"data": document}).decode() for document in documents]
+    fine = redis_client.xadd("flow_events:1", _event("s-fine", "n1")).decode()  # type: ignore[arg-type]
+    drain(make_settings(redis_server.url, clickhouse_url))
+    rejected = _rejected(store)
+    assert set(rejected) == {("flow_events:1", entry_id) for entry_id in ids}
+    for entry_id, document, key in zip(ids, documents, ("session_id", "args"), strict=True):
+        assert rejected[("flow_events:1", entry_id)]["reason"].startswith(f"key {key!r} appears 2 times")
+        assert parse_raw(rejected[("flow_events:1", entry_id)]["raw"]) == {"data": document}
+    assert set(_visible(store)) == {derived_id("flow_events:1", fine, _event("s-fine", "n1"))}
+
+
 def test_an_entry_repeating_a_field_name_is_rejected_not_half_stored(
         redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
     """XADD k * session_id A session_id B …: Redis keeps both; the worker stored session B and dropped A silently.

@@ -138,6 +138,11 @@ def _as_entry(record: dict[str, Any], rng: random.Random) -> list[bytes]:
     else:
         envelope = rng.choice(("data", "payload"))
         pairs = [envelope.encode(), nz.orjson.dumps(record)]
+        if rng.random() < 0.1 and record:  # a key the document repeats, at the top or one level down
+            key = rng.choice(sorted(record))
+            copy = nz.orjson.dumps({key: record[key]})[1:-1]
+            repeat = copy if rng.random() < 0.5 else b'"n":{' + copy + b"," + copy + b"}"
+            pairs[1] = pairs[1][:-1] + b"," + repeat + b"}"
         if rng.random() < 0.3:
             pairs += [b"user_id", rng.choice((b"7", b"", b" "))]
     roll = rng.random()

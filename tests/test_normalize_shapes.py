@@ -164,6 +164,54 @@ def test_an_entry_repeating_a_field_name_is_rejected_with_every_value_kept(pairs
     assert got == CheckedOnly().normalize_pairs("flow_events:7", "1700000000000-0", list(pairs))
 
 
+_CONTRACT = '"session_id": "s", "node_id": "n", "event_type": "t"'
+
+
+@pytest.mark.parametrize(("document", "key"), [
+    ('{"session_id": "A", "session_id": "B", "node_id": "n", "event_type": "t"}', "session_id"),  # a contract field
+    ('{' + _CONTRACT + ', "note": "x", "note": "y"}', "note"),  # an attribute
+    ('{' + _CONTRACT + ', "note": "x", "note": "x"}', "note"),  # equal copies
+    ('{' + _CONTRACT + ', "meta": {"a": 1, "b": {"c": 1, "c": 2}}}', "c"),  # in a nested object
+    ('{' + _CONTRACT + ', "steps": [{"a": 1}, {"a": 2, "a": 3}]}', "a"),  # in an object inside an array
+    ('{' + _CONTRACT + ', "k\\u0061": 1, "ka": 2}', "ka"),  # the same key spelled with an escape
+    ('{' + _CONTRACT + ', "q\\"": 1 , "q\\""\n\t :2}', 'q"'),  # a key with an escaped quote, blanks before ':'
+    ('{' + _CONTRACT + ', "→": "é", "→": 2}', "→"),  # text of 2-byte characters
+    ('{' + _CONTRACT + ', "😀": 1, "x": "😀\\"", "😀": 2}', "😀"),  # text of 4-byte characters
+])
+@pytest.mark.parametrize("envelope", [b"data", b"payload"])
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_a_json_document_repeating_a_key_is_rejected_with_the_document_kept(
+        document: str, key: str, envelope: bytes, hot_path: str) -> None:
+    """A JSON parser keeps one value of a key an object repeats and drops the rest without a word (a session id, an
+    attribute, a nested value): the class of a repeated field name, one level down. Rejected on every path, naming the
+    key; the raw keeps the document as sent."""
+    from worker.normalize import parse_raw
+
+    pairs = [envelope, document.encode()]
+    got = CountingFast(hot_path).normalize_pairs("flow_events:7", "1700000000000-0", list(pairs))
+    assert isinstance(got, Rejection), got
+    assert got.reason.startswith(f"key {key!r} appears ")
+    assert f"in one object of field {envelope.decode()!r}" in got.reason
+    assert parse_raw(got.raw) == {envelope.decode(): document}
+    assert got == CheckedOnly().normalize_pairs("flow_events:7", "1700000000000-0", list(pairs))
+
+
+@pytest.mark.parametrize("document", [
+    '{' + _CONTRACT + ', "a": {"k": 1}, "b": {"k": 2}, "k": [{"k": 3}, {"k": 4}]}',  # one key in several objects
+    '{' + _CONTRACT + ', "x": "a\\":b", "y": ":", "z": "\\\\"}',  # quotes, colons, backslashes inside strings
+    '{' + _CONTRACT + ', "at": "2026-11-24T10:31:05.123Z", "note": "{\\"k\\": 1, \\"k\\": 2}"}',  # JSON as text
+    '{' + _CONTRACT + ', "→": "😀\\\\", "😀": {"→": ":"}}',  # wide characters
+])
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_json_documents_without_a_repeated_key_are_stored_alike(document: str, hot_path: str) -> None:
+    pairs = [b"data", document.encode()]
+    fast = CountingFast(hot_path)
+    got = fast.normalize_pairs("flow_events:7", "1700000000000-0", list(pairs))
+    assert type(got) is FlowEvent, got
+    assert got == CheckedOnly().normalize_pairs("flow_events:7", "1700000000000-0", list(pairs))
+    assert fast.fast_hits == 1
+
+
 @pytest.mark.parametrize("hot_path", HOT_PATHS)
 def test_an_oversized_entry_repeating_a_name_is_rejected_with_its_raw_cut(hot_path: str) -> None:
     """Over the size limit the entry took a path of its own, which made a dict of it first: the 1 MiB value was dropped

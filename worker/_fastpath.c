@@ -318,6 +318,46 @@ static int has_long_digit_run(PyObject *text) {
     return 0;
 }
 
+/* How many keys a valid JSON document spells out (normalize._json_key_tokens): a string followed by a colon. */
+#define COUNT_JSON_KEYS(T)                                                                                \
+    do {                                                                                                  \
+        const T *c = (const T *)data;                                                                     \
+        while (i < n) {                                                                                   \
+            if (c[i++] != '"') continue;                                                                  \
+            while (i < n && c[i] != '"') i += c[i] == '\\' ? 2 : 1;                                       \
+            i++;                                                                                          \
+            while (i < n && (c[i] == ' ' || c[i] == '\t' || c[i] == '\n' || c[i] == '\r')) i++;            \
+            if (i < n && c[i] == ':') keys++;                                                             \
+        }                                                                                                 \
+    } while (0)
+
+static Py_ssize_t json_key_tokens(PyObject *text) {
+    if (!PyUnicode_Check(text)) return -1;  /* not a document read here: the Python path decides */
+    const void *data = PyUnicode_DATA(text);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text), keys = 0, i = 0;
+    switch (PyUnicode_KIND(text)) {
+        case PyUnicode_1BYTE_KIND: COUNT_JSON_KEYS(Py_UCS1); break;
+        case PyUnicode_2BYTE_KIND: COUNT_JSON_KEYS(Py_UCS2); break;
+        default: COUNT_JSON_KEYS(Py_UCS4); break;
+    }
+    return keys;
+}
+
+/* How many keys the parsed document kept, in objects at any depth (normalize._object_keys); orjson nests at most
+ * 1,024 deep. */
+static Py_ssize_t object_keys(PyObject *value) {
+    Py_ssize_t count = 0;
+    if (PyDict_Check(value)) {
+        PyObject *key, *item;
+        Py_ssize_t pos = 0;
+        count = PyDict_GET_SIZE(value);
+        while (PyDict_Next(value, &pos, &key, &item)) count += object_keys(item);
+    } else if (PyList_Check(value)) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(value); i++) count += object_keys(PyList_GET_ITEM(value, i));
+    }
+    return count;
+}
+
 static PyObject *unwrap(PyObject *record) {
     if (PyDict_Contains(record, s_session_id) == 1) return record;
     PyObject *envelope = PyDict_Contains(record, s_data) == 1 ? s_data
@@ -325,8 +365,9 @@ static PyObject *unwrap(PyObject *record) {
     if (envelope == NULL) return record;
     PyObject *text = PyDict_GetItemWithError(record, envelope);
     PyObject *decoded = text == NULL || has_long_digit_run(text) ? NULL : PyObject_CallOneArg(loads_fn, text);
-    if (decoded == NULL || !PyDict_Check(decoded) || PyDict_DelItem(record, envelope) < 0
-        || PyDict_Update(record, decoded) < 0) {
+    /* A key repeated in one object: the parser kept one value; the Python path rejects the entry. */
+    if (decoded == NULL || !PyDict_Check(decoded) || json_key_tokens(text) != object_keys(decoded)
+        || PyDict_DelItem(record, envelope) < 0 || PyDict_Update(record, decoded) < 0) {
         PyErr_Clear();
         Py_XDECREF(decoded);
         Py_DECREF(record);

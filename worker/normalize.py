@@ -457,6 +457,8 @@ def _unwrap(flat: dict[str, Any]) -> dict[str, Any]:
         decoded = _exact_json(text, envelope)
     if not isinstance(decoded, dict):
         raise _Reject(f"field {envelope!r} must hold a JSON object, got {type(decoded).__name__}")
+    if _json_key_tokens(text) != _object_keys(decoded):  # a JSON parser keeps one value of a repeated key
+        raise _Reject(_repeated_key_reason(text, envelope))
     # Flat fields beside the envelope act as defaults (e.g. a producer-wide user_id).
     flat.update(decoded)
     return flat
@@ -465,6 +467,56 @@ def _unwrap(flat: dict[str, Any]) -> dict[str, Any]:
 # orjson reads an integer beyond 64 bits as a float (123456789012345678901234567890 -> 1.2345678901234568e+29):
 # a document with a run of 20 digits is read again by the json module, whose integers are exact.
 _LONG_DIGIT_RUN = re.compile(r"[0-9]{20}")
+
+
+# Every string of a JSON document, and whether a colon follows it (then it is a key). Outside strings a document has
+# no quote, so matches found one after another are exactly its strings, escaped quotes included.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"([ \t\n\r]*:)?', re.DOTALL)
+
+
+def _json_key_tokens(text: str) -> int:
+    """How many keys a valid JSON document spells out, repeated ones included."""
+    return sum(map(bool, _JSON_STRING.findall(text)))
+
+
+def _object_keys(value: Any) -> int:
+    """How many keys the parsed document kept, in objects at any depth (a loop: documents nest 1,024 deep)."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            count += len(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
+class _RepeatedKey(Exception):
+    def __init__(self, key: str, times: int) -> None:
+        super().__init__(key)
+        self.key, self.times = key, times
+
+
+def _no_repeated_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _RepeatedKey(key, keys.count(key))
+    return dict(pairs)
+
+
+def _repeated_key_reason(text: str, envelope: str) -> str:
+    """A key repeated in one object of the document (the first object found with one, innermost first): a JSON
+    parser keeps one of its values and drops the others without a word, so the entry is rejected, its raw intact."""
+    try:
+        json.loads(text, object_pairs_hook=_no_repeated_key)
+    except _RepeatedKey as repeated:
+        return (f"key {repeated.key[:64]!r} appears {repeated.times} times in one object of field {envelope!r}: "
+                "which value is meant is not known")
+    except (RecursionError, ValueError):
+        pass
+    return f"a key appears more than once in one object of field {envelope!r}: which value is meant is not known"
 
 
 def _reject_constant(name: str) -> Any:
