@@ -95,6 +95,17 @@ def test_bench_on_a_backlog_too_small_to_judge_says_so_instead_of_fail() -> None
     result = json.loads(as_json.stdout)
     assert result["verdict"] == "NO VERDICT" and result["passed"] is False
     assert result["verification"]["ok"] is True and result["verdict_min_events"] == 1000
+    assert result["min_ratio"] == 0.7  # the default target on a few streams
+
+
+def test_the_throughput_targets_default_to_those_of_the_stream_count() -> None:
+    """0.7x the floor on the default 100 streams (judged from 400k events), 0.5x from 10,000 streams on (judged from
+    150k events): the bench asserts the targets it is measured against, not a lower bar."""
+    from worker.bench import default_min_ratio, default_verdict_min_events
+
+    assert (default_min_ratio(100), default_verdict_min_events(100)) == (0.7, 400_000)
+    assert (default_min_ratio(9_999), default_verdict_min_events(9_999)) == (0.7, 400_000)
+    assert (default_min_ratio(50_000), default_verdict_min_events(50_000)) == (0.5, 150_000)
 
 
 @pytest.mark.parametrize("shape", ["flat-iso", "json"])

@@ -612,6 +612,9 @@ def test_a_setting_out_of_its_range_is_a_configuration_error(variable: str, valu
     ["history", "--since", "99999999999999999999d"], ["tail", "--since", "1e30", "--no-follow"],
     ["history", "--limit", "4294967296"], ["rejected", "--limit", "-1"], ["tail", "--count", "0"],
     ["status", "--max-lag", "-1"], ["run", "--drain", "--metrics-port", "70000"], ["run", "--drain", "--group", ""],
+    # a target of NaN is never missed: the bench said PASS whatever it measured
+    ["bench", "--min-ratio", "nan"], ["bench", "--max-p99-ms", "nan"], ["bench", "--max-idle-cpu-pct", "nan"],
+    ["bench", "--max-rss-mb", "nan"], ["bench", "--verdict-min-events", "-1"],
 ])
 def test_an_option_out_of_its_range_is_refused_in_one_line(args: list[str], redis_server: RedisServer,
                                                            tmp_path: Path) -> None:

@@ -659,12 +659,15 @@ def bench(
     naive_events: Annotated[int, typer.Option(help="events the naive per-event consumer handles at most")] = 3000,
     naive_max_s: Annotated[float, typer.Option(
         "--naive-max-s", help="time limit of the naive consumer; its rate is extrapolated (0 = skip)")] = 15.0,
-    min_ratio: Annotated[float, typer.Option(help="PASS when pipeline/floor is at least this")] = 0.5,
+    min_ratio: Annotated[float | None, typer.Option(
+        help="PASS when pipeline/floor is at least this (default: 0.7; 0.5 with 10,000 streams or more)",
+        callback=_above_zero)] = None,
     check: Annotated[bool, typer.Option(
         "--check", help="exit 1 on FAIL (a target missed: ratio, p99, idle CPU, RSS; or not exactly once), 3 on NO "
         "VERDICT (exactly once held, but too few events to judge throughput)")] = False,
-    verdict_min_events: Annotated[int, typer.Option(
-        help="fewer events: throughput is not judged, fixed costs would dominate (0 = always judge)")] = 400_000,
+    verdict_min_events: Annotated[int | None, typer.Option(
+        help="fewer events: throughput is not judged, fixed costs would dominate (0 = always judge; "
+             "default: 400000, 150000 with 10,000 streams or more)", min=0)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")] = False,
     keep: Annotated[bool, typer.Option("--keep", help="keep the temporary stores and logs")] = False,
     shape: Annotated[str, typer.Option(
@@ -675,9 +678,12 @@ def bench(
         "--idle-s", help="after the latency phase: CPU of the caught-up worker over this long, then probes "
         "(0 = skip)")] = 10.0,
     probes: Annotated[int, typer.Option(help="single events added to random streams of the caught-up worker")] = 30,
-    max_p99_ms: Annotated[float, typer.Option(help="FAIL when the latency or probe p99 is above this")] = 1000.0,
-    max_idle_cpu_pct: Annotated[float, typer.Option(help="FAIL when the caught-up worker uses more CPU (%)")] = 5.0,
-    max_rss_mb: Annotated[float, typer.Option(help="FAIL when a draining worker's peak RSS is above this")] = 500.0,
+    max_p99_ms: Annotated[float, typer.Option(help="FAIL when the latency or probe p99 is above this",
+                                              callback=_above_zero)] = 1000.0,
+    max_idle_cpu_pct: Annotated[float, typer.Option(help="FAIL when the caught-up worker uses more CPU (%)",
+                                                    callback=_above_zero)] = 5.0,
+    max_rss_mb: Annotated[float, typer.Option(help="FAIL when a draining worker's peak RSS is above this",
+                                              callback=_above_zero)] = 500.0,
     redis_cluster_shards: Annotated[int, typer.Option(
         "--redis-cluster-shards", help="run on a private Redis Cluster of this many primaries (no replicas: "
         "throughput only) instead of one redis-server; the workers get one node's URL (0 = one redis-server)")] = 0,
@@ -692,7 +698,16 @@ def bench(
     `flowtrack bench queries` times the dashboard, alert and terminal-view queries instead."""
     if ctx.invoked_subcommand is not None:
         return
-    from worker.bench import BENCH_SHAPES, NO_VERDICT, BenchConfig, progress_bar, report_table, run_bench
+    from worker.bench import (
+        BENCH_SHAPES,
+        NO_VERDICT,
+        BenchConfig,
+        default_min_ratio,
+        default_verdict_min_events,
+        progress_bar,
+        report_table,
+        run_bench,
+    )
 
     if events < 1 or streams < 1 or workers < 1:
         raise fail("--events, --streams and --workers must be at least 1", 2)
@@ -702,6 +717,10 @@ def bench(
         raise fail("--redis-url and --redis-cluster-shards: one or the other (the latter starts a private cluster)", 2)
     if shape not in BENCH_SHAPES:
         raise fail(f"--shape must be one of {', '.join(BENCH_SHAPES)}", 2)
+    if min_ratio is None:
+        min_ratio = default_min_ratio(streams)
+    if verdict_min_events is None:
+        verdict_min_events = default_verdict_min_events(streams)
     config = BenchConfig(events=events, streams=streams, workers=workers, rate=rate, latency_s=latency_s,
                          naive_events=naive_events, naive_max_s=naive_max_s, min_ratio=min_ratio, keep=keep,
                          verdict_min_events=verdict_min_events, shape=shape,  # type: ignore[arg-type]
