@@ -496,23 +496,28 @@ def test_retention_drops_old_events_sessions_and_rejections_and_can_change(reten
     old, recent = NOW_MS - 60 * day_ms, NOW_MS - day_ms
     write(sink, [event("s-old", n, ts_ms=old + n) for n in range(3)])
     write(sink, [event("s-recent", n, ts_ms=recent + n) for n in range(3)])
+    # Times the contract takes past 2106-02-07 (32-bit DateTime's end): a TTL through DateTime wrapped and dropped them.
+    far = [4_102_444_800_000, 5_680_281_600_000, 7_258_032_000_000]  # 2100-01-01, 2150-01-01, 2199-12-31
+    write(sink, [event("s-far", n, ts_ms=far[n]) for n in range(3)])
     sink.rollup.flush()
     store.command("INSERT INTO flowtrack.rejected VALUES (fromUnixTimestamp64Milli({t:Int64}), 's', '1-1', 'r', '{}')",
                   {"t": old})
     store.retention_days = 30
     store.migrate()
-    assert set(ttls(store).values()) == {f"toDateTime({c}) + toIntervalDay(30)" for c in RETENTION_COLUMNS.values()}
+    assert set(ttls(store).values()) == {f"{c} + toIntervalDay(30)" for c in RETENTION_COLUMNS.values()}
     for table in RETENTION_COLUMNS:
         store.command(f"OPTIMIZE TABLE flowtrack.{table} FINAL")
     assert visible_rows(store, "s-old") == 0 and physical_rows(store, "s-old") == 0
     assert visible_rows(store, "s-recent") == 3
+    assert visible_rows(store, "s-far") == 3 and flow_session(store, "s-far")[0][5] == 3
+    assert int(store.scalar("SELECT count() FROM flowtrack.events_by_time WHERE session_id = 's-far'")) == 3
     assert flow_session(store, "s-old") == [] and flow_session(store, "s-recent")[0][5] == 3
     assert int(store.scalar("SELECT count() FROM flowtrack.events_by_time WHERE session_id = 's-old'")) == 0
     assert int(store.scalar("SELECT count() FROM flowtrack.rejected_events")) == 0
     # Changeable later: another value replaces the TTL, unset removes it; re-running with the same value is a no-op.
     store.retention_days = 400
     store.migrate()
-    assert set(ttls(store).values()) == {f"toDateTime({c}) + toIntervalDay(400)" for c in RETENTION_COLUMNS.values()}
+    assert set(ttls(store).values()) == {f"{c} + toIntervalDay(400)" for c in RETENTION_COLUMNS.values()}
     store.migrate()
     store.retention_days = None
     store.migrate()

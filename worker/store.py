@@ -208,7 +208,10 @@ _TTL_IN_ENGINE = re.compile(r"\bTTL\s+(.*?)(?:\s+SETTINGS\b|$)", re.DOTALL)
 
 
 def retention_ttl(column: str, days: int) -> str:
-    return f"toDateTime({column}) + toIntervalDay({days})"
+    """The TTL of a DateTime64 column, computed in DateTime64: through a 32-bit DateTime a time after 2106-02-07
+    wrapped (2150 expired in 2013) and its rows were dropped at the next merge, though the contract takes times up to
+    2200."""
+    return f"{column} + toIntervalDay({days})"
 
 
 class Store:
