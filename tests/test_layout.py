@@ -400,7 +400,7 @@ def test_the_closing_recompute_shares_its_sessions_with_the_sinks_connection(sto
     failing = Sink(store)
     failing.rollup.max_delay_s = 3600
     write(failing, [event(f"s-close-fail-{n}", 1, ts_ms=NOW_MS) for n in range(6)])
-    monkeypatch.setattr(store, "command", lambda sql, parameters=None: Store.command(store, "SELECT throwIf(1)"))
+    monkeypatch.setattr(store, "recompute_sessions", lambda sessions: Store.command(store, "SELECT throwIf(1)"))
     with pytest.raises(StoreRejectedError):
         failing.rollup.close()
     assert failing.rollup.pending == 6
@@ -419,6 +419,21 @@ def test_sessions_left_pending_by_a_stopped_worker_are_caught_up_at_start(
     assert session_path(store, "s-stopped") == ["llm_call → llm_call → llm_call"]  # the catch-up fills the path too
     for k in range(7):
         assert flow_session(store, f"s-stopped-{k}") == from_visible_events(store, f"s-stopped-{k}") != []
+
+
+def test_the_start_up_catch_up_leaves_no_row_for_a_user_the_session_no_longer_names(store: Store) -> None:
+    """The catch-up recomputed the sessions a killed worker left pending but did not look for users they no longer
+    name, as the worker's own recompute does: re-sent under another user, the session kept its first user's row
+    (its events counted twice in status and history) until its next event (found by review)."""
+    sink = Sink(store)
+    write(sink, [event("s-moved-away", n, ts_ms=NOW_MS - 100 + n, event_id=f"m{n}", user="first") for n in range(2)])
+    sink.rollup.flush()
+    assert [r[0] for r in flow_session(store, "s-moved-away")] == ["first"]
+    sink._insert_events([event("s-moved-away", n, ts_ms=NOW_MS - 100 + n, event_id=f"m{n}", user="second")
+                         for n in range(2)], int(time.time() * 1000))  # stored, acknowledged, then the worker died
+    store.migrate()  # what `run` does at start
+    assert [r[0] for r in flow_session(store, "s-moved-away")] == ["second"]
+    assert flow_session(store, "s-moved-away") == from_visible_events(store, "s-moved-away")
 
 
 def test_an_insert_cut_off_before_its_time_ordered_copy_is_completed_at_start(store: Store) -> None:

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from worker.errors import FlowtrackError
-from worker.store import RECOMPUTE_SESSIONS, Store, classify
+from worker.store import TOMBSTONES, Store, classify
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +38,6 @@ CHUNK_SESSIONS = 5000
 # one recompute query on about one core, and the closing recompute (the end of a drain waits for it) has the machine to
 # itself (12k sessions of a 400k drain: 0.34 -> 0.21 s; README, "Where the time goes").
 SPLIT_MIN_SESSIONS = 2000
-
-# The recompute's start time versions the rows: the latest recompute wins.
-_RECOMPUTE = RECOMPUTE_SESSIONS
-# (user, session) pairs left without any event (their rows were purged) get a tombstone that hides their row.
-# Its last_event_at is the deletion time, so retention removes it after the row it hides.
-_TOMBSTONES = (
-    "INSERT INTO flowtrack.sessions (user_id, session_id, last_event_at, computed_at, is_deleted) "
-    "SELECT pair.1, pair.2, now64(3), now64(6), 1 "
-    "FROM (SELECT arrayJoin({pairs:Array(Tuple(String, String))}) AS pair) "
-    "WHERE pair NOT IN (SELECT user_id, session_id FROM flowtrack.session_totals "
-    "WHERE session_id IN {sessions:Array(String)})"
-)
-
 
 def recompute(store: Store, sessions: Iterable[str], purged_pairs: Iterable[tuple[str, str]] = (),
               chunk_sessions: int = CHUNK_SESSIONS, helper: Store | None = None) -> None:
@@ -62,7 +49,7 @@ def recompute(store: Store, sessions: Iterable[str], purged_pairs: Iterable[tupl
     ids = sorted(set(sessions) | {session for _, session in pairs})
     try:
         if pairs:
-            store.command(_TOMBSTONES, {"pairs": pairs, "sessions": sorted({session for _, session in pairs})})
+            store.command(TOMBSTONES, {"pairs": pairs, "sessions": sorted({session for _, session in pairs})})
         if helper is None or helper is store or len(ids) < SPLIT_MIN_SESSIONS:
             _recompute_chunks(store, ids, chunk_sessions)
             return
@@ -78,33 +65,10 @@ def recompute(store: Store, sessions: Iterable[str], purged_pairs: Iterable[tupl
         raise classify(exc) from exc
 
 
-# Sessions of the chunk that session_spans (one row per rollup row written: by primary key, narrow) gives more than one
-# user: the only ones that can hold a row for a user none of their events names any more (events re-sent, same
-# event ids, under another user). Those pairs get a tombstone; a session that really has two users keeps both rows.
-_SEVERAL_USERS = (
-    "SELECT session_id, groupUniqArray(user_id) FROM flowtrack.session_spans "
-    "WHERE session_id IN {sessions:Array(String)} GROUP BY session_id HAVING uniqExact(user_id) > 1"
-)
-
-
 def _recompute_chunks(store: Store, ids: Sequence[str], chunk_sessions: int) -> None:
     for start in range(0, len(ids), chunk_sessions):
         chunk = ids[start:start + chunk_sessions]
-        store.command(_RECOMPUTE, {"sessions": chunk})
-        _tombstone_moved_users(store, chunk)
-
-
-def _tombstone_moved_users(store: Store, chunk: Sequence[str]) -> None:
-    """Best effort: the recompute itself is done, and a rollup part the engine could not read (written on a full disk,
-    rebuilt at the next start: Store.migrate) must not stop the worker's recomputes; the next recompute of the
-    session tries again."""
-    try:
-        _, several = store.query(_SEVERAL_USERS, {"sessions": list(chunk)})
-        if several:
-            pairs = sorted((user, session) for session, users in several for user in users)
-            store.command(_TOMBSTONES, {"pairs": pairs, "sessions": sorted(session for session, _ in several)})
-    except Exception as exc:
-        log.warning("could not check the recomputed sessions for users they no longer name: %s", exc)
+        store.recompute_sessions(chunk)
 
 
 class SessionRollup:

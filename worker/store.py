@@ -168,6 +168,22 @@ CATCH_UP_WINDOW = (  # constants only
 CATCH_UP_CHUNK_SESSIONS = 5000
 # The recompute of a chunk of sessions, by the worker's rollup (worker/rollup.py) and by the start-up catch-up.
 RECOMPUTE_SESSIONS = RECOMPUTE_SESSIONS_WHERE + "session_id IN {sessions:Array(String)}"
+# (user, session) pairs left without any event (their rows were purged) get a tombstone that hides their row.
+# Its last_event_at is the deletion time, so retention removes it after the row it hides.
+TOMBSTONES = (
+    "INSERT INTO flowtrack.sessions (user_id, session_id, last_event_at, computed_at, is_deleted) "
+    "SELECT pair.1, pair.2, now64(3), now64(6), 1 "
+    "FROM (SELECT arrayJoin({pairs:Array(Tuple(String, String))}) AS pair) "
+    "WHERE pair NOT IN (SELECT user_id, session_id FROM flowtrack.session_totals "
+    "WHERE session_id IN {sessions:Array(String)})"
+)
+# Sessions of a chunk that session_spans (one row per rollup row written: by primary key, narrow) gives more than one
+# user: the only ones that can hold a row for a user none of their events names any more (events re-sent, same
+# event ids, under another user). Those pairs get a tombstone; a session that really has two users keeps both rows.
+_SEVERAL_USERS = (
+    "SELECT session_id, groupUniqArray(user_id) FROM flowtrack.session_spans "
+    "WHERE session_id IN {sessions:Array(String)} GROUP BY session_id HAVING uniqExact(user_id) > 1"
+)
 # An embedded engine killed mid-insert (kill -9, OOM) can leave an insert half done: the ``events`` part written, the
 # part its materialized view writes to ``events_by_time`` not. A successor re-inserting those entries into the same
 # store heals it; one reclaiming them into a store of its own never does, and the rows would stay missing from
@@ -341,8 +357,31 @@ class Store:
         if len(sessions) > CATCH_UP_CHUNK_SESSIONS:
             log.info("catching up the rollup of %d sessions", len(sessions))
         for start in range(0, len(sessions), CATCH_UP_CHUNK_SESSIONS):
-            self.client.command(RECOMPUTE_SESSIONS, parameters={
-                "sessions": sessions[start:start + CATCH_UP_CHUNK_SESSIONS]}, settings=settings)
+            self._recompute_sessions_locked(sessions[start:start + CATCH_UP_CHUNK_SESSIONS], settings)
+
+    def recompute_sessions(self, sessions: Sequence[str]) -> None:
+        """The rollup rows of these sessions recomputed from their events (one statement: give a bounded chunk),
+        then tombstones for users they no longer name."""
+        with self._lock:
+            self._recompute_sessions_locked(sessions, self._write_settings())
+
+    def _recompute_sessions_locked(self, sessions: Sequence[str], settings: dict[str, Any]) -> None:
+        self.client.command(self._for_cluster(RECOMPUTE_SESSIONS), parameters={"sessions": list(sessions)},
+                            settings=settings)
+        self._tombstone_moved_users_locked(sessions, settings)
+
+    def _tombstone_moved_users_locked(self, sessions: Sequence[str], settings: dict[str, Any]) -> None:
+        """Best effort: the recompute itself is done, and a rollup part the engine could not read (written on a full
+        disk, rebuilt at the next start: _heal_broken_rollup) must not stop the worker's recomputes nor its start;
+        the next recompute of the session tries again."""
+        try:
+            several = self.client.query(_SEVERAL_USERS, parameters={"sessions": list(sessions)}).result_rows
+            if several:
+                pairs = sorted((user, session) for session, users in several for user in users)
+                self.client.command(self._for_cluster(TOMBSTONES), settings=settings, parameters={
+                    "pairs": pairs, "sessions": sorted(session for session, _ in several)})
+        except Exception as exc:
+            log.warning("could not check the recomputed sessions for users they no longer name: %s", exc)
 
     def _heal_broken_rollup(self) -> None:
         """Rebuild the session rollup when the engine set rollup parts aside as broken at start.
