@@ -70,8 +70,8 @@ FRAGMENTS: dict[str, str] = {
                       "argMax(source_id, stored) AS source_id, argMax(is_error, stored) AS is_error "
                       "FROM (SELECT *, ingested_at AS stored FROM flowtrack.events WHERE session_id = {session_expr}) "
                       "GROUP BY session_id, event_id)",
-    "session_nodes": "(SELECT session_id, node_id, anyIf(parent_id, parent_id != '') AS parent_id, "
-                     "argMin(event_type, ts) AS name, min(ts) AS start_ts, max(ts) AS end_ts, "
+    "session_nodes": "(SELECT session_id, node_id, argMinIf(parent_id, (ts, event_id), parent_id != '') AS parent_id, "
+                     "argMin(event_type, (ts, event_id)) AS name, min(ts) AS start_ts, max(ts) AS end_ts, "
                      "dateDiff('millisecond', start_ts, end_ts) AS duration_ms, "
                      "if(countIf(is_error = 1) > 0, 'error', 'ok') AS status, any(user_id) AS user_id "
                      "FROM {session_events} GROUP BY session_id, node_id)",

@@ -162,8 +162,8 @@ def where_flows_fail() -> table.Panel:
                 SELECT session_id, groupArray((node_id, parent_id, name, failed)) AS nodes
                 FROM
                 (
-                    SELECT session_id, node_id, anyIf(parent_id, parent_id != '') AS parent_id,
-                           toString(argMin(event_type, ts)) AS name, max(is_error) AS failed
+                    SELECT session_id, node_id, argMinIf(parent_id, (ts, event_id), parent_id != '') AS parent_id,
+                           toString(argMin(event_type, (ts, event_id))) AS name, max(is_error) AS failed
                     FROM {range_events}
                     WHERE session_id IN {error_sessions}
                     GROUP BY session_id, node_id

@@ -581,3 +581,56 @@ def test_an_error_a_later_copy_replaced_is_not_an_error_message(corpus: Corpus) 
         assert _run(corpus, sql, {"user_id": "u-replaced"}, ctx)[1] == [], title
     shown = corpus.store.query("SELECT event_type FROM flowtrack.flow_events WHERE session_id = 's-replaced'")[1]
     assert [str(r[0]) for r in shown] == ["tool_result"]
+
+
+def test_a_node_is_named_and_placed_by_its_first_event_in_every_view(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+    """A node's name is its first event's type and its parent the first parent one of its events names, ties in time
+    broken by event_id (as the session's path). argMin(event_type, ts) and anyIf(parent_id, …) left both to chance:
+    two events of one node in the same millisecond, or a parent named again differently later, gave flow_nodes,
+    `flowtrack show` and the Flow dashboard different trees (found by review)."""
+    from worker.flows import load_flow
+
+    session, ts_ms = "s-first-event", 1_764_000_000_000
+    entries: list[tuple[str, dict[str, Any]]] = [("flow_events:1", {
+        "session_id": session, "node_id": "root", "event_type": "user_message", "event_id": "r",
+        "timestamp": str(ts_ms)})]
+    expected: dict[str, tuple[str, str]] = {"root": ("", "user_message")}
+    for n in range(24):
+        node, at = f"n{n:02}", str(ts_ms + 10 + n)
+        # the same millisecond: the smaller event_id comes first; stored in the other order
+        entries.append(("flow_events:1", {"session_id": session, "node_id": node, "event_type": "tool_result",
+                                          "event_id": f"{node}-b", "timestamp": at, "parent_id": "root"}))
+        entries.append(("flow_events:1", {"session_id": session, "node_id": node, "event_type": "tool_call",
+                                          "event_id": f"{node}-a", "timestamp": at, "parent_id": "root"}))
+        # later, an event of the node naming another parent (its event_id sorts first)
+        entries.append(("flow_events:1", {"session_id": session, "node_id": node, "event_type": "tool_log",
+                                          "event_id": f"{node}-0", "timestamp": str(ts_ms + 100 + n),
+                                          "parent_id": "elsewhere"}))
+        expected[node] = ("root", "tool_call")
+    xadd_all(redis_client, entries)
+
+    async def drain() -> None:
+        pipeline = Pipeline(make_settings(redis_server.url, clickhouse_url), store=store)
+        try:
+            assert await pipeline.run(drain=True)
+        finally:
+            await pipeline.close()
+
+    asyncio.run(drain())
+
+    _, rows = store.query("SELECT node_id, parent_id, name FROM flowtrack.flow_nodes WHERE session_id = {s:String}",
+                          {"s": session})
+    assert {node: (parent, name) for node, parent, name in rows} == expected
+    flow = load_flow(store, session)
+    assert flow is not None and {node.node_id: (node.parent_id, node.name) for node in flow.nodes} == expected
+    now = int(time.time())
+    ctx = QueryContext(now - 3600, now + 600, 10, {"session_id": session})
+    graph = {query.where: query.sql for query in clickhouse_queries("flow.json", dashboards()["flow.json"])}
+    _, nodes = store.query(render_sql(graph["flow.json / Flow as a graph / nodes"], ctx))
+    assert {node: name for node, name, *_ in nodes} == {node: name for node, (_, name) in expected.items()}
+    _, edges = store.query(render_sql(graph["flow.json / Flow as a graph / edges"], ctx))
+    assert {(source, target) for _, source, target, _ in edges} == {("root", node) for node in expected
+                                                                    if node != "root"}
+    _, spans = store.query(render_sql(graph["flow.json / Flow as a trace (node timings) / A"], ctx))
+    assert {span: (parent, name) for _, span, parent, name, *_ in spans} == expected

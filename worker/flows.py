@@ -190,7 +190,9 @@ def load_flow(store: Store, session_id: str, user: str | None = None) -> Flow | 
     user_id, status, started_at, ended_at, duration_ms, events, errors = sessions[0]
     params["user"] = user_id
     _, node_rows = store.query(
-        "SELECT node_id, anyIf(parent_id, parent_id != '') AS parent_id, argMin(event_type, ts) AS name, "  # noqa: S608
+        # name and parent: of the node's first event, ties in time broken by event_id (as flow_nodes, 011)
+        "SELECT node_id, argMinIf(parent_id, (ts, event_id), parent_id != '') AS parent_id, "  # noqa: S608
+        "argMin(event_type, (ts, event_id)) AS name, "
         "min(ts) AS start_ts, max(ts) AS end_ts, dateDiff('millisecond', start_ts, end_ts) AS duration_ms, "
         f"if(countIf(is_error = 1) > 0, 'error', 'ok') AS status FROM {_SESSION_EVENTS} "
         "GROUP BY node_id ORDER BY start_ts, node_id", params)
