@@ -151,3 +151,41 @@ def test_status_says_a_store_error_once(redis_server: RedisServer) -> None:
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert proc.stdout.count("cannot reach ClickHouse") == 1 and "UNHEALTHY" in proc.stdout, proc.stdout
     assert "healthy" not in proc.stdout.replace("UNHEALTHY", "")
+
+
+def test_a_part_of_events_the_engine_sets_aside_as_broken_is_reported_and_can_be_stored_again(
+        redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path) -> None:
+    """chDB committed merged parts it could not write on a disk filling and freeing again, then detached them at the
+    next start: acknowledged events vanished and `status` said healthy (found by review). A part made unreadable on
+    disk (its checksums emptied) stands for it: `status` is unhealthy and says how to get the rows back, and a drain
+    under a new group from the oldest entry stores them again, once."""
+    store_dir = tmp_path / "store"
+    env = cli_env(redis_server.url, f"chdb://{store_dir}")
+    xadd_all(redis_client, [("flow_events:1", {"session_id": f"s{n % 4}", "node_id": f"n{n}", "event_type": "t"})
+                            for n in range(40)])
+    run_cli(["run", "--drain"], env)
+    parts = [p for p in (store_dir / "data" / "flowtrack" / "events").resolve().iterdir()
+             if (p / "checksums.txt").exists()]
+    assert parts
+    for part in parts:
+        (part / "checksums.txt").write_bytes(b"")
+
+    status = run_cli(["status", "--json"], env, check=False)
+    assert status.returncode == 1, status.stdout + status.stderr
+    problems = " ".join(json.loads(status.stdout)["problems"])
+    assert "flowtrack.events were set aside by the engine as broken" in problems
+    assert "FLOWTRACK_GROUP_START_ID=0 FLOWTRACK_INSERT_DEDUPLICATE=false" in problems
+    assert "detached/broken" in problems
+    visible = run_cli(["sql", "SELECT count() AS n FROM flowtrack.flow_events", "--format", "json"], env)
+    assert json.loads(visible.stdout)[0]["n"] == 0  # the rows are gone: what the report is about
+
+    again = {**env, "FLOWTRACK_GROUP": "flowtrack-recover", "FLOWTRACK_GROUP_START_ID": "0"}
+    run_cli(["run", "--drain"], again)
+    visible = run_cli(["sql", "SELECT count() AS n FROM flowtrack.flow_events", "--format", "json"], env)
+    assert json.loads(visible.stdout)[0]["n"] == 0  # the engine remembers the batches' tokens: dropped as re-sent
+    recovered = run_cli(["run", "--drain"], {**again, "FLOWTRACK_GROUP": "flowtrack-recover-2",
+                                             "FLOWTRACK_INSERT_DEDUPLICATE": "false"})
+    assert "set aside by the engine as broken" in recovered.stderr  # the worker says so at start too
+    visible = run_cli(["sql", "SELECT count() AS n, uniqExact(event_id) AS ids FROM flowtrack.flow_events",
+                       "--format", "json"], env)
+    assert json.loads(visible.stdout)[0] == {"n": 40, "ids": 40}

@@ -38,7 +38,7 @@ from worker.redisclient import SyncClient
 from worker.settings import Settings, redact_url
 from worker.source import NO_CLIENT_INFO, is_pattern, vanished
 from worker.stats import QUOTED_PATTERN, reason_class
-from worker.store import Store
+from worker.store import Store, broken_parts_message
 
 REPLAYED_KEY = "flowtrack:replayed"  # hash: "<stream> <entry id>" -> JSON record of the replay
 REPLAYED_ATTRIBUTE = "replayed_from"  # attribute a replayed event carries: "<stream>/<entry id>"
@@ -489,6 +489,9 @@ def store_status(report: StatusReport, store: Store) -> None:
         by_reason[reason_class(str(head))] += int(count)
     report.rejected_by_reason = dict(by_reason.most_common())
     report.rejected_total = int(store.scalar("SELECT count() FROM flowtrack.rejected_events") or 0)
+    broken = store.broken_stored_parts()
+    if broken:
+        report.problems.append(broken_parts_message(broken))
 
 
 def last_ingested_at(store: Store) -> Any:

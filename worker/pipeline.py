@@ -167,7 +167,8 @@ class Pipeline:
                 applied = await asyncio.to_thread(self.store.migrate)
                 if applied:
                     log.info("migrations applied: %s", ", ".join(applied))
-                sink = await asyncio.to_thread(Sink, self.store)  # opens the rollup's connection: may fail too
+                # opens the rollup's connection: may fail too
+                sink = await asyncio.to_thread(Sink, self.store, self.settings.insert_deduplicate)
                 self.stats.record_store_reachable()
                 break
             except StoreUnavailableError as exc:

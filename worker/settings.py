@@ -81,6 +81,9 @@ class Settings:
     retry_max_s: float = 10.0
     socket_timeout_s: float = 10.0
     trim_enabled: bool = False
+    # false: inserts skip the engine's dedup of re-sent batches (the rows still collapse, on event_id): for storing
+    # again what the engine lost (README, "Reliability": a broken part), whose batches' tokens it still remembers.
+    insert_deduplicate: bool = True
     trim_interval_s: float = 30.0
 
     # Which event types close a flow (end) or mark it failed (error).

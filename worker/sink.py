@@ -89,8 +89,9 @@ _DELETE_EVENTS_BY_TIME = ("DELETE FROM flowtrack.events_by_time WHERE (session_i
 
 
 class Sink:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, deduplicate: bool = True) -> None:
         self.store = store
+        self.deduplicate = deduplicate  # False: FLOWTRACK_INSERT_DEDUPLICATE (storing lost rows again)
         # Its recomputes on a connection of their own: they run beside the next batch's insert, not before it; at close
         # this sink's connection, idle by then, takes half of what is left.
         self.rollup = SessionRollup(store.companion(), closing_helper=store)
@@ -236,7 +237,10 @@ class Sink:
 
     def _insert(self, table: str, rows: Sequence[Sequence[object]] | bytes, names: Sequence[str], token: str) -> None:
         """Insert columns, or a ready Native block (bytes), with the batch's dedup token."""
-        settings = {"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1}
+        # Without dedup, no token either: the engine deduplicates a tokened insert even with insert_deduplicate = 0.
+        settings: dict[str, Any] = ({"insert_deduplication_token": token,
+                                     "deduplicate_blocks_in_dependent_materialized_views": 1}
+                                    if self.deduplicate else {"insert_deduplicate": 0})
         try:
             if isinstance(rows, bytes):
                 self.store.insert_block(table, names, rows, settings=settings)

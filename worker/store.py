@@ -204,6 +204,11 @@ _BROKEN_ROLLUP_PARTS = (
     "SELECT table, name FROM system.detached_parts WHERE database = 'flowtrack' "
     "AND table IN ('sessions', 'session_spans') AND startsWith(name, 'broken') ORDER BY table, name"
 )
+# Parts of the stored rows (not derived ones) the engine set aside as broken: their rows are gone from every view.
+_BROKEN_STORED_PARTS = (
+    "SELECT table, name, path FROM system.detached_parts WHERE database = 'flowtrack' "
+    "AND table IN ('events', 'events_by_time', 'rejected') AND startsWith(name, 'broken') ORDER BY table, name"
+)
 _REBUILD_SLICES = 16
 _REBUILD_SESSIONS = RECOMPUTE_SESSIONS_WHERE + (  # noqa: S608 (constants only)
     "session_id IN (SELECT DISTINCT session_id FROM flowtrack.events "
@@ -213,6 +218,17 @@ _REBUILD_SESSIONS = RECOMPUTE_SESSIONS_WHERE + (  # noqa: S608 (constants only)
 
 # How often a worker's embedded engine is asked to return the memory it freed (Store.return_freed_memory).
 RETURN_FREED_MEMORY_INTERVAL_S = 0.5
+
+
+def broken_parts_message(broken: Sequence[tuple[str, str, str]]) -> str:
+    """What a broken stored part means and how to get its rows back (README, "Reliability")."""
+    tables = sorted({table for table, _, _ in broken})
+    return (f"{len(broken)} part(s) of {', '.join(f'{DATABASE}.{t}' for t in tables)} were set aside by the engine as "
+            f"broken: the rows they held are missing from every view. Store again what Redis still holds (a new "
+            f"group from the oldest entry, without the engine's dedup of batches it has seen; copies collapse): "
+            f"FLOWTRACK_GROUP=flowtrack-recover FLOWTRACK_GROUP_START_ID=0 FLOWTRACK_INSERT_DEDUPLICATE=false "
+            f"flowtrack run --drain; then, with no worker running, delete "
+            f"{', '.join(path for _, _, path in broken[:3])}{' …' if len(broken) > 3 else ''}")
 
 
 def _quoted(text: str) -> str:
@@ -349,6 +365,9 @@ class Store:
             # compose setup has no grant on system.detached_parts.
             if self.embedded and plan is None:
                 self._heal_broken_rollup()
+                broken = self._broken_stored_parts_locked()
+                if broken:
+                    log.error("%s", broken_parts_message(broken))
             return applied
 
     def _catch_up_sessions(self, settings: dict[str, Any]) -> None:
@@ -382,6 +401,19 @@ class Store:
                     "pairs": pairs, "sessions": sorted(session for session, _ in several)})
         except Exception as exc:
             log.warning("could not check the recomputed sessions for users they no longer name: %s", exc)
+
+    def broken_stored_parts(self) -> list[tuple[str, str, str]]:
+        """(table, part, directory) of every part of events, events_by_time or rejected that the engine set aside as
+        broken (embedded stores: chDB was seen to commit a merged part it could not write on a disk filling and
+        freeing again, and to detach it at the next start). A server's detached parts are its operator's: []."""
+        if not self.embedded:
+            return []
+        with self._lock:
+            return self._broken_stored_parts_locked()
+
+    def _broken_stored_parts_locked(self) -> list[tuple[str, str, str]]:
+        return [(str(table), str(name), str(path))
+                for table, name, path in self.client.query(_BROKEN_STORED_PARTS).result_rows]
 
     def _heal_broken_rollup(self) -> None:
         """Rebuild the session rollup when the engine set rollup parts aside as broken at start.
