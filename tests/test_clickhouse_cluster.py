@@ -99,7 +99,8 @@ def test_every_physical_name_is_a_distributed_table_over_its_local_table_sharded
         has_session = re.search(r"\n\s*session_id\s+String", create) is not None
         # A flow's copies meet on one shard (so ReplacingMergeTree collapses them) and its reads stay there; the
         # one table without sessions is sharded by its identity, for the same reason.
-        assert key == (SESSION_SHARDING_KEY if has_session else "cityHash64(source_stream, source_id)"), table
+        assert key == (SESSION_SHARDING_KEY if has_session
+                       else "cityHash64(source_stream, source_id, cityHash64(raw))"), table
     # Nothing else is Distributed, and no public relation was renamed: every view keeps its name.
     views = {m.group(2) for s in statements if (m := CREATED.match(s)) and m.group(1) == "VIEW"}
     assert {"flow_events", "flow_sessions", "flow_nodes", "rejected_events", "session_totals"} <= views

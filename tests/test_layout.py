@@ -486,6 +486,24 @@ def test_rejections_are_visible_once(store: Store) -> None:
     assert int(store.scalar("SELECT count() FROM flowtrack.rejected")) == 5
 
 
+def test_two_entries_rejected_under_one_reused_entry_id_are_both_kept(store: Store) -> None:
+    """Redis lost its data and a chosen entry id came back with other content, broken too: the second rejection
+    replaced the first (found by review). A rejection's identity holds what the entry held, as a derived event id does;
+    the same entry rejected again (redelivered, replayed) is still one row."""
+    from worker.normalize import Rejection
+
+    sink = Sink(store)
+    first = Rejection("flow_events:reused", "1700000000000-1", "missing node_id", '{"session_id": "a"}')
+    second = Rejection("flow_events:reused", "1700000000000-1", "timestamp 'yesterday' is not a time",
+                       '{"session_id": "b", "node_id": "n", "event_type": "t", "timestamp": "yesterday"}')
+    sink.write([], [first])
+    sink.write([], [second])
+    sink.write([], [first])  # redelivered
+    _, rows = store.query("SELECT reason, raw FROM flowtrack.rejected_events WHERE source_stream = 'flow_events:reused' "
+                          "ORDER BY reason")
+    assert [tuple(row) for row in rows] == [(first.reason, first.raw), (second.reason, second.raw)]
+
+
 # -- retention ----------------------------------------------------------------------------------------
 @pytest.fixture
 def retention_store(clickhouse_url: str, store: Store) -> Iterator[Store]:
