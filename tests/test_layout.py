@@ -499,8 +499,8 @@ def test_two_entries_rejected_under_one_reused_entry_id_are_both_kept(store: Sto
     sink.write([], [first])
     sink.write([], [second])
     sink.write([], [first])  # redelivered
-    _, rows = store.query("SELECT reason, raw FROM flowtrack.rejected_events WHERE source_stream = 'flow_events:reused' "
-                          "ORDER BY reason")
+    _, rows = store.query("SELECT reason, raw FROM flowtrack.rejected_events "
+                          "WHERE source_stream = 'flow_events:reused' ORDER BY reason")
     assert [tuple(row) for row in rows] == [(first.reason, first.raw), (second.reason, second.raw)]
 
 
