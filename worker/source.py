@@ -189,6 +189,9 @@ class Source:
         # Streams found gone (with a last snapshot of entries pending on others), for the pipeline to report.
         self.lost: list[LostStream] = []
         self._scan_s = 0.0  # how long the last pattern scan took
+        # FLOWTRACK_GROUP_START_ID applies to the streams there are at start; a stream found later (created, or
+        # re-created, while the worker runs) holds nothing but new entries: its group starts at its oldest.
+        self._started = False
         self._rereading = False  # some cursor may be an explicit id (kept so a read need not look at all of them)
         # An ack or keep-alive failed for want of Redis: whatever answers next may hold older group state (a
         # restarted server, a promoted replica that never got our last acks), so the pipeline recovers first.
@@ -271,7 +274,8 @@ class Source:
         await self.open()
         now = time.monotonic()
         interval_s = max(self.settings.stream_rescan_s, self._scan_s / SCAN_TIME_SHARE)
-        if not force and self.streams and now - self._last_scan < interval_s:
+        # With no stream yet too: rescanning at every step spun a core and sent thousands of SCANs a second.
+        if not force and now - self._last_scan < interval_s:
             return []
         found: list[str] = []
         for spec in self.settings.streams:
@@ -283,6 +287,7 @@ class Source:
         self._scan_s = self._last_scan - now if len(found) >= SCAN_SHARE_MIN_KEYS else 0.0
         new = [s for s in dict.fromkeys(found) if s not in self._cursor]
         new = await guarded(lambda: self._ensure_groups(new))
+        self._started = True
         for stream in new:
             self._cursor[stream] = "0"  # start by re-reading our own pending entries
             self.streams.append(stream)
@@ -302,8 +307,8 @@ class Source:
         """The group on every stream, pipelined (50,000 new streams at start-up: seconds, not minutes). Returns the
         streams that have it: a key of another type (a name in FLOWTRACK_STREAMS holding a string) is left out, with
         a warning the first time, and tried again at the next scan."""
-        replies = await self._pipelined(streams, "XGROUP CREATE", self.group, self.settings.group_start_id,
-                                  "MKSTREAM")
+        start_id = self.settings.group_start_id if not self._started else "0"
+        replies = await self._pipelined(streams, "XGROUP CREATE", self.group, start_id, "MKSTREAM")
         created = []
         usable = []
         for stream, reply in zip(streams, replies, strict=True):
@@ -366,7 +371,9 @@ class Source:
             self.lost.append(LostStream(stream, seen))
 
     def _named(self, stream: str) -> bool:
-        return stream in self.settings.streams
+        """A stream named in FLOWTRACK_STREAMS, not found by a pattern (a key spelled like the pattern itself, e.g.
+        `flow_events:*`, is found by it: deleted, it is not re-created)."""
+        return stream in self.settings.streams and not is_pattern(stream)
 
     # -- reading ---------------------------------------------------------------------------------
     async def read(self, count: int, block_ms: int | None, max_streams: int | None = None
@@ -380,6 +387,8 @@ class Source:
         """
         await self.open()
         if not self.streams:
+            if block_ms:  # nothing to read until a scan finds a stream: wait as a read would, not spin
+                await asyncio.sleep(block_ms / 1000)
             return []
         size = len(self.streams) if max_streams is None else max(1, max_streams)
         pending = (dict(itertools.islice(((s, c) for s, c in self._cursor.items() if c != ">"), size))
