@@ -49,6 +49,19 @@ def test_produce_without_a_usable_redis_says_why_in_one_line(acl_redis: RedisSer
         assert "reader-pw" not in proc.stderr  # the password in the URL is not echoed
 
 
+def test_a_redis_user_without_a_command_the_worker_needs_is_one_line_not_a_traceback(
+        acl_redis: RedisServer, tmp_path: Path) -> None:
+    """An ACL without XGROUP CREATE (or SCAN, XINFO, XACK revoked mid-run): an 84-line traceback (found by review)."""
+    url = f"redis://reader:reader-pw@127.0.0.1:{acl_redis.port}/0"
+    env = cli_env(url, f"chdb://{tmp_path / 'store'}", FLOWTRACK_STREAMS="flow_events:1")
+    for args in (["run", "--drain", "--log-level", "warning"], ["status", "--no-store"]):
+        proc = run_cli(args, env, check=False)
+        assert proc.returncode == 1, (args, proc.stderr[-2000:])
+        line = one_error_line(proc.stderr)
+        assert "Redis refused a command" in line and "no permissions" in line, line
+        assert "reader-pw" not in proc.stderr
+
+
 def test_no_command_prints_a_redis_password(acl_redis: RedisServer, redis_client: redis.Redis) -> None:
     """produce, tail and status name the Redis they talk to; a password in its URL is never shown."""
     redis_client.execute_command("ACL", "SETUSER", "writer", "on", ">s3cret-pw", "~*", "&*", "+@all")

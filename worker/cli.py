@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
+from redis.exceptions import NoPermissionError
 from rich.console import Console
 
 from worker.errors import ConfigError, FlowtrackError, StoreLockedError
@@ -113,6 +114,9 @@ def guarded_command(func: F) -> F:
             raise fail(str(exc), 1) from None
         except BrokenPipeError:
             raise quiet_closed_stdout() from None
+        except NoPermissionError as exc:  # the Redis user lacks a command or a key: one line, as `produce` says it
+            raise fail(f"Redis refused a command: {exc} (the commands flowtrack needs: README, \"Least privilege\")",
+                       1) from None
 
     return wrapper  # type: ignore[return-value]
 
