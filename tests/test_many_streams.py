@@ -482,3 +482,44 @@ def test_streams_found_after_start_are_read_from_their_oldest_entry_whatever_the
                                 "GROUP BY session_id")[1])
     assert sessions == {"s-new": 5, "s-after": 1}  # $ at start: what was there then is skipped, as asked
     assert not redis_client.exists("flow_events:*")
+
+
+def test_a_trim_pass_over_thousands_of_streams_runs_beside_the_reads(
+        redis_server: RedisServer, redis_client: redis.Redis, clickhouse_url: str, store: Store) -> None:
+    """A trim pass asks every stream for its groups and pending entries: over 20,000 streams 8 s with reading stopped
+    (probe latency 52 s at a 5 s interval) and a SIGTERM waiting for it (found by review). It runs beside the reads,
+    and a stop does not wait for it."""
+    redis_client.flushdb()
+    streams = [f"flow_events:t{n}" for n in range(20_000)]
+    pipe = redis_client.pipeline(transaction=False)
+    for stream in streams:
+        pipe.xgroup_create(stream, "flowtrack", id="$", mkstream=True)
+    pipe.execute()
+    settings = make_settings(redis_server.url, clickhouse_url, streams=("flow_events:t*",), trim_enabled=True,
+                             trim_interval_s=3600.0, batch_max_wait_s=0.1, block_ms=100)
+
+    async def run() -> tuple[float, bool, float]:
+        pipeline = Pipeline(settings)
+        task = asyncio.create_task(pipeline.run())
+        try:
+            deadline = time.monotonic() + 30
+            while pipeline._trimming is None:  # the first step starts the pass
+                assert time.monotonic() < deadline, "no trim pass started"
+                await asyncio.sleep(0.01)
+            redis_client.xadd("flow_events:t7", {"session_id": "s-probe", "node_id": "n", "event_type": "t"})
+            started = time.monotonic()
+            while pipeline.stats.acked < 1:
+                assert time.monotonic() - started < 20, "the probe was not stored"
+                await asyncio.sleep(0.01)
+            stored_s, pass_running = time.monotonic() - started, pipeline._trimming is not None
+            stop_started = time.monotonic()
+            pipeline.request_stop()
+            await asyncio.wait_for(task, timeout=20)
+            return stored_s, pass_running, time.monotonic() - stop_started
+        finally:
+            await pipeline.close()
+
+    stored_s, pass_running, stop_s = asyncio.run(run())
+    assert pass_running, f"the pass ended before the probe was stored ({stored_s:.2f} s): nothing was shown"
+    assert stop_s < 2.0, stop_s
+    assert _count(store, "SELECT count() FROM flowtrack.flow_events WHERE session_id = 's-probe'") == 1

@@ -76,3 +76,21 @@ def test_stream_without_group_is_never_trimmed(redis_server: RedisServer, redis_
 
     assert _trim(redis_server.url, stream) == 0
     assert redis_client.xlen(stream) == 4
+
+
+def test_the_id_after_one_at_the_largest_sequence_carries_into_the_milliseconds(redis_server: RedisServer,
+                                                                                 redis_client: redis.Redis) -> None:
+    """`5-18446744073709551615` gave `5-18446744073709551616`: Redis refused the XTRIM and the stream was never
+    trimmed again (found by review). The largest id has nothing after it: trimming keeps it."""
+    top = 2**64 - 1
+    assert next_id(f"5-{top}") == "6-0"
+    assert next_id(f"{top}-{top}") == f"{top}-{top}"
+    for last, kept in ((f"5-{top}", []), (f"{top}-{top}", [f"{top}-{top}"])):
+        stream = f"flow_events:carry-{last[:1]}"
+        redis_client.xadd(stream, {"a": "1"}, id="1-1")
+        redis_client.xadd(stream, {"a": "2"}, id=last)
+        redis_client.xgroup_create(stream, "flowtrack", id="0")
+        redis_client.xreadgroup("flowtrack", "c", {stream: ">"})
+        redis_client.xack(stream, "flowtrack", "1-1", last)
+        assert _trim(redis_server.url, stream) == 2 - len(kept)  # the largest id has nothing after it: kept
+        assert _ids(redis_client, stream) == kept

@@ -78,6 +78,7 @@ class Pipeline:
         self._stop = asyncio.Event()
         self._last_claim = 0.0
         self._last_trim = 0.0
+        self._trimming: asyncio.Task[None] | None = None  # a trim pass, beside the reads
         self._trim_acked: bool | None = None
         self._drained = False
         self._told_waiting_for_claims = False
@@ -135,6 +136,7 @@ class Pipeline:
                 await self._sleep_unless_stopped(delay)
                 await self._recover_source()
         await self._finish()
+        await self._end_trim_pass()
         keepalive.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await keepalive
@@ -231,9 +233,11 @@ class Pipeline:
         if now - self._last_claim >= self.settings.claim_interval_s:
             self._last_claim = now
             await self._claim()
-        if self.settings.trim_enabled and now - self._last_trim >= self.settings.trim_interval_s:
-            self._last_trim = now
-            await self._trim()
+        if (self.settings.trim_enabled and self._trimming is None
+                and now - self._last_trim >= self.settings.trim_interval_s):
+            # Beside the reads, not inside the step: a pass over 20,000 streams took 8 s with reading stopped, and
+            # one outlasting the interval began again at once (found by review).
+            self._trimming = asyncio.create_task(self._trim_pass())
         got = 0
         room = self.settings.max_inflight_rows - self._inflight_rows()
         room_bytes = self.settings.max_inflight_bytes - self._inflight_bytes()
@@ -458,18 +462,47 @@ class Pipeline:
             except SourceUnavailableError as exc:
                 log.debug("could not refresh in-flight entries: %s", exc)
 
+    async def _trim_pass(self) -> None:
+        """One trim pass over the streams; Redis failing midway ends it (the reads see the outage themselves). The
+        interval counts from its end."""
+        try:
+            await self._trim()
+        except SourceUnavailableError as exc:
+            log.warning("trim pass stopped: %s", exc)
+        finally:
+            self._last_trim = time.monotonic()
+            self._trimming = None
+
+    async def _end_trim_pass(self) -> None:
+        """A drain lets the pass under way finish (what it acknowledged last is trimmed); a stop ends it after the
+        stream it is at."""
+        task = self._trimming
+        if task is None:
+            return
+        if self.stopping:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     async def _trim(self) -> None:
         redis = self.source.redis
         if self._trim_acked is None:
             self._trim_acked = await guarded(lambda: supports_acked(redis))
+        removed_in_pass, streams_trimmed = 0, 0
         for stream in list(self.source.streams):
+            if self.stopping:  # between streams (redis-py may swallow a cancel mid-command and go on)
+                break
             try:
                 removed = await guarded(lambda stream=stream: trim_stream(  # type: ignore[misc]
                     redis, stream, acked=bool(self._trim_acked)))
             except ResponseError as exc:
-                log.warning("not trimming %s: %s", stream, exc)  # stream gone; recover() handles it
+                log.warning("not trimming %s: %s", printable(stream), exc)  # stream gone; recover() handles it
                 continue
             self.stats.trimmed += removed
+            removed_in_pass += removed
+            streams_trimmed += bool(removed)
+        if removed_in_pass:
+            log.info("trimmed %d acknowledged entries from %d stream(s)", removed_in_pass, streams_trimmed)
 
     async def _flush(self) -> None:
         """Send every full batch and the current one to the write slot, one write at a time, in order."""
