@@ -126,6 +126,24 @@ def test_tail_and_rejected_take_odd_keys_and_fields(
     assert {r["source_stream"] for r in json.loads(listed.output)} == {"flow_events:\\xff", "flow_events:1"}
 
 
+def test_tail_pages_through_a_stream_ending_at_the_largest_entry_id(
+        redis_server: RedisServer, redis_client: redis.Redis, clickhouse_url: str) -> None:
+    """A full page of the backlog ending at 18446744073709551615-18446744073709551615: the next page was asked from
+    "(" + that id, which Redis refuses, and tail ended in a traceback after printing everything (found by review)."""
+    from worker.tail import PAGE
+
+    top = 2**64 - 1
+    pipe = redis_client.pipeline(transaction=False)
+    for n in range(PAGE - 1):
+        pipe.xadd("flow_events:top", _event(f"s{n}", "n"), id=f"{n + 1}-0")  # type: ignore[arg-type]
+    pipe.xadd("flow_events:top", _event("s-last", "n"), id=f"{top}-{top}")  # type: ignore[arg-type]
+    pipe.execute()
+    tailed = invoke(["tail", "--since", "0", "--no-follow", "-f", "json"], redis_server.url, clickhouse_url)
+    assert tailed.exit_code == 0, tailed.output[-2000:]
+    ids = [json.loads(line)["source_id"] for line in tailed.output.splitlines()]
+    assert len(ids) == PAGE and ids[-1] == f"{top}-{top}"
+
+
 # -- 2. streams and groups vanishing under the worker --------------------------------------------------------
 
 def _seen_pending(pipeline: Pipeline, stream: str) -> int:

@@ -121,7 +121,8 @@ class Tail:
                     entry_id = _text(raw_id)
                     self.cursors[stream] = entry_id
                     yield id_key(entry_id), stream, entry_id, fields
-                if len(rows) < PAGE:
+                # At the end already: no next page to ask for (past the largest id, "(" + it is refused).
+                if len(rows) < PAGE or self.cursors[stream] == end:
                     return
                 low = "(" + self.cursors[stream]
 
