@@ -694,8 +694,8 @@ def _env() -> dict[str, str]:
 
 
 def test_migrate_twice_and_a_rerun_after_a_crash_mid_swap_change_nothing(store: Store) -> None:
-    """Guarded migrations run only while the old layout is in place: re-running 006/007 is a no-op, and 008 (whose
-    positional backfill does not fit the rollup once 009 added the path) is skipped after 009; 009 re-runs."""
+    """Guarded migrations run only while the old layout is in place: re-running 006/007/012 is a no-op, and 008
+    (whose positional backfill does not fit the rollup once 009 added the path) is skipped after 009; 009 re-runs."""
     from worker.store import load_migrations
 
     sink = Sink(store)
@@ -703,7 +703,7 @@ def test_migrate_twice_and_a_rerun_after_a_crash_mid_swap_change_nothing(store: 
     sink.rollup.flush()
     before = flow_session(store, "s-rerun")
     guarded = [m for m in load_migrations() if m.only_if]
-    assert {m.version for m in guarded} == {6, 7, 8, 10}
+    assert {m.version for m in guarded} == {6, 7, 8, 10, 12}
     relayouts = [m for m in guarded if m.version != 10]  # 010's guard asks what the engine can do, not the layout
     for migration in relayouts:
         assert int(store.client.command(migration.only_if)) == 0
