@@ -5,6 +5,7 @@ Real redis-server; 5,000 streams here, 50,000 in `flowtrack bench --streams 5000
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections import Counter
@@ -523,3 +524,38 @@ def test_a_trim_pass_over_thousands_of_streams_runs_beside_the_reads(
     assert pass_running, f"the pass ended before the probe was stored ({stored_s:.2f} s): nothing was shown"
     assert stop_s < 2.0, stop_s
     assert _count(store, "SELECT count() FROM flowtrack.flow_events WHERE session_id = 's-probe'") == 1
+
+
+def test_status_over_more_streams_than_one_pipeline_reports_each_and_draws_the_most_behind(
+        redis_server: RedisServer, redis_client: redis.Redis, clickhouse_url: str) -> None:
+    """status asked three or four round trips per stream, one after the other (20,000 streams: 14 s), and drew every
+    one in the terminal (found by review). Now pipelined, in chunks; the table shows the streams most behind and
+    says how many it leaves out; --json lists every one."""
+    from tests.conftest import cli_env, run_cli
+    from worker.flows import STATUS_CHUNK
+    from worker.views import STATUS_TABLE_STREAMS
+
+    redis_client.flushdb()
+    streams = [f"flow_events:st{n:04}" for n in range(STATUS_CHUNK * 2 + 37)]
+    pipe = redis_client.pipeline(transaction=False)
+    for stream in streams:
+        pipe.xadd(stream, {"session_id": "s", "node_id": "n", "event_type": "t"})
+        pipe.xgroup_create(stream, "flowtrack", id="$")
+    pipe.execute()
+    behind = {streams[n]: n % 5 + 1 for n in range(0, len(streams), 97)}  # lag of a few streams, across chunks
+    for stream, lag in behind.items():
+        for _ in range(lag):
+            redis_client.xadd(stream, {"session_id": "s", "node_id": "n", "event_type": "t"})
+    redis_client.xadd(streams[1], {"session_id": "s", "node_id": "n", "event_type": "t"})
+    redis_client.xreadgroup("flowtrack", "c1", {streams[1]: ">"})  # one pending entry, nothing unread
+    env = cli_env(redis_server.url, clickhouse_url, FLOWTRACK_STREAMS="flow_events:st*")
+    report = json.loads(run_cli(["status", "--no-store", "--json"], env).stdout)
+    got = {s["name"]: s for s in report["streams"]}
+    assert set(got) == set(streams)
+    assert {name: s["group"]["lag"] for name, s in got.items() if s["group"]["lag"]} == behind
+    assert {name: s["group"]["pending"] for name, s in got.items() if s["group"]["pending"]} == {streams[1]: 1}
+    assert got[streams[1]]["group"]["consumers"][0]["pending"] == 1
+    assert report["redis"]["total_lag"] == sum(behind.values())
+    table = run_cli(["status", "--no-store", "--max-lag", "100"], {**env, "COLUMNS": "200"}).stdout
+    assert f"{len(streams) - STATUS_TABLE_STREAMS:,} more stream(s) not shown" in table
+    assert all(stream in table for stream in behind)  # the ones behind are among those drawn
