@@ -15,7 +15,7 @@ from tests.conftest import make_settings
 from worker.pipeline import Pipeline
 from worker.producer import ProduceConfig, produce
 from worker.redisserver import RedisServer
-from worker.source import PRODUCER_ACL_RULES, WORKER_ACL_RULES, connect
+from worker.source import OPERATOR_ACL_RULES, PRODUCER_ACL_RULES, WORKER_ACL_RULES, connect
 from worker.store import Store
 
 
@@ -47,6 +47,7 @@ def acl_server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
         admin = redis.Redis.from_url(server.url, protocol=2)
         admin.execute_command("ACL", "SETUSER", "worker", "on", ">worker-secret", *WORKER_ACL_RULES.split())
         admin.execute_command("ACL", "SETUSER", "producer", "on", ">producer-secret", *PRODUCER_ACL_RULES.split())
+        admin.execute_command("ACL", "SETUSER", "operator", "on", ">operator-secret", *OPERATOR_ACL_RULES.split())
         admin.close()
         yield server
 
@@ -102,3 +103,23 @@ def test_the_acl_rules_refuse_everything_else(acl_server: RedisServer) -> None:
         worker.xgroup_create("session:secrets", "g", mkstream=True)
     worker.close()
     producer.close()
+
+
+def test_the_operators_commands_work_with_only_the_operator_rules(
+        acl_server: RedisServer, acl_admin: redis.Redis, tmp_path: Path) -> None:
+    """status, tail, rejected and its replay with OPERATOR_ACL_RULES (they ask more than the worker's rules allow:
+    TYPE, XINFO STREAM/CONSUMERS, the replayed hash), and nothing Redis refused on the way (ACL LOG)."""
+    from tests.conftest import cli_env, run_cli
+
+    acl_admin.xadd("flow_events:1", {"session_id": "s", "node_id": "n", "event_type": "t"})
+    acl_admin.xadd("flow_events:1", {"session_id": "s-broken"})  # no node_id: rejected, then replayed
+    store_url = f"chdb://{tmp_path / 'store'}"
+    run_cli(["run", "--drain", "--log-level", "warning"], cli_env(acl_server.url, store_url))
+    acl_admin.execute_command("ACL", "LOG", "RESET")
+    env = cli_env(_url(acl_server, "operator", "operator-secret"), store_url)
+    for args in (["status"], ["tail", "--since", "0", "--no-follow"], ["rejected"],
+                 ["rejected", "--replay", "--all", "--force"]):
+        proc = run_cli(args, env, check=False)
+        assert proc.returncode == 0, (args, proc.stdout[-1000:], proc.stderr[-1000:])
+    assert acl_admin.execute_command("ACL", "LOG") == []
+    assert acl_admin.xlen("flow_events:1") == 3  # the replay was appended

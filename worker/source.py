@@ -97,6 +97,15 @@ WORKER_ACL_RULES = (
     "+xreadgroup +xack +xclaim +xpending +xinfo|groups +xgroup|create +xrange +xrevrange +xtrim "
     "+scan +exists +info +ping"
 )
+# The operator's commands (`status`, `tail`, `rejected` and its `--replay`) read the streams and groups without
+# joining the group, and a replay appends the entry again and records it in the flowtrack:replayed hash. Found by
+# running each with a user of no rights and adding what Redis refused (ACL LOG); tests/test_security.py runs them
+# with exactly these. `status`/`tail`/`rejected` alone need no XADD and no HSET.
+OPERATOR_ACL_RULES = (
+    "resetkeys ~flow_events ~flow_events:* ~flowtrack:replayed resetchannels -@all "
+    "+type +scan +xrange +xrevrange +xpending +xinfo|stream +xinfo|groups +xinfo|consumers +hget +hmget "
+    "+xadd +hset +info +ping"
+)
 # A producer may only append to the flow streams. Without INFO it is taken for a plain Redis (worker.redisclient).
 PRODUCER_ACL_RULES = "resetkeys ~flow_events ~flow_events:* resetchannels -@all +xadd +ping"
 # On a cluster, the same plus what a cluster client needs (a plain Redis does not get these: least privilege).
