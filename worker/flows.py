@@ -478,8 +478,9 @@ def _streams_status(client: SyncClient, names: Sequence[str], group_name: str, c
         if raw is None:
             continue
         calls.append(("xinfo_consumers", (keys[name], group_name), {}))
-        calls.append(("xpending_range", (keys[name], group_name), {"min": "-", "max": "+", "count": 1000,
-                                                                   "idle": claim_idle_ms}))
+        if int(raw["pending"]):  # idle pending entries: asked only where there are pending entries
+            calls.append(("xpending_range", (keys[name], group_name), {"min": "-", "max": "+", "count": 1000,
+                                                                       "idle": claim_idle_ms}))
         if raw.get("lag") is None:  # Redis < 7 does not report lag: count what lies beyond the last delivered id
             calls.append(("xrange", (keys[name],), {"min": f"({_text(raw['last-delivered-id'])}", "max": "+",
                                                     "count": cap}))
@@ -489,7 +490,8 @@ def _streams_status(client: SyncClient, names: Sequence[str], group_name: str, c
         group = None
         if raw is not None:
             lag, capped = raw.get("lag"), False
-            consumers, stale_rows = next(second), next(second)
+            consumers = next(second)
+            stale_rows = next(second) if int(raw["pending"]) else []
             beyond = next(second) if lag is None else []
             if not (_usable(consumers) and _usable(stale_rows) and _usable(beyond)):
                 continue
@@ -497,7 +499,7 @@ def _streams_status(client: SyncClient, names: Sequence[str], group_name: str, c
                 lag, capped = len(beyond), len(beyond) >= cap
             group = GroupStatus(
                 printable(group_name), None if lag is None else int(lag), capped, int(raw["pending"]),
-                len(stale_rows) if int(raw["pending"]) else 0, _text(raw["last-delivered-id"]),
+                len(stale_rows), _text(raw["last-delivered-id"]),
                 [ConsumerStatus(printable(_text(c["name"])), int(c["pending"]), int(c["idle"])) for c in consumers])
         statuses.append(StreamStatus(printable(name), int(info["length"]), _text(info.get("last-generated-id", "")),
                                      group))
