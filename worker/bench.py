@@ -102,6 +102,8 @@ def default_min_ratio(streams: int) -> float:
 
 def default_verdict_min_events(streams: int) -> int:
     return MANY_STREAMS_VERDICT_MIN_EVENTS if streams >= MANY_STREAMS else VERDICT_MIN_EVENTS
+
+
 PASS, FAIL, NO_VERDICT = "PASS", "FAIL", "NO VERDICT"
 BENCH_SHAPES = ("flat-epoch", "flat-iso", "json", "mixed")
 

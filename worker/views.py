@@ -17,7 +17,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from worker.flows import Flow, Placed, RejectedRow, ReplayOutcome, StatusReport
+from worker.flows import Flow, Placed, RejectedRow, ReplayOutcome, StatusReport, StreamStatus
 from worker.normalize import FlowEvent, Rejection
 from worker.query import _cell
 from worker.settings import redact_url
@@ -226,16 +226,14 @@ def flow_view(flow: Flow, placed: Sequence[Placed], width: int, attr_width: int 
 STATUS_TABLE_STREAMS = 50
 
 
-def _needing_attention(report: StatusReport) -> list[Any]:
+def _needing_attention(report: StatusReport) -> list[StreamStatus]:
     """The streams in the order they were found, or, when there are too many to show, the most behind first."""
     if len(report.streams) <= STATUS_TABLE_STREAMS:
         return list(report.streams)
 
-    def behind(s: Any) -> tuple[int, int, int, int]:
+    def behind(s: StreamStatus) -> tuple[int, int, int]:
         g = s.group
-        if g is None:
-            return (0, s.length, 0, 0)
-        return (g.stale_pending, g.lag or 0, g.pending, 0)
+        return (0, s.length, 0) if g is None else (g.stale_pending, g.lag or 0, g.pending)
 
     return sorted(report.streams, key=behind, reverse=True)[:STATUS_TABLE_STREAMS]
 
