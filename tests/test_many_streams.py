@@ -9,6 +9,7 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -214,9 +215,9 @@ def _drain_counting_entries_per_read(settings: Any, timeout_s: float) -> list[in
     per_read: list[int] = []
     original_read = Source.read
 
-    async def measured_read(self: Source, count: int, block_ms: int | None,
-                            max_streams: int | None = None) -> list[tuple[str, list[Any]]]:
-        groups = await original_read(self, count, block_ms, max_streams)
+    async def measured_read(self: Source, count: int, block_ms: int | None, max_streams: int | None = None,
+                            pending_streams: Sequence[str] | None = None) -> list[tuple[str, list[Any]]]:
+        groups = await original_read(self, count, block_ms, max_streams, pending_streams)
         per_read.append(sum(len(items) for _, items in groups))
         return groups
 

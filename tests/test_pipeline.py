@@ -459,9 +459,9 @@ def test_entries_in_flight_never_exceed_the_limit(
     original_write = Sink.write
     seen: list[int] = []
 
-    async def watched_read(self: Source, count: int, block_ms: int | None,
-                           max_streams: int | None = None) -> list[tuple[str, list[Any]]]:
-        groups = await original_read(self, count, block_ms, max_streams)
+    async def watched_read(self: Source, count: int, block_ms: int | None, max_streams: int | None = None,
+                           pending_streams: Sequence[str] | None = None) -> list[tuple[str, list[Any]]]:
+        groups = await original_read(self, count, block_ms, max_streams, pending_streams)
         seen.append(sum(int(redis_client.xpending(s, GROUP)["pending"]) for s in streams if redis_client.exists(s)))
         return groups
 

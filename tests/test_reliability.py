@@ -17,6 +17,7 @@ import redis
 from tests.conftest import drain, make_settings, xadd_all
 from worker import sink
 from worker.pipeline import Pipeline
+from worker.poison import NARROWING_GROUPS, group_take, is_poison, is_suspect
 from worker.redisserver import RedisServer
 from worker.store import Store
 
@@ -68,22 +69,74 @@ def test_entries_of_a_dead_consumer_are_reclaimed(
     assert redis_client.xpending(stream, "flowtrack")["pending"] == 0
 
 
-def test_an_entry_delivered_too_often_becomes_a_rejection(
+def test_an_entry_delivered_alone_too_often_becomes_a_rejection(
         redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+    """Claimed from a dead consumer: past every narrowing level (its last delivery was alone) an entry is poison;
+    one delivery short of that, it is tried alone once more, and stored."""
     stream = "flow_events:3"
     ids = xadd_all(redis_client, [(stream, _event("s3", f"n{i}")) for i in range(5)])
     redis_client.xgroup_create(stream, "flowtrack", id="0")
     redis_client.xreadgroup("flowtrack", "crashy", {stream: ">"}, count=5)
-    redis_client.xack(stream, "flowtrack", *ids[1:])
-    for _ in range(4):  # four more crashed deliveries of ids[0]
-        redis_client.xclaim(stream, "flowtrack", "crashy", 0, [ids[0]])
+    redis_client.xack(stream, "flowtrack", *ids[2:])
+    levels = len(NARROWING_GROUPS)
+    redis_client.xclaim(stream, "flowtrack", "crashy", 0, [ids[0]], retrycount=5 + levels, justid=True)
+    redis_client.xclaim(stream, "flowtrack", "crashy", 0, [ids[1]], retrycount=5 + levels - 1, justid=True)
     time.sleep(0.2)
-    drain(make_settings(redis_server.url, clickhouse_url, claim_idle_ms=100, max_deliveries=5))
+    pipeline = drain(make_settings(redis_server.url, clickhouse_url, claim_idle_ms=100, claim_interval_s=0.1,
+                                   max_deliveries=5))
 
     _, rows = store.query("SELECT source_id, reason FROM flowtrack.rejected_events")
     assert [r[0] for r in rows] == [ids[0]]
-    assert "delivered 6 times" in rows[0][1]
+    assert f"delivered {6 + levels} times without being stored, the last time alone" in rows[0][1]
+    assert store.scalar("SELECT count() FROM flowtrack.flow_events WHERE node_id = 'n1'") == 1
+    assert (pipeline.stats.poison, pipeline.stats.claimed) == (1, 2)
     assert redis_client.xpending(stream, "flowtrack")["pending"] == 0
+
+
+def _hold(client: redis.Redis, stream: str, consumer: str, ids: list[str], deliveries: int) -> None:
+    """As a worker that died ``deliveries`` times holding these entries leaves them."""
+    client.xclaim(stream, "flowtrack", consumer, 0, ids, retrycount=deliveries, justid=True)
+
+
+def test_a_crash_loop_turns_no_good_entry_into_poison(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+    """Our own pending entries left by a worker killed again and again (an OOM, a liveness probe) all count
+    deliveries past FLOWTRACK_MAX_DELIVERIES: each is re-read in groups that narrow with its count, every group
+    stored before the next is read, and all of them land (a count alone used to reject them all)."""
+    stream = "flow_events:crash"
+    ids = xadd_all(redis_client, [(stream, _event("s-crash", f"n{i}")) for i in range(300)])
+    redis_client.xgroup_create(stream, "flowtrack", id="0")
+    settings = make_settings(redis_server.url, clickhouse_url, max_deliveries=2)
+    redis_client.xreadgroup("flowtrack", settings.consumer, {stream: ">"}, count=300)
+    _hold(redis_client, stream, settings.consumer, ids[:200], 2)      # next delivery: level 1, groups of 4096
+    _hold(redis_client, stream, settings.consumer, ids[200:290], 4)   # level 3: groups of 64
+    _hold(redis_client, stream, settings.consumer, ids[290:], 6)      # level 5: alone
+    pipeline = drain(settings)
+
+    assert store.scalar("SELECT count() FROM flowtrack.flow_events WHERE session_id = 's-crash'") == 300
+    assert store.scalar("SELECT count() FROM flowtrack.rejected_events") == 0
+    assert pipeline.stats.poison == 0
+    # 200, then 64 and 26 (the level-5 entries narrow the group they would join), then ten alone
+    assert pipeline.stats.batches == 13
+    assert redis_client.xpending(stream, "flowtrack")["pending"] == 0
+
+
+def test_claims_take_one_narrowed_group_at_a_time(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+    """Entries of a dead consumer that died with them eight times (level 3 with FLOWTRACK_MAX_DELIVERIES=5): a claim
+    takes 64 of them at most, and takes more only once those are stored."""
+    stream = "flow_events:claimed"
+    ids = xadd_all(redis_client, [(stream, _event("s-claimed", f"n{i}")) for i in range(150)])
+    redis_client.xgroup_create(stream, "flowtrack", id="0")
+    redis_client.xreadgroup("flowtrack", "dead", {stream: ">"}, count=150)
+    _hold(redis_client, stream, "dead", ids, 7)
+    time.sleep(0.2)
+    pipeline = drain(make_settings(redis_server.url, clickhouse_url, claim_idle_ms=100, claim_interval_s=0.05,
+                                   max_deliveries=5))
+
+    assert store.scalar("SELECT count() FROM flowtrack.flow_events WHERE session_id = 's-claimed'") == 150
+    assert (pipeline.stats.poison, pipeline.stats.claimed) == (0, 150)
+    assert pipeline.stats.batches == 3  # 64, 64, 22
 
 
 def test_entries_deleted_while_pending_are_reported(
@@ -367,3 +420,14 @@ def test_a_stop_while_redis_does_not_answer_gives_up_the_acknowledgement(store: 
             with contextlib.suppress(ProcessLookupError):
                 os.kill(server.process.pid, signal.SIGCONT)
         server.cleanup()
+
+
+def test_narrowed_groups_shrink_by_level_and_only_suspects_narrow() -> None:
+    limit = 5
+    by_level = [group_take([limit + level - 1] * 10_000, limit, 10_000) for level in range(1, 7)]
+    assert by_level == [*NARROWING_GROUPS, 10_000]  # level 6: poison, rejected without a store, narrows nothing
+    assert group_take([0] * 3000, limit, 1000) == 1000  # within the limit: the caller's COUNT
+    assert group_take([0, 0, limit + 4], limit, 1000) == 2  # a level-5 entry waits to be read alone
+    assert group_take([limit + 4, 0], limit, 1000) == 1
+    assert [is_suspect(d, limit) for d in (5, 6, 10, 11)] == [False, True, True, False]
+    assert [is_poison(d, limit) for d in (10, 11)] == [False, True]

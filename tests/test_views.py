@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import ROOT, cli_env, derived_id, drain, make_settings, run_cli, xadd_all
 from worker.cli import app
+from worker.poison import NARROWING_GROUPS
 from worker.producer import FlowSpec, ProduceConfig, encode, generate_flows
 from worker.redisserver import RedisServer
 from worker.store import Store
@@ -242,11 +243,14 @@ def test_rejected_lists_reasons_and_replay_is_idempotent(
     entries = flow_entries(flows)
     ids = xadd_all(redis_client, entries)
     broken_id = xadd_all(redis_client, [("flow_events:1", {"session_id": "s-bad", "event_type": "llm_call"})])[0]
-    # Every entry was delivered once to a consumer that died; with a threshold of one delivery the worker
-    # that reclaims them rejects them all as poison: good entries land in rejected_events.
+    # Every entry was delivered to consumers that died, as often as it takes to be poison (the last deliveries
+    # alone, worker/poison.py): the worker that reclaims them rejects them all, good entries land in rejected_events.
     for stream in sorted({s for s, _ in entries} | {"flow_events:1"}):
         redis_client.xgroup_create(stream, "flowtrack", id="0")
-        redis_client.xreadgroup("flowtrack", "dead-worker", {stream: ">"})
+        delivered = redis_client.xreadgroup("flowtrack", "dead-worker", {stream: ">"})
+        held = [entry_id for _, items in delivered for entry_id, _ in items]
+        redis_client.xclaim(stream, "flowtrack", "dead-worker", 0, held, retrycount=1 + len(NARROWING_GROUPS),
+                            justid=True)
     time.sleep(0.2)
     drain(make_settings(url, clickhouse_url, max_deliveries=1, claim_idle_ms=100, claim_interval_s=0.1))
     assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 0
@@ -258,7 +262,8 @@ def test_rejected_lists_reasons_and_replay_is_idempotent(
     assert {r["reason"].split(" ")[0] for r in rows} == {"delivered"}
     table = invoke(["rejected", "--reason", "delivered", "--limit", "3"], url, clickhouse_url).stdout
     assert "delivered" in table and "limit 3 reached" in table
-    assert all(r["reason"].startswith("delivered 2 times without being stored") for r in rows)
+    assert all(r["reason"].startswith(f"delivered {2 + len(NARROWING_GROUPS)} times without being stored, the last "
+                                      "time alone") for r in rows)
 
     user1 = [(s, i) for (s, _), i in zip(entries, ids, strict=True) if s == "flow_events:1"]
     fields_of = {i: f for (_, f), i in zip(entries, ids, strict=True)}

@@ -22,6 +22,9 @@ class Batch:
     started_at: float | None = None
     # Deliveries of entries delivered more than once (re-read, reclaimed); every other entry: once.
     deliveries: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Entries of a narrowed group (delivered past FLOWTRACK_MAX_DELIVERIES, worker/poison.py): the batch is sent at
+    # once, and no other such group is read until it is acknowledged.
+    suspects: int = 0
 
     def __len__(self) -> int:
         return self.rows

@@ -132,7 +132,9 @@ def run(
     batch_max_wait_s: Annotated[float | None, typer.Option(
         help="flush a batch when its oldest entry is this old")] = None,
     claim_idle_ms: Annotated[int | None, typer.Option(help="reclaim entries idle this long on dead consumers")] = None,
-    max_deliveries: Annotated[int | None, typer.Option(help="reject an entry delivered more often than this")] = None,
+    max_deliveries: Annotated[int | None, typer.Option(
+        help="deliveries before an entry is re-delivered in ever smaller groups (4096 ... 1); delivered alone once "
+             "more without being stored, it is rejected as poison")] = None,
     max_inflight_bytes: Annotated[int | None, typer.Option(
         help="at most this many bytes of entries read and not yet acknowledged")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="serve /metrics and /healthz on this port (0 = off)")] = None,

@@ -24,6 +24,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from worker import poison
 from worker.ack import Backoff, Committer
 from worker.batch import Batch
 from worker.errors import FlowtrackError, SourceUnavailableError, StoreUnavailableError
@@ -39,7 +40,7 @@ from worker.normalize import (
 )
 from worker.settings import Settings
 from worker.sink import Sink
-from worker.source import Entry, LostStream, Source, guarded, text
+from worker.source import Entry, LostStream, Source, guarded, parse_id, text
 from worker.stats import Stats
 from worker.store import Store
 from worker.trim import supports_acked, trim_stream
@@ -75,6 +76,10 @@ class Pipeline:
         # alive, theirs the deliveries an outage takes back).
         self._acking: dict[asyncio.Task[None], Batch] = {}
         self._prior_deliveries: dict[tuple[str, str], int] = {}
+        # Streams of ours with a narrowed entry among our own pending ones (worker/poison.py): (entry id, deliveries
+        # so far) of each pending entry in id order, and the index of the next one to re-read.
+        self._narrowing: dict[str, list[tuple[str, int]]] = {}
+        self._narrowing_at: dict[str, int] = {}
         self._stop = asyncio.Event()
         self._last_claim = 0.0
         self._last_trim = 0.0
@@ -190,7 +195,7 @@ class Pipeline:
         while True:
             try:
                 await self.source.discover(force=True)
-                self._prior_deliveries = await self.source.own_pending_counts()
+                self._note_own_pending(await self.source.own_pending_counts())
                 return True
             except SourceUnavailableError as exc:
                 if self.stopping:
@@ -211,8 +216,25 @@ class Pipeline:
         our own pending entries there (acks the promoted replica never got) stay pending for good."""
         self.source.recovery_owed = True
         await self.source.recover()
-        self._prior_deliveries = await self.source.own_pending_counts()
+        self._note_own_pending(await self.source.own_pending_counts())
         self.source.recovery_owed = False
+
+    def _note_own_pending(self, counts: dict[tuple[str, str], int]) -> None:
+        """Our own pending entries' delivery counts, before they are re-read (in id order per stream, as XPENDING
+        lists them): the streams holding one past FLOWTRACK_MAX_DELIVERIES are re-read narrowed (_narrowed_read)."""
+        self._prior_deliveries = counts
+        max_deliveries = self.settings.max_deliveries
+        by_stream: dict[str, list[tuple[str, int]]] = {}
+        for (stream, entry_id), prior in counts.items():
+            by_stream.setdefault(stream, []).append((entry_id, prior))
+        self._narrowing = {stream: rows for stream, rows in by_stream.items()
+                           if any(poison.is_suspect(prior + 1, max_deliveries) for _, prior in rows)}
+        self._narrowing_at = {}
+        if self._narrowing:
+            suspects = sum(poison.is_suspect(prior + 1, max_deliveries) for prior in counts.values())
+            log.warning("%d of our pending entries (%d streams) were delivered FLOWTRACK_MAX_DELIVERIES=%d times or "
+                        "more (a crash loop, or an entry that kills the worker): re-reading them in narrowing groups",
+                        suspects, len(self._narrowing), max_deliveries)
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -251,7 +273,9 @@ class Pipeline:
         if self._ready and self._writing is None:
             self._start_write(self._ready.pop(0))
         # Nothing read: flush what there is, once every stream was looked at (not after one quiet slice of many).
-        if self._batch.due() or (got == 0 and self.source.caught_up and self._batch.rows and self._writing is None):
+        # A narrowed group is stored at once: the next one is read only after it (worker/poison.py).
+        if self._batch.due() or self._batch.suspects or (
+                got == 0 and self.source.caught_up and self._batch.rows and self._writing is None):
             await self._flush()
         if drain and got == 0 and self.source.caught_up:
             if self._writing is not None or self._acking:  # reads do not block when draining: wait, do not poll
@@ -312,6 +336,9 @@ class Pipeline:
         acking = [batch for task, batch in self._acking.items() if not task.done()]
         return [self._batch, *self._ready, *writing, *acking]
 
+    def _suspects_held(self) -> int:
+        return sum(b.suspects for b in self._held_batches())
+
     def _inflight_rows(self) -> int:
         return sum(len(b) for b in self._held_batches())
 
@@ -327,9 +354,18 @@ class Pipeline:
         return held
 
     async def _read(self, room: int, room_bytes: int, drain: bool = False) -> int:
-        streams = max(1, self.source.next_read_width())
+        only: list[str] | None = None  # of our own pending entries, these streams' only
+        narrowed: str | None = None
+        take = self.settings.read_count
+        if self._narrowing and self.source.reading_pending:
+            plan = self._narrowed_read()
+            if plan is None:  # a narrowed group is still held: read the next one once it is stored
+                await self._wait_for_room()
+                return 0
+            only, narrowed, take = plan
+        streams = max(1, len(only) if only is not None else self.source.next_read_width())
         by_bytes = room_bytes // (self._entry_bytes_estimate * streams)
-        count = max(1, min(self.settings.read_count, room // streams, by_bytes, MAX_ENTRIES_PER_READ // streams))
+        count = max(1, min(take, room // streams, by_bytes, MAX_ENTRIES_PER_READ // streams))
         wait_s = min(self.settings.block_ms / 1000, self._batch.seconds_left())
         # Draining takes what the streams hold now: a read that finds nothing ends the drain at once instead of
         # blocking for entries it would not wait for (the batch's wait, ~0.25 s, at the end of every drain).
@@ -343,13 +379,54 @@ class Pipeline:
         entries_cap = room if self.source.caught_up else MAX_ENTRIES_PER_READ
         max_streams = max(1, min(room // count, room_bytes // (self._entry_bytes_estimate * count),
                                  entries_cap // count))
-        groups = await self.source.read(count, block_ms, max_streams=max_streams)
+        groups = await self.source.read(count, block_ms, max_streams=max_streams, pending_streams=only)
+        if narrowed is not None:
+            self._narrowed_past(narrowed, groups)
         largest = self._add_pending(groups) if reading_pending else self._add_new(groups)
         if groups:
             self._reads_with_entries += 1
             self._entry_bytes_estimate = max(largest, self._entry_bytes_estimate // ENTRY_BYTES_ESTIMATE_DECAY,
                                              MIN_ENTRY_BYTES_ESTIMATE)
         return sum(len(items) for _, items in groups)
+
+    def _narrowed_read(self) -> tuple[list[str] | None, str | None, int] | None:
+        """The next re-read of our own pending entries while some are narrowed: (the streams to re-read, None for
+        all; the narrowed stream among them or None; COUNT). Streams without a narrowed entry first, as usual; then
+        one narrowed stream at a time, one group (poison.group_take) per read, and only once no narrowed entry is
+        held. None: wait for that."""
+        waiting = self.source.waiting_streams()
+        plain = [stream for stream in waiting if stream not in self._narrowing]
+        narrowed = [stream for stream in waiting if stream in self._narrowing]
+        if not narrowed:
+            self._narrowing.clear()
+            return None, None, self.settings.read_count
+        if plain:
+            return plain, None, self.settings.read_count
+        if self._suspects_held():
+            return None
+        stream = narrowed[0]
+        rows, at = self._narrowing[stream], self._narrowing_at.get(stream, 0)
+        take = poison.group_take((rows[i][1] for i in range(at, len(rows))), self.settings.max_deliveries,
+                                 self.settings.read_count)
+        return [stream], stream, take
+
+    def _narrowed_past(self, stream: str, groups: list[tuple[str, list[Any]]]) -> None:
+        """Move a narrowed stream's index past the entries a read returned; past the last one (or when nothing
+        came back) the stream is read as any other."""
+        rows = self._narrowing.get(stream)
+        if rows is None:
+            return
+        items = next((items for name, items in groups if name == stream), [])
+        at = self._narrowing_at.get(stream, 0)
+        if items:
+            last = parse_id(text(items[-1][0]))
+            while at < len(rows) and parse_id(rows[at][0]) <= last:
+                at += 1
+        if not items or at >= len(rows):
+            del self._narrowing[stream]
+            self._narrowing_at.pop(stream, None)
+        else:
+            self._narrowing_at[stream] = at
 
     def _add_new(self, groups: list[tuple[str, list[Any]]]) -> int:
         """The hot path: entries delivered for the first time, straight from the reply into the batch (in C where the
@@ -405,13 +482,16 @@ class Pipeline:
             self.stats.read += 1
             if entry.deliveries > 1:
                 batch.deliveries[(entry.stream, entry.entry_id)] = entry.deliveries
-            if entry.deliveries > max_deliveries:
+            if poison.is_poison(entry.deliveries, max_deliveries):
                 self.stats.poison += 1
-                reason = (f"delivered {entry.deliveries} times without being stored "
-                          f"(over FLOWTRACK_MAX_DELIVERIES={max_deliveries})")
+                reason = (f"delivered {entry.deliveries} times without being stored, the last time alone "
+                          f"(FLOWTRACK_MAX_DELIVERIES={max_deliveries}, then {len(poison.NARROWING_GROUPS)} "
+                          "deliveries in ever smaller groups)")
                 batch.add(entry.stream, entry.entry_id,
                           Rejection(stored_key(entry.stream), entry.entry_id, reason, _raw(entry)), size)
                 continue
+            if poison.is_suspect(entry.deliveries, max_deliveries):
+                batch.suspects += 1
             if entry.fields is None:
                 self.stats.deleted_while_pending += 1
             batch.add(entry.stream, entry.entry_id,
@@ -435,7 +515,8 @@ class Pipeline:
         batch.add(lost.stream, seen.first_id, Rejection(stored_key(lost.stream), seen.first_id, reason, "{}"))
 
     async def _claim(self) -> None:
-        result = await self.source.claim_idle(self.settings.claim_idle_ms, self.settings.read_count)
+        result = await self.source.claim_idle(self.settings.claim_idle_ms, self.settings.read_count,
+                                              self.settings.max_deliveries, suspects_allowed=not self._suspects_held())
         if result.deleted_ids:
             # Entries deleted from the stream while pending on a dead consumer: record each
             # one in the rejected relation so the loss is visible, not silently forgotten.

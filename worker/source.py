@@ -39,6 +39,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from worker import poison
 from worker.clusterstreams import NodeCommands, SlotMap
 from worker.errors import SourceUnavailableError
 from worker.normalize import printable
@@ -175,6 +176,30 @@ class LostStream:
 
     stream: str
     pending: PendingSnapshot
+
+
+class _Narrowing:
+    """One claim round's share of narrowed entries (worker/poison.py): one group at most, none if the caller holds
+    one already."""
+
+    def __init__(self, max_deliveries: int | None, suspects_allowed: bool) -> None:
+        self.max_deliveries = max_deliveries
+        self.suspects_allowed = suspects_allowed
+
+    def cut(self, candidates: dict[str, int]) -> dict[str, int]:
+        """The candidates (entry id -> deliveries so far, in id order) this claim may take."""
+        limit = self.max_deliveries
+        if limit is None or not candidates:
+            return candidates
+        prior = list(candidates.values())
+        suspect = [poison.is_suspect(count + 1, limit) for count in prior]
+        if not self.suspects_allowed:
+            keep = suspect.index(True) if True in suspect else len(prior)
+        else:
+            keep = poison.group_take(prior, limit, len(prior))
+        if True in suspect[:keep]:
+            self.suspects_allowed = False  # this round's group is taken
+        return dict(itertools.islice(candidates.items(), keep))
 
 
 class Source:
@@ -385,11 +410,12 @@ class Source:
         return stream in self.settings.streams and not is_pattern(stream)
 
     # -- reading ---------------------------------------------------------------------------------
-    async def read(self, count: int, block_ms: int | None, max_streams: int | None = None
-                   ) -> list[tuple[str, list[Any]]]:
+    async def read(self, count: int, block_ms: int | None, max_streams: int | None = None,
+                   pending_streams: Sequence[str] | None = None) -> list[tuple[str, list[Any]]]:
         """One XREADGROUP over at most ``max_streams`` streams (all by default): our own pending entries first,
-        without blocking; then new entries, a slice of the streams per read, in turn (``Rotation``), blocking only
-        once a whole turn found nothing. COUNT x streams read is then never more than the caller allows.
+        without blocking (of ``pending_streams`` only, when given: see ``waiting_streams``); then new entries, a
+        slice of the streams per read, in turn (``Rotation``), blocking only once a whole turn found nothing.
+        COUNT x streams read is then never more than the caller allows.
 
         Returns the reply as Redis sent it, per stream: [(stream, [[entry id, [name, value, …] or None], …])].
         No per-entry objects: this is the hot path.
@@ -400,8 +426,11 @@ class Source:
                 await asyncio.sleep(block_ms / 1000)
             return []
         size = len(self.streams) if max_streams is None else max(1, max_streams)
-        pending = (dict(itertools.islice(((s, c) for s, c in self._cursor.items() if c != ">"), size))
-                   if self.reading_pending else {})
+        pending: dict[str, str] = {}
+        if self.reading_pending:
+            cursors = (self._cursor.items() if pending_streams is None
+                       else ((s, self._cursor.get(s, ">")) for s in pending_streams))
+            pending = dict(itertools.islice(((s, c) for s, c in cursors if c != ">"), size))
         chosen: list[str] = []
         sliced = False
         if pending:
@@ -490,6 +519,10 @@ class Source:
         for stream in pending:
             self._cursor[stream] = last.get(stream, ">")  # no more own pending entries: switch to new ones
 
+    def waiting_streams(self) -> list[str]:
+        """The streams whose own pending entries are still to be re-read (at start, after a recovery)."""
+        return [stream for stream, cursor in self._cursor.items() if cursor != ">"] if self.reading_pending else []
+
     @property
     def reading_pending(self) -> bool:
         if self._rereading:  # look at every cursor only while some may still be an id: at start, after recover
@@ -537,7 +570,8 @@ class Source:
             raise
 
     # -- reclaiming ------------------------------------------------------------------------------
-    async def claim_idle(self, min_idle_ms: int, count: int) -> ClaimResult:
+    async def claim_idle(self, min_idle_ms: int, count: int, max_deliveries: int | None = None,
+                         suspects_allowed: bool = True) -> ClaimResult:
         """Take over entries idle for min_idle_ms on *other* consumers (crashed ones).
 
         XPENDING IDLE lists the candidates with their delivery counts; XCLAIM re-checks the idle time
@@ -545,9 +579,15 @@ class Source:
         entries are never claimed (they are in flight here, or re-read at start). Candidates XCLAIM does
         not return with data were deleted from the stream while pending: they are reported in
         ``deleted_ids`` so the loss is recorded, never silently forgotten.
+
+        With ``max_deliveries``, entries the claim would deliver past it (worker/poison.py) are taken in one
+        narrowed group per round at most (``poison.group_take``), and none while ``suspects_allowed`` is false
+        (the caller still holds such a group): a claim counts a delivery, so it takes only what the caller stores
+        before it takes more.
         """
         await self.open()
         result = ClaimResult()
+        narrowing = _Narrowing(max_deliveries, suspects_allowed)
         # Only streams whose XPENDING summary shows entries of other consumers are looked into, and only the
         # summaries of a slice of the streams are read per round (``ClaimSweep``): O(streams with work) a round.
         streams = self._claims.streams_for_round(self.streams)
@@ -563,7 +603,7 @@ class Source:
             if not others or len(result.entries) >= count:
                 continue
             try:
-                await self._claim_from(stream, min_idle_ms, count - len(result.entries), result)
+                await self._claim_from(stream, min_idle_ms, count - len(result.entries), result, narrowing)
             except ResponseError as exc:
                 if vanished(exc):
                     await self.recover()
@@ -573,8 +613,9 @@ class Source:
             await self.recover()
         return result
 
-    async def _claim_from(self, stream: str, min_idle_ms: int, limit: int, result: ClaimResult) -> None:
-        candidates = await self._idle_pending_of_others(stream, min_idle_ms, limit)
+    async def _claim_from(self, stream: str, min_idle_ms: int, limit: int, result: ClaimResult,
+                          narrowing: _Narrowing) -> None:
+        candidates = narrowing.cut(await self._idle_pending_of_others(stream, min_idle_ms, limit))
         if not candidates:
             return
         claimed = await guarded(lambda: self._one(("XCLAIM", stream, self.group, self.consumer, min_idle_ms,
