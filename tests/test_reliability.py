@@ -8,17 +8,21 @@ import asyncio
 import contextlib
 import os
 import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 import redis
 
 from tests.conftest import drain, make_settings, xadd_all
 from worker import sink
+from worker.normalize import FlowEvent, Rejection
 from worker.pipeline import Pipeline
-from worker.poison import NARROWING_GROUPS, group_take, is_poison, is_suspect
+from worker.poison import NARROWING_GROUPS, Group, is_poison, is_suspect
 from worker.redisserver import RedisServer
+from worker.settings import Settings
 from worker.store import Store
 
 
@@ -424,10 +428,191 @@ def test_a_stop_while_redis_does_not_answer_gives_up_the_acknowledgement(store: 
 
 def test_narrowed_groups_shrink_by_level_and_only_suspects_narrow() -> None:
     limit = 5
-    by_level = [group_take([limit + level - 1] * 10_000, limit, 10_000) for level in range(1, 7)]
+
+    def admitted(prior: list[int], size: int) -> int:
+        return Group(limit, size).admit(prior)
+
+    by_level = [admitted([limit + level - 1] * 10_000, 10_000) for level in range(1, 7)]
     assert by_level == [*NARROWING_GROUPS, 10_000]  # level 6: poison, rejected without a store, narrows nothing
-    assert group_take([0] * 3000, limit, 1000) == 1000  # within the limit: the caller's COUNT
-    assert group_take([0, 0, limit + 4], limit, 1000) == 2  # a level-5 entry waits to be read alone
-    assert group_take([limit + 4, 0], limit, 1000) == 1
+    assert admitted([0] * 3000, 1000) == 1000  # within the limit: the caller's COUNT
+    assert admitted([0, 0, limit + 4], 1000) == 2  # a run within the limit ends before a narrowed entry
+    assert admitted([limit + 4, 0], 1000) == 1  # level 5: alone
+    assert admitted([limit, 0, 0], 1000) == 3  # a narrowed group takes the entries within the limit after it
+    across = Group(limit, 1000)  # one group over several streams
+    assert [across.admit([limit] * 3), across.admit([limit + 2] * 100), across.closed] == [3, 61, True]
     assert [is_suspect(d, limit) for d in (5, 6, 10, 11)] == [False, True, True, False]
     assert [is_poison(d, limit) for d in (10, 11)] == [False, True]
+
+
+# -- narrowing, death by death -------------------------------------------------------------------------------------
+# A worker's death mid-insert, in process: a BaseException out of the sink's write ends the run with nothing of that
+# batch acknowledged, as SIGKILL would (tests/faults/test_crash_loop.py kills real processes); here the point is to
+# see exactly which entries each insert held when the worker died.
+class _Killed(BaseException):
+    pass
+
+
+def _life_that_dies(settings: Settings, monkeypatch: pytest.MonkeyPatch, dies_if: Callable[[set[str]], bool],
+                    writes: list[set[str]], before_read: Callable[[], None] | None = None) -> None:
+    """One worker life that dies in the first insert ``dies_if`` picks; ``writes``: each insert's entry ids."""
+    original_write = sink.Sink.write
+
+    def write(self: sink.Sink, events: Sequence[FlowEvent], rejections: Sequence[Rejection]) -> Any:
+        ids = {e.source_id for e in events} | {r.source_id for r in rejections}
+        writes.append(ids)
+        if dies_if(ids):
+            raise _Killed()
+        return original_write(self, events, rejections)
+
+    monkeypatch.setattr(sink.Sink, "write", write)
+    if before_read is not None:
+        original_note = Pipeline._note_own_pending
+
+        def note(self: Pipeline, counts: dict[tuple[str, str], int]) -> None:
+            original_note(self, counts)
+            before_read()
+        monkeypatch.setattr(Pipeline, "_note_own_pending", note)
+
+    async def go() -> None:
+        pipeline = Pipeline(settings)
+        try:
+            await asyncio.wait_for(pipeline.run(drain=True), 60)
+        finally:
+            await pipeline.close()
+
+    with pytest.raises(_Killed):
+        asyncio.run(go())
+    monkeypatch.undo()
+
+
+def test_a_narrowed_claim_waits_for_nothing_else_in_flight(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead consumer's entry whose next delivery is its last chance alone (level 5), under steady new traffic:
+    it is claimed only once nothing else is in flight, and its insert holds it alone; dying there makes it poison,
+    and only it."""
+    stream = "flow_events:alone"
+    redis_client.xgroup_create(stream, "flowtrack", id="0", mkstream=True)
+    [x] = xadd_all(redis_client, [(stream, _event("s", "x"))])
+    redis_client.xreadgroup("flowtrack", "dead", {stream: ">"}, count=1)
+    _hold(redis_client, stream, "dead", [x], 6)  # FLOWTRACK_MAX_DELIVERIES=2: the claim is delivery 7, level 5
+    settings = make_settings(redis_server.url, clickhouse_url, max_deliveries=2, claim_idle_ms=1500,
+                             claim_interval_s=0.05, batch_max_wait_s=5)
+    stop = threading.Event()
+
+    def produce() -> None:
+        client = redis.Redis.from_url(redis_server.url)
+        sent = 0
+        while not stop.is_set():
+            client.xadd(stream, _event("s", f"n{sent}"))
+            sent += 1
+            time.sleep(0.003)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    writes: list[set[str]] = []
+    try:
+        _life_that_dies(settings, monkeypatch, lambda ids: x in ids, writes)
+    finally:
+        stop.set()
+        producer.join()
+    assert writes[-1] == {x}
+    assert len(writes) > 1  # the new traffic was stored before, not held beside it
+
+    drain(settings)
+    _, rows = store.query("SELECT source_id, reason FROM flowtrack.rejected_events")
+    assert [r[0] for r in rows] == [x] and "the last time alone" in rows[0][1]
+
+
+def test_a_narrowed_entry_is_not_read_beside_the_entries_before_it(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our own pending [i0 within the limit, x at level 5]: i0 is stored on its own first; a death in that insert
+    costs x nothing (it was not read), and the next life stores both."""
+    stream = "flow_events:own"
+    ids = xadd_all(redis_client, [(stream, _event("s", f"n{i}")) for i in range(2)])
+    redis_client.xgroup_create(stream, "flowtrack", id="0")
+    settings = make_settings(redis_server.url, clickhouse_url, max_deliveries=2, batch_max_wait_s=5)
+    redis_client.xreadgroup("flowtrack", settings.consumer, {stream: ">"}, count=2)
+    _hold(redis_client, stream, settings.consumer, [ids[1]], 6)
+    writes: list[set[str]] = []
+    _life_that_dies(settings, monkeypatch, lambda w: ids[0] in w, writes)
+    assert writes == [{ids[0]}]
+    assert int(redis_client.xpending_range(stream, "flowtrack", ids[1], ids[1], 1)[0]["times_delivered"]) == 6
+
+    drain(settings)
+    assert store.scalar("SELECT count() FROM flowtrack.flow_events WHERE session_id = 's'") == 2
+    assert store.scalar("SELECT count() FROM flowtrack.rejected_events") == 0
+
+
+def test_a_narrowed_group_is_what_our_pending_list_holds_now(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer claims some of our pending entries after we counted them: the group is cut from what we hold at
+    the read (ids, not a COUNT from a cursor), so the level-5 entry after the level-4 ones still goes alone."""
+    stream = "flow_events:shrunk"
+    ids = xadd_all(redis_client, [(stream, _event("s", f"n{i}")) for i in range(9)])
+    redis_client.xgroup_create(stream, "flowtrack", id="0")
+    settings = make_settings(redis_server.url, clickhouse_url, max_deliveries=2, batch_max_wait_s=5,
+                             claim_idle_ms=600_000)
+    redis_client.xreadgroup("flowtrack", settings.consumer, {stream: ">"}, count=9)
+    _hold(redis_client, stream, settings.consumer, ids[:8], 5)  # level 4: groups of 8
+    _hold(redis_client, stream, settings.consumer, [ids[8]], 6)  # level 5: alone
+
+    def peer_claims() -> None:
+        redis_client.xclaim(stream, "flowtrack", "peer", 0, ids[:3], justid=True)
+
+    writes: list[set[str]] = []
+    _life_that_dies(settings, monkeypatch, lambda w: ids[8] in w, writes, before_read=peer_claims)
+    assert writes == [set(ids[3:8]), {ids[8]}]
+
+
+def test_a_recovery_does_not_count_a_delivery_for_held_entries(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claimed level-4 group is being stored when another stream vanishes: the source recovers and re-reads our
+    pending entries from the start, which counts a delivery in Redis for the held ones too; they get their count
+    back. The worker dies in that insert: at the next life they are at level 5, stored one by one, none rejected."""
+    s, t = "flow_events:a", "flow_events:b"
+    ids = xadd_all(redis_client, [(s, _event("s", f"n{i}")) for i in range(8)])
+    xadd_all(redis_client, [(t, _event("t", "t0"))])
+    redis_client.xgroup_create(s, "flowtrack", id="0")
+    redis_client.xreadgroup("flowtrack", "dead", {s: ">"}, count=8)
+    _hold(redis_client, s, "dead", ids, 5)  # FLOWTRACK_MAX_DELIVERIES=2: the claim is delivery 6, level 4
+    time.sleep(0.2)
+    settings = make_settings(redis_server.url, clickhouse_url, max_deliveries=2, claim_idle_ms=100,
+                             claim_interval_s=0.05)
+
+    def dies(w: set[str]) -> bool:
+        if not set(ids) <= w:
+            return False
+        redis_client.delete(t)  # a per-user stream deleted meanwhile
+        time.sleep(1.0)  # the loop goes on (and recovers) while the insert runs
+        return True
+
+    writes: list[set[str]] = []
+    _life_that_dies(settings, monkeypatch, dies, writes)
+    counts = {r["message_id"].decode(): r["times_delivered"] for r in redis_client.xpending_range(s, "flowtrack",
+                                                                                                 "-", "+", 100)}
+    assert counts == {i: 6 for i in ids}
+
+    pipeline = drain(settings)
+    assert store.scalar("SELECT count() FROM flowtrack.flow_events WHERE session_id = 's'") == 8
+    assert store.scalar("SELECT count() FROM flowtrack.rejected_events") == 0
+    assert pipeline.stats.batches == 8  # level 5: one by one
+
+
+def test_narrowing_gathers_one_group_over_many_streams(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
+    """A crash loop over per-user streams leaves one pending entry of ours per stream at level 1: one group of
+    them all (up to 4096) is one insert, not one insert per stream."""
+    settings = make_settings(redis_server.url, clickhouse_url, max_deliveries=2)
+    for i in range(300):
+        stream = f"flow_events:u{i}"
+        [entry_id] = xadd_all(redis_client, [(stream, _event(f"u{i}", "n0"))])
+        redis_client.xgroup_create(stream, "flowtrack", id="0")
+        redis_client.xreadgroup("flowtrack", settings.consumer, {stream: ">"}, count=1)
+        _hold(redis_client, stream, settings.consumer, [entry_id], 2)
+    pipeline = drain(settings, timeout_s=120)
+    assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 300
+    assert pipeline.stats.batches == 1

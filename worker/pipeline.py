@@ -40,7 +40,7 @@ from worker.normalize import (
 )
 from worker.settings import Settings
 from worker.sink import Sink
-from worker.source import Entry, LostStream, Source, guarded, parse_id, text
+from worker.source import ClaimResult, Entry, LostStream, Source, guarded, text
 from worker.stats import Stats
 from worker.store import Store
 from worker.trim import supports_acked, trim_stream
@@ -76,10 +76,12 @@ class Pipeline:
         # alive, theirs the deliveries an outage takes back).
         self._acking: dict[asyncio.Task[None], Batch] = {}
         self._prior_deliveries: dict[tuple[str, str], int] = {}
-        # Streams of ours with a narrowed entry among our own pending ones (worker/poison.py): (entry id, deliveries
-        # so far) of each pending entry in id order, and the index of the next one to re-read.
-        self._narrowing: dict[str, list[tuple[str, int]]] = {}
-        self._narrowing_at: dict[str, int] = {}
+        # Streams with a narrowed entry among our own pending ones (worker/poison.py): re-read by Source.read_narrowed.
+        self._narrowing: set[str] = set()
+        self._recoveries_seen = 0  # Source.recover() calls whose re-read our delivery counts were taken for
+        self._narrowed_claim_waiting = False  # a claim left narrowed entries for when nothing is in flight
+        # Held entries a re-read delivered again, by the delivery count each had: set back after the read.
+        self._recount: dict[int, dict[str, list[str]]] = {}
         self._stop = asyncio.Event()
         self._last_claim = 0.0
         self._last_trim = 0.0
@@ -220,21 +222,17 @@ class Pipeline:
         self.source.recovery_owed = False
 
     def _note_own_pending(self, counts: dict[tuple[str, str], int]) -> None:
-        """Our own pending entries' delivery counts, before they are re-read (in id order per stream, as XPENDING
-        lists them): the streams holding one past FLOWTRACK_MAX_DELIVERIES are re-read narrowed (_narrowed_read)."""
+        """Our own pending entries' delivery counts, before they are re-read: the streams holding one past
+        FLOWTRACK_MAX_DELIVERIES are re-read narrowed (worker/poison.py)."""
         self._prior_deliveries = counts
+        self._recoveries_seen = self.source.recoveries
         max_deliveries = self.settings.max_deliveries
-        by_stream: dict[str, list[tuple[str, int]]] = {}
-        for (stream, entry_id), prior in counts.items():
-            by_stream.setdefault(stream, []).append((entry_id, prior))
-        self._narrowing = {stream: rows for stream, rows in by_stream.items()
-                           if any(poison.is_suspect(prior + 1, max_deliveries) for _, prior in rows)}
-        self._narrowing_at = {}
-        if self._narrowing:
-            suspects = sum(poison.is_suspect(prior + 1, max_deliveries) for prior in counts.values())
+        suspects = [key for key, prior in counts.items() if poison.is_suspect(prior + 1, max_deliveries)]
+        self._narrowing = {stream for stream, _ in suspects}
+        if suspects:
             log.warning("%d of our pending entries (%d streams) were delivered FLOWTRACK_MAX_DELIVERIES=%d times or "
                         "more (a crash loop, or an entry that kills the worker): re-reading them in narrowing groups",
-                        suspects, len(self._narrowing), max_deliveries)
+                        len(suspects), len(self._narrowing), max_deliveries)
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -250,6 +248,8 @@ class Pipeline:
         self.source.note_slot_moves()
         if self.source.recovery_owed:
             await self._recover()
+        elif self.source.recoveries != self._recoveries_seen:  # the source recovered by itself (a stream vanished)
+            self._note_own_pending(await self.source.own_pending_counts())
         await self.source.discover()
         now = time.monotonic()
         if now - self._last_claim >= self.settings.claim_interval_s:
@@ -339,6 +339,11 @@ class Pipeline:
     def _suspects_held(self) -> int:
         return sum(b.suspects for b in self._held_batches())
 
+    def _held_deliveries(self) -> dict[tuple[str, str], int]:
+        """(stream, entry id) -> its delivery count, of every entry held."""
+        return {(stream, entry_id): batch.deliveries.get((stream, entry_id), 1)
+                for batch in self._held_batches() for stream, ids in batch.ids_by_stream.items() for entry_id in ids}
+
     def _inflight_rows(self) -> int:
         return sum(len(b) for b in self._held_batches())
 
@@ -354,18 +359,29 @@ class Pipeline:
         return held
 
     async def _read(self, room: int, room_bytes: int, drain: bool = False) -> int:
+        if self._suspects_held():
+            # A narrowed group is alone in flight (worker/poison.py): nothing more is read until it is acknowledged.
+            await self._wait_for_room()
+            return 0
+        if self._narrowed_claim_waiting:
+            await self._empty_inflight()  # then claim at once: the narrowed group goes alone
+            if not self._inflight_rows():
+                self._last_claim = 0.0
+            return 0
         only: list[str] | None = None  # of our own pending entries, these streams' only
-        narrowed: str | None = None
-        take = self.settings.read_count
         if self._narrowing and self.source.reading_pending:
-            plan = self._narrowed_read()
-            if plan is None:  # a narrowed group is still held: read the next one once it is stored
-                await self._wait_for_room()
-                return 0
-            only, narrowed, take = plan
+            waiting = self.source.waiting_streams()
+            only = [stream for stream in waiting if stream not in self._narrowing]
+            if not only:
+                narrowed = [stream for stream in waiting if stream in self._narrowing]
+                if not narrowed:
+                    self._narrowing = set()
+                    only = None
+                else:
+                    return await self._read_narrowed(narrowed, room)
         streams = max(1, len(only) if only is not None else self.source.next_read_width())
         by_bytes = room_bytes // (self._entry_bytes_estimate * streams)
-        count = max(1, min(take, room // streams, by_bytes, MAX_ENTRIES_PER_READ // streams))
+        count = max(1, min(self.settings.read_count, room // streams, by_bytes, MAX_ENTRIES_PER_READ // streams))
         wait_s = min(self.settings.block_ms / 1000, self._batch.seconds_left())
         # Draining takes what the streams hold now: a read that finds nothing ends the drain at once instead of
         # blocking for entries it would not wait for (the batch's wait, ~0.25 s, at the end of every drain).
@@ -380,53 +396,32 @@ class Pipeline:
         max_streams = max(1, min(room // count, room_bytes // (self._entry_bytes_estimate * count),
                                  entries_cap // count))
         groups = await self.source.read(count, block_ms, max_streams=max_streams, pending_streams=only)
-        if narrowed is not None:
-            self._narrowed_past(narrowed, groups)
         largest = self._add_pending(groups) if reading_pending else self._add_new(groups)
+        if self._recount:
+            recount, self._recount = self._recount, {}
+            await self.source.set_delivery_counts(recount)
         if groups:
             self._reads_with_entries += 1
             self._entry_bytes_estimate = max(largest, self._entry_bytes_estimate // ENTRY_BYTES_ESTIMATE_DECAY,
                                              MIN_ENTRY_BYTES_ESTIMATE)
         return sum(len(items) for _, items in groups)
 
-    def _narrowed_read(self) -> tuple[list[str] | None, str | None, int] | None:
-        """The next re-read of our own pending entries while some are narrowed: (the streams to re-read, None for
-        all; the narrowed stream among them or None; COUNT). Streams without a narrowed entry first, as usual; then
-        one narrowed stream at a time, one group (poison.group_take) per read, and only once no narrowed entry is
-        held. None: wait for that."""
-        waiting = self.source.waiting_streams()
-        plain = [stream for stream in waiting if stream not in self._narrowing]
-        narrowed = [stream for stream in waiting if stream in self._narrowing]
-        if not narrowed:
-            self._narrowing.clear()
-            return None, None, self.settings.read_count
-        if plain:
-            return plain, None, self.settings.read_count
-        if self._suspects_held():
-            return None
-        stream = narrowed[0]
-        rows, at = self._narrowing[stream], self._narrowing_at.get(stream, 0)
-        take = poison.group_take((rows[i][1] for i in range(at, len(rows))), self.settings.max_deliveries,
-                                 self.settings.read_count)
-        return [stream], stream, take
+    async def _empty_inflight(self) -> None:
+        """Toward nothing in flight: send the batch being filled to the store, wait for a write or an ack."""
+        if self._batch.rows:
+            await self._flush()
+        await self._wait_for_room()
 
-    def _narrowed_past(self, stream: str, groups: list[tuple[str, list[Any]]]) -> None:
-        """Move a narrowed stream's index past the entries a read returned; past the last one (or when nothing
-        came back) the stream is read as any other."""
-        rows = self._narrowing.get(stream)
-        if rows is None:
-            return
-        items = next((items for name, items in groups if name == stream), [])
-        at = self._narrowing_at.get(stream, 0)
-        if items:
-            last = parse_id(text(items[-1][0]))
-            while at < len(rows) and parse_id(rows[at][0]) <= last:
-                at += 1
-        if not items or at >= len(rows):
-            del self._narrowing[stream]
-            self._narrowing_at.pop(stream, None)
-        else:
-            self._narrowing_at[stream] = at
+    async def _read_narrowed(self, streams: list[str], room: int) -> int:
+        """One narrowed group of our own pending entries, read only once nothing else is in flight: a death while
+        it is held then counts a delivery to that group alone."""
+        if self._inflight_rows():
+            await self._empty_inflight()
+            return 0
+        result = await self.source.read_narrowed(streams, self.settings.max_deliveries,
+                                                 max(1, min(self.settings.read_count, room)))
+        self._add_claimed(result)
+        return len(result.entries) + len(result.deleted_ids)
 
     def _add_new(self, groups: list[tuple[str, list[Any]]]) -> int:
         """The hot path: entries delivered for the first time, straight from the reply into the batch (in C where the
@@ -453,13 +448,17 @@ class Pipeline:
     def _add_pending(self, groups: list[tuple[str, list[Any]]]) -> int:
         """Our own pending entries, re-read at start or after a reconnect: count deliveries, skip held ones.
         Returns the size of the largest entry read."""
-        held = {(stream, i) for stream, ids in self._held_ids_by_stream().items() for i in ids}
+        held = self._held_deliveries()
         entries = []
         for stream, items in groups:
             for raw_id, fields in items:
                 entry_id = text(raw_id)
-                if (stream, entry_id) in held:
-                    continue  # still on its way to the store from before the reconnect
+                count = held.get((stream, entry_id))
+                if count is not None:  # still on its way to the store from before the reconnect
+                    # This re-read counted a delivery it does not make: give it back (a held narrowed group would
+                    # otherwise reach the next level without a death).
+                    self._recount.setdefault(count, {}).setdefault(stream, []).append(entry_id)
+                    continue
                 prior = self._prior_deliveries.pop((stream, entry_id), 0)
                 entries.append(Entry(stream, entry_id, pairs_to_dict(fields) or None, prior + 1))
         return self._add(entries)
@@ -515,20 +514,28 @@ class Pipeline:
         batch.add(lost.stream, seen.first_id, Rejection(stored_key(lost.stream), seen.first_id, reason, "{}"))
 
     async def _claim(self) -> None:
+        if self._suspects_held():
+            return  # a narrowed group is alone in flight (worker/poison.py): nothing is claimed beside it
         result = await self.source.claim_idle(self.settings.claim_idle_ms, self.settings.read_count,
-                                              self.settings.max_deliveries, suspects_allowed=not self._suspects_held())
+                                              self.settings.max_deliveries, suspects_allowed=not self._inflight_rows())
+        if result.entries:
+            self.stats.claimed += len(result.entries)
+            log.info("reclaimed %d idle pending entries from other consumers", len(result.entries))
+        self._add_claimed(result)
+        # Narrowed entries of a dead consumer wait for nothing else to be in flight: stop reading until then.
+        self._narrowed_claim_waiting = result.narrowed_waiting
+
+    def _add_claimed(self, result: ClaimResult) -> None:
+        """Entries delivered by XCLAIM (a dead consumer's, or a narrowed group of our own), and those of them found
+        deleted from their stream while pending: each of these is recorded in the rejected relation, so the loss is
+        visible, not silently forgotten."""
         if result.deleted_ids:
-            # Entries deleted from the stream while pending on a dead consumer: record each
-            # one in the rejected relation so the loss is visible, not silently forgotten.
             log.error("%d pending entries were deleted from their streams before being processed "
                       "(trimmed or XDEL'd); first: %s", len(result.deleted_ids), result.deleted_ids[0])
             self._add(Entry(stream, entry_id, None) for stream, entry_id in result.deleted_ids)
         if result.entries or result.deleted_ids:
             self._reads_with_entries += 1
-        if result.entries:
-            self.stats.claimed += len(result.entries)
-            log.info("reclaimed %d idle pending entries from other consumers", len(result.entries))
-            self._add(result.entries)
+        self._add(result.entries)
 
     async def _keep_inflight_alive(self) -> None:
         """Every claim interval, reset the idle time of the entries this worker holds, even while the loop

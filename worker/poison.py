@@ -5,11 +5,11 @@ consumer). A worker that dies while holding entries (killed by an OOM, a livenes
 survive) leaves every entry it held with one more delivery, the good ones with the bad. A count alone cannot tell
 them apart: rejecting everything past ``FLOWTRACK_MAX_DELIVERIES`` turned a crash loop's whole in-flight window
 into poison. So past that count an entry is *narrowed*: it is delivered again only in a group of at most
-``NARROWING_GROUPS[level - 1]`` such entries (level = deliveries over the limit), the group stored and acknowledged
-before the next one is read. A death then costs a delivery to that group only: the entries of the groups stored
-before it are done, those after it were not read. The entry that kills the worker is alone after
-``len(NARROWING_GROUPS)`` more deaths, and is rejected only when a delivery *alone* ended without a store; every
-other entry is stored as soon as a worker lives through one small insert.
+``NARROWING_GROUPS[level - 1]`` entries (level = deliveries over the limit), with nothing else in flight beside
+it, and the group is stored and acknowledged before anything more is read (``Group``). A death then costs a
+delivery to that group only: the groups stored before it are done, those after it were not read. The entry that
+kills the worker is alone after ``len(NARROWING_GROUPS)`` more deaths, and is rejected only when a delivery
+*alone* ended without a store; every other entry is stored as soon as a worker lives through one small insert.
 """
 
 from __future__ import annotations
@@ -38,18 +38,39 @@ def is_suspect(deliveries: int, max_deliveries: int) -> bool:
     return 1 <= level(deliveries, max_deliveries) <= len(NARROWING_GROUPS)
 
 
-def group_take(prior_deliveries: Iterable[int], max_deliveries: int, limit: int) -> int:
-    """How many of these entries (in the order they would be read, each given by its deliveries so far) one
-    delivery may take, at most ``limit``: stop before the group of suspects would outgrow the smallest group any
-    of its suspects allows. Entries within the limit, and poison (rejected, never stored), narrow nothing.
-    At least 1: a lone entry is always its own group."""
-    taken = 0
-    group = limit
-    for prior in prior_deliveries:
-        over = level(prior + 1, max_deliveries)
-        if 1 <= over <= len(NARROWING_GROUPS):
-            group = min(group, NARROWING_GROUPS[over - 1])
-        if taken >= group:
-            break
-        taken += 1
-    return max(1, taken)
+class Group:
+    """One narrowed delivery's entries, gathered across streams in read order: either a run of entries within the
+    limit that ends before the first narrowed one, or a group that begins with a narrowed entry and holds no more
+    than the smallest group any of its narrowed entries allows (poison entries, rejected without a store, narrow
+    nothing). ``closed`` once nothing more may join."""
+
+    def __init__(self, max_deliveries: int, limit: int) -> None:
+        self.max_deliveries = max_deliveries
+        self.size = max(1, limit)
+        self.taken = 0
+        self.narrowed = False
+        self.closed = False
+
+    def admit(self, prior_deliveries: Iterable[int]) -> int:
+        """How many of these next entries of one stream (each given by its deliveries so far) join."""
+        joined = 0
+        for prior in prior_deliveries:
+            if not self._admits(prior):
+                self.closed = True
+                break
+            joined += 1
+        if self.taken >= self.size:
+            self.closed = True
+        return joined
+
+    def _admits(self, prior: int) -> bool:
+        over = level(prior + 1, self.max_deliveries)
+        suspect = 1 <= over <= len(NARROWING_GROUPS)
+        if suspect and self.taken and not self.narrowed:
+            return False  # a run within the limit ends before the first narrowed entry
+        size = min(self.size, NARROWING_GROUPS[over - 1]) if suspect else self.size
+        if self.taken >= size:
+            return False
+        self.size, self.taken = size, self.taken + 1
+        self.narrowed = self.narrowed or suspect
+        return True

@@ -82,6 +82,8 @@ class Entry:
 class ClaimResult:
     entries: list[Entry] = field(default_factory=list)
     deleted_ids: list[tuple[str, str]] = field(default_factory=list)
+    # Narrowed entries were left for a round with nothing else in flight (claim_idle's ``suspects_allowed``).
+    narrowed_waiting: bool = False
 
 
 # The Redis ACL rules the worker needs, and no more (keys: the default stream names; adapt the ~patterns
@@ -178,27 +180,42 @@ class LostStream:
     pending: PendingSnapshot
 
 
+# Streams whose own pending entries one XPENDING round trip lists while a narrowed group is gathered.
+NARROWED_LISTING_STREAMS = 50
+
+
+def _after(cursor: str) -> str:
+    """XPENDING's range start for the entries after a read cursor ("0": from the first)."""
+    return "-" if cursor == "0" else f"({cursor}"
+
+
 class _Narrowing:
-    """One claim round's share of narrowed entries (worker/poison.py): one group at most, none if the caller holds
-    one already."""
+    """One claim round's share of narrowed entries (worker/poison.py): a narrowed group only when nothing else is
+    in flight (``suspects_allowed``) and then nothing else; otherwise only entries within the limit."""
 
     def __init__(self, max_deliveries: int | None, suspects_allowed: bool) -> None:
         self.max_deliveries = max_deliveries
         self.suspects_allowed = suspects_allowed
+        self.done = False  # a narrowed group was taken: this round takes nothing more
+        self.waiting = False  # narrowed entries were left out: they wait for nothing else to be in flight
 
     def cut(self, candidates: dict[str, int]) -> dict[str, int]:
         """The candidates (entry id -> deliveries so far, in id order) this claim may take."""
         limit = self.max_deliveries
         if limit is None or not candidates:
             return candidates
+        if self.done:
+            return {}
         prior = list(candidates.values())
-        suspect = [poison.is_suspect(count + 1, limit) for count in prior]
-        if not self.suspects_allowed:
-            keep = suspect.index(True) if True in suspect else len(prior)
+        if self.suspects_allowed:
+            group = poison.Group(limit, len(prior))
+            keep = group.admit(prior)
+            self.done = group.narrowed
         else:
-            keep = poison.group_take(prior, limit, len(prior))
-        if True in suspect[:keep]:
-            self.suspects_allowed = False  # this round's group is taken
+            keep = next((at for at, count in enumerate(prior) if poison.is_suspect(count + 1, limit)), len(prior))
+            self.waiting = self.waiting or keep < len(prior)
+        if keep:
+            self.suspects_allowed = False  # what this round took is in flight now
         return dict(itertools.islice(candidates.items(), keep))
 
 
@@ -236,6 +253,7 @@ class Source:
         self._hot: list[str] = []
         self._packed = PackedReads(self.group, self.consumer)
         self._claims = ClaimSweep()
+        self.recoveries = 0  # recover() calls so far: each re-reads our pending entries from the start
 
     def _use(self, redis: AsyncClient) -> None:
         # XREADGROUP replies are used as Redis sends them ([[stream, [[id, [name, value, …]], …]], …]): redis-py's
@@ -374,6 +392,7 @@ class Source:
         exists took the entries pending on other consumers with it: recorded in ``lost``.
         """
         await self.open()
+        self.recoveries += 1  # the pipeline counts our pending entries' deliveries anew (narrowing)
         streams = list(self.streams)
         exist = await guarded(lambda: self._pipelined(streams, "EXISTS"))  # pipelined: 50,000 streams
         kept = []
@@ -519,6 +538,73 @@ class Source:
         for stream in pending:
             self._cursor[stream] = last.get(stream, ">")  # no more own pending entries: switch to new ones
 
+    async def read_narrowed(self, streams: Sequence[str], max_deliveries: int, limit: int) -> ClaimResult:
+        """One narrowed group of our own pending entries (worker/poison.py) from these streams, in order: the
+        entries as XPENDING lists them now (``NARROWED_LISTING_STREAMS`` streams per round trip), cut into one
+        ``poison.Group`` of at most ``limit`` across the streams, then delivered again by id (XCLAIM to ourselves:
+        one delivery each, exactly these entries) and each stream's cursor moved past them. A read by COUNT from
+        the cursor would take whatever follows: a peer may have claimed some listed entries meanwhile, and the
+        group would run into the next one."""
+        await self.open()
+        result = ClaimResult()
+        group = poison.Group(max_deliveries, limit)
+        waiting = [stream for stream in streams if self._cursor.get(stream, ">") != ">"]
+        taken: dict[str, dict[str, int]] = {}
+        for start in range(0, len(waiting), NARROWED_LISTING_STREAMS):
+            chunk = waiting[start:start + NARROWED_LISTING_STREAMS]
+            listings = await guarded(lambda chunk=chunk: self._commands(  # type: ignore[misc]
+                [("XPENDING", stream, self.group, _after(self._cursor[stream]), "+", limit, self.consumer)
+                 for stream in chunk], parse_detail=True))
+            for stream, rows in zip(chunk, listings, strict=True):
+                if isinstance(rows, Exception):
+                    if vanished(rows):
+                        continue  # the next read recovers
+                    raise rows
+                listed = [(text(row["message_id"]), int(row["times_delivered"])) for row in rows]
+                take = group.admit([prior for _, prior in listed])
+                if take:
+                    taken[stream] = dict(listed[:take])
+                if take == len(listed) < limit:
+                    self._cursor[stream] = ">"  # nothing of ours is left here: new entries from now on
+                elif take:
+                    self._cursor[stream] = listed[take - 1][0]
+                if group.closed:
+                    break
+            if group.closed:
+                break
+        for stream, ids in taken.items():
+            await self._claim_ids(stream, ids, result)
+        return result
+
+    async def _claim_ids(self, stream: str, candidates: dict[str, int], result: ClaimResult) -> None:
+        """XCLAIM these entries of ours (id -> deliveries so far) again, with their fields."""
+        try:
+            claimed = await guarded(lambda: self._one(("XCLAIM", stream, self.group, self.consumer, 0,
+                                                       *candidates)))
+        except ResponseError as exc:
+            if vanished(exc):
+                return  # the next read recovers
+            raise
+        await self._claimed(stream, candidates, claimed, result)
+
+    async def _claimed(self, stream: str, candidates: dict[str, int], claimed: Any, result: ClaimResult) -> None:
+        """An XCLAIM's reply: the entries (delivered once more) into ``result.entries``, the candidates gone from
+        the stream into ``deleted_ids``."""
+        returned: set[str] = set()
+        for item in claimed or ():
+            if item is None or item[0] is None:
+                continue  # Redis 6.2 answers (nil, nil) for a deleted entry; found as missing below
+            entry_id = text(item[0])
+            returned.add(entry_id)
+            fields: Fields = item[1] or None
+            if fields is None:
+                result.deleted_ids.append((stream, entry_id))
+                continue
+            result.entries.append(Entry(stream, entry_id, fields, candidates[entry_id] + 1))
+        missing = [i for i in candidates if i not in returned]
+        if missing:
+            result.deleted_ids.extend((stream, i) for i in await self._deleted(stream, missing))
+
     def waiting_streams(self) -> list[str]:
         """The streams whose own pending entries are still to be re-read (at start, after a recovery)."""
         return [stream for stream, cursor in self._cursor.items() if cursor != ">"] if self.reading_pending else []
@@ -580,10 +666,9 @@ class Source:
         not return with data were deleted from the stream while pending: they are reported in
         ``deleted_ids`` so the loss is recorded, never silently forgotten.
 
-        With ``max_deliveries``, entries the claim would deliver past it (worker/poison.py) are taken in one
-        narrowed group per round at most (``poison.group_take``), and none while ``suspects_allowed`` is false
-        (the caller still holds such a group): a claim counts a delivery, so it takes only what the caller stores
-        before it takes more.
+        With ``max_deliveries``, entries the claim would deliver past it (worker/poison.py) are taken as one
+        narrowed group (``poison.Group``) and nothing else, and only while ``suspects_allowed`` (nothing else is
+        in flight); otherwise they are left (``narrowed_waiting``) and the entries before them taken.
         """
         await self.open()
         result = ClaimResult()
@@ -611,6 +696,7 @@ class Source:
                 raise
         if gone:
             await self.recover()
+        result.narrowed_waiting = narrowing.waiting
         return result
 
     async def _claim_from(self, stream: str, min_idle_ms: int, limit: int, result: ClaimResult,
@@ -620,20 +706,7 @@ class Source:
             return
         claimed = await guarded(lambda: self._one(("XCLAIM", stream, self.group, self.consumer, min_idle_ms,
                                                    *candidates)))
-        returned: set[str] = set()
-        for item in claimed or ():
-            if item is None or item[0] is None:
-                continue  # Redis 6.2 answers (nil, nil) for a deleted entry; found as missing below
-            entry_id = text(item[0])
-            returned.add(entry_id)
-            fields: Fields = item[1] or None
-            if fields is None:
-                result.deleted_ids.append((stream, entry_id))
-                continue
-            result.entries.append(Entry(stream, entry_id, fields, candidates[entry_id] + 1))
-        missing = [i for i in candidates if i not in returned]
-        if missing:
-            result.deleted_ids.extend((stream, i) for i in await self._deleted(stream, missing))
+        await self._claimed(stream, candidates, claimed, result)
 
     def _note_pending(self, stream: str, summary: Any) -> int:
         """From XPENDING's summary (per consumer counts): what a DEL of the stream would take along, and whether
@@ -690,15 +763,19 @@ class Source:
 
     async def uncount_delivery(self, by_count: dict[int, dict[str, list[str]]]) -> None:
         """Take back the delivery of entries that could not be stored because the store was down: set each one's
-        delivery count to what it was before this delivery (XCLAIM ... RETRYCOUNT n JUSTID). An outage then never
-        counts towards FLOWTRACK_MAX_DELIVERIES, however often the worker is restarted during it; a delivery
-        that ends in a crash (no store failure seen) still counts, which is how poison is recognised."""
+        delivery count to what it was before this delivery. An outage then never counts towards
+        FLOWTRACK_MAX_DELIVERIES, however often the worker is restarted during it; a delivery that ends in a crash
+        (no store failure seen) still counts, which is how poison is recognised."""
+        await self.set_delivery_counts({max(0, count - 1): ids for count, ids in by_count.items()})
+
+    async def set_delivery_counts(self, by_count: dict[int, dict[str, list[str]]]) -> None:
+        """Set the delivery count of these pending entries of ours (count -> stream -> ids; XCLAIM … RETRYCOUNT n
+        JUSTID, which also resets their idle time)."""
         await self.open()
         if not by_count:
             return
-
         resets = [("XCLAIM", stream, self.group, self.consumer, 0, *ids[start:start + 1000],
-                   "RETRYCOUNT", max(0, count - 1), "JUSTID")
+                   "RETRYCOUNT", count, "JUSTID")
                   for count, by_stream in by_count.items() for stream, ids in by_stream.items()
                   for start in range(0, len(ids), 1000)]
         # Errors are returned, not raised: a stream gone meanwhile has nothing to reset.
