@@ -378,7 +378,7 @@ class Pipeline:
                     self._narrowing = set()
                     only = None
                 else:
-                    return await self._read_narrowed(narrowed, room)
+                    return await self._read_narrowed(narrowed, room, room_bytes)
         streams = max(1, len(only) if only is not None else self.source.next_read_width())
         by_bytes = room_bytes // (self._entry_bytes_estimate * streams)
         count = max(1, min(self.settings.read_count, room // streams, by_bytes, MAX_ENTRIES_PER_READ // streams))
@@ -412,15 +412,19 @@ class Pipeline:
             await self._flush()
         await self._wait_for_room()
 
-    async def _read_narrowed(self, streams: list[str], room: int) -> int:
+    async def _read_narrowed(self, streams: list[str], room: int, room_bytes: int) -> int:
         """One narrowed group of our own pending entries, read only once nothing else is in flight: a death while
         it is held then counts a delivery to that group alone."""
         if self._inflight_rows():
             await self._empty_inflight()
             return 0
+        by_bytes = room_bytes // self._entry_bytes_estimate
         result = await self.source.read_narrowed(streams, self.settings.max_deliveries,
-                                                 max(1, min(self.settings.read_count, room)))
-        self._add_claimed(result)
+                                                 max(1, min(self.settings.read_count, room, by_bytes)))
+        largest = self._add_claimed(result)
+        if result.entries:
+            self._entry_bytes_estimate = max(largest, self._entry_bytes_estimate // ENTRY_BYTES_ESTIMATE_DECAY,
+                                             MIN_ENTRY_BYTES_ESTIMATE)
         return len(result.entries) + len(result.deleted_ids)
 
     def _add_new(self, groups: list[tuple[str, list[Any]]]) -> int:
@@ -525,7 +529,7 @@ class Pipeline:
         # Narrowed entries of a dead consumer wait for nothing else to be in flight: stop reading until then.
         self._narrowed_claim_waiting = result.narrowed_waiting
 
-    def _add_claimed(self, result: ClaimResult) -> None:
+    def _add_claimed(self, result: ClaimResult) -> int:
         """Entries delivered by XCLAIM (a dead consumer's, or a narrowed group of our own), and those of them found
         deleted from their stream while pending: each of these is recorded in the rejected relation, so the loss is
         visible, not silently forgotten."""
@@ -535,7 +539,7 @@ class Pipeline:
             self._add(Entry(stream, entry_id, None) for stream, entry_id in result.deleted_ids)
         if result.entries or result.deleted_ids:
             self._reads_with_entries += 1
-        self._add(result.entries)
+        return self._add(result.entries)
 
     async def _keep_inflight_alive(self) -> None:
         """Every claim interval, reset the idle time of the entries this worker holds, even while the loop

@@ -190,32 +190,25 @@ def _after(cursor: str) -> str:
 
 
 class _Narrowing:
-    """One claim round's share of narrowed entries (worker/poison.py): a narrowed group only when nothing else is
-    in flight (``suspects_allowed``) and then nothing else; otherwise only entries within the limit."""
+    """One claim round's share of narrowed entries (worker/poison.py): with nothing else in flight
+    (``suspects_allowed``), one ``poison.Group`` gathered across the round's streams, as read_narrowed does;
+    otherwise only entries within the limit. ``waiting``: narrowed entries were left out."""
 
-    def __init__(self, max_deliveries: int | None, suspects_allowed: bool) -> None:
+    def __init__(self, max_deliveries: int | None, suspects_allowed: bool, limit: int) -> None:
         self.max_deliveries = max_deliveries
-        self.suspects_allowed = suspects_allowed
-        self.done = False  # a narrowed group was taken: this round takes nothing more
-        self.waiting = False  # narrowed entries were left out: they wait for nothing else to be in flight
+        self.group = poison.Group(max_deliveries, limit) if max_deliveries is not None and suspects_allowed else None
+        self.waiting = False
 
     def cut(self, candidates: dict[str, int]) -> dict[str, int]:
-        """The candidates (entry id -> deliveries so far, in id order) this claim may take."""
         limit = self.max_deliveries
         if limit is None or not candidates:
             return candidates
-        if self.done:
-            return {}
         prior = list(candidates.values())
-        if self.suspects_allowed:
-            group = poison.Group(limit, len(prior))
-            keep = group.admit(prior)
-            self.done = group.narrowed
+        if self.group is not None:
+            keep = 0 if self.group.closed else self.group.admit(prior)
         else:
             keep = next((at for at, count in enumerate(prior) if poison.is_suspect(count + 1, limit)), len(prior))
-            self.waiting = self.waiting or keep < len(prior)
-        if keep:
-            self.suspects_allowed = False  # what this round took is in flight now
+        self.waiting = self.waiting or any(poison.is_suspect(count + 1, limit) for count in prior[keep:])
         return dict(itertools.islice(candidates.items(), keep))
 
 
@@ -550,6 +543,7 @@ class Source:
         group = poison.Group(max_deliveries, limit)
         waiting = [stream for stream in streams if self._cursor.get(stream, ">") != ">"]
         taken: dict[str, dict[str, int]] = {}
+        idle: dict[str, int] = {}
         for start in range(0, len(waiting), NARROWED_LISTING_STREAMS):
             chunk = waiting[start:start + NARROWED_LISTING_STREAMS]
             listings = await guarded(lambda chunk=chunk: self._commands(  # type: ignore[misc]
@@ -558,12 +552,14 @@ class Source:
             for stream, rows in zip(chunk, listings, strict=True):
                 if isinstance(rows, Exception):
                     if vanished(rows):
-                        continue  # the next read recovers
+                        self.recovery_owed = True  # the pipeline's next step recovers (re-creates or drops it)
+                        continue
                     raise rows
                 listed = [(text(row["message_id"]), int(row["times_delivered"])) for row in rows]
                 take = group.admit([prior for _, prior in listed])
                 if take:
                     taken[stream] = dict(listed[:take])
+                    idle[stream] = min(int(row["time_since_delivered"]) for row in rows[:take])
                 if take == len(listed) < limit:
                     self._cursor[stream] = ">"  # nothing of ours is left here: new entries from now on
                 elif take:
@@ -572,20 +568,24 @@ class Source:
                     break
             if group.closed:
                 break
-        for stream, ids in taken.items():
-            await self._claim_ids(stream, ids, result)
+        await self._claim_ids(taken, idle, result)
         return result
 
-    async def _claim_ids(self, stream: str, candidates: dict[str, int], result: ClaimResult) -> None:
-        """XCLAIM these entries of ours (id -> deliveries so far) again, with their fields."""
-        try:
-            claimed = await guarded(lambda: self._one(("XCLAIM", stream, self.group, self.consumer, 0,
-                                                       *candidates)))
-        except ResponseError as exc:
-            if vanished(exc):
-                return  # the next read recovers
-            raise
-        await self._claimed(stream, candidates, claimed, result)
+    async def _claim_ids(self, taken: dict[str, dict[str, int]], idle_ms: dict[str, int],
+                         result: ClaimResult) -> None:
+        """XCLAIM these entries of ours (stream -> id -> deliveries so far) again, with their fields, in one round
+        trip (one command per stream); one delivered or claimed since it was listed (idle below the least idle
+        time listed) is not taken back."""
+        streams = list(taken)
+        replies = await guarded(lambda: self._commands(
+            [("XCLAIM", stream, self.group, self.consumer, idle_ms[stream], *taken[stream]) for stream in streams]))
+        for stream, claimed in zip(streams, replies, strict=True):
+            if isinstance(claimed, Exception):
+                if vanished(claimed):
+                    self.recovery_owed = True  # the pipeline's next step recovers (re-creates or drops it)
+                    continue
+                raise claimed
+            await self._claimed(stream, taken[stream], claimed, result)
 
     async def _claimed(self, stream: str, candidates: dict[str, int], claimed: Any, result: ClaimResult) -> None:
         """An XCLAIM's reply: the entries (delivered once more) into ``result.entries``, the candidates gone from
@@ -672,7 +672,7 @@ class Source:
         """
         await self.open()
         result = ClaimResult()
-        narrowing = _Narrowing(max_deliveries, suspects_allowed)
+        narrowing = _Narrowing(max_deliveries, suspects_allowed, count)
         # Only streams whose XPENDING summary shows entries of other consumers are looked into, and only the
         # summaries of a slice of the streams are read per round (``ClaimSweep``): O(streams with work) a round.
         streams = self._claims.streams_for_round(self.streams)
