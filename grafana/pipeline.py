@@ -130,7 +130,7 @@ def group_lag_and_pending() -> timeseries.Panel:
 def reclaimed_and_lost() -> timeseries.Panel:
     return (
         timeseries.Panel()
-        .title("Reclaimed, deleted-while-pending and poison entries")
+        .title("Reclaimed, deleted-while-pending, narrowed and poison entries")
         .unit("short")
         .height(8)
         .span(12)
@@ -141,6 +141,8 @@ def reclaimed_and_lost() -> timeseries.Panel:
                             "deleted while pending").ref_id("B"))
         .with_target(promql(f"sum(increase(flowtrack_entries_poison_total[{RATE}]))", "poison").ref_id("C"))
         .with_target(promql(f"sum(increase(flowtrack_sink_failures_total[{RATE}]))", "insert failures").ref_id("D"))
+        .with_target(promql(f"sum(increase(flowtrack_entries_narrowed_total[{RATE}]))",
+                            "narrowed (crash loop)").ref_id("E"))
     )
 
 

@@ -120,7 +120,7 @@ def test_a_crash_loop_turns_no_good_entry_into_poison(
 
     assert store.scalar("SELECT count() FROM flowtrack.flow_events WHERE session_id = 's-crash'") == 300
     assert store.scalar("SELECT count() FROM flowtrack.rejected_events") == 0
-    assert pipeline.stats.poison == 0
+    assert (pipeline.stats.poison, pipeline.stats.narrowed) == (0, 300)
     # 200, then 64 and 26 (the level-5 entries narrow the group they would join), then ten alone
     assert pipeline.stats.batches == 13
     assert redis_client.xpending(stream, "flowtrack")["pending"] == 0

@@ -59,7 +59,9 @@ class StatsCollector(Collector):
              s.deleted_while_pending),
             ("entries_lost_with_stream", "Entries pending on other consumers when their stream was deleted (DEL, "
              "FLUSHDB): gone with it, Redis cannot give them back.", s.lost_with_stream),
-            ("entries_poison", "Entries rejected for being delivered too often.", s.poison),
+            ("entries_narrowed", "Entries delivered past FLOWTRACK_MAX_DELIVERIES, in a narrowed group (a crash "
+             "loop, or an entry that kills the worker).", s.narrowed),
+            ("entries_poison", "Entries rejected for being delivered alone past every narrowing level.", s.poison),
             ("sink_failures", "Failed insert attempts (retried).", s.sink_failures),
             ("source_failures", "Failed Redis calls (retried).", s.source_failures),
         )

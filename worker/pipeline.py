@@ -495,6 +495,7 @@ class Pipeline:
                 continue
             if poison.is_suspect(entry.deliveries, max_deliveries):
                 batch.suspects += 1
+                self.stats.narrowed += 1
             if entry.fields is None:
                 self.stats.deleted_while_pending += 1
             batch.add(entry.stream, entry.entry_id,

@@ -74,6 +74,7 @@ class Stats:
     deleted_while_pending: int = 0
     lost_with_stream: int = 0  # entries pending on other consumers when their stream was deleted
     poison: int = 0
+    narrowed: int = 0  # entries delivered in a narrowed group (worker/poison.py)
     trimmed: int = 0
     sink_failures: int = 0
     source_failures: int = 0
