@@ -92,7 +92,7 @@ def test_an_entry_delivered_alone_too_often_becomes_a_rejection(
 
     _, rows = store.query("SELECT source_id, reason FROM flowtrack.rejected_events")
     assert [r[0] for r in rows] == [ids[0]]
-    assert f"delivered {6 + levels} times without being stored, the last time alone" in rows[0][1]
+    assert f"delivered {6 + levels} times without being acknowledged, the last time alone" in rows[0][1]
     assert store.scalar("SELECT count() FROM flowtrack.flow_events WHERE node_id = 'n1'") == 1
     assert (pipeline.stats.poison, pipeline.stats.claimed) == (1, 2)
     assert redis_client.xpending(stream, "flowtrack")["pending"] == 0
@@ -760,3 +760,66 @@ def test_entries_deleted_while_pending_on_us_past_the_limit_are_reported(
     _, rows = store.query("SELECT source_id, reason FROM flowtrack.rejected_events ORDER BY source_id")
     assert [r[0] for r in rows] == [ids[1], ids[3]] and all("deleted" in r[1] for r in rows)
     assert redis_client.xpending(stream, "flowtrack")["pending"] == 0
+
+
+def test_a_lost_claim_reply_does_not_count_a_delivery(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis stalls (a slow script) past the socket timeout while our narrowed XCLAIM of a level-5 entry waits in
+    its queue (found by review): Redis runs it (one delivery) but the reply is lost. The recovery gives the entry
+    its count back, so it is delivered alone again and stored, not rejected with no worker ever dying."""
+    stream = "flow_events:stall"
+    [x] = xadd_all(redis_client, [(stream, _event("s", "x"))])
+    redis_client.xgroup_create(stream, "flowtrack", id="0")
+    settings = make_settings(redis_server.url, clickhouse_url, max_deliveries=2, socket_timeout_s=0.5)
+    redis_client.xreadgroup("flowtrack", settings.consumer, {stream: ">"}, count=1)
+    _hold(redis_client, stream, settings.consumer, [x], 6)  # the next delivery is level 5: alone
+    original = Source._claim_ids
+    stalls = 0
+
+    async def stalled(self: Source, taken: dict[str, dict[str, int]], idle_ms: dict[str, int],
+                      result: ClaimResult) -> None:
+        nonlocal stalls
+        if stalls == 0:
+            stalls += 1
+            busy = redis.Redis.from_url(redis_server.url)
+            script = ("local t = redis.call('TIME'); local s = t[1] * 1000000 + t[2]; "
+                      "repeat local n = redis.call('TIME') until n[1] * 1000000 + n[2] - s > 1200000")
+            threading.Thread(target=lambda: busy.eval(script, 0), daemon=True).start()
+            await asyncio.sleep(0.1)
+        await original(self, taken, idle_ms, result)
+
+    monkeypatch.setattr(Source, "_claim_ids", stalled)
+    drain(settings, timeout_s=30)
+    assert stalls == 1
+    assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 1
+    assert store.scalar("SELECT count() FROM flowtrack.rejected_events") == 0
+
+
+def test_a_dead_consumers_deep_narrowed_entries_over_many_streams_are_not_listed_again_and_again(
+        redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One level-5 entry (alone) of a dead consumer on each of 200 streams (found by review): once a claim round
+    has its group it stops listing the other streams; it used to list every remaining one per round, n(n+1)/2
+    XPENDING calls in all."""
+    for i in range(200):
+        stream = f"flow_events:d{i}"
+        [entry_id] = xadd_all(redis_client, [(stream, _event(f"d{i}", "n0"))])
+        redis_client.xgroup_create(stream, "flowtrack", id="0")
+        redis_client.xreadgroup("flowtrack", "dead", {stream: ">"}, count=1)
+        _hold(redis_client, stream, "dead", [entry_id], 6)
+    time.sleep(0.3)
+    calls = 0
+    original = Source._idle_pending_of_others
+
+    async def counting(self: Source, stream: str, min_idle_ms: int, limit: int) -> dict[str, int]:
+        nonlocal calls
+        calls += 1
+        return await original(self, stream, min_idle_ms, limit)
+
+    monkeypatch.setattr(Source, "_idle_pending_of_others", counting)
+    pipeline = drain(make_settings(redis_server.url, clickhouse_url, max_deliveries=2, claim_idle_ms=200),
+                     timeout_s=120)
+    assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 200
+    assert pipeline.stats.batches == 200  # level 5: each alone
+    assert calls <= 2 * 200  # 20,100 before

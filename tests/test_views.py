@@ -262,8 +262,8 @@ def test_rejected_lists_reasons_and_replay_is_idempotent(
     assert {r["reason"].split(" ")[0] for r in rows} == {"delivered"}
     table = invoke(["rejected", "--reason", "delivered", "--limit", "3"], url, clickhouse_url).stdout
     assert "delivered" in table and "limit 3 reached" in table
-    assert all(r["reason"].startswith(f"delivered {2 + len(NARROWING_GROUPS)} times without being stored, the last "
-                                      "time alone") for r in rows)
+    poison_reason = f"delivered {2 + len(NARROWING_GROUPS)} times without being acknowledged, the last time alone"
+    assert all(r["reason"].startswith(poison_reason) for r in rows)
 
     user1 = [(s, i) for (s, _), i in zip(entries, ids, strict=True) if s == "flow_events:1"]
     fields_of = {i: f for (_, f), i in zip(entries, ids, strict=True)}

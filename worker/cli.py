@@ -134,7 +134,7 @@ def run(
     claim_idle_ms: Annotated[int | None, typer.Option(help="reclaim entries idle this long on dead consumers")] = None,
     max_deliveries: Annotated[int | None, typer.Option(
         help="deliveries before an entry is re-delivered in ever smaller groups (4096 ... 1); delivered alone once "
-             "more without being stored, it is rejected as poison")] = None,
+             "more without being acknowledged, it is rejected as poison")] = None,
     max_inflight_bytes: Annotated[int | None, typer.Option(
         help="at most this many bytes of entries read and not yet acknowledged")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="serve /metrics and /healthz on this port (0 = off)")] = None,

@@ -218,6 +218,9 @@ class Pipeline:
         our own pending entries there (acks the promoted replica never got) stay pending for good."""
         self.source.recovery_owed = True
         await self.source.recover()
+        restored = await self.source.restore_unanswered(self._held_deliveries())
+        if restored:
+            log.info("%d entries delivered by a claim whose reply was lost keep their delivery counts", restored)
         self._note_own_pending(await self.source.own_pending_counts())
         self.source.recovery_owed = False
 
@@ -487,7 +490,7 @@ class Pipeline:
                 batch.deliveries[(entry.stream, entry.entry_id)] = entry.deliveries
             if poison.is_poison(entry.deliveries, max_deliveries):
                 self.stats.poison += 1
-                reason = (f"delivered {entry.deliveries} times without being stored, the last time alone "
+                reason = (f"delivered {entry.deliveries} times without being acknowledged, the last time alone "
                           f"(FLOWTRACK_MAX_DELIVERIES={max_deliveries}, then {len(poison.NARROWING_GROUPS)} "
                           "deliveries in ever smaller groups)")
                 batch.add(entry.stream, entry.entry_id,

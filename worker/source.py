@@ -23,7 +23,7 @@ import fnmatch
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -199,6 +199,10 @@ class _Narrowing:
         self.group = poison.Group(max_deliveries, limit) if max_deliveries is not None and suspects_allowed else None
         self.waiting = False
 
+    @property
+    def closed(self) -> bool:
+        return self.group is not None and self.group.closed and self.group.narrowed
+
     def cut(self, candidates: dict[str, int]) -> dict[str, int]:
         limit = self.max_deliveries
         if limit is None or not candidates:
@@ -247,6 +251,8 @@ class Source:
         self._packed = PackedReads(self.group, self.consumer)
         self._claims = ClaimSweep()
         self.recoveries = 0  # recover() calls so far: each re-reads our pending entries from the start
+        # Entries an XCLAIM of ours was sent for, with their delivery counts before it, until its reply came back.
+        self._unanswered: dict[tuple[str, str], int] = {}
 
     def _use(self, redis: AsyncClient) -> None:
         # XREADGROUP replies are used as Redis sends them ([[stream, [[id, [name, value, …]], …]], …]): redis-py's
@@ -577,8 +583,11 @@ class Source:
         trip (one command per stream); one delivered or claimed since it was listed (idle below the least idle
         time listed) is not taken back."""
         streams = list(taken)
+        self._unanswered.update(((stream, entry_id), prior) for stream in streams
+                                for entry_id, prior in taken[stream].items())
         replies = await guarded(lambda: self._commands(
             [("XCLAIM", stream, self.group, self.consumer, idle_ms[stream], *taken[stream]) for stream in streams]))
+        self._answered(taken)
         for stream, claimed in zip(streams, replies, strict=True):
             if isinstance(claimed, Exception):
                 if vanished(claimed):
@@ -604,6 +613,40 @@ class Source:
         missing = [i for i in candidates if i not in returned]
         if missing:
             result.deleted_ids.extend((stream, i) for i in await self._deleted(stream, missing))
+
+    def _answered(self, taken: dict[str, dict[str, int]]) -> None:
+        for stream, ids in taken.items():
+            for entry_id in ids:
+                self._unanswered.pop((stream, entry_id), None)
+
+    async def restore_unanswered(self, held: Container[tuple[str, str]]) -> int:
+        """Give their delivery count back to entries an XCLAIM of ours delivered while its reply was lost (a
+        timeout, a dropped connection): pending on us with one delivery more than before it, not held, they
+        were never processed (found by review: a lost reply counted a narrowed delivery twice, and an entry could
+        be rejected as poison with no worker ever dying). Returns how many were set back."""
+        unanswered = dict(self._unanswered)  # kept until this succeeds: a failure here is retried with the recovery
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id in unanswered:
+            if (stream, entry_id) not in held:
+                by_stream.setdefault(stream, []).append(entry_id)
+        if not by_stream:
+            self._unanswered.clear()
+            return 0
+        keys = [(stream, entry_id) for stream, ids in by_stream.items() for entry_id in ids]
+        rows = await guarded(lambda: self._commands(
+            [("XPENDING", stream, self.group, entry_id, entry_id, 1, self.consumer) for stream, entry_id in keys],
+            parse_detail=True))
+        back: dict[int, dict[str, list[str]]] = {}
+        for (stream, entry_id), listed in zip(keys, rows, strict=True):
+            if isinstance(listed, Exception) or not listed:
+                continue  # gone, or not ours: nothing to give back
+            prior = unanswered[(stream, entry_id)]
+            if int(listed[0]["times_delivered"]) == prior + 1:
+                back.setdefault(prior, {}).setdefault(stream, []).append(entry_id)
+        await self.set_delivery_counts(back)
+        for key in unanswered:
+            self._unanswered.pop(key, None)
+        return sum(len(ids) for by in back.values() for ids in by.values())
 
     def waiting_streams(self) -> list[str]:
         """The streams whose own pending entries are still to be re-read (at start, after a recovery)."""
@@ -687,6 +730,9 @@ class Source:
             others = self._note_pending(stream, summary)
             if not others or len(result.entries) >= count:
                 continue
+            if narrowing.closed:  # the round's narrowed group is taken: the rest waits (listing it costs O(n^2))
+                narrowing.waiting = True
+                continue
             try:
                 await self._claim_from(stream, min_idle_ms, count - len(result.entries), result, narrowing)
             except ResponseError as exc:
@@ -704,8 +750,10 @@ class Source:
         candidates = narrowing.cut(await self._idle_pending_of_others(stream, min_idle_ms, limit))
         if not candidates:
             return
+        self._unanswered.update(((stream, entry_id), prior) for entry_id, prior in candidates.items())
         claimed = await guarded(lambda: self._one(("XCLAIM", stream, self.group, self.consumer, min_idle_ms,
                                                    *candidates)))
+        self._answered({stream: candidates})
         await self._claimed(stream, candidates, claimed, result)
 
     def _note_pending(self, stream: str, summary: Any) -> int:
