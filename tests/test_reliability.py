@@ -103,6 +103,17 @@ def _hold(client: redis.Redis, stream: str, consumer: str, ids: list[str], deliv
     client.xclaim(stream, "flowtrack", consumer, 0, ids, retrycount=deliveries, justid=True)
 
 
+def _one_held_entry_per_stream(client: redis.Redis, prefix: str, streams: int, consumer: str,
+                               deliveries: int) -> None:
+    """``streams`` per-user streams ``<prefix><i>`` of one entry each, held by ``consumer`` after ``deliveries``."""
+    for i in range(streams):
+        stream = f"{prefix}{i}"
+        [entry_id] = xadd_all(client, [(stream, _event(f"{prefix}{i}", "n0"))])
+        client.xgroup_create(stream, "flowtrack", id="0")
+        client.xreadgroup("flowtrack", consumer, {stream: ">"}, count=1)
+        _hold(client, stream, consumer, [entry_id], deliveries)
+
+
 def test_a_crash_loop_turns_no_good_entry_into_poison(
         redis_server: RedisServer, redis_client: redis.Redis, store: Store, clickhouse_url: str) -> None:
     """Our own pending entries left by a worker killed again and again (an OOM, a liveness probe) all count
@@ -608,12 +619,7 @@ def test_narrowing_gathers_one_group_over_many_streams(
     """A crash loop over per-user streams leaves one pending entry of ours per stream at level 1: one group of
     them all (up to 4096) is one insert, not one insert per stream."""
     settings = make_settings(redis_server.url, clickhouse_url, max_deliveries=2)
-    for i in range(300):
-        stream = f"flow_events:u{i}"
-        [entry_id] = xadd_all(redis_client, [(stream, _event(f"u{i}", "n0"))])
-        redis_client.xgroup_create(stream, "flowtrack", id="0")
-        redis_client.xreadgroup("flowtrack", settings.consumer, {stream: ">"}, count=1)
-        _hold(redis_client, stream, settings.consumer, [entry_id], 2)
+    _one_held_entry_per_stream(redis_client, "flow_events:u", 300, settings.consumer, 2)
     pipeline = drain(settings, timeout_s=120)
     assert store.scalar("SELECT count() FROM flowtrack.flow_events") == 300
     # One group for all (the first read's is smaller: the in-flight byte budget starts from a cautious entry size).
@@ -704,12 +710,7 @@ def test_a_dead_consumers_narrowed_entries_over_many_streams_are_one_claim(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A dead consumer leaves one level-1 entry on each of 10 streams (found by review): one claim round takes them
     as one group, not one stream per claim interval."""
-    for i in range(10):
-        stream = f"flow_events:d{i}"
-        [entry_id] = xadd_all(redis_client, [(stream, _event(f"d{i}", "n0"))])
-        redis_client.xgroup_create(stream, "flowtrack", id="0")
-        redis_client.xreadgroup("flowtrack", "dead", {stream: ">"}, count=1)
-        _hold(redis_client, stream, "dead", [entry_id], 2)
+    _one_held_entry_per_stream(redis_client, "flow_events:d", 10, "dead", 2)
     time.sleep(0.2)
     settings = make_settings(redis_server.url, clickhouse_url, max_deliveries=2, claim_idle_ms=100,
                              claim_interval_s=1.0)
@@ -802,12 +803,7 @@ def test_a_dead_consumers_deep_narrowed_entries_over_many_streams_are_not_listed
     """One level-5 entry (alone) of a dead consumer on each of 200 streams (found by review): once a claim round
     has its group it stops listing the other streams; it used to list every remaining one per round, n(n+1)/2
     XPENDING calls in all."""
-    for i in range(200):
-        stream = f"flow_events:d{i}"
-        [entry_id] = xadd_all(redis_client, [(stream, _event(f"d{i}", "n0"))])
-        redis_client.xgroup_create(stream, "flowtrack", id="0")
-        redis_client.xreadgroup("flowtrack", "dead", {stream: ">"}, count=1)
-        _hold(redis_client, stream, "dead", [entry_id], 6)
+    _one_held_entry_per_stream(redis_client, "flow_events:d", 200, "dead", 6)
     time.sleep(0.3)
     calls = 0
     original = Source._idle_pending_of_others

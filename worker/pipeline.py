@@ -405,9 +405,13 @@ class Pipeline:
             await self.source.set_delivery_counts(recount)
         if groups:
             self._reads_with_entries += 1
-            self._entry_bytes_estimate = max(largest, self._entry_bytes_estimate // ENTRY_BYTES_ESTIMATE_DECAY,
-                                             MIN_ENTRY_BYTES_ESTIMATE)
+            self._note_entry_size(largest)
         return sum(len(items) for _, items in groups)
+
+    def _note_entry_size(self, largest: int) -> None:
+        """After a read that brought entries: the next read's COUNT sizes for entries this large."""
+        self._entry_bytes_estimate = max(largest, self._entry_bytes_estimate // ENTRY_BYTES_ESTIMATE_DECAY,
+                                         MIN_ENTRY_BYTES_ESTIMATE)
 
     async def _empty_inflight(self) -> None:
         """Toward nothing in flight: send the batch being filled to the store, wait for a write or an ack."""
@@ -426,8 +430,7 @@ class Pipeline:
                                                  max(1, min(self.settings.read_count, room, by_bytes)))
         largest = self._add_claimed(result)
         if result.entries:
-            self._entry_bytes_estimate = max(largest, self._entry_bytes_estimate // ENTRY_BYTES_ESTIMATE_DECAY,
-                                             MIN_ENTRY_BYTES_ESTIMATE)
+            self._note_entry_size(largest)
         return len(result.entries) + len(result.deleted_ids)
 
     def _add_new(self, groups: list[tuple[str, list[Any]]]) -> int:

@@ -38,6 +38,11 @@ def is_suspect(deliveries: int, max_deliveries: int) -> bool:
     return 1 <= level(deliveries, max_deliveries) <= len(NARROWING_GROUPS)
 
 
+def group_size(deliveries: int, max_deliveries: int) -> int:
+    """The largest group a narrowed entry's delivery may share (``is_suspect`` must hold)."""
+    return NARROWING_GROUPS[level(deliveries, max_deliveries) - 1]
+
+
 class Group:
     """One narrowed delivery's entries, gathered across streams in read order: either a run of entries within the
     limit that ends before the first narrowed one, or a group that begins with a narrowed entry and holds no more
@@ -64,11 +69,11 @@ class Group:
         return joined
 
     def _admits(self, prior: int) -> bool:
-        over = level(prior + 1, self.max_deliveries)
-        suspect = 1 <= over <= len(NARROWING_GROUPS)
+        deliveries = prior + 1
+        suspect = is_suspect(deliveries, self.max_deliveries)
         if suspect and self.taken and not self.narrowed:
             return False  # a run within the limit ends before the first narrowed entry
-        size = min(self.size, NARROWING_GROUPS[over - 1]) if suspect else self.size
+        size = min(self.size, group_size(deliveries, self.max_deliveries)) if suspect else self.size
         if self.taken >= size:
             return False
         self.size, self.taken = size, self.taken + 1

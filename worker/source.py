@@ -556,11 +556,8 @@ class Source:
                 [("XPENDING", stream, self.group, _after(self._cursor[stream]), "+", limit, self.consumer)
                  for stream in chunk], parse_detail=True))
             for stream, rows in zip(chunk, listings, strict=True):
-                if isinstance(rows, Exception):
-                    if vanished(rows):
-                        self.recovery_owed = True  # the pipeline's next step recovers (re-creates or drops it)
-                        continue
-                    raise rows
+                if not self._usable(rows):
+                    continue
                 listed = [(text(row["message_id"]), int(row["times_delivered"])) for row in rows]
                 take = group.admit([prior for _, prior in listed])
                 if take:
@@ -589,12 +586,18 @@ class Source:
             [("XCLAIM", stream, self.group, self.consumer, idle_ms[stream], *taken[stream]) for stream in streams]))
         self._answered(taken)
         for stream, claimed in zip(streams, replies, strict=True):
-            if isinstance(claimed, Exception):
-                if vanished(claimed):
-                    self.recovery_owed = True  # the pipeline's next step recovers (re-creates or drops it)
-                    continue
-                raise claimed
-            await self._claimed(stream, taken[stream], claimed, result)
+            if self._usable(claimed):
+                await self._claimed(stream, taken[stream], claimed, result)
+
+    def _usable(self, reply: Any) -> bool:
+        """Whether one stream's reply in a pipeline is an answer: its stream or group gone meanwhile owes a recovery
+        (the pipeline's next step re-creates or drops it); any other error is raised."""
+        if not isinstance(reply, Exception):
+            return True
+        if vanished(reply):
+            self.recovery_owed = True
+            return False
+        raise reply
 
     async def _claimed(self, stream: str, candidates: dict[str, int], claimed: Any, result: ClaimResult) -> None:
         """An XCLAIM's reply: the entries (delivered once more) into ``result.entries``, the candidates gone from
